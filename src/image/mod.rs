@@ -1,0 +1,333 @@
+//! Disk image readers, format detection and the import converter.
+//!
+//! Every format is reduced to one question, asked of a [`Layer`]: *what backs guest
+//! offset X, and for how long?* The answer is a [`Mapping`]: bytes stored verbatim at a
+//! host offset, a compressed cluster, known zeroes, or nothing (fall through to the
+//! backing layer). A [`Disk`] stacks layers (top first) and resolves "nothing" down the
+//! chain; one loop ([`Disk::read_at`]) turns mappings into bytes, and the same mappings
+//! drive hole reporting, view layouts and conversion. Layers never keep a cursor: every
+//! read is positioned, so one reader serves many threads at once.
+//!
+//! Every image is untrusted input: each format module documents the limits it enforces
+//! before it allocates or follows anything.
+
+pub mod raw;
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A disk format this project reads (and, through views, generates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Format {
+    Raw,
+    Qcow2,
+    Qed,
+    Vdi,
+    Vpc,
+    Vmdk,
+}
+
+impl Format {
+    /// Every format, in the order the tree lists views.
+    pub const ALL: [Format; 6] = [
+        Format::Raw,
+        Format::Qcow2,
+        Format::Qed,
+        Format::Vdi,
+        Format::Vpc,
+        Format::Vmdk,
+    ];
+
+    /// The name qemu-img and pcocc use (`-f`/`-O`/`-t`), also the view file suffix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::Qed => "qed",
+            Format::Vdi => "vdi",
+            Format::Vpc => "vpc",
+            Format::Vmdk => "vmdk",
+        }
+    }
+
+    /// Parses a format name as pcocc accepts it (`-t`, `FMT:` prefixes, file suffixes).
+    pub fn from_name(name: &str) -> Option<Format> {
+        Format::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Errors of the image layer. Each names the file and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not a valid image of the format it claims (or was forced to).
+    #[error("{path}: invalid {format} image: {reason}")]
+    Invalid {
+        path: PathBuf,
+        format: Format,
+        reason: String,
+    },
+    /// A valid image that uses something this project refuses to follow or decode.
+    #[error("{path}: unsupported {format} image: {reason}")]
+    Unsupported {
+        path: PathBuf,
+        format: Format,
+        reason: String,
+    },
+    /// A forced format (`-t`) that the content contradicts.
+    #[error("{path}: format mismatch: {forced} was specified but the file is a {detected} image")]
+    FormatMismatch {
+        path: PathBuf,
+        forced: Format,
+        detected: Format,
+    },
+    /// A read or map request outside the disk.
+    #[error("{path}: offset {offset} is past the end of the disk ({size} bytes)")]
+    OutOfRange { path: PathBuf, offset: u64, size: u64 },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The errno a FUSE reply or a CLI exit should carry for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::OutOfRange { .. } => libc::EINVAL,
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// Compression of a stored cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Raw deflate stream with no zlib header (qcow2's default compression).
+    Deflate,
+    /// Deflate stream with a zlib header (VMDK streamOptimized grains).
+    Zlib,
+    /// A zstd frame (qcow2 compression type 1).
+    Zstd,
+}
+
+/// A compressed cluster: `stored_len` bytes at `offset` in `file` inflate to at least
+/// `cluster_len` bytes, of which the mapping's guest range starts `skip` bytes in.
+#[derive(Clone, Debug)]
+pub struct CompressedCluster {
+    pub file: Arc<File>,
+    pub path: Arc<PathBuf>,
+    pub offset: u64,
+    pub stored_len: u64,
+    pub cluster_len: u64,
+    pub skip: u64,
+    pub compression: Compression,
+}
+
+/// What backs a run of guest bytes.
+#[derive(Clone, Debug)]
+pub enum Mapping {
+    /// Stored verbatim: the run's first byte is at `offset` in `file`.
+    Data {
+        file: Arc<File>,
+        path: Arc<PathBuf>,
+        offset: u64,
+    },
+    /// Inside one compressed cluster.
+    Compressed(CompressedCluster),
+    /// Known to read as zeroes (qcow2 zero flag, a hole in a raw file, …).
+    Zero,
+    /// Not described by this layer: read the backing layer (zeroes at the bottom).
+    Unallocated,
+}
+
+impl Mapping {
+    /// True when the bytes come from stored data (what `qemu-img map` calls `data`).
+    pub fn is_data(&self) -> bool {
+        matches!(self, Mapping::Data { .. } | Mapping::Compressed(_))
+    }
+}
+
+/// A run of `len` guest bytes with one mapping.
+#[derive(Clone, Debug)]
+pub struct Extent {
+    pub len: u64,
+    pub mapping: Mapping,
+}
+
+/// One image file in one format. Implementations are immutable after open and answer
+/// positioned queries from any thread.
+pub trait Layer: Send + Sync + fmt::Debug {
+    /// The format this layer was read as.
+    fn format(&self) -> Format;
+    /// The file this layer was opened from.
+    fn path(&self) -> &std::path::Path;
+    /// Guest size in bytes, as `qemu-img info` reports it.
+    fn virtual_size(&self) -> u64;
+    /// What backs guest offset `offset`, for at most `max_len` bytes (`max_len` > 0 and
+    /// `offset < virtual_size()`). The returned extent is never empty.
+    fn map(&self, offset: u64, max_len: u64) -> Result<Extent>;
+    /// Bytes this file really occupies on disk (its `st_blocks` × 512).
+    fn allocated_bytes(&self) -> u64;
+}
+
+/// Upper bound of a backing chain (qcow2 layers over their base). pcocc adds one layer
+/// per resize or save, so real chains are short; this bound stops loops and abuse.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// A guest disk: layers stacked top first. Unallocated runs of a layer fall through to the
+/// next; past the last layer (or past a shorter backing layer's end) the disk reads zero.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    layers: Vec<Arc<dyn Layer>>,
+}
+
+impl Disk {
+    /// A disk made of `layers`, top first. The virtual size is the top layer's.
+    ///
+    /// # Panics
+    /// If `layers` is empty (a programming error, not an input error).
+    pub fn new(layers: Vec<Arc<dyn Layer>>) -> Disk {
+        assert!(!layers.is_empty(), "a disk needs at least one layer");
+        Disk { layers }
+    }
+
+    pub fn layers(&self) -> &[Arc<dyn Layer>] {
+        &self.layers
+    }
+
+    pub fn top(&self) -> &Arc<dyn Layer> {
+        &self.layers[0]
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.layers[0].virtual_size()
+    }
+
+    /// What backs guest offset `offset` for at most `max_len` bytes, resolved down the
+    /// chain: the answer is never [`Mapping::Unallocated`].
+    pub fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        let size = self.virtual_size();
+        if offset >= size || max_len == 0 {
+            return Err(Error::OutOfRange {
+                path: self.layers[0].path().to_path_buf(),
+                offset,
+                size,
+            });
+        }
+        let mut len = max_len.min(size - offset);
+        for layer in &self.layers {
+            if offset >= layer.virtual_size() {
+                // A backing layer shorter than the disk above it reads as zeroes there.
+                return Ok(Extent {
+                    len,
+                    mapping: Mapping::Zero,
+                });
+            }
+            let ext = layer.map(offset, len.min(layer.virtual_size() - offset))?;
+            debug_assert!(ext.len > 0 && ext.len <= len);
+            match ext.mapping {
+                Mapping::Unallocated => len = ext.len.min(len),
+                _ => return Ok(ext),
+            }
+        }
+        Ok(Extent {
+            len,
+            mapping: Mapping::Zero,
+        })
+    }
+
+    /// Fills `buf` with guest bytes from `offset`. Reading past the end is an error.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.virtual_size();
+        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > size) {
+            return Err(Error::OutOfRange {
+                path: self.layers[0].path().to_path_buf(),
+                offset: offset.saturating_add(buf.len() as u64),
+                size,
+            });
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let ext = self.map(pos, (buf.len() - done) as u64)?;
+            let n = ext.len as usize;
+            let out = &mut buf[done..done + n];
+            match ext.mapping {
+                Mapping::Data { file, path, offset } => read_exact_at(&file, &path, out, offset)?,
+                Mapping::Compressed(c) => decompress_into(&c, out)?,
+                Mapping::Zero | Mapping::Unallocated => out.fill(0),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The runs of guest data in `[offset, offset + len)`, merged: each item is
+    /// `(start, length)` of bytes that some layer stores (everything else reads zero).
+    pub fn data_extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        let end = offset.saturating_add(len).min(self.virtual_size());
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let ext = self.map(pos, end - pos)?;
+            if ext.mapping.is_data() {
+                match out.last_mut() {
+                    Some((s, l)) if *s + *l == pos => *l += ext.len,
+                    _ => out.push((pos, ext.len)),
+                }
+            }
+            pos += ext.len;
+        }
+        Ok(out)
+    }
+}
+
+/// `pread` that fills `buf` completely; reading past the end of the file is an error
+/// (a table that points past the end of its file is a corrupt image).
+pub fn read_exact_at(file: &File, path: &std::path::Path, buf: &mut [u8], offset: u64) -> Result<()> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            Error::io(
+                path,
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("data at offset {offset} (+{}) is past the end of the file", buf.len()),
+                ),
+            )
+        } else {
+            Error::io(path, e)
+        }
+    })
+}
+
+/// Inflates the compressed cluster `c` and copies `out.len()` bytes from `c.skip`.
+pub fn decompress_into(c: &CompressedCluster, out: &mut [u8]) -> Result<()> {
+    let _ = (c, out);
+    Err(Error::Unsupported {
+        path: c.path.to_path_buf(),
+        format: Format::Qcow2,
+        reason: "compressed clusters are not decoded yet".into(),
+    })
+}

@@ -1,0 +1,100 @@
+//! Raw images: the file is the guest disk. Holes in the file (found with
+//! `SEEK_DATA`/`SEEK_HOLE`) read as zeroes and are reported as [`Mapping::Zero`], so a
+//! sparse raw file stays sparse through every view and conversion.
+
+use super::{Error, Extent, Format, Layer, Mapping, Result};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct RawLayer {
+    file: Arc<File>,
+    path: Arc<PathBuf>,
+    size: u64,
+    allocated: u64,
+}
+
+impl RawLayer {
+    /// Opens `file` (already opened from `path`) as a raw disk of its current length.
+    pub fn new(file: File, path: &Path) -> Result<RawLayer> {
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        Ok(RawLayer {
+            file: Arc::new(file),
+            path: Arc::new(path.to_path_buf()),
+            size: meta.len(),
+            allocated: std::os::unix::fs::MetadataExt::blocks(&meta) * 512,
+        })
+    }
+
+    pub fn open(path: &Path) -> Result<RawLayer> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        RawLayer::new(file, path)
+    }
+
+    /// `lseek(fd, offset, whence)`; `None` when the kernel answers ENXIO (no more data)
+    /// or the filesystem does not support the query.
+    fn seek(&self, offset: u64, whence: i32) -> Option<u64> {
+        let off = i64::try_from(offset).ok()?;
+        // SAFETY: lseek on a file descriptor we own; it only moves the (unused) file
+        // position, every read of this layer is positioned.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        (r >= 0).then_some(r as u64)
+    }
+}
+
+impl Layer for RawLayer {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        self.allocated
+    }
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        let end = offset.saturating_add(max_len).min(self.size);
+        if offset >= end {
+            return Err(Error::OutOfRange {
+                path: self.path.to_path_buf(),
+                offset,
+                size: self.size,
+            });
+        }
+        let data = match self.seek(offset, libc::SEEK_DATA) {
+            Some(d) => d,
+            // No data at or after `offset` (ENXIO), or no hole support: decide below.
+            None => {
+                if self.seek(offset, libc::SEEK_HOLE).is_some() {
+                    end
+                } else {
+                    offset
+                }
+            }
+        };
+        if data > offset {
+            return Ok(Extent {
+                len: data.min(end) - offset,
+                mapping: Mapping::Zero,
+            });
+        }
+        let hole = self.seek(offset, libc::SEEK_HOLE).unwrap_or(end);
+        Ok(Extent {
+            len: hole.clamp(offset + 1, end) - offset,
+            mapping: Mapping::Data {
+                file: self.file.clone(),
+                path: self.path.clone(),
+                offset,
+            },
+        })
+    }
+}

@@ -6,3 +6,6 @@
 
 pub mod image;
 pub mod view;
+
+#[cfg(test)]
+pub(crate) mod testutil;

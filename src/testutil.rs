@@ -125,3 +125,83 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Writes `view` to `path` the way a sparse-aware reader would: only its data extents,
+/// each read through [`crate::view::View::read_at`] in uneven `chunk`-byte pieces, then
+/// the file length set to the view's size (so holes stay holes). Returns the sha256 of
+/// the whole view content (holes included).
+pub fn write_view_sparse(view: &crate::view::View, path: &Path, chunk: usize) -> String {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).expect("create view copy");
+    let mut buf = vec![0u8; chunk];
+    for (start, len) in view.data_extents().expect("view extents") {
+        let mut pos = start;
+        while pos < start + len {
+            let n = chunk.min((start + len - pos) as usize);
+            let got = view.read_at(&mut buf[..n], pos).expect("view read");
+            assert_eq!(got, n, "short read inside a data extent at {pos}");
+            f.write_all_at(&buf[..n], pos).expect("write view copy");
+            pos += n as u64;
+        }
+    }
+    f.set_len(view.size()).expect("set view length");
+    drop(f);
+    // Hash by a plain sequential read of the whole view (holes read as zeroes).
+    let mut h = Sha256::new();
+    let mut pos = 0u64;
+    let mut big = vec![0u8; 1 << 20];
+    loop {
+        let n = view.read_at(&mut big, pos).expect("view read");
+        if n == 0 {
+            break;
+        }
+        h.update(&big[..n]);
+        pos += n as u64;
+    }
+    assert_eq!(pos, view.size(), "sequential read must cover the view");
+    format!("{:x}", h.finalize())
+}
+
+/// Judges a generated view file with qemu-img: the format is detected without `-f` as
+/// `fmt` with exactly `virtual_size`; `qemu-img check` finds no error; `qemu-img compare`
+/// with `source` (read as `source_fmt`) says identical.
+pub fn assert_qemu_accepts(
+    view_file: &Path,
+    fmt: &str,
+    virtual_size: u64,
+    source: &Path,
+    source_fmt: &str,
+) {
+    let file = view_file.to_str().unwrap();
+    let info = qemu_img(&["info", "--output=json", file]);
+    let v: serde_json::Value = serde_json::from_str(&info).expect("qemu-img info json");
+    assert_eq!(
+        v["format"].as_str(),
+        Some(fmt),
+        "format detected by qemu-img for {file}"
+    );
+    assert_eq!(
+        v["virtual-size"].as_u64(),
+        Some(virtual_size),
+        "virtual size of {file}"
+    );
+    if fmt != "raw" {
+        let out = Command::new("qemu-img")
+            .args(["check", "-f", fmt, file])
+            .output()
+            .expect("run qemu-img check");
+        assert!(
+            out.status.success(),
+            "qemu-img check {file}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let src = source.to_str().unwrap();
+    let out = qemu_img(&["compare", "-f", fmt, "-F", source_fmt, file, src]);
+    assert!(
+        out.contains("Images are identical"),
+        "compare {file} {src}: {out}"
+    );
+}

@@ -98,7 +98,11 @@ pub enum Error {
     },
     /// A read or map request outside the disk.
     #[error("{path}: offset {offset} is past the end of the disk ({size} bytes)")]
-    OutOfRange { path: PathBuf, offset: u64, size: u64 },
+    OutOfRange {
+        path: PathBuf,
+        offset: u64,
+        size: u64,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -261,7 +265,10 @@ impl Disk {
     /// Fills `buf` with guest bytes from `offset`. Reading past the end is an error.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let size = self.virtual_size();
-        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > size) {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > size)
+        {
             return Err(Error::OutOfRange {
                 path: self.layers[0].path().to_path_buf(),
                 offset: offset.saturating_add(buf.len() as u64),
@@ -306,14 +313,22 @@ impl Disk {
 
 /// `pread` that fills `buf` completely; reading past the end of the file is an error
 /// (a table that points past the end of its file is a corrupt image).
-pub fn read_exact_at(file: &File, path: &std::path::Path, buf: &mut [u8], offset: u64) -> Result<()> {
+pub fn read_exact_at(
+    file: &File,
+    path: &std::path::Path,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<()> {
     file.read_exact_at(buf, offset).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             Error::io(
                 path,
                 io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("data at offset {offset} (+{}) is past the end of the file", buf.len()),
+                    format!(
+                        "data at offset {offset} (+{}) is past the end of the file",
+                        buf.len()
+                    ),
                 ),
             )
         } else {

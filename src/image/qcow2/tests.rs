@@ -796,3 +796,39 @@ fn no_backing_policy_refuses_any_backing_file_and_says_so() {
         "{msg}"
     );
 }
+
+#[test]
+fn chain_deeper_than_the_limit_is_refused() {
+    if !have_qemu() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let mut prev = root.path().join("l0");
+    create(&prev, "", "1M");
+    for i in 1..=super::super::MAX_CHAIN_DEPTH {
+        let next = root.path().join(format!("l{i}"));
+        let backing = format!("backing_file=l{},backing_fmt=qcow2", i - 1);
+        create(&next, &backing, "1M");
+        prev = next;
+    }
+    let err = open_chain(
+        &prev,
+        &WithinDir {
+            root: root.path().into(),
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("deeper than"), "{err}");
+    // One layer less is fine.
+    let below = root
+        .path()
+        .join(format!("l{}", super::super::MAX_CHAIN_DEPTH - 1));
+    let disk = open_chain(
+        &below,
+        &WithinDir {
+            root: root.path().into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(disk.layers().len(), super::super::MAX_CHAIN_DEPTH);
+}

@@ -61,12 +61,13 @@ fn write_source(path: &Path) {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                *b = b"etaoin shrdlu\n\tcmfwyp"[(x >> 40) as usize % 22];
+                const LETTERS: &[u8] = b"etaoin shrdlu\n\tcmfwyp";
+                *b = LETTERS[(x >> 40) as usize % LETTERS.len()];
             }),
-            _ => block
-                .iter_mut()
-                .enumerate()
-                .for_each(|(k, b)| *b = b"Nov 28 00:00:01 host kernel: ok\n"[k % 32]),
+            _ => block.iter_mut().enumerate().for_each(|(k, b)| {
+                const LINE: &[u8] = b"Nov 28 00:00:01 host kernel: ok\n";
+                *b = LINE[k % LINE.len()];
+            }),
         }
         w.write_all(&block).expect("write source");
     }

@@ -11,7 +11,9 @@
 //! Every image is untrusted input: each format module documents the limits it enforces
 //! before it allocates or follows anything.
 
+pub mod qed;
 pub mod raw;
+pub(crate) mod tables;
 
 use std::fmt;
 use std::fs::File;

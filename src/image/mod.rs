@@ -14,6 +14,7 @@
 pub mod qed;
 pub mod raw;
 pub(crate) mod tables;
+pub mod vdi;
 
 use std::fmt;
 use std::fs::File;

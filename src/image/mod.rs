@@ -15,6 +15,7 @@ pub mod qed;
 pub mod raw;
 pub(crate) mod tables;
 pub mod vdi;
+pub mod vpc;
 
 use std::fmt;
 use std::fs::File;

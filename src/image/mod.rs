@@ -15,6 +15,7 @@ pub mod qed;
 pub mod raw;
 pub(crate) mod tables;
 pub mod vdi;
+pub mod vmdk;
 pub mod vpc;
 
 use std::fmt;

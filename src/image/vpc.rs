@@ -153,7 +153,6 @@ impl VpcLayer {
             DISK_DYNAMIC => {
                 Self::dynamic(&file, path, file_len, data_offset, size).map_err(|e| match e {
                     Reason::Invalid(r) => invalid(r),
-                    Reason::Unsupported(r) => unsupported(r),
                     Reason::Io(e) => e,
                 })?
             }
@@ -252,7 +251,6 @@ impl VpcLayer {
 /// Why the dynamic part was refused, before the path is attached.
 enum Reason {
     Invalid(String),
-    Unsupported(String),
     Io(Error),
 }
 

@@ -11,9 +11,11 @@
 //! ranges; the L1 table and every L2 table lie inside the file after the header; data
 //! cluster offsets are cluster-aligned, after the header and start inside the file; the
 //! image size is a multiple of 512 within what the tables can address. A backing file is
-//! refused: an import is one standalone file and must not open others.
+//! refused: an import is one standalone file and must not open others. The "needs
+//! check" feature (set by a writer that crashed) is accepted, because every entry is
+//! checked as it is used and nothing is written.
 
-use super::tables::{PageCache, le_u32, le_u64};
+use super::tables::{Page, PageCache, le_u32, le_u64};
 use super::{Error, Extent, Format, Layer, Mapping, Result, read_exact_at};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -262,7 +264,7 @@ impl Layer for QedLayer {
         let mut first: Option<Cluster> = None;
         // Guest offset up to which the run of `first`'s kind extends.
         let mut run_end = offset;
-        let mut l2_page = None;
+        let mut l2_page: Option<Page> = None;
         'outer: while run_end < end {
             let l1_index = cluster / self.table_entries;
             let Some(l2) = self.l2_offset(l1_index)? else {
@@ -281,7 +283,7 @@ impl Layer for QedLayer {
             while cluster < span_end && run_end < end {
                 let at = l2 + (cluster % self.table_entries) * 8;
                 let page = match l2_page.take() {
-                    Some(p) if super::tables::Page::holds(&p, at, 8) => p,
+                    Some(p) if p.holds(at, 8) => p,
                     _ => self.cache.page_for(at, 8, "L2 entry")?,
                 };
                 let this = self.classify(cluster, page.le_u64(at))?;

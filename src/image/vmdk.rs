@@ -694,6 +694,36 @@ mod tests {
     }
 
     #[test]
+    fn incompressible_grains_read_like_qemu() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // Noise grains deflate to slightly more than a grain; a short noise tail.
+        let raw = dir.path().join("n.raw");
+        let mut data = vec![0u8; (3 << 20) + 4608];
+        data[..256 << 10].copy_from_slice(&crate::testutil::noise(1, 256 << 10));
+        let tail = data.len() - 1000;
+        data[tail..].copy_from_slice(&crate::testutil::noise(2, 1000));
+        std::fs::write(&raw, &data).unwrap();
+        for sub in ["monolithicSparse", "streamOptimized"] {
+            let p = dir.path().join(format!("{sub}.vmdk"));
+            qemu_img(&[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                &format!("subformat={sub}"),
+                raw.to_str().unwrap(),
+                p.to_str().unwrap(),
+            ]);
+            assert_layer_matches_qemu(Arc::new(open_path(&p).unwrap()), &p, "vmdk");
+        }
+    }
+
+    #[test]
     fn stream_optimized_with_the_directory_in_the_footer_reads_like_qemu() {
         if !have_qemu() {
             return;

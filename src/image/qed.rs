@@ -588,4 +588,19 @@ mod tests {
             Error::Unsupported { .. }
         ));
     }
+
+    #[test]
+    fn corrupted_images_give_errors_never_panics() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = create(dir.path(), "x.qed", "8M");
+        qemu_io(
+            "qed",
+            &p,
+            &["write -P 1 0 64k", "write -z 1M 64k", "write -P 2 3M 128k"],
+        );
+        assert_corruption_never_panics(&p, |q| Ok(Arc::new(open_path(q)?)), 400);
+    }
 }

@@ -317,6 +317,63 @@ pub(crate) mod test_support {
         });
     }
 
+    /// Opens many corrupted copies of `src` (a few bytes overwritten, half of the time
+    /// in the first sector, where the headers are) and maps and reads each one that
+    /// opens. Errors are expected; a panic, a hang or a huge allocation fails the test.
+    pub fn assert_corruption_never_panics(
+        src: &Path,
+        open: impl Fn(&Path) -> crate::image::Result<Arc<dyn Layer>>,
+        rounds: u64,
+    ) {
+        let original = std::fs::read(src).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("corrupt");
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        std::fs::write(&p, &original).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        let mut opened = 0;
+        for _ in 0..rounds {
+            // Patch the copy in place and restore it after the round: rewriting whole
+            // files each round would dominate the test's time.
+            let mut changed = Vec::new();
+            for _ in 0..1 + next() % 4 {
+                let r = next();
+                let at = if r % 2 == 0 { r >> 8 } else { (r >> 8) % 512 } as usize % original.len();
+                let byte = match (r >> 4) % 4 {
+                    0 => 0,
+                    1 => 0xff,
+                    2 => 1,
+                    _ => (r >> 32) as u8,
+                };
+                std::os::unix::fs::FileExt::write_all_at(&f, &[byte], at as u64).unwrap();
+                changed.push(at);
+            }
+            if let Ok(layer) = open(&p) {
+                opened += 1;
+                let size = layer.virtual_size();
+                let disk = Disk::new(vec![layer]);
+                let extents = disk.data_extents(0, size).unwrap_or_default();
+                let mut buf = vec![0u8; 1 << 20];
+                let _ = disk.read_at(&mut buf[..size.min(1 << 20) as usize], 0);
+                for (start, len) in extents.into_iter().take(8) {
+                    let n = len.min(1 << 20) as usize;
+                    let _ = disk.read_at(&mut buf[..n], start);
+                }
+            }
+            for at in changed {
+                std::os::unix::fs::FileExt::write_all_at(&f, &original[at..at + 1], at as u64)
+                    .unwrap();
+            }
+        }
+        assert!(opened > 0, "no corrupted copy of {src:?} opened at all");
+    }
+
     /// A copy of `src` at `dst` cut to `len` bytes.
     pub fn copy_truncated(src: &Path, dst: PathBuf, len: u64) -> PathBuf {
         std::fs::copy(src, &dst).unwrap();

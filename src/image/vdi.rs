@@ -535,4 +535,15 @@ mod tests {
             Error::Unsupported { .. }
         ));
     }
+
+    #[test]
+    fn corrupted_images_give_errors_never_panics() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = create(dir.path(), "x.vdi", "8M", &[]);
+        qemu_io("vdi", &p, &["write -P 1 0 4k", "write -P 2 3M 4k"]);
+        assert_corruption_never_panics(&p, |q| Ok(Arc::new(open_path(q)?)), 400);
+    }
 }

@@ -1016,4 +1016,17 @@ mod tests {
         let bad = patched(&p, dir.path().join("n.vmdk"), 44, &u32::MAX.to_le_bytes());
         assert!(open_path(&bad).is_err());
     }
+
+    #[test]
+    fn corrupted_images_give_errors_never_panics() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = create(dir.path(), "x.vmdk", "8M", "");
+        qemu_io("vmdk", &p, &["write -P 1 0 4k", "write -P 2 3M 128k"]);
+        assert_corruption_never_panics(&p, |q| Ok(Arc::new(open_path(q)?)), 300);
+        let s = stream_optimized(&p, dir.path().join("s.vmdk"));
+        assert_corruption_never_panics(&s, |q| Ok(Arc::new(open_path(q)?)), 300);
+    }
 }

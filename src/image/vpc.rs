@@ -226,7 +226,7 @@ impl VpcLayer {
         }
         let bat: Box<[u32]> = raw.chunks_exact(4).map(|c| be_u32(c, 0)).collect();
         // Spec: one bit per sector, padded to a whole sector.
-        let bitmap_len = (block_size / SECTOR / 8).next_multiple_of(SECTOR);
+        let bitmap_len = (block_size / SECTOR).div_ceil(8).next_multiple_of(SECTOR);
         for (i, &e) in bat.iter().enumerate() {
             if e == BAT_UNALLOCATED {
                 continue;
@@ -619,6 +619,19 @@ mod tests {
                 });
                 assert!(open_path(&q).is_err(), "size {size}");
             }
+        }
+    }
+
+    #[test]
+    fn corrupted_images_give_errors_never_panics() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for (name, size, opts) in [("d.vpc", "3M", ""), ("f.vpc", "1M", "subformat=fixed")] {
+            let p = create(dir.path(), name, size, opts);
+            qemu_io("vpc", &p, &["write -P 1 0 4k", "write -P 2 600k 4k"]);
+            assert_corruption_never_panics(&p, |q| Ok(Arc::new(open_path(q)?)), 300);
         }
     }
 }

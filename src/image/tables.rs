@@ -67,6 +67,47 @@ pub fn read_upto_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Re
     Ok(done)
 }
 
+/// Largest block table a reader loads whole at open (VDI block map, VHD BAT): 64 Mi
+/// entries, enough for a 64 TiB VDI or a 2040 GiB VHD with blocks of 32 KiB or more.
+/// A table must also fit in its file, but a sparse file can be large at no cost, so
+/// this bounds the memory an untrusted header can ask for.
+pub const MAX_LOADED_TABLE_BYTES: u64 = 256 << 20;
+
+/// Reads `count` u32 entries (`big_endian` or little) at `offset`, in bounded chunks so
+/// the table is never held twice. A table cut short by the end of the file is an error
+/// naming `what`; the caller bounds `count` first.
+pub fn read_u32_table(
+    file: &File,
+    path: &Path,
+    format: Format,
+    offset: u64,
+    count: u64,
+    big_endian: bool,
+    what: &str,
+) -> Result<Vec<u32>> {
+    const CHUNK: u64 = 64 << 10;
+    let mut out = Vec::with_capacity(count as usize);
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut pos = offset;
+    let end = offset + count * 4;
+    while pos < end {
+        let n = CHUNK.min(end - pos) as usize;
+        if read_upto_at(file, path, &mut buf[..n], pos)? != n {
+            return Err(Error::Invalid {
+                path: path.to_path_buf(),
+                format,
+                reason: format!(
+                    "the {what} at offset {offset} is cut short by the end of the file"
+                ),
+            });
+        }
+        let decode = if big_endian { be_u32 } else { le_u32 };
+        out.extend(buf[..n].chunks_exact(4).map(|c| decode(c, 0)));
+        pos += n as u64;
+    }
+    Ok(out)
+}
+
 /// One cached page: the bytes of the file from `start`, possibly fewer than
 /// [`PAGE_SIZE`] at the end of the file.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@
 //! the same as in qemu: version 1.1, 512-byte sectors, 1 MiB blocks, no per-block extra
 //! data, no parent or link UUID (differencing images are refused).
 
-use super::tables::{le_u32, le_u64, read_upto_at};
+use super::tables::{MAX_LOADED_TABLE_BYTES, le_u32, le_u64, read_u32_table};
 use super::{Error, Extent, Format, Layer, Mapping, Result, read_exact_at};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -166,14 +166,20 @@ impl VdiLayer {
             )));
         }
 
-        // Bounded by the file length (checked above).
-        let mut raw = vec![0u8; bmap_len as usize];
-        let got = read_upto_at(&file, path, &mut raw, offset_bmap)?;
-        if got != raw.len() {
-            return Err(invalid("the block map is cut short".into()));
+        if bmap_len > MAX_LOADED_TABLE_BYTES {
+            return Err(unsupported(format!(
+                "a block map of {bmap_len} bytes (at most {MAX_LOADED_TABLE_BYTES} are loaded)"
+            )));
         }
-        let all: Vec<u32> = raw.chunks_exact(4).map(|c| le_u32(c, 0)).collect();
-        drop(raw);
+        let all = read_u32_table(
+            &file,
+            path,
+            Format::Vdi,
+            offset_bmap,
+            blocks_in_image,
+            false,
+            "block map",
+        )?;
         let mut seen = vec![0u64; blocks_in_image.div_ceil(64) as usize];
         let guest_blocks = size.div_ceil(BLOCK_SIZE);
         for (i, &e) in all.iter().enumerate() {
@@ -545,5 +551,36 @@ mod tests {
         let p = create(dir.path(), "x.vdi", "8M", &[]);
         qemu_io("vdi", &p, &["write -P 1 0 4k", "write -P 2 3M 4k"]);
         assert_corruption_never_panics(&p, |q| Ok(Arc::new(open_path(q)?)), 400);
+    }
+
+    #[test]
+    fn huge_block_map_in_a_sparse_file_is_refused_without_loading_it() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = create(dir.path(), "h.vdi", "4M", &[]);
+        // 2 GiB of block map, with room made for it in a sparse 5 GiB file.
+        let bad = patched(
+            &p,
+            dir.path().join("b.vdi"),
+            384,
+            &(MAX_BLOCKS as u32).to_le_bytes(),
+        );
+        let bad = patched(
+            &bad,
+            dir.path().join("b2.vdi"),
+            344,
+            &0xffff_fe00u32.to_le_bytes(),
+        );
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&bad)
+            .unwrap()
+            .set_len(5 << 30)
+            .unwrap();
+        let err = open_path(&bad).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+        assert!(err.to_string().contains("block map of"), "{err}");
     }
 }

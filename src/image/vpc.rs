@@ -17,7 +17,7 @@
 //! The BAT (4 bytes per 2 MiB block by default) is bounded by the file size, so it is read
 //! whole at open and every entry is checked to lie inside the file; reads take no lock.
 
-use super::tables::{be_u16, be_u32, be_u64, read_upto_at};
+use super::tables::{MAX_LOADED_TABLE_BYTES, be_u16, be_u32, be_u64, read_u32_table};
 use super::{Error, Extent, Format, Layer, Mapping, Result, read_exact_at};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -153,6 +153,7 @@ impl VpcLayer {
             DISK_DYNAMIC => {
                 Self::dynamic(&file, path, file_len, data_offset, size).map_err(|e| match e {
                     Reason::Invalid(r) => invalid(r),
+                    Reason::Unsupported(r) => unsupported(r),
                     Reason::Io(e) => e,
                 })?
             }
@@ -219,12 +220,22 @@ impl VpcLayer {
                  the {file_len}-byte file"
             )));
         }
-        // Bounded by the file length (checked above).
-        let mut raw = vec![0u8; (blocks * 4) as usize];
-        if read_upto_at(file, path, &mut raw, table_offset).map_err(Reason::Io)? != raw.len() {
-            return Err(Reason::Invalid("the block table is cut short".into()));
+        if blocks * 4 > MAX_LOADED_TABLE_BYTES {
+            return Err(Reason::Unsupported(format!(
+                "a block table of {blocks} entries (at most {} are loaded)",
+                MAX_LOADED_TABLE_BYTES / 4
+            )));
         }
-        let bat: Box<[u32]> = raw.chunks_exact(4).map(|c| be_u32(c, 0)).collect();
+        let bat = read_u32_table(
+            file,
+            path,
+            Format::Vpc,
+            table_offset,
+            blocks,
+            true,
+            "block table",
+        )
+        .map_err(Reason::Io)?;
         // Spec: one bit per sector, padded to a whole sector.
         let bitmap_len = (block_size / SECTOR).div_ceil(8).next_multiple_of(SECTOR);
         for (i, &e) in bat.iter().enumerate() {
@@ -243,7 +254,7 @@ impl VpcLayer {
         Ok(Kind::Dynamic {
             block_size,
             bitmap_len,
-            bat,
+            bat: bat.into_boxed_slice(),
         })
     }
 }
@@ -251,6 +262,7 @@ impl VpcLayer {
 /// Why the dynamic part was refused, before the path is attached.
 enum Reason {
     Invalid(String),
+    Unsupported(String),
     Io(Error),
 }
 
@@ -633,5 +645,39 @@ mod tests {
             qemu_io("vpc", &p, &["write -P 1 0 4k", "write -P 2 600k 4k"]);
             assert_corruption_never_panics(&p, |q| Ok(Arc::new(open_path(q)?)), 300);
         }
+    }
+
+    #[test]
+    fn huge_block_table_in_a_sparse_file_is_refused_without_loading_it() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = create(dir.path(), "h.vpc", "4M", "force_size=on");
+        // 2040 GiB in 512-byte blocks: 16 GiB of table, room made in a sparse file.
+        let q = edit_footer(&p, dir.path().join("q.vpc"), |f| {
+            f[48..56].copy_from_slice(&(2040u64 << 30).to_be_bytes());
+        });
+        let q = patched(
+            &q,
+            dir.path().join("q2.vpc"),
+            512 + 28,
+            &u32::MAX.to_be_bytes(),
+        );
+        let q = patched(
+            &q,
+            dir.path().join("q3.vpc"),
+            512 + 32,
+            &512u32.to_be_bytes(),
+        );
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&q)
+            .unwrap()
+            .set_len(20 << 30)
+            .unwrap();
+        let err = open_path(&q).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+        assert!(err.to_string().contains("block table of"), "{err}");
     }
 }

@@ -245,8 +245,10 @@ impl VmdkLayer {
             )));
         }
         if hdr.capacity == 0 {
+            // qemu reads a zero capacity as "the descriptor names the extents", and
+            // cannot open the zero-sized files qemu-img itself creates.
             return Err(unsupported(format!(
-                "capacity 0: such a file only stands for a descriptor naming other files; \
+                "a capacity of 0 sectors marks a file whose descriptor names the extents; \
                  {ONE_FILE_ADVICE}"
             )));
         }

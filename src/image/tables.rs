@@ -73,6 +73,23 @@ pub fn read_upto_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Re
 /// this bounds the memory an untrusted header can ask for.
 pub const MAX_LOADED_TABLE_BYTES: u64 = 256 << 20;
 
+/// A block table loaded at open (VDI block map, VHD BAT), whose `Debug` output is a
+/// summary rather than every entry.
+pub struct BlockTable(pub Box<[u32]>);
+
+impl std::ops::Deref for BlockTable {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for BlockTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockTable({} entries)", self.0.len())
+    }
+}
+
 /// Reads `count` u32 entries (`big_endian` or little) at `offset`, in bounded chunks so
 /// the table is never held twice. A table cut short by the end of the file is an error
 /// naming `what`; the caller bounds `count` first.
@@ -134,13 +151,22 @@ impl Page {
 type Slot = Mutex<Option<Page>>;
 
 /// A bounded, direct-mapped cache of [`PAGE_SIZE`]-byte pages of one file.
-#[derive(Debug)]
 pub struct PageCache {
     file: Arc<File>,
     path: Arc<PathBuf>,
     format: Format,
     file_len: u64,
     slots: Box<[Slot]>,
+}
+
+impl std::fmt::Debug for PageCache {
+    // Summarised: a layer's Debug output must not dump cached table bytes into logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageCache")
+            .field("path", &self.path)
+            .field("slots", &self.slots.len())
+            .finish()
+    }
 }
 
 impl PageCache {

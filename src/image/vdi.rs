@@ -14,7 +14,7 @@
 //! the same as in qemu: version 1.1, 512-byte sectors, 1 MiB blocks, no per-block extra
 //! data, no parent or link UUID (differencing images are refused).
 
-use super::tables::{MAX_LOADED_TABLE_BYTES, le_u32, le_u64, read_u32_table};
+use super::tables::{BlockTable, MAX_LOADED_TABLE_BYTES, le_u32, le_u64, read_u32_table};
 use super::{Error, Extent, Format, Layer, Mapping, Result, read_exact_at};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -51,7 +51,7 @@ pub struct VdiLayer {
     size: u64,
     data_offset: u64,
     /// One entry per block of the guest disk.
-    bmap: Box<[u32]>,
+    bmap: BlockTable,
 }
 
 /// Opens `file` (already opened from `path`) as a VDI image.
@@ -218,7 +218,7 @@ impl VdiLayer {
             allocated: meta.blocks() * 512,
             size,
             data_offset: offset_data,
-            bmap: bmap.into_boxed_slice(),
+            bmap: BlockTable(bmap.into_boxed_slice()),
         })
     }
 }
@@ -582,5 +582,18 @@ mod tests {
         let err = open_path(&bad).unwrap_err();
         assert!(matches!(err, Error::Unsupported { .. }), "{err}");
         assert!(err.to_string().contains("block map of"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_summarises_the_block_map() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = create(dir.path(), "big.vdi", "5G", &[]);
+        let layer = open_path(&p).unwrap();
+        let text = format!("{layer:?}");
+        assert!(text.contains("BlockTable(5120 entries)"), "{text}");
+        assert!(text.len() < 1000, "{text}");
     }
 }

@@ -17,7 +17,7 @@
 //! The BAT (4 bytes per 2 MiB block by default) is bounded by the file size, so it is read
 //! whole at open and every entry is checked to lie inside the file; reads take no lock.
 
-use super::tables::{MAX_LOADED_TABLE_BYTES, be_u16, be_u32, be_u64, read_u32_table};
+use super::tables::{BlockTable, MAX_LOADED_TABLE_BYTES, be_u16, be_u32, be_u64, read_u32_table};
 use super::{Error, Extent, Format, Layer, Mapping, Result, read_exact_at};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -54,7 +54,7 @@ enum Kind {
         /// Bytes of the sector bitmap at the start of each block (rounded to a sector).
         bitmap_len: u64,
         /// One entry per block of the guest disk.
-        bat: Box<[u32]>,
+        bat: BlockTable,
     },
 }
 
@@ -254,7 +254,7 @@ impl VpcLayer {
         Ok(Kind::Dynamic {
             block_size,
             bitmap_len,
-            bat: bat.into_boxed_slice(),
+            bat: BlockTable(bat.into_boxed_slice()),
         })
     }
 }

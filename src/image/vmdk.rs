@@ -144,44 +144,44 @@ fn check_descriptor(text: &str) -> std::result::Result<(), String> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        if let Some((key, value)) = line.split_once('=') {
-            let key = key.trim();
-            let value = value.trim().trim_matches('"');
-            if key.eq_ignore_ascii_case("createType")
-                && !["monolithicSparse", "streamOptimized"]
-                    .iter()
-                    .any(|t| t.eq_ignore_ascii_case(value))
-            {
-                return Err(format!(
-                    "its descriptor has createType {value}, whose extents are other files; \
-                     {ONE_FILE_ADVICE}"
-                ));
-            }
-            if key.eq_ignore_ascii_case("parentFileNameHint")
-                || (key.eq_ignore_ascii_case("parentCID")
-                    && !value.eq_ignore_ascii_case("ffffffff"))
-            {
-                return Err(format!(
-                    "its descriptor names a parent disk; {ONE_FILE_ADVICE}"
-                ));
-            }
-            continue;
-        }
+        // Extent lines first: a file name may contain '=' and must not pass for a key.
         let mut words = line.split_whitespace();
-        let access = words.next().unwrap_or("");
-        if !["RW", "RDONLY", "NOACCESS"]
+        let first = words.next().unwrap_or("");
+        if ["RW", "RDONLY", "NOACCESS"]
             .iter()
-            .any(|a| a.eq_ignore_ascii_case(access))
+            .any(|a| a.eq_ignore_ascii_case(first))
         {
+            extents += 1;
+            let _sectors = words.next();
+            let kind = words.next().unwrap_or("");
+            let name = line.split('"').nth(1).unwrap_or("");
+            if !kind.eq_ignore_ascii_case("SPARSE") || name.contains('/') || name.contains('\\') {
+                return Err(format!(
+                    "its descriptor has the extent `{line}`; {ONE_FILE_ADVICE}"
+                ));
+            }
             continue;
         }
-        extents += 1;
-        let _sectors = words.next();
-        let kind = words.next().unwrap_or("");
-        let name = line.split('"').nth(1).unwrap_or("");
-        if !kind.eq_ignore_ascii_case("SPARSE") || name.contains('/') || name.contains('\\') {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let key = key.trim();
+        let value = value.trim().trim_matches('"');
+        if key.eq_ignore_ascii_case("createType")
+            && !["monolithicSparse", "streamOptimized"]
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(value))
+        {
             return Err(format!(
-                "its descriptor has the extent `{line}`; {ONE_FILE_ADVICE}"
+                "its descriptor has createType {value}, whose extents are other files; \
+                 {ONE_FILE_ADVICE}"
+            ));
+        }
+        if key.eq_ignore_ascii_case("parentFileNameHint")
+            || (key.eq_ignore_ascii_case("parentCID") && !value.eq_ignore_ascii_case("ffffffff"))
+        {
+            return Err(format!(
+                "its descriptor names a parent disk; {ONE_FILE_ADVICE}"
             ));
         }
     }
@@ -923,6 +923,15 @@ mod tests {
                 Error::Unsupported { .. }
             ));
         }
+    }
+
+    #[test]
+    fn descriptor_checks_are_not_fooled_by_names_with_equals_signs() {
+        assert!(check_descriptor("RW 8 FLAT \"/etc/passwd=x\" 0\n").is_err());
+        assert!(check_descriptor("RW 8 SPARSE \"a=b.vmdk\"\n").is_ok());
+        assert!(check_descriptor("createType=\"vmfsSparse\"\n").is_err());
+        assert!(check_descriptor("parentCID=12345678\n").is_err());
+        assert!(check_descriptor("parentCID=ffffffff\nRW 8 SPARSE \"d.vmdk\"\n").is_ok());
     }
 
     #[test]

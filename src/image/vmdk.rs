@@ -832,6 +832,33 @@ mod tests {
     }
 
     #[test]
+    fn unallocated_grain_tables_read_like_qemu() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = create(dir.path(), "g.vmdk", "1G", "");
+        qemu_io(
+            "vmdk",
+            &p,
+            &["write -P 1 0 4k", "write -P 3 1073676288 64k"],
+        );
+        // qemu-img preallocates every GT; VMware leaves a GD entry at 0 until its GT is
+        // needed. Clear the entries of the GTs with no grains (all but the first and
+        // the last of 32).
+        let mut d = std::fs::read(&p).unwrap();
+        let gd = le_u64(&d, 56) as usize * 512;
+        d[gd + 4..gd + 31 * 4].fill(0);
+        let q = dir.path().join("sparse-gd.vmdk");
+        std::fs::write(&q, &d).unwrap();
+        let layer = open_path(&q).unwrap();
+        let ext = layer.map(32 << 20, 1 << 30).unwrap();
+        assert!(matches!(ext.mapping, Mapping::Unallocated));
+        assert_eq!(ext.len, (1 << 30) - (64 << 10) - (32 << 20));
+        assert_layer_matches_qemu(Arc::new(layer), &q, "vmdk");
+    }
+
+    #[test]
     fn concurrent_reads_from_many_threads_agree_with_qemu() {
         if !have_qemu() {
             return;

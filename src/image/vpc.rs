@@ -154,7 +154,7 @@ impl VpcLayer {
                 Self::dynamic(&file, path, file_len, data_offset, size).map_err(|e| match e {
                     Reason::Invalid(r) => invalid(r),
                     Reason::Unsupported(r) => unsupported(r),
-                    Reason::Io(e) => e,
+                    Reason::Failed(e) => e,
                 })?
             }
             DISK_DIFFERENCING => {
@@ -191,7 +191,7 @@ impl VpcLayer {
             )));
         }
         let mut h = [0u8; DYN_HEADER_LEN];
-        read_exact_at(file, path, &mut h, header_offset).map_err(Reason::Io)?;
+        read_exact_at(file, path, &mut h, header_offset).map_err(Reason::Failed)?;
         if &h[..8] != DYN_HEADER_COOKIE {
             return Err(Reason::Invalid(format!(
                 "no dynamic disk header (\"cxsparse\") at offset {header_offset}"
@@ -235,7 +235,7 @@ impl VpcLayer {
             true,
             "block table",
         )
-        .map_err(Reason::Io)?;
+        .map_err(Reason::Failed)?;
         // Spec: one bit per sector, padded to a whole sector.
         let bitmap_len = (block_size / SECTOR).div_ceil(8).next_multiple_of(SECTOR);
         for (i, &e) in bat.iter().enumerate() {
@@ -263,7 +263,7 @@ impl VpcLayer {
 enum Reason {
     Invalid(String),
     Unsupported(String),
-    Io(Error),
+    Failed(Error),
 }
 
 impl Layer for VpcLayer {

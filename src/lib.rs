@@ -4,7 +4,10 @@
 //! repository semantics and reaches the on-disk repositories through [`store`] (configured
 //! by [`config`]) and disk contents through [`view`] and [`image`].
 
+pub mod config;
 pub mod image;
+pub mod store;
+pub mod tree;
 pub mod view;
 
 #[cfg(test)]

@@ -299,10 +299,8 @@ impl Store {
         if !is_valid_name(name) {
             return Ok(Vec::new());
         }
-        if self.version() == VERSION_LEGACY {
-            return Ok(self.list()?.remove(name).unwrap_or_default());
-        }
-        // Reading the whole directory is what pcocc does too (a glob); names are short.
+        // Revision numbers are only known from file names, so this reads the directory
+        // (pcocc globs it too); version 1 has to parse every file.
         Ok(self.list()?.remove(name).unwrap_or_default())
     }
 

@@ -722,3 +722,46 @@ fn another_user_cannot_delete_in_a_repository_they_cannot_write() {
     assert!(f.tree.resolve(&stranger, &uri("user:img1@0")).is_ok());
     assert_eq!(f.tree.repo_list(&stranger)[0].writable, Some(false));
 }
+
+#[test]
+fn the_tree_is_shareable_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tree>();
+}
+
+#[test]
+fn a_version_1_repository_is_browsed_like_any_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("v1");
+    for d in ["data", "meta", ".tmp"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::write(root.join(".config"), "version: 1\n").unwrap();
+    let layer = b"legacy";
+    let h = format!("{:x}", Sha256::digest(layer));
+    std::fs::create_dir_all(root.join("data").join(&h[..2])).unwrap();
+    std::fs::write(root.join("data").join(&h[..2]).join(&h), layer).unwrap();
+    let m = format!("{:x}", Sha256::digest(b"old\n0"));
+    std::fs::create_dir_all(root.join("meta").join(&m[..2])).unwrap();
+    std::fs::write(
+        root.join("meta").join(&m[..2]).join(&m),
+        format!("custom_meta: {{}}\ndata_blobs:\n- {h}\nkind: vm\nname: old\nowner: someone\nrevision: 0\ntimestamp: 1500000000.5\n"),
+    )
+    .unwrap();
+    let config = Config {
+        repos: vec![RepoConfig {
+            name: "legacy".into(),
+            path: root,
+            origin: Origin::Default,
+        }],
+    };
+    let tree = Tree::open(&config).unwrap();
+    let me = Caller::current();
+    let l = tree.list_images(&me, "legacy").unwrap();
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].latest.owner, "someone");
+    let e = tree.readdir(&me, &node_image("legacy", "old")).unwrap();
+    assert_eq!(names(&e), ["@0", "latest"]);
+    let r = tree.revisions(&me, "legacy", "old").unwrap();
+    assert_eq!(r[0].top_layer_size, Some(layer.len() as u64));
+}

@@ -6,7 +6,7 @@ use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -146,6 +146,9 @@ pub fn publish_exclusive(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<()
         f.sync_all().map_err(|e| io_err(&tmp, e))?;
         match fs::hard_link(&tmp, dest) {
             Ok(()) => Ok(()),
+            // Over NFS a retransmitted LINK can fail although the first one worked: the
+            // scratch file's link count tells (the recipe of open(2)'s O_EXCL notes).
+            Err(_) if fs::metadata(&tmp).is_ok_and(|m| m.nlink() == 2) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(exists()),
             Err(e) if link_unsupported(&e) => match rename_noreplace(&tmp, dest) {
                 Ok(()) => Ok(()),

@@ -165,7 +165,7 @@ impl Config {
         let mut repos = Vec::new();
         if let Some(file) = explicit {
             // An explicit file must exist: a typo must not silently mean "defaults".
-            let text = std::fs::read_to_string(file).map_err(|source| Error::Read {
+            let text = read_config(file).map_err(|source| Error::Read {
                 path: file.to_path_buf(),
                 source,
             })?;
@@ -177,7 +177,7 @@ impl Config {
         let mut found = false;
         for origin in [Origin::User(user), Origin::System(system)] {
             let path = origin_path(&origin);
-            match std::fs::read_to_string(path) {
+            match read_config(path) {
                 Ok(text) => {
                     found = true;
                     load_file(&text, origin.clone(), env, &mut repos)?;
@@ -205,6 +205,26 @@ impl Config {
     pub fn repo(&self, name: &str) -> Option<&RepoConfig> {
         self.repos.iter().find(|r| r.name == name)
     }
+}
+
+/// Largest repos.yaml read: a list of names and paths, far below this.
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Reads a configuration file, refusing one too large to be a repository list before
+/// allocating for it. (The store has its own bounded reader; config depends on nothing.)
+fn read_config(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("more than {MAX_CONFIG_BYTES} bytes"),
+        ));
+    }
+    Ok(text)
 }
 
 fn origin_path(origin: &Origin) -> &Path {

@@ -193,3 +193,33 @@ fn write_excl(dest: &Path, bytes: &[u8]) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// Reads a whole small file, refusing one larger than `max` bytes before allocating for
+/// it (metadata and configuration files are untrusted input).
+pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("file is {len} bytes, more than the {max} allowed"),
+        ));
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    // `take` guards against a file growing between the size check and the read.
+    f.take(max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("file grew beyond the {max} bytes allowed"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// [`read_bounded`] as UTF-8 text.
+pub fn read_bounded_string(path: &Path, max: u64) -> io::Result<String> {
+    String::from_utf8(read_bounded(path, max)?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}

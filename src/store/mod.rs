@@ -20,6 +20,7 @@ mod json;
 mod layers;
 mod v1;
 
+pub use fsutil::read_bounded;
 pub use gc::GcReport;
 pub use json::{python_float_repr, to_python_json};
 pub use layers::{LayerTransfer, TmpFile, sha256_file, sparse_copy_hashing};
@@ -100,6 +101,11 @@ const VERSION_LEGACY: u32 = 1;
 const VERSION_CURRENT: u32 = 2;
 /// Optional prefix of `data_blobs` entries (pcocc's `_parse_hash_algorithm`).
 const SHA256_PREFIX: &str = "sha256:";
+/// Largest metadata file read. pcocc's are a few hundred bytes; container images keep an
+/// OCI index in `custom_meta`, still far below this.
+pub const MAX_META_BYTES: u64 = 16 << 20;
+/// Largest `.config` read (it holds one line).
+const MAX_CONFIG_BYTES: u64 = 64 << 10;
 /// Length of a layer name: a sha256 in lowercase hex.
 const HASH_HEX_LEN: usize = 64;
 
@@ -178,9 +184,11 @@ impl Store {
             Err(source) => return Err(io_err(root, source)),
         }
         let config = root.join(".config");
-        let text = fs::read_to_string(&config).map_err(|e| Error::BadConfig {
-            reason: py_os_error(&e, &config),
-            path: config.clone(),
+        let text = fsutil::read_bounded_string(&config, MAX_CONFIG_BYTES).map_err(|e| {
+            Error::BadConfig {
+                reason: py_os_error(&e, &config),
+                path: config.clone(),
+            }
         })?;
         let version = parse_config_version(&text).map_err(|reason| Error::BadConfig {
             path: config.clone(),
@@ -312,7 +320,7 @@ impl Store {
             return Ok(None);
         }
         let path = self.meta_path(name, rev);
-        let bytes = match fs::read(&path) {
+        let bytes = match fsutil::read_bounded(&path, MAX_META_BYTES) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&path, e)),

@@ -97,8 +97,18 @@ pub struct Env {
 impl Env {
     /// The environment of this process.
     pub fn from_process() -> Env {
-        let vars: HashMap<String, String> = std::env::vars().collect();
         let (pw_name, pw_dir) = current_passwd();
+        Env::from_vars(std::env::vars().collect(), pw_name, pw_dir)
+    }
+
+    /// The environment given variables and the process user's passwd name and home:
+    /// `$HOME` wins over the passwd home (as Python's `expanduser`), the passwd name
+    /// over `$USER`.
+    pub fn from_vars(
+        vars: HashMap<String, String>,
+        pw_name: Option<String>,
+        pw_dir: Option<PathBuf>,
+    ) -> Env {
         let homedir = vars
             .get("HOME")
             .filter(|h| !h.is_empty())
@@ -431,6 +441,41 @@ mod tests {
 
     fn names(c: &Config) -> Vec<&str> {
         c.repos.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[test]
+    fn conf_dirs_come_from_pcocc_variables_with_pcocc_defaults() {
+        let vars = |kv: &[(&str, &str)]| -> HashMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let e = Env::from_vars(
+            vars(&[("HOME", "/home/a")]),
+            Some("alice".into()),
+            Some("/pw/alice".into()),
+        );
+        assert_eq!(e.user_conf_dir, Path::new("/home/a/.pcocc"));
+        assert_eq!(e.system_conf_dir, Path::new("/etc/pcocc"));
+        assert_eq!(
+            (e.homedir.as_path(), e.user.as_str()),
+            (Path::new("/home/a"), "alice")
+        );
+        let e = Env::from_vars(
+            vars(&[
+                ("PCOCC_USER_CONF_DIR", "/u"),
+                ("PCOCC_SYSTEM_CONF_DIR", "/s"),
+                ("USER", "bob"),
+            ]),
+            None,
+            Some("/pw/bob".into()),
+        );
+        assert_eq!(e.user_conf_dir, Path::new("/u"));
+        assert_eq!(e.system_conf_dir, Path::new("/s"));
+        assert_eq!(
+            (e.homedir.as_path(), e.user.as_str()),
+            (Path::new("/pw/bob"), "bob")
+        );
     }
 
     #[test]

@@ -131,12 +131,15 @@ impl Meta {
 
 /// Strips an optional `sha256:` prefix and checks the rest is a sha256 in lowercase hex.
 pub fn parse_blob(blob: &str) -> Result<&str, String> {
-    let hex = match blob.split_once(':') {
-        Some(("sha256", hex)) => hex,
-        Some((algo, _)) => return Err(format!("Only sha256 is supported currently ({algo})")),
-        None => blob,
+    let hex = match blob.strip_prefix(SHA256_PREFIX) {
+        Some(hex) => hex,
+        None => match blob.split_once(':') {
+            Some((algo, _)) => {
+                return Err(format!("Only sha256 is supported currently ({algo})"));
+            }
+            None => blob,
+        },
     };
-    debug_assert!(SHA256_PREFIX.ends_with(':'));
     if is_hash(hex) {
         Ok(hex)
     } else {

@@ -578,3 +578,16 @@ fn a_copied_layer_that_does_not_match_its_name_is_refused() {
     assert!(!b.has_layer(&fake));
     assert!(tmp_entries(&b).is_empty(), "the rejected copy is removed");
 }
+
+#[test]
+fn layer_names_accept_a_sha256_prefix_and_nothing_else() {
+    assert_eq!(parse_blob(HASH_A), Ok(HASH_A));
+    assert_eq!(parse_blob(&format!("sha256:{HASH_A}")), Ok(HASH_A));
+    assert_eq!(
+        parse_blob(&format!("md5:{HASH_A}")).unwrap_err(),
+        "Only sha256 is supported currently (md5)"
+    );
+    assert!(parse_blob(&HASH_A.to_uppercase()).is_err());
+    assert!(parse_blob("../../etc/passwd").is_err());
+    assert!(parse_blob(&HASH_A[1..]).is_err());
+}

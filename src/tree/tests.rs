@@ -765,3 +765,24 @@ fn a_version_1_repository_is_browsed_like_any_other() {
     let r = tree.revisions(&me, "legacy", "old").unwrap();
     assert_eq!(r[0].top_layer_size, Some(layer.len() as u64));
 }
+
+#[test]
+fn a_corrupt_newest_revision_is_skipped_when_no_revision_is_named() {
+    let Some((f, _, _)) = Fixture::standard() else {
+        return;
+    };
+    std::fs::write(f.repo("user").join("meta/img1@2"), "{").unwrap();
+    let r = f.tree.resolve(&f.me, &uri("img1")).unwrap();
+    assert_eq!(r.meta.revision, 1);
+    let e = f.tree.resolve(&f.me, &uri("img1@2")).unwrap_err();
+    assert!(e.to_string().contains("img1@2"), "{e}");
+    assert_eq!(e.errno(), libc::EIO);
+    let revs: Vec<u64> = f
+        .tree
+        .revisions(&f.me, "user", "img1")
+        .unwrap()
+        .iter()
+        .map(|r| r.meta.revision)
+        .collect();
+    assert_eq!(revs, [0, 1]);
+}

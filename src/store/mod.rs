@@ -20,7 +20,6 @@ mod json;
 mod layers;
 mod v1;
 
-pub use fsutil::read_bounded;
 pub use gc::GcReport;
 pub use json::{python_float_repr, to_python_json};
 pub use layers::{LayerTransfer, TmpFile, sha256_file, sparse_copy_hashing};

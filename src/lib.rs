@@ -4,9 +4,13 @@
 //! repository semantics and reaches the on-disk repositories through [`store`] (configured
 //! by [`config`]) and disk contents through [`view`] and [`image`].
 
+pub mod config;
 pub mod image;
+pub mod store;
+pub mod tree;
 pub mod view;
 
+// Helpers shared by every module's tests; each branch uses only some of them.
 #[cfg(test)]
 #[allow(dead_code)] // shared by the tests of several modules; not all use every helper
 pub(crate) mod testutil;

@@ -1,0 +1,393 @@
+//! The namespace `REPO/IMAGE/@REV/FILE` and its operations: the one place where
+//! repository semantics live (DESIGN §3–§4).
+//!
+//! ```text
+//! ROOT/
+//!   REPO/            one per configured repository, in priority order
+//!     IMAGE/         one per image
+//!       @0/ @1/ …    one per revision, read-only
+//!         meta.json  the revision's pcocc metadata, plus repo, virtual size and layers
+//!       latest -> @N
+//! ```
+//!
+//! Both the CLI and the FUSE adapter call this module and nothing below it. It speaks in
+//! plain values: a [`Node`] names a place in the tree (the adapter maps inode numbers to
+//! nodes), [`Attr`] and [`DirEntry`] describe it, and every call takes the [`Caller`]
+//! whose rights it is carried out with. No fuser type appears here, so the whole
+//! filesystem runs in ordinary tests. Files inside a revision are a [`FileKind`], an enum
+//! that grows as views are added. Errors are one [`Error`] type whose messages are
+//! pcocc's and which maps to an errno in one place ([`Error::errno`]).
+
+mod access;
+mod metajson;
+mod nodes;
+mod ops;
+mod uri;
+
+pub use uri::Uri;
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use crate::config::Config;
+pub use crate::store::Meta;
+use crate::store::Store;
+
+/// The identity a call is carried out as: the FUSE request's uid/gid and the caller's
+/// supplementary groups, or the current process for the CLI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl Caller {
+    /// The identity of this process (effective uid/gid and supplementary groups), read
+    /// once.
+    pub fn current() -> Caller {
+        access::current_caller()
+    }
+
+    fn current_uncached() -> Caller {
+        // SAFETY: these calls only read the process credentials.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let mut groups: Vec<libc::gid_t> = Vec::new();
+        // SAFETY: a zero-sized query returns the count; the second call fills at most
+        // `n` entries of a buffer that has exactly `n`.
+        let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+        if n > 0 {
+            groups.resize(n as usize, 0);
+            let got = unsafe { libc::getgroups(n, groups.as_mut_ptr()) };
+            groups.truncate(got.max(0) as usize);
+        }
+        Caller { uid, gid, groups }
+    }
+
+    /// True when this caller is in group `gid` (primary or supplementary).
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
+}
+
+/// A file inside a revision directory. Views (`disk.raw`, `disk.qcow2`, …) join as more
+/// variants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FileKind {
+    /// `meta.json`: the revision's metadata plus repo, virtual size and layer list.
+    MetaJson,
+}
+
+impl FileKind {
+    /// Every kind of file a revision directory lists, in listing order.
+    pub const ALL: [FileKind; 1] = [FileKind::MetaJson];
+
+    /// The file's name inside `@N/`.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            FileKind::MetaJson => "meta.json",
+        }
+    }
+
+    /// The kind named `name` inside `@N/`, if any.
+    pub fn from_file_name(name: &str) -> Option<FileKind> {
+        FileKind::ALL.into_iter().find(|k| k.file_name() == name)
+    }
+}
+
+/// A place in the tree. Nodes are values: equal nodes are the same place, so the FUSE
+/// adapter can key its inode table by them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Node {
+    /// The mount root: one directory per repository.
+    Root,
+    /// A repository directory.
+    Repo { repo: String },
+    /// An image directory.
+    Image { repo: String, image: String },
+    /// A revision directory `@N`.
+    Revision {
+        repo: String,
+        image: String,
+        rev: u64,
+    },
+    /// The `latest` symlink of an image.
+    Latest { repo: String, image: String },
+    /// A file inside a revision directory.
+    File {
+        repo: String,
+        image: String,
+        rev: u64,
+        file: FileKind,
+    },
+}
+
+/// What kind of object a node is, as `stat` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NodeType {
+    Directory,
+    RegularFile,
+    Symlink,
+}
+
+/// The attributes of a node, as `stat` reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub kind: NodeType,
+    /// Permission bits only (`0o555`, `0o444`, …), without the file type.
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Exact length in bytes.
+    pub size: u64,
+    /// 512-byte blocks really held (what `du` and `qemu-img info` "disk size" show).
+    pub blocks: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+}
+
+/// One entry of a directory listing (`.` and `..` are the adapter's business).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub node: Node,
+    pub kind: NodeType,
+}
+
+/// One configured repository as `pcocc image repo list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepoInfo {
+    pub name: String,
+    pub path: PathBuf,
+    /// `access(path, W_OK)` for the caller; `None` when the path does not exist (`N/A`).
+    pub writable: Option<bool>,
+}
+
+/// A located revision: the repository it was found in and its metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolved {
+    pub repo: String,
+    pub meta: Meta,
+}
+
+/// One image of a repository with its latest revision's metadata (`pcocc image list`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageSummary {
+    pub repo: String,
+    pub latest: Meta,
+}
+
+/// One revision of an image (`pcocc image show`'s table).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RevisionInfo {
+    pub meta: Meta,
+    /// Byte size of the revision's top layer file (not the virtual size); `None` when
+    /// that file is missing.
+    pub top_layer_size: Option<u64>,
+}
+
+/// What a copy did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyOutcome {
+    /// The destination repository and image (the new revision is 0).
+    pub repo: String,
+    pub name: String,
+    /// Another repository that already has an image of that name (pcocc's warning
+    /// `an image with name N already exists in another repo (R)`).
+    pub shadowed_in: Option<String>,
+    /// Layers the destination already had, hard-linked, and copied byte by byte.
+    pub layers_present: usize,
+    pub layers_linked: usize,
+    pub layers_copied: usize,
+}
+
+/// What a delete removed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deleted {
+    pub repo: String,
+    pub name: String,
+    /// The revisions whose metadata was removed.
+    pub revisions: Vec<u64>,
+}
+
+pub use crate::store::GcReport;
+
+/// How long gc leaves `.tmp/` entries and freshly added layers alone, so an import still
+/// running on another host survives (DESIGN §9).
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
+
+/// Errors of tree operations. Messages are pcocc's texts where pcocc has one
+/// (`reference/pcocc-behaviour.md`); [`Error::errno`] maps each to one errno.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Unknown repository {0}")]
+    UnknownRepo(String),
+    #[error("Unable to parse configuration file: No repository configured")]
+    NoRepository,
+    #[error("Object {name} not found in repository {repo}")]
+    ImageNotFound { name: String, repo: String },
+    #[error("Object {name} revision {rev} not found in repository {repo}")]
+    RevisionNotFound {
+        name: String,
+        rev: u64,
+        repo: String,
+    },
+    #[error("Object {name} not found in configured repositories")]
+    ImageNotFoundAnywhere { name: String },
+    #[error("Object {name} revision {rev} not found in configured repositories")]
+    RevisionNotFoundAnywhere { name: String, rev: u64 },
+    #[error("Image {name} already exists in repo {repo}")]
+    ImageExists { name: String, repo: String },
+    #[error("Image {name} revision {rev} already exists in repo {repo}")]
+    RevisionExists {
+        name: String,
+        rev: u64,
+        repo: String,
+    },
+    #[error("Object name contains invalid characters")]
+    InvalidName,
+    #[error("Empty object name")]
+    EmptyName,
+    #[error("Bad revision: {0}")]
+    BadRevision(String),
+    #[error("Bad image URI {0}: expected [REPO:]IMAGE[@REVISION] with at most one ':'")]
+    BadUri(String),
+    /// A lookup miss (ENOENT), logged at debug by the adapter.
+    #[error("{0}: no such file or directory")]
+    NoEntry(String),
+    #[error("{0}: not a directory")]
+    NotADirectory(String),
+    #[error("{0}: is a directory")]
+    IsADirectory(String),
+    #[error("{0}: not a symbolic link")]
+    NotASymlink(String),
+    /// Anything that would change a revision (DESIGN §4).
+    #[error("{0}: read-only: a revision never changes")]
+    ReadOnly(String),
+    #[error("{0}: permission denied")]
+    PermissionDenied(String),
+    #[error("cannot rename {0} across repositories: copy it, then delete the original")]
+    CrossRepository(String),
+    #[error("{0}: operation not supported here")]
+    NotSupported(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::Error),
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
+}
+
+impl Error {
+    /// The errno a filesystem call answers with for this error.
+    pub fn errno(&self) -> i32 {
+        use crate::store::Error as S;
+        match self {
+            Error::UnknownRepo(_)
+            | Error::ImageNotFound { .. }
+            | Error::RevisionNotFound { .. }
+            | Error::ImageNotFoundAnywhere { .. }
+            | Error::RevisionNotFoundAnywhere { .. }
+            | Error::NoEntry(_) => libc::ENOENT,
+            Error::NoRepository => libc::ENOENT,
+            Error::ImageExists { .. } | Error::RevisionExists { .. } => libc::EEXIST,
+            Error::InvalidName | Error::EmptyName | Error::BadRevision(_) | Error::BadUri(_) => {
+                libc::EINVAL
+            }
+            Error::NotADirectory(_) => libc::ENOTDIR,
+            Error::IsADirectory(_) => libc::EISDIR,
+            Error::NotASymlink(_) => libc::EINVAL,
+            Error::ReadOnly(_) => libc::EROFS,
+            Error::PermissionDenied(_) => libc::EACCES,
+            Error::CrossRepository(_) => libc::EXDEV,
+            Error::NotSupported(_) => libc::ENOTSUP,
+            Error::Config(_) => libc::EINVAL,
+            Error::Store(e) => match e {
+                S::AlreadyExists { .. } => libc::EEXIST,
+                S::NotFound { .. } => libc::ENOENT,
+                S::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+                S::BadParent(_) | S::NotADirectory(_) => libc::ENOTDIR,
+                S::BadConfig { .. }
+                | S::UnsupportedVersion(_)
+                | S::BadMeta { .. }
+                | S::BadHash(_)
+                | S::HashMismatch { .. } => libc::EIO,
+            },
+        }
+    }
+}
+
+/// Checks an image name as pcocc does: non-empty, only `[a-zA-Z0-9_.-]`.
+pub fn validate_name(name: &str) -> Result<(), Error> {
+    if name.is_empty() {
+        return Err(Error::EmptyName);
+    }
+    let ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok { Ok(()) } else { Err(Error::InvalidName) }
+}
+/// Every configured repository, opened (and created on first use, as pcocc does).
+pub struct Tree {
+    repos: Vec<Store>,
+    /// When this tree was opened: the times of the root directory.
+    opened: SystemTime,
+    users: access::UserCache,
+}
+
+impl Tree {
+    /// Opens every repository of `config` in priority order, creating missing ones. Fails
+    /// like pcocc on a repository it cannot use (bad parent, not a directory, bad
+    /// `.config`).
+    pub fn open(config: &Config) -> Result<Tree, Error> {
+        let repos = config
+            .repos
+            .iter()
+            .map(|r| Store::open(&r.name, &r.path))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tree {
+            repos,
+            opened: SystemTime::now(),
+            users: access::UserCache::default(),
+        })
+    }
+
+    /// Repository names in priority order.
+    pub fn repo_names(&self) -> Vec<&str> {
+        self.repos.iter().map(Store::name).collect()
+    }
+
+    /// The default repository (the first configured one).
+    pub fn default_repo(&self) -> Result<&str, Error> {
+        self.repos
+            .first()
+            .map(Store::name)
+            .ok_or(Error::NoRepository)
+    }
+
+    /// Every repository with its path and whether `caller` may write it.
+    pub fn repo_list(&self, caller: &Caller) -> Vec<RepoInfo> {
+        self.repos
+            .iter()
+            .map(|s| RepoInfo {
+                name: s.name().to_string(),
+                path: s.path().to_path_buf(),
+                writable: access::writable(caller, s.path()),
+            })
+            .collect()
+    }
+
+    /// The repository named `name`; `""` is the default one (pcocc's `:IMAGE`).
+    fn store(&self, name: &str) -> Result<&Store, Error> {
+        if name.is_empty() {
+            return self.repos.first().ok_or(Error::NoRepository);
+        }
+        self.repos
+            .iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| Error::UnknownRepo(name.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests;

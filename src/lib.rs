@@ -5,7 +5,10 @@
 //! by [`config`]) and disk contents through [`view`] and [`image`].
 
 pub mod cli;
+pub mod config;
 pub mod image;
+pub mod store;
+pub mod tree;
 pub mod view;
 
 #[cfg(test)]

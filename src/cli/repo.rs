@@ -1,0 +1,40 @@
+//! `pcocc image repo list | gc`.
+
+use super::table::Table;
+use super::{CliError, Context};
+
+/// `pcocc image repo list`: name, path and whether the caller may write each repository
+/// (`N/A` when its path is missing), in priority order.
+pub fn list(ctx: &mut Context) -> Result<(), CliError> {
+    let mut table = Table::new(&["name", "path", "writable"]);
+    for repo in ctx.tree.repo_list(&ctx.caller) {
+        let writable = match repo.writable {
+            Some(true) => "True",
+            Some(false) => "False",
+            None => "N/A",
+        };
+        table.push(vec![
+            repo.name,
+            repo.path.display().to_string(),
+            writable.to_string(),
+        ]);
+    }
+    ctx.out.text(&table.render())?;
+    Ok(())
+}
+
+/// `pcocc image repo gc REPO`: prints nothing; what was removed is logged at info level
+/// (`pcocc -v`).
+pub fn gc(ctx: &mut Context, repo: &str) -> Result<(), CliError> {
+    let report = ctx.tree.gc(&ctx.caller, repo, None)?;
+    for layer in &report.layers_removed {
+        log::info!("{repo}: removed unused layer {layer}");
+    }
+    for layer in &report.layers_kept_fresh {
+        log::info!("{repo}: kept unused layer {layer}: added less than the grace period ago");
+    }
+    for path in &report.tmp_removed {
+        log::info!("{repo}: removed scratch file {}", path.display());
+    }
+    Ok(())
+}

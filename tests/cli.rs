@@ -46,8 +46,16 @@ impl Run {
     /// Asserts the whole output and the exit status.
     #[track_caller]
     fn expect(&self, stdout: &str, stderr: &str, code: i32) {
-        assert_eq!(self.stdout, stdout, "stdout differs; stderr was {:?}", self.stderr);
-        assert_eq!(self.stderr, stderr, "stderr differs; stdout was {:?}", self.stdout);
+        assert_eq!(
+            self.stdout, stdout,
+            "stdout differs; stderr was {:?}",
+            self.stderr
+        );
+        assert_eq!(
+            self.stderr, stderr,
+            "stderr differs; stdout was {:?}",
+            self.stdout
+        );
         assert_eq!(self.code, code, "exit status differs: {self:?}");
     }
 
@@ -151,7 +159,10 @@ impl Fixture {
     fn base_layer(&self) -> PathBuf {
         let path = self.work("base.qcow2");
         if !path.exists() {
-            self.run_tool("qemu-img", &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]);
+            self.run_tool(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "base.qcow2", "64M"],
+            );
             self.run_tool("qemu-io", &["-c", "write -P 0x5a 0 1M", "base.qcow2"]);
         }
         path
@@ -161,7 +172,10 @@ impl Fixture {
     fn small_layer(&self) -> PathBuf {
         let path = self.work("small.qcow2");
         if !path.exists() {
-            self.run_tool("qemu-img", &["create", "-q", "-f", "qcow2", "small.qcow2", "16M"]);
+            self.run_tool(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "small.qcow2", "16M"],
+            );
             self.run_tool("qemu-io", &["-c", "write -P 1 0 64k", "small.qcow2"]);
         }
         path
@@ -176,11 +190,15 @@ impl Fixture {
         let absolute = absolute.to_str().expect("utf-8 path");
         self.run_tool(
             "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", absolute, name, size],
+            &[
+                "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", absolute, name, size,
+            ],
         );
         self.run_tool(
             "qemu-img",
-            &["rebase", "-u", "-b", &relative, "-F", "qcow2", "-f", "qcow2", name],
+            &[
+                "rebase", "-u", "-b", &relative, "-F", "qcow2", "-f", "qcow2", name,
+            ],
         );
         path
     }
@@ -214,12 +232,17 @@ impl Fixture {
              \"timestamp\": {timestamp}, \"data_blobs\": [{}], \"custom_meta\": {{}}}}",
             blobs.join(", ")
         );
-        let path = self.repo(repo).join("meta").join(format!("{name}@{revision}"));
+        let path = self
+            .repo(repo)
+            .join("meta")
+            .join(format!("{name}@{revision}"));
         fs::write(path, json).expect("write metadata");
     }
 
     fn meta_path(&self, repo: &str, name: &str, revision: u64) -> PathBuf {
-        self.repo(repo).join("meta").join(format!("{name}@{revision}"))
+        self.repo(repo)
+            .join("meta")
+            .join(format!("{name}@{revision}"))
     }
 
     /// Runs `pcocc ARGS` with this fixture's configuration directories and `TZ=UTC`.
@@ -385,7 +408,8 @@ NAME    TYPE    REVISION    REPO      OWNER      DATE
 old     vm      0           legacy    someone    2017-07-14 02:40:00
 
 ";
-    f.pcocc(&["image", "list", "-R", "legacy"]).expect(expected, "", 0);
+    f.pcocc(&["image", "list", "-R", "legacy"])
+        .expect(expected, "", 0);
     let expected = "\
 ------------------------------
 Repo:                   legacy
@@ -403,7 +427,8 @@ REVISION    SIZE      CREATION DATE
 --------    ----      -------- ----
 0           1.0 MB    2017-07-14 02:40:00
 ";
-    f.pcocc(&["image", "show", "legacy:old"]).expect(expected, "", 0);
+    f.pcocc(&["image", "show", "legacy:old"])
+        .expect(expected, "", 0);
 }
 
 // ---------------------------------------------------------------- show
@@ -432,7 +457,8 @@ REVISION    SIZE        CREATION DATE
 fn show_describes_the_latest_revision_and_lists_revisions_in_order() {
     let Some(f) = Fixture::standard() else { return };
     f.pcocc(&["image", "show", "img1"]).expect(SHOW_IMG1, "", 0);
-    f.pcocc(&["image", "show", "user:img1"]).expect(SHOW_IMG1, "", 0);
+    f.pcocc(&["image", "show", "user:img1"])
+        .expect(SHOW_IMG1, "", 0);
 }
 
 #[test]
@@ -457,7 +483,8 @@ REVISION    SIZE        CREATION DATE
 1           192.0 KB    2026-11-27 03:17:33
 2           192.0 KB    2026-11-27 03:17:34
 ";
-    f.pcocc(&["image", "show", "img1@0"]).expect(expected, "", 0);
+    f.pcocc(&["image", "show", "img1@0"])
+        .expect(expected, "", 0);
 }
 
 #[test]
@@ -480,7 +507,8 @@ REVISION    SIZE        CREATION DATE
 --------    ----        -------- ----
 0           384.0 KB    2026-11-27 03:16:23
 ";
-    f.pcocc(&["image", "show", "rawimg"]).expect(expected, "", 0);
+    f.pcocc(&["image", "show", "rawimg"])
+        .expect(expected, "", 0);
 }
 
 #[test]
@@ -528,8 +556,7 @@ fn copy_to_another_repository_writes_revision_0_with_the_same_layers() {
         .expect(COPIED, "", 0);
     let written = fs::read_to_string(f.meta_path("global", "img1copy", 0)).unwrap();
     let source: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(f.meta_path("user", "img1", 2)).unwrap())
-            .unwrap();
+        serde_json::from_str(&fs::read_to_string(f.meta_path("user", "img1", 2)).unwrap()).unwrap();
     let prefix = "{\"name\": \"img1copy\", \"revision\": 0, \"kind\": \"vm\", \"owner\": \"";
     assert!(written.starts_with(prefix), "{written}");
     assert!(written.ends_with(", \"custom_meta\": {}}"), "{written}");
@@ -539,7 +566,11 @@ fn copy_to_another_repository_writes_revision_0_with_the_same_layers() {
         assert!(f.layer_path("global", blob.as_str().unwrap()).exists());
     }
     let run = f.pcocc(&["image", "list", "-R", "global", "copy"]);
-    assert!(run.stdout.contains("img1copy    vm      0           global"), "{run:?}");
+    assert!(
+        run.stdout
+            .contains("img1copy    vm      0           global"),
+        "{run:?}"
+    );
 }
 
 #[test]
@@ -579,16 +610,14 @@ fn copy_to_an_existing_name_fails() {
 #[test]
 fn copy_from_an_unknown_repository_fails_after_announcing_the_copy() {
     let Some(f) = Fixture::standard() else { return };
-    f.pcocc(&["image", "copy", "nosuch:img1", "global:x"]).expect(
-        "Copying image ...\n",
-        "Unknown repository nosuch\n",
-        255,
-    );
-    f.pcocc(&["image", "copy", "img1", "global:bad name"]).expect(
-        "Copying image ...\n",
-        "Object name contains invalid characters\n",
-        255,
-    );
+    f.pcocc(&["image", "copy", "nosuch:img1", "global:x"])
+        .expect("Copying image ...\n", "Unknown repository nosuch\n", 255);
+    f.pcocc(&["image", "copy", "img1", "global:bad name"])
+        .expect(
+            "Copying image ...\n",
+            "Object name contains invalid characters\n",
+            255,
+        );
 }
 
 // ---------------------------------------------------------------- delete
@@ -599,7 +628,10 @@ fn delete_of_one_revision_removes_only_its_metadata() {
     let layers_before = fs::read_dir(f.repo("user").join("data")).unwrap().count();
     f.pcocc(&["image", "delete", "img1@1"]).expect("", "", 0);
     assert!(!f.meta_path("user", "img1", 1).exists());
-    assert_eq!(fs::read_dir(f.repo("user").join("data")).unwrap().count(), layers_before);
+    assert_eq!(
+        fs::read_dir(f.repo("user").join("data")).unwrap().count(),
+        layers_before
+    );
     let run = f.pcocc(&["image", "show", "img1"]);
     assert!(
         run.stdout.ends_with(
@@ -697,7 +729,10 @@ fn repo_list_creates_missing_repositories_as_pcocc_does() {
         "",
         0,
     );
-    assert_eq!(fs::read_to_string(f.repo("fresh").join(".config")).unwrap(), "version: 2\n");
+    assert_eq!(
+        fs::read_to_string(f.repo("fresh").join(".config")).unwrap(),
+        "version: 2\n"
+    );
 }
 
 #[test]
@@ -712,11 +747,10 @@ fn a_configuration_error_is_reported_with_pcoccs_prefix() {
 #[test]
 fn gc_removes_unused_layers_and_old_scratch_files_only() {
     let Some(f) = Fixture::standard() else { return };
-    let orphan = f.store_layer("user", &f.overlay(
-        &f.store_layer("user", &f.base_layer()),
-        "orphan",
-        "512M",
-    ));
+    let orphan = f.store_layer(
+        "user",
+        &f.overlay(&f.store_layer("user", &f.base_layer()), "orphan", "512M"),
+    );
     let tmp = f.repo("user").join(".tmp");
     let old = tmp.join("tmpold");
     let fresh = tmp.join("tmpfresh");
@@ -851,7 +885,11 @@ Commands:
         "{run:?}"
     );
     let run = f.pcocc(&["image", "delete", "--help"]);
-    assert!(run.stdout.contains("(pcocc looked in the default repository only)"), "{run:?}");
+    assert!(
+        run.stdout
+            .contains("(pcocc looked in the default repository only)"),
+        "{run:?}"
+    );
     let run = f.pcocc(&["image", "show", "--help"]);
     assert!(run.stdout.contains("in revision order"), "{run:?}");
 }

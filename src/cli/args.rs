@@ -132,8 +132,10 @@ mod tests {
 
     #[test]
     fn verbose_counts_and_config_takes_a_path() {
-        let args = Args::try_parse_from(["pcocc", "--config", "/r.yaml", "-vv", "image", "repo", "list"])
-            .expect("valid command line");
+        let args = Args::try_parse_from([
+            "pcocc", "--config", "/r.yaml", "-vv", "image", "repo", "list",
+        ])
+        .expect("valid command line");
         assert_eq!(args.verbose, 2);
         assert_eq!(args.config, Some(PathBuf::from("/r.yaml")));
         assert!(matches!(

@@ -44,7 +44,11 @@ impl Table {
         let underline: Vec<String> = self
             .headers
             .iter()
-            .map(|h| h.chars().map(|c| if c == ' ' { ' ' } else { '-' }).collect())
+            .map(|h| {
+                h.chars()
+                    .map(|c| if c == ' ' { ' ' } else { '-' })
+                    .collect()
+            })
             .collect();
         let mut out = String::new();
         for row in [&self.headers, &underline].into_iter().chain(&self.rows) {

@@ -32,7 +32,9 @@ pub enum UriError {
     #[error("Bad revision: {0}")]
     BadRevision(String),
     /// Nothing after `@`.
-    #[error("Bad revision: nothing after '@' in {0} (write {1}@N, or leave out '@' for the latest revision)")]
+    #[error(
+        "Bad revision: nothing after '@' in {0} (write {1}@N, or leave out '@' for the latest revision)"
+    )]
     EmptyRevision(String, String),
     /// Something Python's `int()` takes but that is not a plain revision number.
     #[error("Bad revision: {0} (a revision is a plain number: 0, 1, 2, ...)")]
@@ -111,10 +113,7 @@ fn parse_revision(uri: &str, location: &str, text: &str) -> Result<u64, UriError
             .map_err(|_| UriError::RevisionTooLarge(text.to_string()));
     }
     // What Python's int() also accepts: surrounding spaces, a sign, digit underscores.
-    let python_int = text
-        .trim()
-        .trim_start_matches(['+', '-'])
-        .replace('_', "");
+    let python_int = text.trim().trim_start_matches(['+', '-']).replace('_', "");
     if !python_int.is_empty() && python_int.bytes().all(|b| b.is_ascii_digit()) {
         return Err(UriError::NotPlainRevision(text.to_string()));
     }
@@ -232,14 +231,23 @@ mod tests {
     fn names_are_checked_with_pcoccs_messages() {
         assert_eq!(message("user:"), "Empty object name");
         assert_eq!(message("@1"), "Empty object name");
-        assert_eq!(message("bad name"), "Object name contains invalid characters");
-        assert_eq!(message("bad/name"), "Object name contains invalid characters");
+        assert_eq!(
+            message("bad name"),
+            "Object name contains invalid characters"
+        );
+        assert_eq!(
+            message("bad/name"),
+            "Object name contains invalid characters"
+        );
         assert_eq!(message("r:é"), "Object name contains invalid characters");
     }
 
     #[test]
     fn display_writes_the_canonical_uri() {
-        assert_eq!(uri(Some("user"), "img1", Some(2)).to_string(), "user:img1@2");
+        assert_eq!(
+            uri(Some("user"), "img1", Some(2)).to_string(),
+            "user:img1@2"
+        );
         assert_eq!(uri(None, "img1", None).to_string(), "img1");
     }
 }

@@ -173,8 +173,16 @@ mod tests {
 
     #[test]
     fn the_first_missing_argument_is_named() {
-        assert!(rejection(&["image", "copy"]).text.ends_with("Error: Missing argument 'SOURCE'.\n"));
-        assert!(rejection(&["image", "copy", "a"]).text.ends_with("Error: Missing argument 'DEST'.\n"));
+        assert!(
+            rejection(&["image", "copy"])
+                .text
+                .ends_with("Error: Missing argument 'SOURCE'.\n")
+        );
+        assert!(
+            rejection(&["image", "copy", "a"])
+                .text
+                .ends_with("Error: Missing argument 'DEST'.\n")
+        );
     }
 
     #[test]
@@ -200,16 +208,28 @@ mod tests {
     #[test]
     fn unknown_options_and_extra_arguments_are_told_apart() {
         let option = rejection(&["image", "list", "--foo"]).text;
-        assert!(option.starts_with("Usage: pcocc image list [OPTIONS] [REGEX]\n"), "{option}");
-        assert!(option.ends_with("Error: No such option '--foo'.\n"), "{option}");
+        assert!(
+            option.starts_with("Usage: pcocc image list [OPTIONS] [REGEX]\n"),
+            "{option}"
+        );
+        assert!(
+            option.ends_with("Error: No such option '--foo'.\n"),
+            "{option}"
+        );
         let extra = rejection(&["image", "show", "a", "b"]).text;
-        assert!(extra.ends_with("Error: Got unexpected extra argument (b)\n"), "{extra}");
+        assert!(
+            extra.ends_with("Error: Got unexpected extra argument (b)\n"),
+            "{extra}"
+        );
     }
 
     #[test]
     fn an_option_without_its_value_is_named() {
         let text = rejection(&["image", "list", "-R"]).text;
-        assert!(text.ends_with("Error: Option '--repo' requires an argument.\n"), "{text}");
+        assert!(
+            text.ends_with("Error: Option '--repo' requires an argument.\n"),
+            "{text}"
+        );
     }
 
     #[test]

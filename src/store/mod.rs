@@ -14,7 +14,23 @@
 //! knows nothing of disk formats beyond "a layer is a file"; naming rules, URIs and
 //! authorization live in [`crate::tree`].
 
-use std::path::PathBuf;
+mod fsutil;
+mod gc;
+mod json;
+mod layers;
+mod v1;
+
+pub use gc::GcReport;
+pub use json::{python_float_repr, to_python_json};
+pub use layers::{LayerTransfer, TmpFile, sha256_file, sparse_copy_hashing};
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use fsutil::{io_err, py_os_error};
 
 /// The metadata of one revision, as pcocc writes it. Field order is the on-disk key order
 /// (pcocc's `json.dump` of its dict): name, revision, kind, owner, timestamp, data_blobs,
@@ -77,22 +93,408 @@ pub enum Error {
     },
 }
 
-/// What [`Store::gc`] did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct GcReport {
-    /// Hashes of the layers removed.
-    pub layers_removed: Vec<String>,
-    /// Unreferenced layers kept because they were added within the grace period (an
-    /// import may be about to publish their metadata).
-    pub layers_kept_fresh: Vec<String>,
-    /// `.tmp/` entries removed.
-    pub tmp_removed: Vec<PathBuf>,
-    /// True when a version 1 repository was upgraded to version 2.
-    pub upgraded: bool,
+/// `.config` of a repository this project creates or upgrades (pcocc's `yaml.safe_dump`).
+const CONFIG_V2: &str = "version: 2\n";
+/// The on-disk format versions pcocc knows: 1 (legacy, read) and 2 (current).
+const VERSION_LEGACY: u32 = 1;
+const VERSION_CURRENT: u32 = 2;
+/// Optional prefix of `data_blobs` entries (pcocc's `_parse_hash_algorithm`).
+const SHA256_PREFIX: &str = "sha256:";
+/// Length of a layer name: a sha256 in lowercase hex.
+const HASH_HEX_LEN: usize = 64;
+
+impl Meta {
+    /// The layer hashes of `data_blobs`, base first, without any `sha256:` prefix. Each is
+    /// checked to be 64 lowercase hex digits, since it becomes a path under `data/`.
+    pub fn layer_hashes(&self) -> Result<Vec<&str>, String> {
+        self.data_blobs.iter().map(|b| parse_blob(b)).collect()
+    }
+
+    /// The top layer's hash (the last of `data_blobs`), if any.
+    pub fn top_layer(&self) -> Result<Option<&str>, String> {
+        Ok(self.layer_hashes()?.last().copied())
+    }
+
+    /// The JSON pcocc writes for this revision (see [`to_python_json`]).
+    pub fn to_json(&self) -> Vec<u8> {
+        // Meta holds only strings, integers, a float and JSON values: it always
+        // serializes.
+        to_python_json(self).unwrap_or_default()
+    }
 }
 
+/// Strips an optional `sha256:` prefix and checks the rest is a sha256 in lowercase hex.
+pub fn parse_blob(blob: &str) -> Result<&str, String> {
+    let hex = match blob.split_once(':') {
+        Some(("sha256", hex)) => hex,
+        Some((algo, _)) => return Err(format!("Only sha256 is supported currently ({algo})")),
+        None => blob,
+    };
+    debug_assert!(SHA256_PREFIX.ends_with(':'));
+    if is_hash(hex) {
+        Ok(hex)
+    } else {
+        Err(format!(
+            "bad layer name {blob:?}: not a sha256 in lowercase hex"
+        ))
+    }
+}
+
+/// True for a 64-digit lowercase hex string, the only thing allowed as a layer name.
+pub fn is_hash(s: &str) -> bool {
+    s.len() == HASH_HEX_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// True for a name pcocc accepts for an image: `[a-zA-Z0-9_.-]+`.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Image names mapped to their revision numbers (ascending).
+pub type Listing = BTreeMap<String, Vec<u64>>;
+
 /// One open repository.
+#[derive(Debug)]
 pub struct Store {
     name: String,
     root: PathBuf,
+    /// 1 or 2; becomes 2 when this process upgrades the repository.
+    version: AtomicU32,
 }
+
+impl Store {
+    /// Opens the repository `name` at `root`, creating it (with `data/`, `meta/`, `.tmp/`
+    /// and `.config`) when the path does not exist, as pcocc does on first use. Errors as
+    /// pcocc: a missing parent, a path that is not a directory, a missing or unreadable
+    /// `.config`, a version other than 1 or 2.
+    pub fn open(name: &str, root: &Path) -> Result<Store, Error> {
+        match fs::metadata(root) {
+            Ok(m) if !m.is_dir() => return Err(Error::NotADirectory(root.to_path_buf())),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => create_repo(root)?,
+            Err(source) => return Err(io_err(root, source)),
+        }
+        let config = root.join(".config");
+        let text = fs::read_to_string(&config).map_err(|e| Error::BadConfig {
+            reason: py_os_error(&e, &config),
+            path: config.clone(),
+        })?;
+        let version = parse_config_version(&text).map_err(|reason| Error::BadConfig {
+            path: config.clone(),
+            reason,
+        })?;
+        if version != VERSION_LEGACY && version != VERSION_CURRENT {
+            return Err(Error::UnsupportedVersion(name.to_string()));
+        }
+        if version == VERSION_LEGACY {
+            log::info!(
+                "repository {name} at {} uses the version 1 format",
+                root.display()
+            );
+        }
+        let store = Store {
+            name: name.to_string(),
+            root: root.to_path_buf(),
+            version: AtomicU32::new(version),
+        };
+        // A repository copied without its empty directories still works; a read-only
+        // one must still open, so failures here are not errors.
+        for dir in [store.data_dir(), store.meta_dir(), store.tmp_dir()] {
+            let _ = fs::create_dir(dir);
+        }
+        Ok(store)
+    }
+
+    /// The repository's name in the configuration.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The repository directory.
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// The on-disk format version (1 or 2).
+    pub fn version(&self) -> u32 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    pub fn meta_dir(&self) -> PathBuf {
+        self.root.join("meta")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join(".tmp")
+    }
+
+    /// The metadata file of `name@rev` (whether or not it exists), in this repository's
+    /// format. `name` must be a valid image name.
+    pub fn meta_path(&self, name: &str, rev: u64) -> PathBuf {
+        if self.version() == VERSION_LEGACY {
+            v1::meta_path(&self.meta_dir(), name, rev)
+        } else {
+            self.meta_dir().join(format!("{name}@{rev}"))
+        }
+    }
+
+    /// The file of layer `hash` (a bare sha256 hex, see [`parse_blob`]).
+    pub fn layer_path(&self, hash: &str) -> PathBuf {
+        let prefix = hash.get(..2).unwrap_or("__");
+        self.data_dir().join(prefix).join(hash)
+    }
+
+    /// True when this repository holds layer `hash`.
+    pub fn has_layer(&self, hash: &str) -> bool {
+        is_hash(hash) && fs::symlink_metadata(self.layer_path(hash)).is_ok()
+    }
+
+    /// Every image and its revisions. For version 2 this reads only file names in
+    /// `meta/`; a file whose name is not `NAME@REV` is skipped with a warning.
+    pub fn list(&self) -> Result<Listing, Error> {
+        if self.version() == VERSION_LEGACY {
+            return Ok(v1::read_all(&self.meta_dir())?
+                .into_iter()
+                .fold(Listing::new(), |mut l, (_, m)| {
+                    l.entry(m.name.clone()).or_default().push(m.revision);
+                    l
+                })
+                .into_iter()
+                .map(|(n, mut revs)| {
+                    revs.sort_unstable();
+                    revs.dedup();
+                    (n, revs)
+                })
+                .collect());
+        }
+        let dir = self.meta_dir();
+        let mut listing = Listing::new();
+        for entry in fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
+            let entry = entry.map_err(|e| io_err(&dir, e))?;
+            let file = entry.file_name();
+            match file.to_str().and_then(parse_meta_file_name) {
+                Some((name, rev)) => listing.entry(name.to_string()).or_default().push(rev),
+                None => log::warn!(
+                    "repository {}: skipping {}: not a NAME@REVISION metadata file",
+                    self.name,
+                    dir.join(&file).display()
+                ),
+            }
+        }
+        for revs in listing.values_mut() {
+            revs.sort_unstable();
+        }
+        Ok(listing)
+    }
+
+    /// The revisions of image `name`, ascending; empty when it does not exist.
+    pub fn revisions(&self, name: &str) -> Result<Vec<u64>, Error> {
+        if !is_valid_name(name) {
+            return Ok(Vec::new());
+        }
+        if self.version() == VERSION_LEGACY {
+            return Ok(self.list()?.remove(name).unwrap_or_default());
+        }
+        // Reading the whole directory is what pcocc does too (a glob); names are short.
+        Ok(self.list()?.remove(name).unwrap_or_default())
+    }
+
+    /// The metadata of `name@rev`: `Ok(None)` when it does not exist, an error naming
+    /// the file when it exists but is not valid metadata (bad JSON/YAML, a missing key,
+    /// a layer name that is not a sha256).
+    pub fn read_meta(&self, name: &str, rev: u64) -> Result<Option<Meta>, Error> {
+        if !is_valid_name(name) {
+            return Ok(None);
+        }
+        let path = self.meta_path(name, rev);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path, e)),
+        };
+        let parsed = if self.version() == VERSION_LEGACY {
+            v1::parse(&bytes)
+        } else {
+            serde_json::from_slice::<Meta>(&bytes).map_err(|e| e.to_string())
+        };
+        let meta = parsed
+            .and_then(|m| m.layer_hashes().map(|_| ()).map(|()| m))
+            .map_err(|reason| Error::BadMeta {
+                name: name.to_string(),
+                path: path.clone(),
+                reason,
+            })?;
+        if meta.name != name || meta.revision != rev {
+            log::warn!(
+                "{}: holds {}@{}, expected {name}@{rev}",
+                path.display(),
+                meta.name,
+                meta.revision
+            );
+        }
+        Ok(Some(meta))
+    }
+
+    /// Publishes `meta` as `meta.name@meta.revision`, exclusively: the file is written and
+    /// synced under `.tmp/`, then hard-linked into `meta/`, which is atomic and fails if
+    /// the name exists, also when another process or host races for it (the classic
+    /// NFS-safe exclusive create). A version 1 repository is upgraded first.
+    pub fn put_meta(&self, meta: &Meta) -> Result<(), Error> {
+        if !is_valid_name(&meta.name) {
+            return Err(Error::BadMeta {
+                name: meta.name.clone(),
+                path: self.meta_dir(),
+                reason: "invalid image name".to_string(),
+            });
+        }
+        if let Err(reason) = meta.layer_hashes() {
+            return Err(Error::BadHash(reason));
+        }
+        if self.version() == VERSION_LEGACY {
+            self.upgrade()?;
+        }
+        let dest = self.meta_path(&meta.name, meta.revision);
+        fsutil::publish_exclusive(&self.tmp_dir(), &dest, &meta.to_json())
+    }
+
+    /// Removes the metadata of `name@rev` (never a layer).
+    pub fn delete_revision(&self, name: &str, rev: u64) -> Result<(), Error> {
+        let path = self.meta_path(name, rev);
+        if !is_valid_name(name) {
+            return Err(Error::NotFound { path });
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::NotFound { path });
+            }
+            Err(e) => return Err(io_err(&path, e)),
+        }
+        if let Some(parent) = path.parent() {
+            fsutil::sync_dir(parent)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every revision of `name`; returns the revisions removed (empty when the
+    /// image did not exist). A revision already removed by someone else is not an error.
+    pub fn delete_image(&self, name: &str) -> Result<Vec<u64>, Error> {
+        let mut done = Vec::new();
+        for rev in self.revisions(name)? {
+            match self.delete_revision(name, rev) {
+                Ok(()) => done.push(rev),
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
+    /// Renames image `old` to `new`, every revision keeping its number, owner and
+    /// timestamp. New names are created exclusively first, then the old ones removed;
+    /// if `new` exists (or appears meanwhile), nothing changes and the error is
+    /// [`Error::AlreadyExists`].
+    pub fn rename_image(&self, old: &str, new: &str) -> Result<(), Error> {
+        let revs = self.revisions(old)?;
+        if revs.is_empty() {
+            return Err(Error::NotFound {
+                path: self.meta_dir().join(old),
+            });
+        }
+        if let Some(&rev) = self.revisions(new)?.first() {
+            return Err(Error::AlreadyExists {
+                path: self.meta_path(new, rev),
+            });
+        }
+        let mut metas = Vec::with_capacity(revs.len());
+        for &rev in &revs {
+            let mut m = self.read_meta(old, rev)?.ok_or_else(|| Error::NotFound {
+                path: self.meta_path(old, rev),
+            })?;
+            m.name = new.to_string();
+            m.revision = rev;
+            metas.push(m);
+        }
+        let mut created = Vec::new();
+        for m in &metas {
+            if let Err(e) = self.put_meta(m) {
+                for &rev in &created {
+                    let _ = self.delete_revision(new, rev);
+                }
+                return Err(e);
+            }
+            created.push(m.revision);
+        }
+        for &rev in &revs {
+            match self.delete_revision(old, rev) {
+                Ok(()) | Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `NAME@REV` → (name, rev) when both parts are valid.
+fn parse_meta_file_name(file: &str) -> Option<(&str, u64)> {
+    let (name, rev) = file.split_once('@')?;
+    if !is_valid_name(name) || rev.is_empty() || !rev.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((name, rev.parse().ok()?))
+}
+
+/// The `version` of a `.config` (`version: N`).
+fn parse_config_version(text: &str) -> Result<u32, String> {
+    let v: serde_yaml::Value = crate::config::parse_yaml(text)?;
+    v.get("version")
+        .and_then(serde_yaml::Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| "no version number".to_string())
+}
+
+/// Creates a new version 2 repository at `root`, whose parent must exist.
+fn create_repo(root: &Path) -> Result<(), Error> {
+    let parent = root.parent().unwrap_or(Path::new(""));
+    let parent_ok = parent.as_os_str().is_empty() || fs::metadata(parent).is_ok_and(|m| m.is_dir());
+    if !parent_ok {
+        return Err(Error::BadParent(parent.to_path_buf()));
+    }
+    for dir in [
+        root.to_path_buf(),
+        root.join("data"),
+        root.join("meta"),
+        root.join(".tmp"),
+    ] {
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            // Another process creating the same repository at the same time.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(&dir, e)),
+        }
+    }
+    // Published like metadata so that nobody ever reads a half-written `.config`.
+    match fsutil::publish_exclusive(
+        &root.join(".tmp"),
+        &root.join(".config"),
+        CONFIG_V2.as_bytes(),
+    ) {
+        Ok(()) | Err(Error::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    fsutil::sync_dir(root)?;
+    if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let _ = fsutil::sync_dir(parent);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

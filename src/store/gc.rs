@@ -1,0 +1,273 @@
+//! Garbage collection and the version 1 → 2 upgrade.
+//!
+//! gc removes layers no revision of the repository references and `.tmp/` entries older
+//! than a grace period, and upgrades a version 1 repository as pcocc's gc does. Losing
+//! data is the worst bug, so it errs towards keeping: when a metadata file cannot be
+//! read, no layer is removed; layers added within the grace period are kept (an import
+//! may be about to publish the metadata that references them); and the references are
+//! read twice, before choosing and again right before removing.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use super::fsutil::{self, io_err};
+use super::{CONFIG_V2, Error, Meta, Store, VERSION_CURRENT, VERSION_LEGACY, is_hash, v1};
+
+/// What [`Store::gc`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// Hashes of the layers removed.
+    pub layers_removed: Vec<String>,
+    /// Unreferenced layers kept because they were added within the grace period.
+    pub layers_kept_fresh: Vec<String>,
+    /// True when no layer was considered because some metadata could not be read.
+    pub layers_skipped: bool,
+    /// `.tmp/` entries removed.
+    pub tmp_removed: Vec<PathBuf>,
+    /// True when a version 1 repository was upgraded to version 2.
+    pub upgraded: bool,
+}
+
+impl Store {
+    /// Every readable revision's metadata, and the metadata files that could not be read
+    /// (each logged as a warning).
+    pub fn all_metas(&self) -> Result<(Vec<Meta>, Vec<PathBuf>), Error> {
+        if self.version() == VERSION_LEGACY {
+            let (good, bad) = v1::read_all_checked(&self.meta_dir())?;
+            return Ok((good.into_iter().map(|(_, m)| m).collect(), bad));
+        }
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for (name, revs) in self.list()? {
+            for rev in revs {
+                match self.read_meta(&name, rev) {
+                    Ok(Some(m)) => good.push(m),
+                    Ok(None) => {} // deleted meanwhile
+                    Err(e) => {
+                        log::warn!("repository {}: skipping: {e}", self.name());
+                        bad.push(self.meta_path(&name, rev));
+                    }
+                }
+            }
+        }
+        // Files in meta/ that are not NAME@REV are not revisions (pcocc reads only
+        // those; NFS leaves `.nfsXXXX` files there): list() already warned about them.
+        Ok((good, bad))
+    }
+
+    /// The layer hashes referenced by some revision, or `None` when some metadata could
+    /// not be read (and so might reference anything).
+    fn referenced(&self) -> Result<Option<HashSet<String>>, Error> {
+        let (metas, bad) = self.all_metas()?;
+        if !bad.is_empty() {
+            return Ok(None);
+        }
+        let mut set = HashSet::new();
+        for m in &metas {
+            // all_metas only returns metadata whose layer names parsed.
+            for h in m.layer_hashes().unwrap_or_default() {
+                set.insert(h.to_string());
+            }
+        }
+        Ok(Some(set))
+    }
+
+    /// Removes unreferenced layers (and emptied `data/XX/`), and `.tmp/` entries not
+    /// modified for `grace`; upgrades a version 1 repository first.
+    pub fn gc(&self, grace: Duration) -> Result<GcReport, Error> {
+        let mut report = GcReport::default();
+        if self.version() == VERSION_LEGACY {
+            self.upgrade()?;
+            report.upgraded = true;
+        }
+        let now = SystemTime::now();
+        let older_than_grace = |t: SystemTime| now.duration_since(t).is_ok_and(|age| age >= grace);
+
+        let candidates = match self.referenced()? {
+            None => {
+                log::warn!(
+                    "repository {}: some metadata cannot be read: no layer removed",
+                    self.name()
+                );
+                report.layers_skipped = true;
+                Vec::new()
+            }
+            Some(refs) => {
+                let mut c = Vec::new();
+                for (hash, path) in self.layers()? {
+                    if refs.contains(&hash) {
+                        continue;
+                    }
+                    let fresh = fs::symlink_metadata(&path)
+                        .map(|m| !older_than_grace(ctime(&m)))
+                        .unwrap_or(true);
+                    if fresh {
+                        report.layers_kept_fresh.push(hash);
+                    } else {
+                        c.push((hash, path));
+                    }
+                }
+                c
+            }
+        };
+        if !candidates.is_empty() {
+            // Second look, right before removing: a revision published since the first
+            // scan may reference a candidate.
+            match self.referenced()? {
+                None => report.layers_skipped = true,
+                Some(refs) => {
+                    for (hash, path) in candidates {
+                        if refs.contains(&hash) {
+                            continue;
+                        }
+                        match fs::remove_file(&path) {
+                            Ok(()) => {
+                                log::info!("removed unreferenced layer {}", path.display());
+                                report.layers_removed.push(hash);
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(io_err(&path, e)),
+                        }
+                        if let Some(dir) = path.parent() {
+                            // Fails harmlessly while other layers share the prefix.
+                            let _ = fs::remove_dir(dir);
+                        }
+                    }
+                    fsutil::sync_dir(&self.data_dir())?;
+                }
+            }
+        }
+
+        let tmp = self.tmp_dir();
+        if let Ok(entries) = fs::read_dir(&tmp) {
+            for entry in entries {
+                let entry = entry.map_err(|e| io_err(&tmp, e))?;
+                let path = entry.path();
+                let Ok(m) = fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                if !m.modified().is_ok_and(older_than_grace) {
+                    continue;
+                }
+                let removed = if m.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                match removed {
+                    Ok(()) => {
+                        log::info!("removed stale scratch entry {}", path.display());
+                        report.tmp_removed.push(path);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err(&path, e)),
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Every file in `data/XX/` named by a hash, with its path. Other files are left
+    /// alone with a warning.
+    fn layers(&self) -> Result<Vec<(String, PathBuf)>, Error> {
+        let data = self.data_dir();
+        let mut out = Vec::new();
+        let top = match fs::read_dir(&data) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err(&data, e)),
+        };
+        for sub in top {
+            let sub = sub.map_err(|e| io_err(&data, e))?.path();
+            if !sub.is_dir() {
+                log::warn!("gc: leaving {} alone: not a layer directory", sub.display());
+                continue;
+            }
+            for entry in fs::read_dir(&sub).map_err(|e| io_err(&sub, e))? {
+                let entry = entry.map_err(|e| io_err(&sub, e))?;
+                let name = entry.file_name();
+                match name.to_str() {
+                    Some(h) if is_hash(h) && sub.ends_with(&h[..2]) => {
+                        out.push((h.to_string(), entry.path()));
+                    }
+                    _ => log::warn!(
+                        "gc: leaving {} alone: not a layer name",
+                        entry.path().display()
+                    ),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Upgrades a version 1 repository to version 2 as pcocc's gc does: every revision is
+    /// rewritten as `meta/NAME@REV` JSON (owner and timestamp kept), the old `meta/` is
+    /// kept as `meta.old/`, and `.config` says `version: 2`. The new `meta/` is built
+    /// complete under `.tmp/` and swapped in by two renames.
+    pub fn upgrade(&self) -> Result<(), Error> {
+        if self.version() != VERSION_LEGACY {
+            return Ok(());
+        }
+        log::warn!(
+            "Upgrading repository {} ({})",
+            self.name(),
+            self.path().display()
+        );
+        let (metas, bad) = v1::read_all_checked(&self.meta_dir())?;
+        if let Some(path) = bad.first() {
+            return Err(Error::BadMeta {
+                name: String::new(),
+                path: path.clone(),
+                reason: "cannot upgrade the repository while this file cannot be read".into(),
+            });
+        }
+        let stage = self
+            .tmp_dir()
+            .join(format!("upgrade-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&stage);
+        fs::create_dir(&stage).map_err(|e| io_err(&stage, e))?;
+        for (_, m) in &metas {
+            let dest = stage.join(format!("{}@{}", m.name, m.revision));
+            fsutil::publish_exclusive(&self.tmp_dir(), &dest, &m.to_json())?;
+        }
+        let meta = self.meta_dir();
+        let old = self.path().join("meta.old");
+        if meta.exists() {
+            fs::rename(&meta, &old).map_err(|e| io_err(&old, e))?;
+        }
+        fs::rename(&stage, &meta).map_err(|e| io_err(&meta, e))?;
+        write_config_v2(self.path())?;
+        fsutil::sync_dir(self.path())?;
+        self.version.store(VERSION_CURRENT, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Replaces `.config` with `version: 2` atomically (write aside, then rename over).
+fn write_config_v2(root: &Path) -> Result<(), Error> {
+    let (f, tmp) = fsutil::create_tmp(&root.join(".tmp"), 0o644)?;
+    let config = root.join(".config");
+    let written = (|| {
+        use std::io::Write;
+        let mut f = f;
+        f.write_all(CONFIG_V2.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &config)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err(&config, e));
+    }
+    Ok(())
+}
+
+fn ctime(m: &fs::Metadata) -> SystemTime {
+    use std::os::unix::fs::MetadataExt;
+    let secs = m.ctime().max(0) as u64;
+    let nanos = m.ctime_nsec().clamp(0, 999_999_999) as u32;
+    SystemTime::UNIX_EPOCH + Duration::new(secs, nanos)
+}

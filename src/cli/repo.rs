@@ -23,18 +23,15 @@ pub fn list(ctx: &mut Context) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `pcocc image repo gc REPO`: prints nothing; what was removed is logged at info level
-/// (`pcocc -v`).
+/// `pcocc image repo gc REPO`: prints nothing. The store logs each removal at info level
+/// (`pcocc -v`); this adds one summary line.
 pub fn gc(ctx: &mut Context, repo: &str) -> Result<(), CliError> {
     let report = ctx.tree.gc(&ctx.caller, repo, None)?;
-    for layer in &report.layers_removed {
-        log::info!("{repo}: removed unused layer {layer}");
-    }
-    for layer in &report.layers_kept_fresh {
-        log::info!("{repo}: kept unused layer {layer}: added less than the grace period ago");
-    }
-    for path in &report.tmp_removed {
-        log::info!("{repo}: removed scratch file {}", path.display());
-    }
+    log::info!(
+        "{repo}: {} unused layers removed, {} kept (added within the grace period), {} scratch entries removed",
+        report.layers_removed.len(),
+        report.layers_kept_fresh.len(),
+        report.tmp_removed.len()
+    );
     Ok(())
 }

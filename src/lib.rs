@@ -11,5 +11,7 @@ pub mod store;
 pub mod tree;
 pub mod view;
 
+// Helpers shared by every module's tests; each branch uses only some of them.
 #[cfg(test)]
+#[allow(dead_code)]
 pub(crate) mod testutil;

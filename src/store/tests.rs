@@ -407,7 +407,7 @@ fn gc_keeps_referenced_layers_and_fresh_scratch_and_removes_the_rest() {
 
     // Within the grace period the orphan layer survives: an import may be publishing.
     let r = store.gc(DEFAULT_GRACE).unwrap();
-    assert_eq!(r.layers_kept_fresh, [orphan.clone()]);
+    assert_eq!(r.layers_kept_fresh, vec![orphan.clone()]);
     assert!(r.layers_removed.is_empty());
     assert!(store.has_layer(&orphan));
     assert!(fresh.exists(), "fresh scratch kept");
@@ -416,7 +416,7 @@ fn gc_keeps_referenced_layers_and_fresh_scratch_and_removes_the_rest() {
     assert_eq!(r.tmp_removed.len(), 2);
 
     let r = store.gc(Duration::ZERO).unwrap();
-    assert_eq!(r.layers_removed, [orphan.clone()]);
+    assert_eq!(r.layers_removed, vec![orphan.clone()]);
     assert!(!store.has_layer(&orphan));
     assert!(
         !store.data_dir().join(&orphan[..2]).exists() || orphan[..2] == kept[..2],

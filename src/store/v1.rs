@@ -23,9 +23,12 @@ pub fn parse(bytes: &[u8]) -> Result<Meta, String> {
     serde_yaml::from_str(text).map_err(|e| e.to_string())
 }
 
+/// Readable metadata files with their content, and unreadable ones.
+pub type Scan = (Vec<(PathBuf, Meta)>, Vec<PathBuf>);
+
 /// Every metadata file under `meta_dir` with its parsed content, and the files that could
 /// not be parsed (each also logged as a warning).
-pub fn read_all_checked(meta_dir: &Path) -> Result<(Vec<(PathBuf, Meta)>, Vec<PathBuf>), Error> {
+pub fn read_all_checked(meta_dir: &Path) -> Result<Scan, Error> {
     let mut good = Vec::new();
     let mut bad = Vec::new();
     let top = match fs::read_dir(meta_dir) {

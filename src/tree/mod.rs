@@ -18,6 +18,10 @@
 //! that grows as views are added. Errors are one [`Error`] type whose messages are
 //! pcocc's and which maps to an errno in one place ([`Error::errno`]).
 
+mod access;
+mod metajson;
+mod nodes;
+mod ops;
 mod uri;
 
 pub use uri::Uri;
@@ -27,6 +31,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
 pub use crate::store::Meta;
+use crate::store::Store;
 
 /// The identity a call is carried out as: the FUSE request's uid/gid and the caller's
 /// supplementary groups, or the current process for the CLI.
@@ -40,6 +45,10 @@ pub struct Caller {
 impl Caller {
     /// The identity of this process (effective uid/gid and supplementary groups).
     pub fn current() -> Caller {
+        access::current_caller()
+    }
+
+    fn current_uncached() -> Caller {
         // SAFETY: these calls only read the process credentials.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let mut groups = vec![0 as libc::gid_t; 0];
@@ -317,11 +326,12 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if ok { Ok(()) } else { Err(Error::InvalidName) }
 }
-
 /// Every configured repository, opened (and created on first use, as pcocc does).
 pub struct Tree {
-    #[allow(dead_code)]
-    repos: Vec<crate::store::Store>,
+    repos: Vec<Store>,
+    /// When this tree was opened: the times of the root directory.
+    opened: SystemTime,
+    users: access::UserCache,
 }
 
 impl Tree {
@@ -329,157 +339,54 @@ impl Tree {
     /// like pcocc on a repository it cannot use (bad parent, not a directory, bad
     /// `.config`).
     pub fn open(config: &Config) -> Result<Tree, Error> {
-        let _ = config;
-        todo!()
+        let repos = config
+            .repos
+            .iter()
+            .map(|r| Store::open(&r.name, &r.path))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tree {
+            repos,
+            opened: SystemTime::now(),
+            users: access::UserCache::default(),
+        })
     }
 
     /// Repository names in priority order.
     pub fn repo_names(&self) -> Vec<&str> {
-        todo!()
+        self.repos.iter().map(Store::name).collect()
     }
 
     /// The default repository (the first configured one).
     pub fn default_repo(&self) -> Result<&str, Error> {
-        todo!()
+        self.repos
+            .first()
+            .map(Store::name)
+            .ok_or(Error::NoRepository)
     }
 
     /// Every repository with its path and whether `caller` may write it.
     pub fn repo_list(&self, caller: &Caller) -> Vec<RepoInfo> {
-        let _ = caller;
-        todo!()
+        self.repos
+            .iter()
+            .map(|s| RepoInfo {
+                name: s.name().to_string(),
+                path: s.path().to_path_buf(),
+                writable: access::writable(caller, s.path()),
+            })
+            .collect()
     }
 
-    // ---- URI-level calls (the CLI) ----
-
-    /// Finds a revision: in `uri.repo` if given (`""` = the default repository), else in
-    /// the first repository, in priority order, that has it. Without a revision, the
-    /// latest one. Errors as pcocc: `Unknown repository R`, `Object N[ revision K] not
-    /// found in repository R` / `… in configured repositories`.
-    pub fn resolve(&self, caller: &Caller, uri: &Uri) -> Result<Resolved, Error> {
-        let _ = (caller, uri);
-        todo!()
-    }
-
-    /// The images of `repo`, sorted by name, each with its latest revision's metadata.
-    /// Revisions whose metadata cannot be read are skipped with a warning.
-    pub fn list_images(&self, caller: &Caller, repo: &str) -> Result<Vec<ImageSummary>, Error> {
-        let _ = (caller, repo);
-        todo!()
-    }
-
-    /// Every revision of `repo:image`, sorted by revision number, with the byte size of
-    /// each revision's top layer file.
-    pub fn revisions(
-        &self,
-        caller: &Caller,
-        repo: &str,
-        image: &str,
-    ) -> Result<Vec<RevisionInfo>, Error> {
-        let _ = (caller, repo, image);
-        todo!()
-    }
-
-    /// pcocc's copy: `src` is resolved like [`Tree::resolve`]; `dst` names the new image
-    /// (repository defaults to the default one; its revision is ignored) and must not
-    /// exist there. Writes `DST@0` listing the same layers, linking or copying layers the
-    /// destination repository lacks.
-    pub fn copy(&self, caller: &Caller, src: &Uri, dst: &Uri) -> Result<CopyOutcome, Error> {
-        let _ = (caller, src, dst);
-        todo!()
-    }
-
-    /// Deletes one revision (`uri.revision` given) or every revision of an image. Without
-    /// a repository, acts on the first repository in priority order that has it (the man
-    /// page's rule; pcocc itself only looks at the default one). Metadata only: layers
-    /// stay until [`Tree::gc`].
-    pub fn delete(&self, caller: &Caller, uri: &Uri) -> Result<Deleted, Error> {
-        let _ = (caller, uri);
-        todo!()
-    }
-
-    /// Garbage-collects `repo`: unreferenced layers and `.tmp/` entries older than
-    /// `grace` (default [`DEFAULT_GC_GRACE`]); upgrades a version 1 repository.
-    pub fn gc(
-        &self,
-        caller: &Caller,
-        repo: &str,
-        grace: Option<Duration>,
-    ) -> Result<GcReport, Error> {
-        let _ = (caller, repo, grace);
-        todo!()
-    }
-
-    // ---- Node-level calls (the filesystem) ----
-
-    /// The child `name` of directory `parent`.
-    pub fn lookup(&self, caller: &Caller, parent: &Node, name: &str) -> Result<Node, Error> {
-        let _ = (caller, parent, name);
-        todo!()
-    }
-
-    /// The entries of directory `dir`, in a stable order (repositories in priority order,
-    /// images by name, revisions by number then `latest`, files in [`FileKind::ALL`]
-    /// order).
-    pub fn readdir(&self, caller: &Caller, dir: &Node) -> Result<Vec<DirEntry>, Error> {
-        let _ = (caller, dir);
-        todo!()
-    }
-
-    /// The attributes of `node`.
-    pub fn getattr(&self, caller: &Caller, node: &Node) -> Result<Attr, Error> {
-        let _ = (caller, node);
-        todo!()
-    }
-
-    /// Reads file `node` at `offset` into `buf`; returns the bytes read (0 at the end).
-    pub fn read(
-        &self,
-        caller: &Caller,
-        node: &Node,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<usize, Error> {
-        let _ = (caller, node, offset, buf);
-        todo!()
-    }
-
-    /// The target of symlink `node` (`@N` for `latest`).
-    pub fn readlink(&self, caller: &Caller, node: &Node) -> Result<String, Error> {
-        let _ = (caller, node);
-        todo!()
-    }
-
-    /// Copies the revision that `src` is (a revision directory or a file inside one) to a
-    /// new image `dst_name` in `dst_repo` as its revision 0 (`ln …/@N/disk.qcow2 R/NEW`).
-    /// Metadata only within a repository; layers linked or copied across. Returns the new
-    /// image's node.
-    pub fn copy_revision(
-        &self,
-        caller: &Caller,
-        src: &Node,
-        dst_repo: &str,
-        dst_name: &str,
-    ) -> Result<Node, Error> {
-        let _ = (caller, src, dst_repo, dst_name);
-        todo!()
-    }
-
-    /// Renames image `old` to `new` within `repo` (every revision). Fails if `new` exists.
-    pub fn rename_image(
-        &self,
-        caller: &Caller,
-        repo: &str,
-        old: &str,
-        new: &str,
-    ) -> Result<(), Error> {
-        let _ = (caller, repo, old, new);
-        todo!()
-    }
-
-    /// Removes what `node` is: a revision directory deletes that revision, an image
-    /// directory every revision of it. Metadata only; anything else is refused.
-    pub fn remove(&self, caller: &Caller, node: &Node) -> Result<Deleted, Error> {
-        let _ = (caller, node);
-        todo!()
+    /// The repository named `name`; `""` is the default one (pcocc's `:IMAGE`).
+    fn store(&self, name: &str) -> Result<&Store, Error> {
+        if name.is_empty() {
+            return self.repos.first().ok_or(Error::NoRepository);
+        }
+        self.repos
+            .iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| Error::UnknownRepo(name.to_string()))
     }
 }
+
+#[cfg(test)]
+mod tests;

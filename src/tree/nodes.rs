@@ -1,0 +1,544 @@
+//! The node-level operations the filesystem maps its callbacks to: lookup, readdir,
+//! getattr, read, readlink, and the metadata operations expressed on nodes.
+
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, SystemTime};
+
+use super::access::{self, R, X};
+use super::{
+    Attr, Caller, Deleted, DirEntry, Error, FileKind, Node, NodeType, Tree, Uri, metajson,
+};
+use crate::store::{self, Meta, Store};
+
+/// `st_size` reported for directories (what ext4 shows for a small one).
+const DIR_SIZE: u64 = 4096;
+/// Permission bits of revision directories and the files in them: read-only for all.
+const REVISION_DIR_PERM: u16 = 0o555;
+const REVISION_FILE_PERM: u16 = 0o444;
+/// The root lists repositories; nothing is created there.
+const ROOT_PERM: u16 = 0o555;
+const SYMLINK_PERM: u16 = 0o777;
+/// Name of the symlink to the highest revision.
+pub const LATEST: &str = "latest";
+/// `st_blocks` unit.
+const BLOCK: u64 = 512;
+
+/// `@N` for revision `rev`.
+pub fn revision_dir_name(rev: u64) -> String {
+    format!("@{rev}")
+}
+
+/// The revision number in a directory name `@N`, only in its canonical spelling (no
+/// sign, no leading zero), so that one revision has one name.
+pub fn parse_revision_dir_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix('@')?;
+    let rev: u64 = digits.parse().ok()?;
+    (digits.bytes().all(|b| b.is_ascii_digit()) && rev.to_string() == digits).then_some(rev)
+}
+
+/// A pcocc timestamp (float seconds, possibly negative or absurd) as a time.
+fn to_time(ts: f64) -> SystemTime {
+    if ts >= 0.0 {
+        Duration::try_from_secs_f64(ts)
+            .ok()
+            .and_then(|d| SystemTime::UNIX_EPOCH.checked_add(d))
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    } else {
+        Duration::try_from_secs_f64(-ts)
+            .ok()
+            .and_then(|d| SystemTime::UNIX_EPOCH.checked_sub(d))
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+}
+
+fn mtime(m: &std::fs::Metadata) -> SystemTime {
+    m.modified().unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+fn ctime(m: &std::fs::Metadata) -> SystemTime {
+    let secs = Duration::new(
+        m.ctime().max(0) as u64,
+        m.ctime_nsec().clamp(0, 999_999_999) as u32,
+    );
+    SystemTime::UNIX_EPOCH + secs
+}
+
+/// A human path for messages: `repo/image/@N/file`.
+fn display(node: &Node) -> String {
+    match node {
+        Node::Root => "/".to_string(),
+        Node::Repo { repo } => repo.clone(),
+        Node::Image { repo, image } => format!("{repo}/{image}"),
+        Node::Revision { repo, image, rev } => format!("{repo}/{image}/@{rev}"),
+        Node::Latest { repo, image } => format!("{repo}/{image}/{LATEST}"),
+        Node::File {
+            repo,
+            image,
+            rev,
+            file,
+        } => format!("{repo}/{image}/@{rev}/{}", file.file_name()),
+    }
+}
+
+fn child(parent: &Node, name: &str) -> String {
+    match parent {
+        Node::Root => name.to_string(),
+        _ => format!("{}/{name}", display(parent)),
+    }
+}
+
+impl Tree {
+    /// The store of a node's repository, and a check that `caller` may read it.
+    fn readable_store(&self, caller: &Caller, repo: &str) -> Result<&Store, Error> {
+        let store = self
+            .repos
+            .iter()
+            .find(|s| s.name() == repo)
+            .ok_or_else(|| Error::NoEntry(repo.to_string()))?;
+        access::check(caller, &store.meta_dir(), R | X)?;
+        Ok(store)
+    }
+
+    /// The metadata of a revision node, or `NoEntry` when it is gone.
+    fn revision_meta(
+        &self,
+        caller: &Caller,
+        repo: &str,
+        image: &str,
+        rev: u64,
+        node: &Node,
+    ) -> Result<(&Store, Meta), Error> {
+        let store = self.readable_store(caller, repo)?;
+        let meta = store
+            .read_meta(image, rev)?
+            .ok_or_else(|| Error::NoEntry(display(node)))?;
+        Ok((store, meta))
+    }
+
+    /// The child `name` of directory `parent`.
+    pub fn lookup(&self, caller: &Caller, parent: &Node, name: &str) -> Result<Node, Error> {
+        let missing = || Error::NoEntry(child(parent, name));
+        match parent {
+            Node::Root => self
+                .repos
+                .iter()
+                .find(|s| s.name() == name)
+                .map(|s| Node::Repo {
+                    repo: s.name().to_string(),
+                })
+                .ok_or_else(missing),
+            Node::Repo { repo } => {
+                let store = self.readable_store(caller, repo)?;
+                if !store::is_valid_name(name) || store.revisions(name)?.is_empty() {
+                    return Err(missing());
+                }
+                Ok(Node::Image {
+                    repo: repo.clone(),
+                    image: name.to_string(),
+                })
+            }
+            Node::Image { repo, image } => {
+                let store = self.readable_store(caller, repo)?;
+                if name == LATEST {
+                    if store.revisions(image)?.is_empty() {
+                        return Err(missing());
+                    }
+                    return Ok(Node::Latest {
+                        repo: repo.clone(),
+                        image: image.clone(),
+                    });
+                }
+                let rev = parse_revision_dir_name(name).ok_or_else(missing)?;
+                if !store::is_valid_name(image)
+                    || std::fs::symlink_metadata(store.meta_path(image, rev)).is_err()
+                {
+                    return Err(missing());
+                }
+                Ok(Node::Revision {
+                    repo: repo.clone(),
+                    image: image.clone(),
+                    rev,
+                })
+            }
+            Node::Revision { repo, image, rev } => {
+                let file = FileKind::from_file_name(name).ok_or_else(missing)?;
+                Ok(Node::File {
+                    repo: repo.clone(),
+                    image: image.clone(),
+                    rev: *rev,
+                    file,
+                })
+            }
+            Node::Latest { .. } | Node::File { .. } => Err(Error::NotADirectory(display(parent))),
+        }
+    }
+
+    /// The entries of directory `dir`, in a stable order (repositories in priority order,
+    /// images by name, revisions by number then `latest`, files in [`FileKind::ALL`]
+    /// order).
+    pub fn readdir(&self, caller: &Caller, dir: &Node) -> Result<Vec<DirEntry>, Error> {
+        let entry = |name: String, node: Node, kind: NodeType| DirEntry { name, node, kind };
+        match dir {
+            Node::Root => Ok(self
+                .repos
+                .iter()
+                .map(|s| {
+                    let repo = s.name().to_string();
+                    entry(repo.clone(), Node::Repo { repo }, NodeType::Directory)
+                })
+                .collect()),
+            Node::Repo { repo } => {
+                let store = self.readable_store(caller, repo)?;
+                Ok(store
+                    .list()?
+                    .into_keys()
+                    .map(|image| {
+                        let node = Node::Image {
+                            repo: repo.clone(),
+                            image: image.clone(),
+                        };
+                        entry(image, node, NodeType::Directory)
+                    })
+                    .collect())
+            }
+            Node::Image { repo, image } => {
+                let store = self.readable_store(caller, repo)?;
+                let revs = store.revisions(image)?;
+                if revs.is_empty() {
+                    return Err(Error::NoEntry(display(dir)));
+                }
+                let mut out: Vec<DirEntry> = revs
+                    .into_iter()
+                    .map(|rev| {
+                        let node = Node::Revision {
+                            repo: repo.clone(),
+                            image: image.clone(),
+                            rev,
+                        };
+                        entry(revision_dir_name(rev), node, NodeType::Directory)
+                    })
+                    .collect();
+                let latest = Node::Latest {
+                    repo: repo.clone(),
+                    image: image.clone(),
+                };
+                out.push(entry(LATEST.to_string(), latest, NodeType::Symlink));
+                Ok(out)
+            }
+            Node::Revision { repo, image, rev } => {
+                self.revision_meta(caller, repo, image, *rev, dir)?;
+                Ok(FileKind::ALL
+                    .into_iter()
+                    .map(|file| {
+                        let node = Node::File {
+                            repo: repo.clone(),
+                            image: image.clone(),
+                            rev: *rev,
+                            file,
+                        };
+                        entry(file.file_name().to_string(), node, NodeType::RegularFile)
+                    })
+                    .collect())
+            }
+            Node::Latest { .. } | Node::File { .. } => Err(Error::NotADirectory(display(dir))),
+        }
+    }
+
+    /// The attributes of `node`.
+    pub fn getattr(&self, caller: &Caller, node: &Node) -> Result<Attr, Error> {
+        match node {
+            Node::Root => {
+                let me = access::current_caller();
+                Ok(Attr {
+                    kind: NodeType::Directory,
+                    perm: ROOT_PERM,
+                    nlink: 2 + self.repos.len() as u32,
+                    uid: me.uid,
+                    gid: me.gid,
+                    size: DIR_SIZE,
+                    blocks: 0,
+                    atime: self.opened,
+                    mtime: self.opened,
+                    ctime: self.opened,
+                })
+            }
+            Node::Repo { repo } => {
+                let store = self.readable_store(caller, repo)?;
+                let m = stat(&store.meta_dir())?;
+                let images = store.list()?.len() as u32;
+                Ok(dir_attr_like(&m, 2 + images, mtime(&m), ctime(&m)))
+            }
+            Node::Image { repo, image } => {
+                let store = self.readable_store(caller, repo)?;
+                let revs = store.revisions(image)?;
+                let m = stat(&store.meta_dir())?;
+                let t = self
+                    .latest_time(store, image, &revs)
+                    .ok_or_else(|| Error::NoEntry(display(node)))?;
+                Ok(dir_attr_like(&m, 2 + revs.len() as u32, t, t))
+            }
+            Node::Latest { repo, image } => {
+                let store = self.readable_store(caller, repo)?;
+                let revs = store.revisions(image)?;
+                let last = *revs.last().ok_or_else(|| Error::NoEntry(display(node)))?;
+                let m = stat(&store.meta_dir())?;
+                let t = self.latest_time(store, image, &revs).unwrap_or(self.opened);
+                let target = revision_dir_name(last);
+                Ok(Attr {
+                    kind: NodeType::Symlink,
+                    perm: SYMLINK_PERM,
+                    nlink: 1,
+                    uid: m.uid(),
+                    gid: m.gid(),
+                    size: target.len() as u64,
+                    blocks: 0,
+                    atime: t,
+                    mtime: t,
+                    ctime: t,
+                })
+            }
+            Node::Revision { repo, image, rev } => {
+                let (store, meta) = self.revision_meta(caller, repo, image, *rev, node)?;
+                let (uid, gid) = self.revision_owner(store, &meta);
+                let t = to_time(meta.timestamp);
+                Ok(Attr {
+                    kind: NodeType::Directory,
+                    perm: REVISION_DIR_PERM,
+                    nlink: 2,
+                    uid,
+                    gid,
+                    size: DIR_SIZE,
+                    blocks: 0,
+                    atime: t,
+                    mtime: t,
+                    ctime: t,
+                })
+            }
+            Node::File {
+                repo,
+                image,
+                rev,
+                file,
+            } => {
+                let (store, meta) = self.revision_meta(caller, repo, image, *rev, node)?;
+                let (uid, gid) = self.revision_owner(store, &meta);
+                let t = to_time(meta.timestamp);
+                let size = match file {
+                    FileKind::MetaJson => metajson::render(store, &meta).len() as u64,
+                };
+                Ok(Attr {
+                    kind: NodeType::RegularFile,
+                    perm: REVISION_FILE_PERM,
+                    nlink: 1,
+                    uid,
+                    gid,
+                    size,
+                    blocks: size.div_ceil(BLOCK),
+                    atime: t,
+                    mtime: t,
+                    ctime: t,
+                })
+            }
+        }
+    }
+
+    /// The time of an image: its latest readable revision's timestamp.
+    fn latest_time(&self, store: &Store, image: &str, revs: &[u64]) -> Option<SystemTime> {
+        revs.iter()
+            .rev()
+            .find_map(|&r| store.read_meta(image, r).ok().flatten())
+            .map(|m| to_time(m.timestamp))
+    }
+
+    /// uid/gid shown for a revision: its owner's where that user exists here, else the
+    /// metadata file's.
+    fn revision_owner(&self, store: &Store, meta: &Meta) -> (u32, u32) {
+        if let Some(ids) = self.users.get(&meta.owner) {
+            return ids;
+        }
+        std::fs::metadata(store.meta_path(&meta.name, meta.revision))
+            .map(|m| (m.uid(), m.gid()))
+            .unwrap_or((0, 0))
+    }
+
+    /// Reads file `node` at `offset` into `buf`; returns the bytes read (0 at the end).
+    pub fn read(
+        &self,
+        caller: &Caller,
+        node: &Node,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, Error> {
+        match node {
+            Node::File {
+                repo,
+                image,
+                rev,
+                file,
+            } => {
+                let (store, meta) = self.revision_meta(caller, repo, image, *rev, node)?;
+                access::check(caller, &store.meta_path(image, *rev), R)?;
+                let bytes = match file {
+                    FileKind::MetaJson => metajson::render(store, &meta),
+                };
+                let start = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
+                let n = buf.len().min(bytes.len() - start);
+                buf[..n].copy_from_slice(&bytes[start..start + n]);
+                Ok(n)
+            }
+            Node::Latest { .. } => Err(Error::NotSupported(display(node))),
+            _ => Err(Error::IsADirectory(display(node))),
+        }
+    }
+
+    /// The target of symlink `node` (`@N` for `latest`).
+    pub fn readlink(&self, caller: &Caller, node: &Node) -> Result<String, Error> {
+        let Node::Latest { repo, image } = node else {
+            return Err(Error::NotASymlink(display(node)));
+        };
+        let store = self.readable_store(caller, repo)?;
+        let last = *store
+            .revisions(image)?
+            .last()
+            .ok_or_else(|| Error::NoEntry(display(node)))?;
+        Ok(revision_dir_name(last))
+    }
+
+    /// Copies the revision that `src` is (a revision directory or a file inside one) to a
+    /// new image `dst_name` in `dst_repo` as its revision 0 (`ln …/@N/disk.qcow2 R/NEW`).
+    /// Metadata only within a repository; layers linked or copied across. Returns the new
+    /// image's node.
+    pub fn copy_revision(
+        &self,
+        caller: &Caller,
+        src: &Node,
+        dst_repo: &str,
+        dst_name: &str,
+    ) -> Result<Node, Error> {
+        let (repo, image, rev) = match src {
+            Node::Revision { repo, image, rev }
+            | Node::File {
+                repo, image, rev, ..
+            } => (repo, image, *rev),
+            Node::Latest { repo, image } => {
+                let target = self.readlink(caller, src)?;
+                let rev =
+                    parse_revision_dir_name(&target).ok_or_else(|| Error::NoEntry(display(src)))?;
+                (repo, image, rev)
+            }
+            _ => return Err(Error::NotSupported(display(src))),
+        };
+        let from = Uri {
+            repo: Some(repo.clone()),
+            name: image.clone(),
+            revision: Some(rev),
+        };
+        let to = Uri {
+            repo: Some(dst_repo.to_string()),
+            name: dst_name.to_string(),
+            revision: None,
+        };
+        self.copy(caller, &from, &to)?;
+        Ok(Node::Image {
+            repo: dst_repo.to_string(),
+            image: dst_name.to_string(),
+        })
+    }
+
+    /// Removes directory `node` (`rmdir`, or the end of `rm -r`): a revision directory
+    /// deletes that revision, an image directory every revision left in it. Metadata
+    /// only. An image directory with no revision left (`rm -r` removed them one by one)
+    /// removes nothing and succeeds.
+    pub fn remove(&self, caller: &Caller, node: &Node) -> Result<Deleted, Error> {
+        match node {
+            Node::Revision { repo, image, rev } => {
+                let store = self.readable_store(caller, repo)?;
+                self.delete_in(caller, store, image, Some(*rev))
+                    .map_err(|e| match e {
+                        Error::RevisionNotFound { .. } => Error::NoEntry(display(node)),
+                        e => e,
+                    })
+            }
+            Node::Image { repo, image } => {
+                let store = self.readable_store(caller, repo)?;
+                self.delete_in(caller, store, image, None)
+            }
+            Node::Root | Node::Repo { .. } => Err(Error::PermissionDenied(display(node))),
+            Node::Latest { .. } | Node::File { .. } => Err(Error::NotADirectory(display(node))),
+        }
+    }
+
+    /// Unlinks file `node`. A file inside a revision, or `latest`, is a view of the
+    /// revision: unlinking it alone deletes nothing and succeeds, so that `rm -r` of a
+    /// revision or image directory reaches the `rmdir` that deletes (DESIGN §4).
+    pub fn unlink(&self, caller: &Caller, node: &Node) -> Result<(), Error> {
+        match node {
+            Node::File { repo, .. } | Node::Latest { repo, .. } => {
+                self.readable_store(caller, repo)?;
+                Ok(())
+            }
+            _ => Err(Error::IsADirectory(display(node))),
+        }
+    }
+
+    /// Renames `from` to `new_name` under directory `to_parent` (`mv`): only an image
+    /// directory, within its repository.
+    pub fn rename(
+        &self,
+        caller: &Caller,
+        from: &Node,
+        to_parent: &Node,
+        new_name: &str,
+    ) -> Result<(), Error> {
+        match (from, to_parent) {
+            (Node::Image { repo, image }, Node::Repo { repo: to_repo }) => {
+                if repo != to_repo {
+                    return Err(Error::CrossRepository(display(from)));
+                }
+                if image == new_name {
+                    return Ok(());
+                }
+                self.rename_image(caller, repo, image, new_name)
+            }
+            (Node::Revision { .. } | Node::File { .. } | Node::Latest { .. }, _) => {
+                Err(Error::ReadOnly(display(from)))
+            }
+            _ => Err(Error::PermissionDenied(display(from))),
+        }
+    }
+}
+
+fn stat(path: &std::path::Path) -> Result<std::fs::Metadata, Error> {
+    std::fs::metadata(path).map_err(|source| {
+        crate::store::Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+        .into()
+    })
+}
+
+/// A repository or image directory: it looks as writable as the repository's `meta/`
+/// really is (same mode bits and owner), so `ls -l` and the kernel's permission checks
+/// tell the truth about who may import or delete there.
+fn dir_attr_like(
+    meta_dir: &std::fs::Metadata,
+    nlink: u32,
+    mtime: SystemTime,
+    ctime: SystemTime,
+) -> Attr {
+    Attr {
+        kind: NodeType::Directory,
+        perm: (meta_dir.mode() & 0o7777) as u16,
+        nlink,
+        uid: meta_dir.uid(),
+        gid: meta_dir.gid(),
+        size: DIR_SIZE,
+        blocks: 0,
+        atime: mtime,
+        mtime,
+        ctime,
+    }
+}

@@ -745,31 +745,65 @@ fn a_configuration_error_is_reported_with_pcoccs_prefix() {
 }
 
 #[test]
-fn gc_removes_unused_layers_and_old_scratch_files_only() {
+fn gc_removes_old_scratch_files_and_keeps_fresh_and_used_things() {
     let Some(f) = Fixture::standard() else { return };
-    let orphan = f.store_layer(
-        "user",
-        &f.overlay(&f.store_layer("user", &f.base_layer()), "orphan", "512M"),
-    );
+    let base = f.store_layer("user", &f.base_layer());
+    let orphan = f.store_layer("user", &f.overlay(&base, "orphan", "512M"));
     let tmp = f.repo("user").join(".tmp");
-    let old = tmp.join("tmpold");
-    let fresh = tmp.join("tmpfresh");
+    let (old, fresh) = (tmp.join("tmpold"), tmp.join("tmpfresh"));
     fs::write(&old, b"abandoned").unwrap();
     fs::write(&fresh, b"in progress").unwrap();
-    let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
     fs::File::options()
         .write(true)
         .open(&old)
         .unwrap()
-        .set_modified(two_hours_ago)
+        .set_modified(SystemTime::now() - Duration::from_secs(7200))
         .unwrap();
     f.pcocc(&["image", "repo", "gc", "user"]).expect("", "", 0);
-    assert!(!f.layer_path("user", &orphan).exists());
     assert!(!old.exists());
-    assert!(fresh.exists());
+    assert!(
+        fresh.exists(),
+        "a scratch file younger than an hour may be an import"
+    );
+    assert!(
+        f.layer_path("user", &orphan).exists(),
+        "a layer added just now may be an import"
+    );
+    f.pcocc(&["image", "show", "img1"]).expect(SHOW_IMG1, "", 0);
+}
+
+#[test]
+fn gc_without_grace_removes_every_unused_layer_and_scratch_file() {
+    let Some(f) = Fixture::standard() else { return };
+    let base = f.store_layer("user", &f.base_layer());
+    let orphan = f.store_layer("user", &f.overlay(&base, "orphan", "512M"));
+    let scratch = f.repo("user").join(".tmp/tmpx");
+    fs::write(&scratch, b"abandoned").unwrap();
+    let run = f.pcocc(&["-v", "image", "repo", "gc", "--grace", "0", "user"]);
+    assert_eq!((run.stdout.as_str(), run.code), ("", 0), "{run:?}");
+    assert!(
+        run.stderr.contains(&orphan),
+        "removals are logged with -v: {run:?}"
+    );
+    assert!(!f.layer_path("user", &orphan).exists());
+    assert!(!f.repo("user").join("data").join(&orphan[..2]).exists() || orphan[..2] == base[..2]);
+    assert!(!scratch.exists());
     f.pcocc(&["image", "show", "img1"]).expect(SHOW_IMG1, "", 0);
     f.pcocc(&["image", "list"])
         .expect(&format!("{LIST_USER_ALL}{LIST_GLOBAL_ALL}"), "", 0);
+}
+
+#[test]
+fn gc_without_a_repository_is_a_usage_error() {
+    let Some(f) = Fixture::new() else { return };
+    f.pcocc(&["image", "repo", "gc"]).expect(
+        "",
+        "Usage: pcocc image repo gc [OPTIONS] REPO\n\
+         Try 'pcocc image repo gc --help' for help.\n\
+         \n\
+         Error: Missing argument 'REPO'.\n",
+        2,
+    );
 }
 
 #[test]
@@ -784,14 +818,6 @@ fn gc_of_an_unknown_repository_fails() {
 #[test]
 fn usage_errors_exit_2_with_clicks_layout() {
     let Some(f) = Fixture::new() else { return };
-    f.pcocc(&["image", "repo", "gc"]).expect(
-        "",
-        "Usage: pcocc image repo gc [OPTIONS] REPO\n\
-         Try 'pcocc image repo gc --help' for help.\n\
-         \n\
-         Error: Missing argument 'REPO'.\n",
-        2,
-    );
     f.pcocc(&["image", "frobnicate"]).expect(
         "",
         "Usage: pcocc image [OPTIONS] COMMAND [ARGS]...\n\

@@ -3,6 +3,7 @@
 //! reads and fails like pcocc's; here is only the shape of the arguments.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{ArgAction, ColorChoice, Parser, Subcommand};
 
@@ -115,9 +116,36 @@ pub enum RepoCommand {
         help_template = help::REPO_GC
     )]
     Gc {
+        /// Keep unused layers and scratch files younger than this (default one hour).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        grace: Option<Duration>,
         #[arg(value_name = "REPO")]
         repo: String,
     },
+}
+
+/// Seconds in each unit `--grace` accepts after its number.
+const DURATION_UNITS: [(&str, u64); 5] = [("", 1), ("s", 1), ("m", 60), ("h", 3600), ("d", 86400)];
+
+/// Parses `--grace`: a whole number of seconds, or a number followed by `s`, `m`, `h` or
+/// `d` (`90m`, `2h`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let scale = DURATION_UNITS
+        .iter()
+        .find(|(name, _)| *name == unit)
+        .map(|(_, seconds)| *seconds)
+        .ok_or_else(|| format!("'{text}' is not a duration (examples: 0, 600, 90m, 2h, 1d)"))?;
+    let count: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration (examples: 0, 600, 90m, 2h, 1d)"))?;
+    count
+        .checked_mul(scale)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("'{text}' is too long a duration"))
 }
 
 #[cfg(test)]
@@ -146,6 +174,18 @@ mod tests {
                 }
             }
         ));
+    }
+
+    #[test]
+    fn grace_durations_take_an_optional_unit() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("600"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        for bad in ["", "h", "1x", "-1", "1.5h", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

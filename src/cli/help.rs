@@ -132,9 +132,11 @@ Usage: pcocc image repo gc [OPTIONS] REPO
   Cleanup unnecessary data in a repository
 
   Removes the layers that no revision of REPO uses and the scratch files left
-  in REPO/.tmp. Scratch files younger than an hour are kept, since they may
-  belong to an import still running on another host.
+  in REPO/.tmp. Unlike pcocc, it keeps those younger than an hour, since they
+  may belong to an import still running on another host.
 
 Options:
-  -h, --help  Show this message and exit.
+  --grace DURATION  Keep what is younger than DURATION (seconds, or a number
+                    followed by s, m, h or d; default 1h)
+  -h, --help        Show this message and exit.
 ";

@@ -124,7 +124,7 @@ fn execute(args: &Args) -> Result<(), CliError> {
         ImageCommand::Delete { image } => image::delete(&mut context, image),
         ImageCommand::Repo { command } => match command {
             RepoCommand::List => repo::list(&mut context),
-            RepoCommand::Gc { repo } => repo::gc(&mut context, repo),
+            RepoCommand::Gc { repo, grace } => repo::gc(&mut context, repo, *grace),
         },
     };
     context.out.flush()?;

@@ -1,5 +1,7 @@
 //! `pcocc image repo list | gc`.
 
+use std::time::Duration;
+
 use super::table::Table;
 use super::{CliError, Context};
 
@@ -25,8 +27,9 @@ pub fn list(ctx: &mut Context) -> Result<(), CliError> {
 
 /// `pcocc image repo gc REPO`: prints nothing. The store logs each removal at info level
 /// (`pcocc -v`); this adds one summary line.
-pub fn gc(ctx: &mut Context, repo: &str) -> Result<(), CliError> {
-    let report = ctx.tree.gc(&ctx.caller, repo, None)?;
+/// `grace` replaces the tree's default grace period.
+pub fn gc(ctx: &mut Context, repo: &str, grace: Option<Duration>) -> Result<(), CliError> {
+    let report = ctx.tree.gc(&ctx.caller, repo, grace)?;
     log::info!(
         "{repo}: {} unused layers removed, {} kept (added within the grace period), {} scratch entries removed",
         report.layers_removed.len(),

@@ -103,6 +103,13 @@ fn message(error: &clap::Error) -> String {
             let option = invalid_arg.split([' ', '=']).next().unwrap_or_default();
             format!("Option '{option}' requires an argument.")
         }
+        ErrorKind::ValueValidation => {
+            let option = invalid_arg.split([' ', '=']).next().unwrap_or_default();
+            match std::error::Error::source(error) {
+                Some(reason) => format!("Invalid value for '{option}': {reason}"),
+                None => clap_sentence(error),
+            }
+        }
         _ => clap_sentence(error),
     }
 }
@@ -228,6 +235,17 @@ mod tests {
         let text = rejection(&["image", "list", "-R"]).text;
         assert!(
             text.ends_with("Error: Option '--repo' requires an argument.\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_value_is_named_with_the_reason() {
+        let text = rejection(&["image", "repo", "gc", "--grace", "1x", "user"]).text;
+        assert!(
+            text.ends_with(
+                "Error: Invalid value for '--grace': '1x' is not a duration (examples: 0, 600, 90m, 2h, 1d)\n"
+            ),
             "{text}"
         );
     }

@@ -19,8 +19,10 @@ pub mod table;
 pub mod uri;
 pub mod usage;
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Mutex;
 
 use clap::Parser;
 
@@ -133,26 +135,68 @@ fn execute(args: &Args) -> Result<(), CliError> {
 
 /// Logs go to stderr as Python's logging prints them for pcocc (`WARNING:root:…`), so
 /// messages pcocc users know read the same. Warnings show by default, `-v` adds info and
-/// `-vv` debug; `RUST_LOG` overrides both.
+/// `-vv` debug; `RUST_LOG` overrides both. A warning is printed once per run: one command
+/// may read a repository several times, and a bad metadata file is one problem.
 fn init_logging(verbose: u8) {
     let level = match verbose {
         0 => log::LevelFilter::Warn,
         1 => log::LevelFilter::Info,
         _ => log::LevelFilter::Debug,
     };
+    let seen = Mutex::new(SeenWarnings::default());
     let mut builder = env_logger::Builder::new();
     builder
         .filter_level(level)
         .parse_env("RUST_LOG")
-        .format(|buf, record| {
+        .format(move |buf, record| {
+            let message = record.args().to_string();
+            if record.level() <= log::Level::Warn
+                && !seen.lock().map_or(true, |mut s| s.first_time(&message))
+            {
+                return Ok(());
+            }
             let level = match record.level() {
                 log::Level::Error => "ERROR",
                 log::Level::Warn => "WARNING",
                 log::Level::Info => "INFO",
                 log::Level::Debug | log::Level::Trace => "DEBUG",
             };
-            writeln!(buf, "{level}:root:{}", record.args())
+            writeln!(buf, "{level}:root:{message}")
         });
     // Only fails if a logger is already set, which cannot happen in the binary.
     let _ = builder.try_init();
+}
+
+/// How many distinct warnings are remembered for de-duplication; past that, repeats print
+/// again rather than memory growing without bound.
+const MAX_REMEMBERED_WARNINGS: usize = 10_000;
+
+/// The warnings already printed in this run.
+#[derive(Default)]
+struct SeenWarnings(HashSet<String>);
+
+impl SeenWarnings {
+    /// True the first time `message` is seen (and always once the memory is full).
+    fn first_time(&mut self, message: &str) -> bool {
+        if self.0.contains(message) {
+            return false;
+        }
+        if self.0.len() < MAX_REMEMBERED_WARNINGS {
+            self.0.insert(message.to_string());
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_warning_is_shown_once_per_run() {
+        let mut seen = SeenWarnings::default();
+        assert!(seen.first_time("bad meta"));
+        assert!(!seen.first_time("bad meta"));
+        assert!(seen.first_time("other"));
+    }
 }

@@ -6,9 +6,9 @@ use regex::Regex;
 use super::format::{format_size, format_timestamp};
 use super::style::Colour;
 use super::table::Table;
-use super::uri::ImageUri;
+use super::uri;
 use super::{CliError, Context};
-use crate::tree::{self, RevisionInfo};
+use crate::tree::RevisionInfo;
 
 /// What `copy` prints first, before anything can fail (pcocc's text).
 pub const COPY_START: &str = "Copying image ...";
@@ -96,8 +96,8 @@ fn regex_reason(error: &regex::Error) -> String {
 /// `pcocc image show IMAGE`: a header block about the given (or latest) revision, then
 /// every revision of the image in revision order (pcocc printed directory order).
 pub fn show(ctx: &mut Context, image: &str) -> Result<(), CliError> {
-    let uri = ImageUri::parse(image)?;
-    let found = ctx.tree.resolve(&ctx.caller, &tree_uri(&uri))?;
+    let uri = uri::parse(image)?;
+    let found = ctx.tree.resolve(&ctx.caller, &uri)?;
     let mut revisions = ctx
         .tree
         .revisions(&ctx.caller, &found.repo, &found.meta.name)?;
@@ -161,11 +161,9 @@ fn revision_table(revisions: &[RevisionInfo]) -> Table {
 
 /// `pcocc image copy SOURCE DEST`: `DEST@0` lists the same layers as `SOURCE`.
 pub fn copy(ctx: &mut Context, source: &str, dest: &str) -> Result<(), CliError> {
-    let source = ImageUri::parse(source)?;
-    let dest = ImageUri::parse(dest)?;
-    let outcome = ctx
-        .tree
-        .copy(&ctx.caller, &tree_uri(&source), &tree_uri(&dest))?;
+    let source = uri::parse(source)?;
+    let dest = uri::parse(dest)?;
+    let outcome = ctx.tree.copy(&ctx.caller, &source, &dest)?;
     if let Some(other) = &outcome.shadowed_in {
         let warning = format!(
             "Warning: an image with name {} already exists in another repo ({other})",
@@ -187,8 +185,8 @@ pub fn copy(ctx: &mut Context, source: &str, dest: &str) -> Result<(), CliError>
 
 /// `pcocc image delete IMAGE`: one revision, or all of them; prints nothing.
 pub fn delete(ctx: &mut Context, image: &str) -> Result<(), CliError> {
-    let uri = ImageUri::parse(image)?;
-    let deleted = ctx.tree.delete(&ctx.caller, &tree_uri(&uri))?;
+    let uri = uri::parse(image)?;
+    let deleted = ctx.tree.delete(&ctx.caller, &uri)?;
     log::info!(
         "deleted {}:{} revisions {:?}",
         deleted.repo,
@@ -196,15 +194,6 @@ pub fn delete(ctx: &mut Context, image: &str) -> Result<(), CliError> {
         deleted.revisions
     );
     Ok(())
-}
-
-/// The tree's form of a URI this module has already checked.
-fn tree_uri(uri: &ImageUri) -> tree::Uri {
-    tree::Uri {
-        repo: uri.repo.clone(),
-        name: uri.name.clone(),
-        revision: uri.revision,
-    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! `user:a`. We accept exactly the documented form and reject the rest with a message that
 //! says what is wrong, so a typo never acts on another image than the one meant.
 
-use std::fmt;
+use crate::tree::Uri;
 
 /// The one separator between repository and image name.
 const REPO_SEPARATOR: char = ':';
@@ -13,17 +13,6 @@ const REPO_SEPARATOR: char = ':';
 const REVISION_SEPARATOR: char = '@';
 /// How the URI syntax is written in pcocc's help and man page.
 const URI_SYNTAX: &str = "[REPO:]IMAGE[@REVISION]";
-
-/// A parsed `[REPO:]IMAGE[@REVISION]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageUri {
-    /// The repository named before `:`, or `None` to search them by priority.
-    pub repo: Option<String>,
-    /// The image name; it matches `[a-zA-Z0-9_.-]+`.
-    pub name: String,
-    /// The revision after `@`, or `None` for the highest one.
-    pub revision: Option<u64>,
-}
 
 /// Why a URI was refused. The messages of the cases pcocc also refuses are pcocc's own.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,35 +45,35 @@ pub enum UriError {
     InvalidName,
 }
 
-impl ImageUri {
-    /// Parses `text` strictly (see the module comment for what pcocc accepted and we do not).
-    pub fn parse(text: &str) -> Result<ImageUri, UriError> {
-        let extra = |separator| UriError::ExtraSeparator {
-            uri: text.to_string(),
-            separator,
-        };
-        let (location, revision) = match text.split_once(REVISION_SEPARATOR) {
-            None => (text, None),
-            Some((_, rest)) if rest.contains(REVISION_SEPARATOR) => {
-                return Err(extra(REVISION_SEPARATOR));
-            }
-            Some((location, rest)) => (location, Some(parse_revision(text, location, rest)?)),
-        };
-        let (repo, name) = match location.split_once(REPO_SEPARATOR) {
-            None => (None, location),
-            Some((_, name)) if name.contains(REPO_SEPARATOR) => {
-                return Err(extra(REPO_SEPARATOR));
-            }
-            Some(("", _)) => return Err(UriError::EmptyRepository(text.to_string())),
-            Some((repo, name)) => (Some(repo.to_string()), name),
-        };
-        check_name(name)?;
-        Ok(ImageUri {
-            repo,
-            name: name.to_string(),
-            revision,
-        })
-    }
+/// Parses `text` strictly into the tree's URI (see the module comment for what pcocc
+/// accepted and we do not). The name is checked too, so `repo: Some(r)` has `r` non-empty
+/// and `name` matches `[a-zA-Z0-9_.-]+`.
+pub fn parse(text: &str) -> Result<Uri, UriError> {
+    let extra = |separator| UriError::ExtraSeparator {
+        uri: text.to_string(),
+        separator,
+    };
+    let (location, revision) = match text.split_once(REVISION_SEPARATOR) {
+        None => (text, None),
+        Some((_, rest)) if rest.contains(REVISION_SEPARATOR) => {
+            return Err(extra(REVISION_SEPARATOR));
+        }
+        Some((location, rest)) => (location, Some(parse_revision(text, location, rest)?)),
+    };
+    let (repo, name) = match location.split_once(REPO_SEPARATOR) {
+        None => (None, location),
+        Some((_, name)) if name.contains(REPO_SEPARATOR) => {
+            return Err(extra(REPO_SEPARATOR));
+        }
+        Some(("", _)) => return Err(UriError::EmptyRepository(text.to_string())),
+        Some((repo, name)) => (Some(repo.to_string()), name),
+    };
+    check_name(name)?;
+    Ok(Uri {
+        repo,
+        name: name.to_string(),
+        revision,
+    })
 }
 
 /// Checks an image name the way pcocc does before it writes one (`[a-zA-Z0-9_.-]+`).
@@ -120,26 +109,12 @@ fn parse_revision(uri: &str, location: &str, text: &str) -> Result<u64, UriError
     Err(UriError::BadRevision(text.to_string()))
 }
 
-impl fmt::Display for ImageUri {
-    /// Writes the URI back in its canonical form.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(repo) = &self.repo {
-            write!(f, "{repo}{REPO_SEPARATOR}")?;
-        }
-        f.write_str(&self.name)?;
-        if let Some(revision) = self.revision {
-            write!(f, "{REVISION_SEPARATOR}{revision}")?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn uri(repo: Option<&str>, name: &str, revision: Option<u64>) -> ImageUri {
-        ImageUri {
+    fn uri(repo: Option<&str>, name: &str, revision: Option<u64>) -> Uri {
+        Uri {
             repo: repo.map(str::to_string),
             name: name.to_string(),
             revision,
@@ -147,28 +122,25 @@ mod tests {
     }
 
     fn message(text: &str) -> String {
-        ImageUri::parse(text)
+        parse(text)
             .expect_err("the URI should be refused")
             .to_string()
     }
 
     #[test]
     fn every_documented_form_parses() {
-        assert_eq!(ImageUri::parse("img").unwrap(), uri(None, "img", None));
-        assert_eq!(ImageUri::parse("img@3").unwrap(), uri(None, "img", Some(3)));
+        assert_eq!(parse("img").unwrap(), uri(None, "img", None));
+        assert_eq!(parse("img@3").unwrap(), uri(None, "img", Some(3)));
+        assert_eq!(parse("user:img").unwrap(), uri(Some("user"), "img", None));
         assert_eq!(
-            ImageUri::parse("user:img").unwrap(),
-            uri(Some("user"), "img", None)
-        );
-        assert_eq!(
-            ImageUri::parse("global:My-img_1.0@12").unwrap(),
+            parse("global:My-img_1.0@12").unwrap(),
             uri(Some("global"), "My-img_1.0", Some(12))
         );
     }
 
     #[test]
     fn leading_zeros_are_still_the_same_revision() {
-        assert_eq!(ImageUri::parse("img@007").unwrap().revision, Some(7));
+        assert_eq!(parse("img@007").unwrap().revision, Some(7));
     }
 
     #[test]
@@ -240,14 +212,5 @@ mod tests {
             "Object name contains invalid characters"
         );
         assert_eq!(message("r:é"), "Object name contains invalid characters");
-    }
-
-    #[test]
-    fn display_writes_the_canonical_uri() {
-        assert_eq!(
-            uri(Some("user"), "img1", Some(2)).to_string(),
-            "user:img1@2"
-        );
-        assert_eq!(uri(None, "img1", None).to_string(), "img1");
     }
 }

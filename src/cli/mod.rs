@@ -4,9 +4,10 @@
 //! Shaped like fd's `main`: [`run`] parses, runs one subcommand that returns a `Result`,
 //! and prints an error once, in one place, with pcocc's exit codes (0 success, 255 a
 //! failed command, 2 a usage error). Files: [`args`] (clap structures), [`help`] (help
-//! texts), [`usage`] (usage errors the click way), [`uri`] (strict parsing of `[REPO:]IMAGE[@REVISION]` into [`crate::tree::Uri`]),
-//! [`table`], [`format`] (sizes, dates), [`style`] (colours on a terminal), [`output`]
-//! (stdout with colours), then one file per subcommand group: [`image`] and [`repo`].
+//! texts), [`usage`] (usage errors the click way), [`uri`] (strict parsing of
+//! `[REPO:]IMAGE[@REVISION]` into a [`crate::tree::Uri`]), [`table`], [`format`] (sizes,
+//! dates), [`style`] (colours on a terminal), [`output`] (stdout with colours), then one
+//! file per subcommand group: [`image`] and [`repo`].
 
 pub mod args;
 pub mod format;

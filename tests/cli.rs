@@ -247,7 +247,12 @@ impl Fixture {
 
     /// Runs `pcocc ARGS` with this fixture's configuration directories and `TZ=UTC`.
     fn pcocc(&self, args: &[&str]) -> Run {
-        let output = Command::new(env!("CARGO_BIN_EXE_pcocc"))
+        self.run_with_env(env!("CARGO_BIN_EXE_pcocc"), args)
+    }
+
+    /// Runs `program ARGS` in this fixture's environment.
+    fn run_with_env(&self, program: &str, args: &[&str]) -> Run {
+        let output = Command::new(program)
             .args(args)
             .current_dir(self.root().join("work"))
             .env("TZ", "UTC")
@@ -257,7 +262,7 @@ impl Fixture {
             .env_remove("RUST_LOG")
             .env_remove("NO_COLOR")
             .output()
-            .expect("run the pcocc binary");
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
         Run {
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -935,4 +940,38 @@ Commands:
     );
     let run = f.pcocc(&["image", "show", "--help"]);
     assert!(run.stdout.contains("in revision order"), "{run:?}");
+}
+
+#[test]
+fn colours_appear_on_a_terminal_only() {
+    let Some(f) = Fixture::standard() else { return };
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: script (util-linux) is not installed");
+        return;
+    }
+    // `script` runs the commands on a pseudo-terminal; both streams come back on stdout.
+    let bin = env!("CARGO_BIN_EXE_pcocc");
+    let commands = format!(
+        "'{bin}' image list -R global; '{bin}' image show nosuch; '{bin}' image copy img1 global:img1"
+    );
+    let run = f.run_with_env("script", &["-qec", &commands, "/dev/null"]);
+    let expected = [
+        "\x1b[34m\x1b[1mGlobal images:\x1b[0m\r\n",
+        "\x1b[31mObject nosuch not found in configured repositories\x1b[0m\r\n",
+        "\x1b[35mWarning: an image with name img1 already exists in another repo (user)\x1b[0m\r\n",
+        "\x1b[32mImage successufly copied\x1b[0m\r\n",
+    ];
+    for text in expected {
+        assert!(run.stdout.contains(text), "{text:?} missing: {run:?}");
+    }
+    let plain = f.run_with_env(
+        "script",
+        &[
+            "-qec",
+            &format!("NO_COLOR=1 '{bin}' image list -R global"),
+            "/dev/null",
+        ],
+    );
+    assert!(plain.stdout.starts_with("Global images:\r\n"), "{plain:?}");
+    assert!(!plain.stdout.contains('\x1b'), "{plain:?}");
 }

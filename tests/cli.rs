@@ -345,7 +345,7 @@ fn list_matching_nothing_prints_nothing_and_succeeds() {
 fn list_with_a_bad_regex_fails_with_pcoccs_prefix() {
     let Some(f) = Fixture::standard() else { return };
     f.pcocc(&["image", "list", "("])
-        .expect_error("Could not parse regular expression :unclosed group");
+        .expect_error("Could not parse regular expression :unclosed group at position 0");
 }
 
 #[test]

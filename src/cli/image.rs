@@ -81,16 +81,27 @@ fn capitalize(name: &str) -> String {
     }
 }
 
-/// The regex crate's multi-line diagnostic folded into one line: its last line (`error:
-/// unclosed group`) is the reason.
+/// Indentation of the pattern and caret lines in the regex crate's diagnostics.
+const REGEX_DIAGNOSTIC_INDENT: usize = 4;
+
+/// The regex crate's multi-line diagnostic folded into one line like Python's: its last
+/// line is the reason (`error: unclosed group`), and for a one-line pattern the caret
+/// under it gives the position (`unclosed group at position 0`).
 fn regex_reason(error: &regex::Error) -> String {
     let text = error.to_string();
-    let last = text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    last.trim().trim_start_matches("error: ").to_string()
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let reason = lines
+        .last()
+        .map_or("", |l| l.trim().trim_start_matches("error: "));
+    // A one-line pattern gives exactly: heading, pattern, caret line, reason.
+    match lines.as_slice() {
+        [_, _, caret, _] if caret.trim().starts_with('^') => {
+            let column = caret.find('^').unwrap_or(0);
+            let position = column.saturating_sub(REGEX_DIAGNOSTIC_INDENT);
+            format!("{reason} at position {position}")
+        }
+        _ => reason.to_string(),
+    }
 }
 
 /// `pcocc image show IMAGE`: a header block about the given (or latest) revision, then
@@ -232,6 +243,12 @@ mod tests {
         // Built at run time: clippy rightly refuses a literal invalid regex.
         let unbalanced = String::from("(");
         let error = Regex::new(&unbalanced).expect_err("unbalanced");
-        assert_eq!(regex_reason(&error), "unclosed group");
+        assert_eq!(regex_reason(&error), "unclosed group at position 0");
+        let late = String::from("ab[");
+        let error = Regex::new(&late).expect_err("unclosed class");
+        assert_eq!(
+            regex_reason(&error),
+            "unclosed character class at position 2"
+        );
     }
 }

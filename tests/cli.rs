@@ -866,6 +866,46 @@ fn usage_errors_exit_2_with_clicks_layout() {
     );
 }
 
+#[test]
+fn pcocc_alone_prints_its_help_and_exits_2_and_help_exits_0() {
+    let Some(f) = Fixture::new() else { return };
+    let help = f.pcocc(&["--help"]);
+    assert_eq!((help.stderr.as_str(), help.code), ("", 0), "{help:?}");
+    assert!(
+        help.stdout
+            .starts_with("Usage: pcocc [OPTIONS] COMMAND [ARGS]...\n"),
+        "{help:?}"
+    );
+    assert!(
+        help.stdout
+            .ends_with("Commands:\n  image  List and manage images\n"),
+        "{help:?}"
+    );
+    f.pcocc(&[]).expect("", &help.stdout, 2);
+    f.pcocc(&["imag", "list"]).expect(
+        "",
+        "Usage: pcocc [OPTIONS] COMMAND [ARGS]...\n\
+         Try 'pcocc --help' for help.\n\
+         \n\
+         Error: No such command 'imag'. Did you mean 'image'?\n",
+        2,
+    );
+}
+
+#[test]
+fn import_and_export_are_not_offered_before_they_work() {
+    let Some(f) = Fixture::new() else { return };
+    for command in ["import", "export"] {
+        let run = f.pcocc(&["image", command, "a", "b"]);
+        assert_eq!(run.code, 2, "{run:?}");
+        assert!(
+            run.stderr
+                .ends_with(&format!("Error: No such command '{command}'.\n")),
+            "{run:?}"
+        );
+    }
+}
+
 const IMAGE_HELP_HEAD: &str = "\
 Usage: pcocc image [OPTIONS] COMMAND [ARGS]...
 

@@ -140,3 +140,41 @@ Options:
                     followed by s, m, h or d; default 1h)
   -h, --help        Show this message and exit.
 ";
+
+// `import` and `export` join the command tree once the tree can convert images (issue
+// 5); their texts are ready. pcocc v0.7.5 dropped the KIND argument that its man page
+// still shows; both forms are accepted.
+
+pub const IMPORT: &str = "\
+Usage: pcocc image import [OPTIONS] [KIND] SOURCE DEST
+
+  Import the source image file to an image in the destination repository.
+
+  Images in repositories are specified with URIs of the form
+  [REPO:]IMAGE[@REVISION].
+
+  The destination image name must not already be used in the destination
+  repository and the revision is ignored since the import operation creates
+  the first revision of a new image.
+
+  KIND, from older pcocc releases, may only be 'vm' and can be left out.
+
+Options:
+  -t, --fmt TEXT  Force source image format
+  -h, --help      Show this message and exit.
+";
+
+pub const EXPORT: &str = "\
+Usage: pcocc image export [OPTIONS] [KIND] SOURCE DEST
+
+  Export the source image from a repository to the destination file.
+
+  Images in repositories are specified with URIs of the form
+  [REPO:]IMAGE[@REVISION]
+
+  KIND, from older pcocc releases, may only be 'vm' and can be left out.
+
+Options:
+  -t, --fmt TEXT  Force destination image format
+  -h, --help      Show this message and exit.
+";

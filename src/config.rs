@@ -97,8 +97,18 @@ pub struct Env {
 impl Env {
     /// The environment of this process.
     pub fn from_process() -> Env {
-        let vars: HashMap<String, String> = std::env::vars().collect();
         let (pw_name, pw_dir) = current_passwd();
+        Env::from_vars(std::env::vars().collect(), pw_name, pw_dir)
+    }
+
+    /// The environment given variables and the process user's passwd name and home:
+    /// `$HOME` wins over the passwd home (as Python's `expanduser`), the passwd name
+    /// over `$USER`.
+    pub fn from_vars(
+        vars: HashMap<String, String>,
+        pw_name: Option<String>,
+        pw_dir: Option<PathBuf>,
+    ) -> Env {
         let homedir = vars
             .get("HOME")
             .filter(|h| !h.is_empty())
@@ -165,7 +175,7 @@ impl Config {
         let mut repos = Vec::new();
         if let Some(file) = explicit {
             // An explicit file must exist: a typo must not silently mean "defaults".
-            let text = std::fs::read_to_string(file).map_err(|source| Error::Read {
+            let text = read_config(file).map_err(|source| Error::Read {
                 path: file.to_path_buf(),
                 source,
             })?;
@@ -177,7 +187,7 @@ impl Config {
         let mut found = false;
         for origin in [Origin::User(user), Origin::System(system)] {
             let path = origin_path(&origin);
-            match std::fs::read_to_string(path) {
+            match read_config(path) {
                 Ok(text) => {
                     found = true;
                     load_file(&text, origin.clone(), env, &mut repos)?;
@@ -205,6 +215,26 @@ impl Config {
     pub fn repo(&self, name: &str) -> Option<&RepoConfig> {
         self.repos.iter().find(|r| r.name == name)
     }
+}
+
+/// Largest repos.yaml read: a list of names and paths, far below this.
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Reads a configuration file, refusing one too large to be a repository list before
+/// allocating for it. (The store has its own bounded reader; config depends on nothing.)
+fn read_config(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("more than {MAX_CONFIG_BYTES} bytes"),
+        ));
+    }
+    Ok(text)
 }
 
 fn origin_path(origin: &Origin) -> &Path {
@@ -411,6 +441,41 @@ mod tests {
 
     fn names(c: &Config) -> Vec<&str> {
         c.repos.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[test]
+    fn conf_dirs_come_from_pcocc_variables_with_pcocc_defaults() {
+        let vars = |kv: &[(&str, &str)]| -> HashMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let e = Env::from_vars(
+            vars(&[("HOME", "/home/a")]),
+            Some("alice".into()),
+            Some("/pw/alice".into()),
+        );
+        assert_eq!(e.user_conf_dir, Path::new("/home/a/.pcocc"));
+        assert_eq!(e.system_conf_dir, Path::new("/etc/pcocc"));
+        assert_eq!(
+            (e.homedir.as_path(), e.user.as_str()),
+            (Path::new("/home/a"), "alice")
+        );
+        let e = Env::from_vars(
+            vars(&[
+                ("PCOCC_USER_CONF_DIR", "/u"),
+                ("PCOCC_SYSTEM_CONF_DIR", "/s"),
+                ("USER", "bob"),
+            ]),
+            None,
+            Some("/pw/bob".into()),
+        );
+        assert_eq!(e.user_conf_dir, Path::new("/u"));
+        assert_eq!(e.system_conf_dir, Path::new("/s"));
+        assert_eq!(
+            (e.homedir.as_path(), e.user.as_str()),
+            (Path::new("/pw/bob"), "bob")
+        );
     }
 
     #[test]

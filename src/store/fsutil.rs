@@ -6,7 +6,7 @@ use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -146,6 +146,9 @@ pub fn publish_exclusive(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<()
         f.sync_all().map_err(|e| io_err(&tmp, e))?;
         match fs::hard_link(&tmp, dest) {
             Ok(()) => Ok(()),
+            // Over NFS a retransmitted LINK can fail although the first one worked: the
+            // scratch file's link count tells (the recipe of open(2)'s O_EXCL notes).
+            Err(_) if fs::metadata(&tmp).is_ok_and(|m| m.nlink() == 2) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(exists()),
             Err(e) if link_unsupported(&e) => match rename_noreplace(&tmp, dest) {
                 Ok(()) => Ok(()),
@@ -189,4 +192,34 @@ fn write_excl(dest: &Path, bytes: &[u8]) -> Result<(), Error> {
         return Err(io_err(dest, e));
     }
     Ok(())
+}
+
+/// Reads a whole small file, refusing one larger than `max` bytes before allocating for
+/// it (metadata and configuration files are untrusted input).
+pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = File::open(path)?;
+    let len = f.metadata()?.len();
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("file is {len} bytes, more than the {max} allowed"),
+        ));
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    // `take` guards against a file growing between the size check and the read.
+    f.take(max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("file grew beyond the {max} bytes allowed"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// [`read_bounded`] as UTF-8 text.
+pub fn read_bounded_string(path: &Path, max: u64) -> io::Result<String> {
+    String::from_utf8(read_bounded(path, max)?)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }

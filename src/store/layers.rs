@@ -25,7 +25,7 @@ const IO_CHUNK: usize = 1 << 20;
 /// into a layer ([`Store::add_layer`]) or kept ([`TmpFile::keep`]).
 #[derive(Debug)]
 pub struct TmpFile {
-    file: Option<File>,
+    file: File,
     path: PathBuf,
     keep: bool,
 }
@@ -33,10 +33,7 @@ pub struct TmpFile {
 impl TmpFile {
     /// The open file (read-write).
     pub fn file(&self) -> &File {
-        // Only `into_file`/drop take the file out, and both consume self.
-        self.file
-            .as_ref()
-            .expect("TmpFile holds its file until consumed")
+        &self.file
     }
 
     /// Its path under `.tmp/`.
@@ -92,7 +89,7 @@ impl Store {
     pub fn tmp_file(&self) -> Result<TmpFile, Error> {
         let (file, path) = fsutil::create_scratch(&self.tmp_dir())?;
         Ok(TmpFile {
-            file: Some(file),
+            file,
             path,
             keep: false,
         })

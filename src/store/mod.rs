@@ -20,6 +20,7 @@ mod json;
 mod layers;
 mod v1;
 
+pub use fsutil::read_bounded;
 pub use gc::GcReport;
 pub use json::{python_float_repr, to_python_json};
 pub use layers::{LayerTransfer, TmpFile, sha256_file, sparse_copy_hashing};
@@ -100,6 +101,11 @@ const VERSION_LEGACY: u32 = 1;
 const VERSION_CURRENT: u32 = 2;
 /// Optional prefix of `data_blobs` entries (pcocc's `_parse_hash_algorithm`).
 const SHA256_PREFIX: &str = "sha256:";
+/// Largest metadata file read. pcocc's are a few hundred bytes; container images keep an
+/// OCI index in `custom_meta`, still far below this.
+pub const MAX_META_BYTES: u64 = 16 << 20;
+/// Largest `.config` read (it holds one line).
+const MAX_CONFIG_BYTES: u64 = 64 << 10;
 /// Length of a layer name: a sha256 in lowercase hex.
 const HASH_HEX_LEN: usize = 64;
 
@@ -125,12 +131,15 @@ impl Meta {
 
 /// Strips an optional `sha256:` prefix and checks the rest is a sha256 in lowercase hex.
 pub fn parse_blob(blob: &str) -> Result<&str, String> {
-    let hex = match blob.split_once(':') {
-        Some(("sha256", hex)) => hex,
-        Some((algo, _)) => return Err(format!("Only sha256 is supported currently ({algo})")),
-        None => blob,
+    let hex = match blob.strip_prefix(SHA256_PREFIX) {
+        Some(hex) => hex,
+        None => match blob.split_once(':') {
+            Some((algo, _)) => {
+                return Err(format!("Only sha256 is supported currently ({algo})"));
+            }
+            None => blob,
+        },
     };
-    debug_assert!(SHA256_PREFIX.ends_with(':'));
     if is_hash(hex) {
         Ok(hex)
     } else {
@@ -178,9 +187,11 @@ impl Store {
             Err(source) => return Err(io_err(root, source)),
         }
         let config = root.join(".config");
-        let text = fs::read_to_string(&config).map_err(|e| Error::BadConfig {
-            reason: py_os_error(&e, &config),
-            path: config.clone(),
+        let text = fsutil::read_bounded_string(&config, MAX_CONFIG_BYTES).map_err(|e| {
+            Error::BadConfig {
+                reason: py_os_error(&e, &config),
+                path: config.clone(),
+            }
         })?;
         let version = parse_config_version(&text).map_err(|reason| Error::BadConfig {
             path: config.clone(),
@@ -299,10 +310,8 @@ impl Store {
         if !is_valid_name(name) {
             return Ok(Vec::new());
         }
-        if self.version() == VERSION_LEGACY {
-            return Ok(self.list()?.remove(name).unwrap_or_default());
-        }
-        // Reading the whole directory is what pcocc does too (a glob); names are short.
+        // Revision numbers are only known from file names, so this reads the directory
+        // (pcocc globs it too); version 1 has to parse every file.
         Ok(self.list()?.remove(name).unwrap_or_default())
     }
 
@@ -314,7 +323,7 @@ impl Store {
             return Ok(None);
         }
         let path = self.meta_path(name, rev);
-        let bytes = match fs::read(&path) {
+        let bytes = match fsutil::read_bounded(&path, MAX_META_BYTES) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&path, e)),

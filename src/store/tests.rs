@@ -517,3 +517,77 @@ fn writing_into_a_version_1_repository_upgrades_it_first() {
     assert_eq!(store.revisions("old").unwrap(), [0]);
     assert_eq!(store.revisions("new").unwrap(), [0]);
 }
+
+#[test]
+fn a_layer_from_another_filesystem_is_copied_sparsely_and_verified() {
+    // /dev/shm is a tmpfs on Linux: a different filesystem from the temp dir's.
+    let shm = std::path::Path::new("/dev/shm");
+    let (Ok(a_dir), Ok(b_dir)) = (tempfile::tempdir_in(shm), tempfile::tempdir()) else {
+        eprintln!("SKIPPED: no /dev/shm");
+        return;
+    };
+    let dev = |p: &std::path::Path| std::fs::metadata(p).unwrap().dev();
+    if dev(a_dir.path()) == dev(b_dir.path()) {
+        eprintln!("SKIPPED: /dev/shm and the temp dir share a filesystem");
+        return;
+    }
+    let a = Store::open("a", &a_dir.path().join("a")).unwrap();
+    let b = Store::open("b", &b_dir.path().join("b")).unwrap();
+    // A sparse layer: 8 MiB with data only at both ends.
+    let tmp = a.tmp_file().unwrap();
+    use std::os::unix::fs::FileExt;
+    tmp.file().set_len(8 << 20).unwrap();
+    tmp.file().write_all_at(b"start", 0).unwrap();
+    tmp.file().write_all_at(b"end", (8 << 20) - 3).unwrap();
+    let h = a.add_layer(tmp.path(), None).unwrap();
+    assert_eq!(b.import_layer_from(&a, &h).unwrap(), LayerTransfer::Copied);
+    let copied = b.layer_path(&h);
+    assert_eq!(sha(&std::fs::read(&copied).unwrap()), h);
+    let m = std::fs::metadata(&copied).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o444);
+    assert!(
+        m.blocks() * 512 < 1 << 20,
+        "holes stay holes: {} blocks",
+        m.blocks()
+    );
+    assert!(tmp_entries(&b).is_empty());
+}
+
+#[test]
+fn a_copied_layer_that_does_not_match_its_name_is_refused() {
+    let shm = std::path::Path::new("/dev/shm");
+    let (Ok(a_dir), Ok(b_dir)) = (tempfile::tempdir_in(shm), tempfile::tempdir()) else {
+        eprintln!("SKIPPED: no /dev/shm");
+        return;
+    };
+    let dev = |p: &std::path::Path| std::fs::metadata(p).unwrap().dev();
+    if dev(a_dir.path()) == dev(b_dir.path()) {
+        eprintln!("SKIPPED: /dev/shm and the temp dir share a filesystem");
+        return;
+    }
+    let a = Store::open("a", &a_dir.path().join("a")).unwrap();
+    let b = Store::open("b", &b_dir.path().join("b")).unwrap();
+    let fake = "ab".repeat(32);
+    let path = a.layer_path(&fake);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, b"not what the name says").unwrap();
+    assert!(matches!(
+        b.import_layer_from(&a, &fake),
+        Err(Error::HashMismatch { .. })
+    ));
+    assert!(!b.has_layer(&fake));
+    assert!(tmp_entries(&b).is_empty(), "the rejected copy is removed");
+}
+
+#[test]
+fn layer_names_accept_a_sha256_prefix_and_nothing_else() {
+    assert_eq!(parse_blob(HASH_A), Ok(HASH_A));
+    assert_eq!(parse_blob(&format!("sha256:{HASH_A}")), Ok(HASH_A));
+    assert_eq!(
+        parse_blob(&format!("md5:{HASH_A}")).unwrap_err(),
+        "Only sha256 is supported currently (md5)"
+    );
+    assert!(parse_blob(&HASH_A.to_uppercase()).is_err());
+    assert!(parse_blob("../../etc/passwd").is_err());
+    assert!(parse_blob(&HASH_A[1..]).is_err());
+}

@@ -47,7 +47,7 @@ pub fn read_all_checked(meta_dir: &Path) -> Result<Scan, Error> {
         }
         for entry in fs::read_dir(&sub).map_err(|e| io_err(&sub, e))? {
             let path = entry.map_err(|e| io_err(&sub, e))?.path();
-            let parsed = fs::read(&path)
+            let parsed = super::fsutil::read_bounded(&path, super::MAX_META_BYTES)
                 .map_err(|e| e.to_string())
                 .and_then(|b| parse(&b))
                 .and_then(|m| m.layer_hashes().map(|_| ()).map(|()| m));

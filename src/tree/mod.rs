@@ -43,7 +43,8 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// The identity of this process (effective uid/gid and supplementary groups).
+    /// The identity of this process (effective uid/gid and supplementary groups), read
+    /// once.
     pub fn current() -> Caller {
         access::current_caller()
     }
@@ -51,7 +52,7 @@ impl Caller {
     fn current_uncached() -> Caller {
         // SAFETY: these calls only read the process credentials.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        let mut groups = vec![0 as libc::gid_t; 0];
+        let mut groups: Vec<libc::gid_t> = Vec::new();
         // SAFETY: a zero-sized query returns the count; the second call fills at most
         // `n` entries of a buffer that has exactly `n`.
         let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };

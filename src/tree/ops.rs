@@ -25,27 +25,36 @@ impl Tree {
     /// found in repository R` / `… in configured repositories`.
     pub fn resolve(&self, caller: &Caller, uri: &Uri) -> Result<Resolved, Error> {
         let store = self.locate(caller, uri)?;
-        let rev = match uri.revision {
-            Some(r) => r,
-            // locate() found at least one revision.
-            None => *store
-                .revisions(&uri.name)?
-                .last()
-                .ok_or_else(|| Error::ImageNotFound {
+        let repo = store.name().to_string();
+        if let Some(rev) = uri.revision {
+            let meta = store
+                .read_meta(&uri.name, rev)?
+                .ok_or_else(|| Error::RevisionNotFound {
                     name: uri.name.clone(),
-                    repo: store.name().to_string(),
-                })?,
-        };
-        let meta = store
-            .read_meta(&uri.name, rev)?
-            .ok_or_else(|| Error::RevisionNotFound {
+                    rev,
+                    repo: repo.clone(),
+                })?;
+            return Ok(Resolved { repo, meta });
+        }
+        // The latest revision that can be read: a corrupt newest revision is skipped with
+        // a warning rather than hiding the whole image (pcocc fails here).
+        let mut first_error = None;
+        for rev in store.revisions(&uri.name)?.into_iter().rev() {
+            match store.read_meta(&uri.name, rev) {
+                Ok(Some(meta)) => return Ok(Resolved { repo, meta }),
+                Ok(None) => {}
+                Err(e) => {
+                    log::warn!("repository {repo}: skipping: {e}");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(match first_error {
+            Some(e) => e.into(),
+            None => Error::ImageNotFound {
                 name: uri.name.clone(),
-                rev,
-                repo: store.name().to_string(),
-            })?;
-        Ok(Resolved {
-            repo: store.name().to_string(),
-            meta,
+                repo,
+            },
         })
     }
 

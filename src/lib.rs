@@ -4,6 +4,7 @@
 //! repository semantics and reaches the on-disk repositories through [`store`] (configured
 //! by [`config`]) and disk contents through [`view`] and [`image`].
 
+pub mod cli;
 pub mod config;
 pub mod image;
 pub mod store;

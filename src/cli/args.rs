@@ -1,0 +1,204 @@
+//! The command line of `pcocc`, as clap structures. The help texts live in [`super::help`]
+//! and usage errors are reworded click-style in [`super::usage`], so that `pcocc image …`
+//! reads and fails like pcocc's; here is only the shape of the arguments.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, ColorChoice, Parser, Subcommand};
+
+use super::help;
+
+/// `pcocc [--config FILE] [-v] COMMAND`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "pcocc",
+    bin_name = "pcocc",
+    override_usage = "pcocc [OPTIONS] COMMAND [ARGS]...",
+    help_template = help::PCOCC,
+    subcommand_required = true,
+    arg_required_else_help = true,
+    disable_help_subcommand = true,
+    disable_version_flag = true,
+    color = ColorChoice::Never
+)]
+pub struct Args {
+    /// A repos.yaml that replaces the user and system ones.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log level: warnings by default, info with `-v`, debug with `-vv`.
+    #[arg(short, long, action = ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The top-level commands (pcocc has many; this project implements `image`).
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    #[command(
+        override_usage = "pcocc image [OPTIONS] COMMAND [ARGS]...",
+        help_template = help::IMAGE,
+        subcommand_required = true,
+        arg_required_else_help = true,
+        disable_help_subcommand = true
+    )]
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+/// `pcocc image COMMAND`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    #[command(
+        override_usage = "pcocc image list [OPTIONS] [REGEX]",
+        help_template = help::LIST
+    )]
+    List {
+        /// Only this repository.
+        #[arg(short = 'R', long = "repo", value_name = "TEXT")]
+        repo: Option<String>,
+        /// Only names where this regular expression matches (anywhere).
+        #[arg(value_name = "REGEX")]
+        regex: Option<String>,
+    },
+    #[command(
+        override_usage = "pcocc image show [OPTIONS] IMAGE",
+        help_template = help::SHOW
+    )]
+    Show {
+        #[arg(value_name = "IMAGE")]
+        image: String,
+    },
+    #[command(
+        override_usage = "pcocc image copy [OPTIONS] SOURCE DEST",
+        help_template = help::COPY
+    )]
+    Copy {
+        #[arg(value_name = "SOURCE")]
+        source: String,
+        #[arg(value_name = "DEST")]
+        dest: String,
+    },
+    #[command(
+        override_usage = "pcocc image delete [OPTIONS] IMAGE",
+        help_template = help::DELETE
+    )]
+    Delete {
+        #[arg(value_name = "IMAGE")]
+        image: String,
+    },
+    #[command(
+        override_usage = "pcocc image repo [OPTIONS] COMMAND [ARGS]...",
+        help_template = help::REPO,
+        subcommand_required = true,
+        arg_required_else_help = true,
+        disable_help_subcommand = true
+    )]
+    Repo {
+        #[command(subcommand)]
+        command: RepoCommand,
+    },
+}
+
+/// `pcocc image repo COMMAND`.
+#[derive(Debug, Subcommand)]
+pub enum RepoCommand {
+    #[command(
+        override_usage = "pcocc image repo list [OPTIONS]",
+        help_template = help::REPO_LIST
+    )]
+    List,
+    #[command(
+        override_usage = "pcocc image repo gc [OPTIONS] REPO",
+        help_template = help::REPO_GC
+    )]
+    Gc {
+        /// Keep unused layers and scratch files younger than this (default one hour).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        grace: Option<Duration>,
+        #[arg(value_name = "REPO")]
+        repo: String,
+    },
+}
+
+/// Seconds in each unit `--grace` accepts after its number.
+const DURATION_UNITS: [(&str, u64); 5] = [("", 1), ("s", 1), ("m", 60), ("h", 3600), ("d", 86400)];
+
+/// Parses `--grace`: a whole number of seconds, or a number followed by `s`, `m`, `h` or
+/// `d` (`90m`, `2h`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let scale = DURATION_UNITS
+        .iter()
+        .find(|(name, _)| *name == unit)
+        .map(|(_, seconds)| *seconds)
+        .ok_or_else(|| format!("'{text}' is not a duration (examples: 0, 600, 90m, 2h, 1d)"))?;
+    let count: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration (examples: 0, 600, 90m, 2h, 1d)"))?;
+    count
+        .checked_mul(scale)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("'{text}' is too long a duration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_clap_definition_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn verbose_counts_and_config_takes_a_path() {
+        let args = Args::try_parse_from([
+            "pcocc", "--config", "/r.yaml", "-vv", "image", "repo", "list",
+        ])
+        .expect("valid command line");
+        assert_eq!(args.verbose, 2);
+        assert_eq!(args.config, Some(PathBuf::from("/r.yaml")));
+        assert!(matches!(
+            args.command,
+            Command::Image {
+                command: ImageCommand::Repo {
+                    command: RepoCommand::List
+                }
+            }
+        ));
+    }
+
+    #[test]
+    fn grace_durations_take_an_optional_unit() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("600"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        for bad in ["", "h", "1x", "-1", "1.5h", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn list_takes_a_repository_and_a_regex() {
+        let args = Args::try_parse_from(["pcocc", "image", "list", "-R", "user", "^img"])
+            .expect("valid command line");
+        let Command::Image {
+            command: ImageCommand::List { repo, regex },
+        } = args.command
+        else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(repo.as_deref(), Some("user"));
+        assert_eq!(regex.as_deref(), Some("^img"));
+    }
+}

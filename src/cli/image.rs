@@ -1,0 +1,254 @@
+//! `pcocc image list | show | copy | delete`: each parses its URIs, makes one call on the
+//! tree, and prints pcocc's output for the result.
+
+use regex::Regex;
+
+use super::format::{format_size, format_timestamp};
+use super::style::Colour;
+use super::table::Table;
+use super::uri;
+use super::{CliError, Context};
+use crate::tree::RevisionInfo;
+
+/// What `copy` prints first, before anything can fail (pcocc's text).
+pub const COPY_START: &str = "Copying image ...";
+/// What `copy` prints on success: pcocc's text, misspelling included, because scripts
+/// written for pcocc match it.
+const COPY_DONE: &str = "Image successufly copied";
+/// Width of the rules and rows of `show`'s header block.
+const SHOW_WIDTH: usize = 30;
+/// Width a label of `show`'s header block is padded to; the value is right-aligned in
+/// the rest of [`SHOW_WIDTH`] (pcocc's layout, measured on its output).
+const SHOW_LABEL_WIDTH: usize = 6;
+/// Shown in `show`'s SIZE column when a revision's top layer file is missing.
+const MISSING_LAYER: &str = "missing";
+
+/// `pcocc image list [-R REPO] [REGEX]`: per repository in priority order, a heading and
+/// a table of the images whose name `REGEX` matches anywhere (Python's `re.search`).
+pub fn list(ctx: &mut Context, repo: Option<&str>, regex: Option<&str>) -> Result<(), CliError> {
+    let filter = regex
+        .map(|text| Regex::new(text).map_err(|e| CliError::Regex(regex_reason(&e))))
+        .transpose()?;
+    let repos: Vec<String> = match repo {
+        Some(name) => vec![name.to_string()],
+        None => ctx
+            .tree
+            .repo_names()
+            .into_iter()
+            .map(str::to_string)
+            .collect(),
+    };
+    for repo in &repos {
+        let images = ctx.tree.list_images(&ctx.caller, repo)?;
+        let mut table = Table::new(&["name", "type", "revision", "repo", "owner", "date"]);
+        let mut shown = 0;
+        for image in images {
+            let meta = &image.latest;
+            if filter.as_ref().is_some_and(|f| !f.is_match(&meta.name)) {
+                continue;
+            }
+            shown += 1;
+            table.push(vec![
+                meta.name.clone(),
+                meta.kind.clone(),
+                meta.revision.to_string(),
+                image.repo.clone(),
+                meta.owner.clone(),
+                format_timestamp(meta.timestamp),
+            ]);
+        }
+        if shown == 0 {
+            continue;
+        }
+        ctx.out
+            .coloured_line(&format!("{} images:", capitalize(repo)), Colour::BoldBlue)?;
+        ctx.out.text(&table.render())?;
+        ctx.out.line("")?;
+    }
+    Ok(())
+}
+
+/// Python's `str.capitalize`, which pcocc applies to repository names in headings: the
+/// first character upper case, the others lower case (`myRepo` becomes `Myrepo`).
+fn capitalize(name: &str) -> String {
+    let mut chars = name.chars();
+    match chars.next() {
+        Some(first) => first
+            .to_uppercase()
+            .chain(chars.flat_map(char::to_lowercase))
+            .collect(),
+        None => String::new(),
+    }
+}
+
+/// Indentation of the pattern and caret lines in the regex crate's diagnostics.
+const REGEX_DIAGNOSTIC_INDENT: usize = 4;
+
+/// The regex crate's multi-line diagnostic folded into one line like Python's: its last
+/// line is the reason (`error: unclosed group`), and for a one-line pattern the caret
+/// under it gives the position (`unclosed group at position 0`).
+fn regex_reason(error: &regex::Error) -> String {
+    let text = error.to_string();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let reason = lines
+        .last()
+        .map_or("", |l| l.trim().trim_start_matches("error: "));
+    // A one-line pattern gives exactly: heading, pattern, caret line, reason.
+    match lines.as_slice() {
+        [_, _, caret, _] if caret.trim().starts_with('^') => {
+            let column = caret.find('^').unwrap_or(0);
+            let position = column.saturating_sub(REGEX_DIAGNOSTIC_INDENT);
+            format!("{reason} at position {position}")
+        }
+        _ => reason.to_string(),
+    }
+}
+
+/// `pcocc image show IMAGE`: a header block about the given (or latest) revision, then
+/// every revision of the image in revision order (pcocc printed directory order).
+pub fn show(ctx: &mut Context, image: &str) -> Result<(), CliError> {
+    let uri = uri::parse(image)?;
+    let found = ctx.tree.resolve(&ctx.caller, &uri)?;
+    let mut revisions = ctx
+        .tree
+        .revisions(&ctx.caller, &found.repo, &found.meta.name)?;
+    revisions.sort_by_key(|r| r.meta.revision);
+    let meta = &found.meta;
+    let blocks = [
+        vec![
+            ("Repo:", found.repo.clone()),
+            ("Name:", meta.name.clone()),
+            ("Type:", meta.kind.clone()),
+        ],
+        vec![
+            (
+                "URI:",
+                format!("{}:{}@{}", found.repo, meta.name, meta.revision),
+            ),
+            ("Layers:", meta.data_blobs.len().to_string()),
+        ],
+        vec![
+            ("Owner:", meta.owner.clone()),
+            ("Date:", format_timestamp(meta.timestamp)),
+        ],
+    ];
+    let rule = "-".repeat(SHOW_WIDTH);
+    let mut text = format!("{rule}\n");
+    for block in &blocks {
+        for (label, value) in block {
+            text.push_str(&header_row(label, value));
+        }
+        text.push_str(&rule);
+        text.push('\n');
+    }
+    text.push('\n');
+    text.push_str(&revision_table(&revisions).render());
+    ctx.out.text(&text)?;
+    Ok(())
+}
+
+/// One `Label:      value` row of `show`'s header: the label padded to
+/// [`SHOW_LABEL_WIDTH`], the value right-aligned to [`SHOW_WIDTH`] (and simply following
+/// the label when it is longer).
+fn header_row(label: &str, value: &str) -> String {
+    let label_width = SHOW_LABEL_WIDTH.max(label.chars().count());
+    let value_width = SHOW_WIDTH.saturating_sub(label_width);
+    format!("{label:<label_width$}{value:>value_width$}\n")
+}
+
+fn revision_table(revisions: &[RevisionInfo]) -> Table {
+    let mut table = Table::new(&["revision", "size", "creation date"]);
+    for revision in revisions {
+        table.push(vec![
+            revision.meta.revision.to_string(),
+            revision
+                .top_layer_size
+                .map_or_else(|| MISSING_LAYER.to_string(), format_size),
+            format_timestamp(revision.meta.timestamp),
+        ]);
+    }
+    table
+}
+
+/// `pcocc image copy SOURCE DEST`: `DEST@0` lists the same layers as `SOURCE`.
+pub fn copy(ctx: &mut Context, source: &str, dest: &str) -> Result<(), CliError> {
+    let source = uri::parse(source)?;
+    let dest = uri::parse(dest)?;
+    let outcome = ctx.tree.copy(&ctx.caller, &source, &dest)?;
+    if let Some(other) = &outcome.shadowed_in {
+        let warning = format!(
+            "Warning: an image with name {} already exists in another repo ({other})",
+            outcome.name
+        );
+        ctx.out.coloured_line(&warning, Colour::Magenta)?;
+    }
+    log::info!(
+        "copied {source} to {}:{}@0 ({} layers already there, {} linked, {} copied)",
+        outcome.repo,
+        outcome.name,
+        outcome.layers_present,
+        outcome.layers_linked,
+        outcome.layers_copied
+    );
+    ctx.out.coloured_line(COPY_DONE, Colour::Green)?;
+    Ok(())
+}
+
+/// `pcocc image delete IMAGE`: one revision, or all of them; prints nothing.
+pub fn delete(ctx: &mut Context, image: &str) -> Result<(), CliError> {
+    let uri = uri::parse(image)?;
+    let deleted = ctx.tree.delete(&ctx.caller, &uri)?;
+    log::info!(
+        "deleted {}:{} revisions {:?}",
+        deleted.repo,
+        deleted.name,
+        deleted.revisions
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headings_capitalize_like_python() {
+        assert_eq!(capitalize("user"), "User");
+        assert_eq!(capitalize("myRepo"), "Myrepo");
+        assert_eq!(capitalize(""), "");
+    }
+
+    #[test]
+    fn header_rows_are_thirty_wide_unless_the_value_is_longer() {
+        assert_eq!(
+            header_row("Repo:", "user"),
+            "Repo:                     user\n"
+        );
+        assert_eq!(
+            header_row("Layers:", "3"),
+            "Layers:                      3\n"
+        );
+        assert_eq!(
+            header_row("Date:", "2026-11-27 03:16:22"),
+            "Date:      2026-11-27 03:16:22\n"
+        );
+        assert_eq!(
+            header_row("URI:", "myRepo:averyveryverylongimagename@0"),
+            "URI:  myRepo:averyveryverylongimagename@0\n"
+        );
+    }
+
+    #[test]
+    fn a_regex_error_becomes_one_line() {
+        // Built at run time: clippy rightly refuses a literal invalid regex.
+        let unbalanced = String::from("(");
+        let error = Regex::new(&unbalanced).expect_err("unbalanced");
+        assert_eq!(regex_reason(&error), "unclosed group at position 0");
+        let late = String::from("ab[");
+        let error = Regex::new(&late).expect_err("unclosed class");
+        assert_eq!(
+            regex_reason(&error),
+            "unclosed character class at position 2"
+        );
+    }
+}

@@ -329,11 +329,14 @@ pub(crate) mod check {
     use std::path::{Path, PathBuf};
     use std::sync::Arc;
 
-    /// A sparse raw file of `size` bytes with `writes` (`offset`, `len`, seed) of noise,
-    /// written by qemu-io so the file's holes are qemu's.
+    /// A sparse raw file of `size` bytes with `writes` (`offset`, `len`, byte pattern)
+    /// done by qemu-io. The file is made by `set_len`, not `qemu-img create`, which
+    /// allocates the first 4 KiB of every raw file it creates.
     pub fn raw_source(dir: &Path, name: &str, size: u64, writes: &[(u64, u64, u8)]) -> PathBuf {
         let path = dir.join(name);
-        qemu_img(&["create", "-q", "-f", "raw", path.to_str().unwrap(), &size.to_string()]);
+        let f = std::fs::File::create(&path).expect("create raw source");
+        f.set_len(size).expect("size raw source");
+        drop(f);
         let cmds: Vec<String> = writes
             .iter()
             .map(|(o, l, p)| format!("write -P {p} {o} {l}"))

@@ -323,7 +323,7 @@ pub(crate) mod check {
     use super::round_up;
     use crate::image::raw::RawLayer;
     use crate::image::{Disk, Format, Layer};
-    use crate::testutil::{self, qemu_img, qemu_io, qemu_map};
+    use crate::testutil::{self, qemu_io, qemu_map};
     use crate::view::{View, ViewId};
     use sha2::{Digest, Sha256};
     use std::path::{Path, PathBuf};

@@ -187,6 +187,9 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    crate::view::blockmap::check::raw_matrix_tests!(Format::Vdi, BLOCK);
+    crate::view::blockmap::check::zero_length_test!(Format::Vdi, BLOCK);
+
     #[test]
     fn sparse_raw_disk_becomes_a_vdi_qemu_reads_identically() {
         if !have_qemu() {

@@ -88,6 +88,15 @@ impl VmdkLayout {
             format: Format::Vmdk,
             reason,
         };
+        if capacity == 0 {
+            // qemu reads a sparse extent of capacity 0 as a bare descriptor file and
+            // then refuses its createType, so such a file would open nowhere.
+            return Err(unsupported(
+                "the disk is empty (0 bytes) and a VMDK sparse extent cannot describe \
+                 an empty disk that qemu opens"
+                    .into(),
+            ));
+        }
         if gd_entries > MAX_GD_ENTRIES {
             return Err(unsupported(format!(
                 "a {} byte disk needs {gd_entries} grain directory entries, more than \
@@ -127,7 +136,12 @@ impl VmdkLayout {
         let cap = round_up(self.disk.virtual_size(), SECTOR);
         self.grains
             .runs()
-            .map(|(b, n)| (b * GRAIN_BYTES, (n * GRAIN_BYTES).min(cap - b * GRAIN_BYTES)))
+            .map(|(b, n)| {
+                (
+                    b * GRAIN_BYTES,
+                    (n * GRAIN_BYTES).min(cap - b * GRAIN_BYTES),
+                )
+            })
             .collect()
     }
 
@@ -304,9 +318,13 @@ fn past_end(disk: &Disk, offset: u64, size: u64) -> Error {
 mod tests {
     use super::*;
     use crate::testutil::have_qemu;
-    use crate::view::blockmap::check::{judge, random_reads_match_sequential, raw_disk, raw_source};
+    use crate::view::blockmap::check::{
+        expected_blocks, judge, random_reads_match_sequential, raw_disk, raw_source,
+    };
 
     const MIB: u64 = 1 << 20;
+
+    crate::view::blockmap::check::raw_matrix_tests!(Format::Vmdk, GRAIN_BYTES);
 
     #[test]
     fn sparse_raw_disk_becomes_a_vmdk_qemu_reads_identically() {
@@ -318,13 +336,35 @@ mod tests {
             dir.path(),
             "src.raw",
             100 * MIB,
-            &[(0, 4096, 1), (MIB + 512, 70_000, 2), (40 * MIB, 3 * MIB, 3), (100 * MIB - 512, 512, 4)],
+            &[
+                (0, 4096, 1),
+                (MIB + 512, 70_000, 2),
+                (40 * MIB, 3 * MIB, 3),
+                (100 * MIB - 512, 512, 4),
+            ],
         );
         let disk = raw_disk(&src);
         let layout = VmdkLayout::new(disk.clone(), ViewId([1; 32])).unwrap();
-        assert_eq!(layout.tables.allocated(), 3, "grain tables only where data is");
-        assert!(!layout.stored_guest_runs().is_empty());
+        assert_eq!(
+            layout.tables.allocated(),
+            3,
+            "grain tables only where data is"
+        );
+        assert_eq!(
+            layout.stored_guest_runs(),
+            expected_blocks(&disk, GRAIN_BYTES, 100 * MIB),
+            "grains stored exactly where the source has data"
+        );
         let view = judge(dir.path(), Format::Vmdk, disk, &src, "raw", GRAIN_BYTES);
         random_reads_match_sequential(&view, 0x1234_5678, 200);
+    }
+
+    #[test]
+    fn zero_length_disk_has_no_vmdk_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = raw_source(dir.path(), "zero.raw", 0, &[]);
+        let err = VmdkLayout::new(raw_disk(&src), ViewId([1; 32])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("zero.raw") && msg.contains("empty"), "{msg}");
     }
 }

@@ -133,7 +133,10 @@ impl VpcLayout {
     /// BAT entry `b`: the sector of the block's bitmap, or [`UNALLOCATED`] (also for
     /// the padding after the last entry, as qemu fills it).
     fn bat_entry(&self, b: u64) -> [u8; 4] {
-        let v = match (b < self.blocks.blocks()).then(|| self.blocks.rank(b)).flatten() {
+        let v = match (b < self.blocks.blocks())
+            .then(|| self.blocks.rank(b))
+            .flatten()
+        {
             // Below MAX_FILE_SECTORS, checked in `new`.
             Some(r) => ((self.blocks_start + r * SLOT + DATA_ALIGN - BITMAP_SIZE) / SECTOR) as u32,
             None => UNALLOCATED,
@@ -195,7 +198,9 @@ fn header_bytes(entries: u64) -> [u8; 1024] {
 /// The specification's checksum: the one's complement of the sum of all bytes, taken
 /// while the checksum field itself is zero.
 fn checksum(bytes: &[u8]) -> u32 {
-    !bytes.iter().fold(0u32, |s, &b| s.wrapping_add(u32::from(b)))
+    !bytes
+        .iter()
+        .fold(0u32, |s, &b| s.wrapping_add(u32::from(b)))
 }
 
 /// Cylinders, heads and sectors per track for `total` sectors, by the specification's
@@ -278,7 +283,12 @@ impl Layout for VpcLayout {
             } else if pos >= self.footer_offset {
                 let n = (self.size() - pos).min(left) as usize;
                 // The footer is the first 512 bytes of `head`.
-                copy_area(&self.head[..512], self.footer_offset, pos, &mut buf[done..done + n]);
+                copy_area(
+                    &self.head[..512],
+                    self.footer_offset,
+                    pos,
+                    &mut buf[done..done + n],
+                );
                 n
             } else {
                 // A block bitmap: every sector of a stored block is present.
@@ -310,6 +320,9 @@ mod tests {
     };
 
     const MIB: u64 = 1 << 20;
+
+    crate::view::blockmap::check::raw_matrix_tests!(Format::Vpc, BLOCK);
+    crate::view::blockmap::check::zero_length_test!(Format::Vpc, BLOCK);
 
     #[test]
     fn sparse_raw_disk_becomes_a_vhd_qemu_reads_identically() {
@@ -345,7 +358,10 @@ mod tests {
         assert_eq!(chs_geometry(MAX_SECTORS), (65535, 16, 255));
         for total in [1u64, 17, 1000, 99_999, 4_000_000, 300_000_000] {
             let (c, h, s) = chs_geometry(total);
-            assert!(u64::from(c) * u64::from(h) * u64::from(s) <= total, "{total}");
+            assert!(
+                u64::from(c) * u64::from(h) * u64::from(s) <= total,
+                "{total}"
+            );
         }
     }
 
@@ -354,11 +370,17 @@ mod tests {
         let f = footer_bytes(&ViewId([3; 32]), 100 * MIB);
         let mut zeroed = f;
         zeroed[64..68].fill(0);
-        assert_eq!(u32::from_be_bytes([f[64], f[65], f[66], f[67]]), checksum(&zeroed));
+        assert_eq!(
+            u32::from_be_bytes([f[64], f[65], f[66], f[67]]),
+            checksum(&zeroed)
+        );
         let h = header_bytes(50);
         let mut zeroed = h;
         zeroed[36..40].fill(0);
-        assert_eq!(u32::from_be_bytes([h[36], h[37], h[38], h[39]]), checksum(&zeroed));
+        assert_eq!(
+            u32::from_be_bytes([h[36], h[37], h[38], h[39]]),
+            checksum(&zeroed)
+        );
     }
 
     #[test]

@@ -137,7 +137,8 @@ impl BlockMap {
         self.data_bytes
     }
 
-    /// The index of the run holding `block`, if any.
+    /// The run holding `block`, if any.
+    #[cfg(test)]
     fn run_of(&self, block: u64) -> Option<&Run> {
         let i = self.runs.partition_point(|r| r.first <= block);
         let r = self.runs.get(i.checked_sub(1)?)?;
@@ -146,8 +147,25 @@ impl BlockMap {
 
     /// The rank of `block` among allocated blocks (its slot in the data area), or `None`
     /// when it holds no data.
+    #[cfg(test)]
     pub fn rank(&self, block: u64) -> Option<u64> {
         self.run_of(block).map(|r| r.rank + (block - r.first))
+    }
+
+    /// The ranks of blocks `first ..` into `out` (`None` where a block holds no data),
+    /// with one binary search for the whole batch.
+    pub fn ranks_from(&self, first: u64, out: &mut [Option<u64>]) {
+        let mut i = self.runs.partition_point(|r| r.first + r.count <= first);
+        for (k, slot) in out.iter_mut().enumerate() {
+            let block = first + k as u64;
+            while self.runs.get(i).is_some_and(|r| r.first + r.count <= block) {
+                i += 1;
+            }
+            *slot = match self.runs.get(i) {
+                Some(r) if r.first <= block => Some(r.rank + (block - r.first)),
+                _ => None,
+            };
+        }
     }
 
     /// The guest block stored in slot `rank` (< `allocated()`), and how many slots from
@@ -224,20 +242,41 @@ pub fn uuid_text(u: &[u8; 16]) -> String {
     )
 }
 
-/// Fills `buf` with the bytes at `offset` of a table of `N`-byte entries whose entry `i`
-/// is `entry(i)`; only the entries the range touches are computed.
-pub fn fill_table<const N: usize>(
+/// Table entries computed per call of a table filler: one VMDK grain table, and a
+/// batch small enough for the stack for the other tables.
+pub const TABLE_CHUNK: usize = 512;
+
+/// Byte order of a table's 32-bit entries.
+#[derive(Clone, Copy, Debug)]
+pub enum Endian {
+    Little,
+    Big,
+}
+
+/// Fills `buf` with the bytes at `offset` of a table of 32-bit entries. `chunk(first,
+/// values)` computes entries `first .. first + TABLE_CHUNK`; only the chunks the range
+/// touches are computed, so a table is never materialised whole.
+pub fn fill_u32_table(
     buf: &mut [u8],
     offset: u64,
-    mut entry: impl FnMut(u64) -> [u8; N],
+    endian: Endian,
+    mut chunk: impl FnMut(u64, &mut [u32; TABLE_CHUNK]),
 ) {
-    let n = N as u64;
+    const CHUNK_BYTES: u64 = TABLE_CHUNK as u64 * 4;
+    let mut values = [0u32; TABLE_CHUNK];
+    let mut bytes = [0u8; TABLE_CHUNK * 4];
     let mut done = 0usize;
     while done < buf.len() {
         let pos = offset + done as u64;
-        let bytes = entry(pos / n);
-        let skip = (pos % n) as usize;
-        let take = (N - skip).min(buf.len() - done);
+        chunk(pos / CHUNK_BYTES * TABLE_CHUNK as u64, &mut values);
+        for (out, v) in bytes.chunks_exact_mut(4).zip(values) {
+            out.copy_from_slice(&match endian {
+                Endian::Little => v.to_le_bytes(),
+                Endian::Big => v.to_be_bytes(),
+            });
+        }
+        let skip = (pos % CHUNK_BYTES) as usize;
+        let take = (bytes.len() - skip).min(buf.len() - done);
         buf[done..done + take].copy_from_slice(&bytes[skip..skip + take]);
         done += take;
     }
@@ -298,9 +337,30 @@ mod tests {
 
     #[test]
     fn table_bytes_are_cut_from_any_offset() {
+        let fill = |i: u64, v: &mut [u32; TABLE_CHUNK]| {
+            for (k, x) in v.iter_mut().enumerate() {
+                *x = (i + k as u64 + 1) as u32;
+            }
+        };
         let mut buf = [0u8; 7];
-        fill_table(&mut buf, 3, |i| (i as u32 + 1).to_be_bytes());
+        fill_u32_table(&mut buf, 3, Endian::Big, fill);
         assert_eq!(buf, [1, 0, 0, 0, 2, 0, 0]);
+        // Across a chunk boundary, little-endian.
+        let mut buf = [0u8; 8];
+        fill_u32_table(&mut buf, 2046, Endian::Little, fill);
+        assert_eq!(buf, [0, 0, 1, 2, 0, 0, 2, 2]);
+    }
+
+    #[test]
+    fn batch_ranks_agree_with_single_lookups() {
+        let m = map_of(&[(2, 3), (15, 2), (30, 25), (95, 5)], 100, 10);
+        for first in 0..12 {
+            let mut out = [None; 7];
+            m.ranks_from(first, &mut out);
+            for (k, r) in out.iter().enumerate() {
+                assert_eq!(*r, m.rank(first + k as u64), "block {}", first + k as u64);
+            }
+        }
     }
 
     #[test]

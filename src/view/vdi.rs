@@ -17,7 +17,8 @@
 //! modification UUIDs come from the view identity; VDI has no timestamp.
 
 use super::blockmap::{
-    BlockMap, SECTOR, copy_area, derive_uuid, fill_table, guest_segment, round_up,
+    BlockMap, Endian, SECTOR, TABLE_CHUNK, copy_area, derive_uuid, fill_u32_table, guest_segment,
+    round_up,
 };
 use super::{Error, Layout, Piece, Result, Segment, ViewId};
 use crate::image::{Disk, Format};
@@ -89,11 +90,15 @@ impl VdiLayout {
         BMAP_OFFSET + self.blocks.blocks() * 4
     }
 
-    /// Block map entry `b`: the block's index in the data area, or [`UNALLOCATED`].
-    fn bmap_entry(&self, b: u64) -> [u8; 4] {
-        // Ranks are below MAX_BLOCKS, so they fit the u32 entry.
-        let v = self.blocks.rank(b).map_or(UNALLOCATED, |r| r as u32);
-        v.to_le_bytes()
+    /// Block map entries `first ..`: each block's index in the data area, or
+    /// [`UNALLOCATED`].
+    fn bmap_chunk(&self, first: u64, values: &mut [u32; TABLE_CHUNK]) {
+        let mut ranks = [None; TABLE_CHUNK];
+        self.blocks.ranks_from(first, &mut ranks);
+        for (v, r) in values.iter_mut().zip(ranks) {
+            // Ranks are below MAX_BLOCKS, so they fit the u32 entry.
+            *v = r.map_or(UNALLOCATED, |r| r as u32);
+        }
     }
 }
 
@@ -161,13 +166,12 @@ impl Layout for VdiLayout {
         }
         if head < buf.len() {
             let pos = offset + head as u64;
-            fill_table(&mut buf[head..], pos - BMAP_OFFSET, |b| {
-                if b < self.blocks.blocks() {
-                    self.bmap_entry(b)
-                } else {
-                    [0; 4]
-                }
-            });
+            fill_u32_table(
+                &mut buf[head..],
+                pos - BMAP_OFFSET,
+                Endian::Little,
+                |f, v| self.bmap_chunk(f, v),
+            );
         }
         Ok(())
     }

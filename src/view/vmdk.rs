@@ -27,8 +27,8 @@
 //! embedded descriptor's sparse extent to the file itself as well.
 
 use super::blockmap::{
-    BlockMap, SECTOR, copy_area, derive, derive_uuid, fill_table, guest_segment, round_up,
-    uuid_text,
+    BlockMap, Endian, SECTOR, TABLE_CHUNK, copy_area, derive, derive_uuid, fill_u32_table,
+    guest_segment, round_up, uuid_text,
 };
 use super::{Error, Layout, Piece, Result, Segment, ViewId};
 use crate::image::{Disk, Format};
@@ -145,28 +145,33 @@ impl VmdkLayout {
             .collect()
     }
 
-    /// Grain table entry `i` of the tables area (table slot `i / 512`, entry `i % 512`):
-    /// the sector of that grain, 0 when it is not stored.
-    fn gt_entry(&self, i: u64) -> [u8; 4] {
-        let slot = i / GTES_PER_GT;
-        let sector = self
-            .tables
-            .block_at_rank(slot)
-            .and_then(|(table, _)| self.grains.rank(table * GTES_PER_GT + i % GTES_PER_GT))
-            .map_or(0, |rank| self.overhead + rank * GRAIN_SECTORS);
-        (sector as u32).to_le_bytes()
+    /// Entries `first ..` of the grain tables area (table slot `first / 512`): the
+    /// sector of each grain, 0 when it is not stored.
+    fn gt_chunk(&self, first: u64, values: &mut [u32; TABLE_CHUNK]) {
+        values.fill(0);
+        let Some((table, _)) = self.tables.block_at_rank(first / GTES_PER_GT) else {
+            return;
+        };
+        let mut ranks = [None; TABLE_CHUNK];
+        self.grains.ranks_from(table * GTES_PER_GT, &mut ranks);
+        for (v, r) in values.iter_mut().zip(ranks) {
+            // Below MAX_FILE_SECTORS, checked in `new`.
+            *v = r.map_or(0, |r| (self.overhead + r * GRAIN_SECTORS) as u32);
+        }
     }
 
-    /// Grain directory entry `t`: the sector of grain table `t`, 0 when it is absent.
-    fn gd_entry(&self, t: u64) -> [u8; 4] {
-        let sector = if t < self.gd_entries {
-            self.tables
-                .rank(t)
-                .map_or(0, |slot| self.gt_sector + slot * (GT_BYTES / SECTOR))
-        } else {
-            0
-        };
-        (sector as u32).to_le_bytes()
+    /// Grain directory entries `first ..`: the sector of each grain table, 0 when it is
+    /// absent (and in the padding after the last entry).
+    fn gd_chunk(&self, first: u64, values: &mut [u32; TABLE_CHUNK]) {
+        let mut ranks = [None; TABLE_CHUNK];
+        self.tables.ranks_from(first, &mut ranks);
+        for (k, (v, r)) in values.iter_mut().zip(ranks).enumerate() {
+            let live = first + (k as u64) < self.gd_entries;
+            *v = match r {
+                Some(slot) if live => (self.gt_sector + slot * (GT_BYTES / SECTOR)) as u32,
+                _ => 0,
+            };
+        }
     }
 
     fn gt_end(&self) -> u64 {
@@ -291,9 +296,13 @@ impl Layout for VmdkLayout {
             if pos < gd_start {
                 copy_area(&self.head, 0, pos, out);
             } else if pos < gt_start {
-                fill_table(out, pos - gd_start, |t| self.gd_entry(t));
+                fill_u32_table(out, pos - gd_start, Endian::Little, |f, v| {
+                    self.gd_chunk(f, v)
+                });
             } else {
-                fill_table(out, pos - gt_start, |i| self.gt_entry(i));
+                fill_u32_table(out, pos - gt_start, Endian::Little, |f, v| {
+                    self.gt_chunk(f, v)
+                });
             }
             done += n;
         }

@@ -28,7 +28,8 @@
 //! [`VpcLayout::new`], with an error that says why.
 
 use super::blockmap::{
-    BlockMap, SECTOR, copy_area, derive_uuid, fill_table, guest_segment, round_up,
+    BlockMap, Endian, SECTOR, TABLE_CHUNK, copy_area, derive_uuid, fill_u32_table, guest_segment,
+    round_up,
 };
 use super::{Error, Layout, Piece, Result, Segment, ViewId};
 use crate::image::{Disk, Format};
@@ -130,18 +131,16 @@ impl VpcLayout {
         })
     }
 
-    /// BAT entry `b`: the sector of the block's bitmap, or [`UNALLOCATED`] (also for
-    /// the padding after the last entry, as qemu fills it).
-    fn bat_entry(&self, b: u64) -> [u8; 4] {
-        let v = match (b < self.blocks.blocks())
-            .then(|| self.blocks.rank(b))
-            .flatten()
-        {
+    /// BAT entries `first ..`: the sector of each block's bitmap, or [`UNALLOCATED`]
+    /// (also in the padding after the last entry, as qemu fills it).
+    fn bat_chunk(&self, first: u64, values: &mut [u32; TABLE_CHUNK]) {
+        let mut ranks = [None; TABLE_CHUNK];
+        self.blocks.ranks_from(first, &mut ranks);
+        for (v, r) in values.iter_mut().zip(ranks) {
             // Below MAX_FILE_SECTORS, checked in `new`.
-            Some(r) => ((self.blocks_start + r * SLOT + DATA_ALIGN - BITMAP_SIZE) / SECTOR) as u32,
-            None => UNALLOCATED,
-        };
-        v.to_be_bytes()
+            let bitmap = |r| (self.blocks_start + r * SLOT + DATA_ALIGN - BITMAP_SIZE) / SECTOR;
+            *v = r.map_or(UNALLOCATED, |r| bitmap(r) as u32);
+        }
     }
 
     fn out_of_range(&self, offset: u64) -> Error {
@@ -276,9 +275,12 @@ impl Layout for VpcLayout {
                 n
             } else if pos < self.bat_end {
                 let n = (self.bat_end - pos).min(left) as usize;
-                fill_table(&mut buf[done..done + n], pos - BAT_OFFSET, |b| {
-                    self.bat_entry(b)
-                });
+                fill_u32_table(
+                    &mut buf[done..done + n],
+                    pos - BAT_OFFSET,
+                    Endian::Big,
+                    |f, v| self.bat_chunk(f, v),
+                );
                 n
             } else if pos >= self.footer_offset {
                 let n = (self.size() - pos).min(left) as usize;

@@ -385,7 +385,7 @@ pub(crate) mod check {
     use super::round_up;
     use crate::image::raw::RawLayer;
     use crate::image::{Disk, Format, Layer};
-    use crate::testutil::{self, qemu_io, qemu_map};
+    use crate::testutil::{self, qemu_img, qemu_io, qemu_map};
     use crate::view::{View, ViewId};
     use sha2::{Digest, Sha256};
     use std::path::{Path, PathBuf};
@@ -404,14 +404,36 @@ pub(crate) mod check {
         path
     }
 
-    /// `qemu-io -f FMT -c "write [flags] -s NOISE off len"` for each write.
+    /// `qemu-io -f FMT -c "write -s NOISE off len"` for each write.
     pub fn qemu_write_noise(path: &Path, fmt: &str, writes: &[(u64, u64, u64)]) {
+        qemu_write(path, fmt, "", writes, false);
+    }
+
+    /// `qemu-io -f FMT -c "write FLAGS -s FILE off len"` for each write: noise, or
+    /// (`compressible`) noise thinned out so that a compressed cluster is smaller than
+    /// the cluster (qcow2 stores it uncompressed otherwise) yet unlike any other.
+    pub fn qemu_write(
+        path: &Path,
+        fmt: &str,
+        flags: &str,
+        writes: &[(u64, u64, u64)],
+        compressible: bool,
+    ) {
         let dir = path.parent().expect("source in a directory");
         let mut cmds = Vec::new();
         for (i, &(off, len, seed)) in writes.iter().enumerate() {
             let noise = dir.join(format!(".noise{i}"));
-            std::fs::write(&noise, testutil::noise(seed, len as usize)).unwrap();
-            cmds.push(format!("write -s {} {off} {len}", noise.display()));
+            let mut data = testutil::noise(seed, len as usize);
+            if compressible {
+                // Keep 64 noise bytes in every 512.
+                for (k, b) in data.iter_mut().enumerate() {
+                    if k % 512 >= 64 {
+                        *b = 0x55;
+                    }
+                }
+            }
+            std::fs::write(&noise, data).unwrap();
+            cmds.push(format!("write {flags} -s {} {off} {len}", noise.display()));
         }
         let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
         if !cmds.is_empty() {
@@ -620,6 +642,212 @@ pub(crate) mod check {
         let view = judge(dir.path(), format, disk, &src, "raw", granularity);
         random_reads_match_sequential(&view, 0x2545_f491_4f6c_dd1d, 64);
     }
+
+    /// The shapes of issue 4's matrix as qcow2 images, read by the qcow2 reader.
+    #[derive(Clone, Copy, Debug)]
+    pub enum Qcow2Case {
+        /// 64 MiB, 64 KiB clusters, data of many sizes and alignments, zero clusters.
+        Plain,
+        /// Compressed clusters, deflate (qcow2's default compression type).
+        Zlib,
+        /// Compressed clusters, zstd.
+        Zstd,
+        /// base ← mid ← top, each writing over the one below, the top zeroing some.
+        Chain,
+        /// 64 MiB and no cluster allocated.
+        Empty,
+        /// 64 KiB + 1 byte (qemu rounds it to 64.5 KiB), data in the last sector.
+        OneBytePastACluster,
+        /// 5 GiB with a few MiB of data.
+        LargeSparse,
+        /// 2 MiB clusters, partly written.
+        TwoMibClusters,
+    }
+
+    fn qcow2_create(dir: &Path, name: &str, size: u64, opts: &str) -> PathBuf {
+        let path = dir.join(name);
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        let size = size.to_string();
+        args.extend([path.to_str().unwrap(), size.as_str()]);
+        qemu_img(&args);
+        path
+    }
+
+    /// Builds `case` in `dir`; returns the disk opened through its backing chain and
+    /// the top image.
+    pub fn qcow2_case(dir: &Path, case: Qcow2Case) -> (Arc<Disk>, PathBuf) {
+        let plain_writes = [
+            (0, 512, 1),
+            (4096, 8192, 2),
+            (65536 - 512, 1024, 3),
+            (MIB + 12000, 300_000, 4),
+            (7 * MIB, 2 * MIB + 4096, 5),
+            (64 * MIB - 4096, 4096, 7),
+        ];
+        let top = match case {
+            Qcow2Case::Plain => {
+                let p = qcow2_create(dir, "plain.qcow2", 64 * MIB, "");
+                qemu_write_noise(&p, "qcow2", &plain_writes);
+                // Zero clusters over data: the view must read (and store) them as zero.
+                qemu_io("qcow2", &p, &["write -z 7M 64k", "write -z 20M 1M"]);
+                p
+            }
+            Qcow2Case::Zlib | Qcow2Case::Zstd => {
+                let opts = match case {
+                    Qcow2Case::Zstd => "compression_type=zstd",
+                    _ => "",
+                };
+                let p = qcow2_create(dir, "compressed.qcow2", 64 * MIB, opts);
+                let clusters = [
+                    (0, 64 << 10, 21),
+                    (MIB, 4 * MIB, 22),
+                    (60 * MIB, 64 << 10, 23),
+                ];
+                qemu_write(&p, "qcow2", "-c", &clusters, true);
+                // And one plain cluster among the compressed ones.
+                qemu_write_noise(&p, "qcow2", &[(2 * MIB + 4096, 4096, 24)]);
+                let map = qemu_img(&["map", "--output=json", p.to_str().unwrap()]);
+                assert!(
+                    map.contains("\"compressed\": true"),
+                    "no compressed cluster: {map}"
+                );
+                let info = qemu_img(&["info", p.to_str().unwrap()]);
+                let kind = if opts.is_empty() { "zlib" } else { "zstd" };
+                assert!(
+                    info.contains(&format!("compression type: {kind}")),
+                    "{info}"
+                );
+                p
+            }
+            Qcow2Case::Chain => {
+                let base = qcow2_create(dir, "base.qcow2", 64 * MIB, "");
+                qemu_write_noise(&base, "qcow2", &plain_writes);
+                let mid = qcow2_create(
+                    dir,
+                    "mid.qcow2",
+                    64 * MIB,
+                    "backing_file=base.qcow2,backing_fmt=qcow2",
+                );
+                qemu_write_noise(
+                    &mid,
+                    "qcow2",
+                    &[(4096, 4096, 31), (8 * MIB, MIB, 32), (40 * MIB, 512, 33)],
+                );
+                let top = qcow2_create(
+                    dir,
+                    "top.qcow2",
+                    64 * MIB,
+                    "backing_file=mid.qcow2,backing_fmt=qcow2",
+                );
+                qemu_write_noise(
+                    &top,
+                    "qcow2",
+                    &[(MIB + 65536, 65536, 41), (50 * MIB, 3 * MIB, 42)],
+                );
+                // Zeroes in the top that hide data below, whole and partial clusters.
+                qemu_io("qcow2", &top, &["write -z 8M 64k", "write -z 0 4k"]);
+                top
+            }
+            Qcow2Case::Empty => qcow2_create(dir, "empty.qcow2", 64 * MIB, ""),
+            Qcow2Case::OneBytePastACluster => {
+                let p = qcow2_create(dir, "odd.qcow2", 65537, "");
+                qemu_write_noise(&p, "qcow2", &[(0, 4096, 51), (65536, 512, 52)]);
+                p
+            }
+            Qcow2Case::LargeSparse => {
+                let p = qcow2_create(dir, "large.qcow2", 5 << 30, "");
+                qemu_write_noise(
+                    &p,
+                    "qcow2",
+                    &[
+                        (0, MIB, 61),
+                        (1 << 30, 512, 62),
+                        ((3 << 30) + 777 * 512, 2 * MIB, 63),
+                        ((5 << 30) - MIB, MIB, 64),
+                    ],
+                );
+                p
+            }
+            Qcow2Case::TwoMibClusters => {
+                let p = qcow2_create(dir, "big-clusters.qcow2", 64 * MIB, "cluster_size=2M");
+                qemu_write_noise(
+                    &p,
+                    "qcow2",
+                    &[
+                        (4096, 4096, 71),
+                        (9 * MIB, 3 * MIB, 72),
+                        (63 * MIB, 512, 73),
+                    ],
+                );
+                p
+            }
+        };
+        let policy = crate::image::chain::WithinDir {
+            root: dir.to_path_buf(),
+        };
+        let disk = crate::image::chain::open_chain(&top, &policy).expect("open qcow2 chain");
+        if let Qcow2Case::Chain = case {
+            assert_eq!(disk.layers().len(), 3, "base, mid and top are all read");
+        }
+        (Arc::new(disk), top)
+    }
+
+    /// Judges `format`'s view of the qcow2 `case` and reads it randomly.
+    pub fn qcow2_matrix_case(format: Format, granularity: u64, case: Qcow2Case) {
+        if !testutil::have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (disk, src) = qcow2_case(dir.path(), case);
+        let view = judge(dir.path(), format, disk, &src, "qcow2", granularity);
+        random_reads_match_sequential(&view, 0x51_7cc1_b727_220a, 64);
+    }
+
+    /// One test per qcow2 matrix case for a format, named after the case.
+    macro_rules! qcow2_matrix_tests {
+        ($format:expr, $granularity:expr) => {
+            mod qcow2_matrix {
+                use super::*;
+                use crate::view::blockmap::check::{Qcow2Case, qcow2_matrix_case};
+                #[test]
+                fn plain_qcow2_is_identical_through_qemu() {
+                    qcow2_matrix_case($format, $granularity, Qcow2Case::Plain);
+                }
+                #[test]
+                fn zlib_compressed_qcow2_is_identical_through_qemu() {
+                    qcow2_matrix_case($format, $granularity, Qcow2Case::Zlib);
+                }
+                #[test]
+                fn zstd_compressed_qcow2_is_identical_through_qemu() {
+                    qcow2_matrix_case($format, $granularity, Qcow2Case::Zstd);
+                }
+                #[test]
+                fn three_layer_chain_is_flattened_identically() {
+                    qcow2_matrix_case($format, $granularity, Qcow2Case::Chain);
+                }
+                #[test]
+                fn empty_qcow2_is_identical_through_qemu() {
+                    qcow2_matrix_case($format, $granularity, Qcow2Case::Empty);
+                }
+                #[test]
+                fn qcow2_one_byte_past_a_cluster_is_identical_through_qemu() {
+                    qcow2_matrix_case($format, $granularity, Qcow2Case::OneBytePastACluster);
+                }
+                #[test]
+                fn five_gib_sparse_qcow2_is_identical_through_qemu() {
+                    qcow2_matrix_case($format, $granularity, Qcow2Case::LargeSparse);
+                }
+                #[test]
+                fn two_mib_cluster_qcow2_is_identical_through_qemu() {
+                    qcow2_matrix_case($format, $granularity, Qcow2Case::TwoMibClusters);
+                }
+            }
+        };
+    }
+    pub(crate) use qcow2_matrix_tests;
 
     /// One test per matrix case for a format, named after the case.
     macro_rules! raw_matrix_tests {

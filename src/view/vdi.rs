@@ -192,6 +192,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     crate::view::blockmap::check::raw_matrix_tests!(Format::Vdi, BLOCK);
+    crate::view::blockmap::check::qcow2_matrix_tests!(Format::Vdi, BLOCK);
     crate::view::blockmap::check::zero_length_test!(Format::Vdi, BLOCK);
 
     #[test]

@@ -334,6 +334,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     crate::view::blockmap::check::raw_matrix_tests!(Format::Vmdk, GRAIN_BYTES);
+    crate::view::blockmap::check::qcow2_matrix_tests!(Format::Vmdk, GRAIN_BYTES);
 
     #[test]
     fn sparse_raw_disk_becomes_a_vmdk_qemu_reads_identically() {

@@ -920,7 +920,21 @@ mod bench {
             f.write_all_at(&chunk, i * stride / 65536 * 65536).unwrap();
         }
         drop(f);
-        let disk = super::check::raw_disk(&path);
+        let qcow2 = dir.path().join("big.qcow2");
+        let (src, dst) = (path.to_str().unwrap(), qcow2.to_str().unwrap());
+        crate::testutil::qemu_img(&["convert", "-O", "qcow2", src, dst]);
+        let policy = crate::image::chain::NoBacking;
+        let from_qcow2 = crate::image::chain::open_chain(&qcow2, &policy).unwrap();
+        for (source, disk) in [
+            ("raw", super::check::raw_disk(&path)),
+            ("qcow2", std::sync::Arc::new(from_qcow2)),
+        ] {
+            println!("source: {source}");
+            layouts_of(disk);
+        }
+    }
+
+    fn layouts_of(disk: std::sync::Arc<crate::image::Disk>) {
         for format in [Format::Vmdk, Format::Vdi, Format::Vpc, Format::Vmdk] {
             let t = Instant::now();
             let view = View::new(disk.clone(), format, ViewId([9; 32]));

@@ -364,6 +364,39 @@ mod tests {
     }
 
     #[test]
+    fn view_identity_changes_only_identifier_bytes() {
+        use crate::image::Format;
+        use crate::view::View;
+        if !crate::testutil::have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = check::raw_source(dir.path(), "src.raw", 8 << 20, &[(4096, 70_000, 1)]);
+        let disk = check::raw_disk(&src);
+        for format in [Format::Vmdk, Format::Vdi, Format::Vpc] {
+            let head = |id: u8| {
+                let view = View::new(disk.clone(), format, ViewId([id; 32])).unwrap();
+                let mut buf = vec![0u8; view.size() as usize];
+                view.read_at(&mut buf, 0).unwrap();
+                buf
+            };
+            let (a, b) = (head(1), head(2));
+            assert_eq!(a, head(1), "{format}: same identity, same bytes");
+            assert_eq!(
+                a.len(),
+                b.len(),
+                "{format}: identity does not change the size"
+            );
+            let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+            // A CID or UUIDs (and the checksums over them), nothing else.
+            assert!(
+                (1..=160).contains(&differing),
+                "{format}: {differing} bytes differ"
+            );
+        }
+    }
+
+    #[test]
     fn derived_uuids_are_stable_distinct_and_well_formed() {
         let id = ViewId([7; 32]);
         let a = derive_uuid(&id, "a");

@@ -417,7 +417,7 @@ mod tests {
 pub(crate) mod check {
     use super::round_up;
     use crate::image::raw::RawLayer;
-    use crate::image::{Disk, Format, Layer};
+    use crate::image::{Disk, Extent, Format, Layer, Mapping};
     use crate::testutil::{self, qemu_img, qemu_io, qemu_map};
     use crate::view::{View, ViewId};
     use sha2::{Digest, Sha256};
@@ -477,6 +477,33 @@ pub(crate) mod check {
     pub fn raw_disk(path: &Path) -> Arc<Disk> {
         let layer: Arc<dyn Layer> = Arc::new(RawLayer::open(path).expect("open raw source"));
         Arc::new(Disk::new(vec![layer]))
+    }
+
+    /// A disk of `size` bytes that stores nothing, for sizes no test file can have.
+    pub fn empty_disk(size: u64) -> Arc<Disk> {
+        #[derive(Debug)]
+        struct Nothing(u64, PathBuf);
+        impl Layer for Nothing {
+            fn format(&self) -> Format {
+                Format::Raw
+            }
+            fn path(&self) -> &Path {
+                &self.1
+            }
+            fn virtual_size(&self) -> u64 {
+                self.0
+            }
+            fn map(&self, _offset: u64, max_len: u64) -> crate::image::Result<Extent> {
+                Ok(Extent {
+                    len: max_len,
+                    mapping: Mapping::Unallocated,
+                })
+            }
+            fn allocated_bytes(&self) -> u64 {
+                0
+            }
+        }
+        Arc::new(Disk::new(vec![Arc::new(Nothing(size, "huge.img".into()))]))
     }
 
     /// sha256 of the whole view read front to back in 1 MiB reads.

@@ -60,8 +60,8 @@ pub struct VdiLayout {
 impl VdiLayout {
     pub fn new(disk: Arc<Disk>, id: ViewId) -> Result<VdiLayout> {
         let disk_size = round_up(disk.virtual_size(), SECTOR);
-        let blocks = BlockMap::of_disk(&disk, disk_size, BLOCK)?;
-        if blocks.blocks() > MAX_BLOCKS {
+        let block_count = disk_size.div_ceil(BLOCK);
+        if block_count > MAX_BLOCKS {
             return Err(Error::Unsupported {
                 path: disk.top().path().to_path_buf(),
                 format: Format::Vdi,
@@ -69,10 +69,11 @@ impl VdiLayout {
                     "a {} byte disk needs {} blocks of 1 MiB, more than the {MAX_BLOCKS} \
                      qemu accepts in a VDI",
                     disk.virtual_size(),
-                    blocks.blocks()
+                    block_count
                 ),
             });
         }
+        let blocks = BlockMap::of_disk(&disk, disk_size, BLOCK)?;
         let bmap_end = BMAP_OFFSET + blocks.blocks() * 4;
         let data_offset = round_up(bmap_end, DATA_ALIGN);
         let header = header_bytes(&id, disk_size, &blocks, data_offset);
@@ -185,8 +186,9 @@ impl Layout for VdiLayout {
 mod tests {
     use super::*;
     use crate::testutil::have_qemu;
+    use crate::view::View;
     use crate::view::blockmap::check::{
-        judge, random_reads_match_sequential, raw_disk, raw_source,
+        empty_disk, judge, random_reads_match_sequential, raw_disk, raw_source,
     };
 
     const MIB: u64 = 1 << 20;
@@ -215,6 +217,30 @@ mod tests {
         let disk = raw_disk(&src);
         let view = judge(dir.path(), Format::Vdi, disk, &src, "raw", BLOCK);
         random_reads_match_sequential(&view, 0x9e37_79b9, 200);
+    }
+
+    #[test]
+    fn block_map_of_the_largest_vdi_is_generated_on_demand() {
+        let disk = empty_disk(MAX_BLOCKS * BLOCK);
+        let view = View::new(disk, Format::Vdi, ViewId([1; 32])).unwrap();
+        // A 2 GiB block map and no data: the file ends where the data would start.
+        assert_eq!(
+            view.size(),
+            round_up(BMAP_OFFSET + MAX_BLOCKS * 4, DATA_ALIGN)
+        );
+        let mut tail = [0u8; 4096];
+        let end = BMAP_OFFSET + MAX_BLOCKS * 4;
+        view.read_at(&mut tail, end - 4096).unwrap();
+        assert!(tail.iter().all(|&b| b == 0xff), "every block unallocated");
+        assert_eq!(view.next_hole(0).unwrap(), Some(end));
+        let err = View::new(
+            empty_disk(MAX_BLOCKS * BLOCK + 1),
+            Format::Vdi,
+            ViewId([1; 32]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("huge.img") && err.contains("blocks"), "{err}");
     }
 
     #[test]

@@ -80,9 +80,7 @@ pub struct VmdkLayout {
 impl VmdkLayout {
     pub fn new(disk: Arc<Disk>, id: ViewId) -> Result<VmdkLayout> {
         let capacity = disk.virtual_size().div_ceil(SECTOR);
-        let grains = BlockMap::of_disk(&disk, capacity * SECTOR, GRAIN_BYTES)?;
-        let tables = grains.coarsen(GTES_PER_GT);
-        let gd_entries = tables.blocks();
+        let gd_entries = (capacity * SECTOR).div_ceil(GRAIN_BYTES * GTES_PER_GT);
         let unsupported = |reason: String| Error::Unsupported {
             path: disk.top().path().to_path_buf(),
             format: Format::Vmdk,
@@ -104,6 +102,9 @@ impl VmdkLayout {
                 disk.virtual_size()
             )));
         }
+        let grains = BlockMap::of_disk(&disk, capacity * SECTOR, GRAIN_BYTES)?;
+        let tables = grains.coarsen(GTES_PER_GT);
+        debug_assert_eq!(tables.blocks(), gd_entries);
         let gd_sectors = (gd_entries * 4).div_ceil(SECTOR);
         let gt_sector = GD_SECTOR + gd_sectors;
         let gt_end = gt_sector + tables.allocated() * (GT_BYTES / SECTOR);
@@ -328,7 +329,7 @@ mod tests {
     use super::*;
     use crate::testutil::have_qemu;
     use crate::view::blockmap::check::{
-        expected_blocks, judge, random_reads_match_sequential, raw_disk, raw_source,
+        empty_disk, expected_blocks, judge, random_reads_match_sequential, raw_disk, raw_source,
     };
 
     const MIB: u64 = 1 << 20;
@@ -367,6 +368,27 @@ mod tests {
         );
         let view = judge(dir.path(), Format::Vmdk, disk, &src, "raw", GRAIN_BYTES);
         random_reads_match_sequential(&view, 0x1234_5678, 200);
+    }
+
+    #[test]
+    fn a_petabyte_disk_gets_its_grain_directory_on_demand() {
+        let size = MAX_GD_ENTRIES * GRAIN_BYTES * GTES_PER_GT;
+        let layout = VmdkLayout::new(empty_disk(size), ViewId([1; 32])).unwrap();
+        // 512 MiB of grain directory, all zero, and nothing else.
+        assert_eq!(
+            layout.size(),
+            round_up(
+                (GD_SECTOR + MAX_GD_ENTRIES * 4 / SECTOR) * SECTOR,
+                GRAIN_BYTES
+            )
+        );
+        let mut buf = vec![0xaau8; 8192];
+        layout
+            .generate(GD_SECTOR * SECTOR + (1 << 28), &mut buf)
+            .unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        let err = VmdkLayout::new(empty_disk(size + 1), ViewId([1; 32])).unwrap_err();
+        assert!(err.to_string().contains("grain directory"), "{err}");
     }
 
     #[test]

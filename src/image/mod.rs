@@ -16,7 +16,12 @@ pub mod chain;
 pub mod compressed;
 pub mod detect;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
+pub(crate) mod tables;
+pub mod vdi;
+pub mod vmdk;
+pub mod vpc;
 
 use std::fmt;
 use std::fs::File;

@@ -173,6 +173,47 @@ pub fn judge(
     view
 }
 
+/// The project's own reader of `format` opens the written view with the sector-rounded
+/// size, reports data exactly in the stored blocks, and reads back the disk's bytes.
+fn own_reader_agrees(file: &Path, format: Format, disk: &Disk, granularity: u64, span: u64) {
+    let f = std::fs::File::open(file).unwrap();
+    let layer: Arc<dyn Layer> = match format {
+        Format::Vmdk => Arc::new(crate::image::vmdk::open(f, file).expect("own vmdk reader")),
+        Format::Vdi => Arc::new(crate::image::vdi::open(f, file).expect("own vdi reader")),
+        Format::Vpc => Arc::new(crate::image::vpc::open(f, file).expect("own vpc reader")),
+        _ => return,
+    };
+    let back = Disk::new(vec![layer]);
+    assert_eq!(
+        back.virtual_size(),
+        span,
+        "size seen by our {format} reader"
+    );
+    let data = back.data_extents(0, span).unwrap();
+    assert_eq!(
+        data,
+        expected_blocks(disk, granularity, span),
+        "data seen by our {format} reader"
+    );
+    let mut want = vec![0u8; 1 << 20];
+    let mut got = vec![0u8; 1 << 20];
+    for (start, len) in data {
+        let mut pos = start;
+        while pos < start + len {
+            let n = (start + len - pos).min(1 << 20) as usize;
+            back.read_at(&mut got[..n], pos).unwrap();
+            let inside = disk.virtual_size().saturating_sub(pos).min(n as u64) as usize;
+            want[..n].fill(0);
+            disk.read_at(&mut want[..inside], pos).unwrap();
+            assert!(
+                got[..n] == want[..n],
+                "our {format} reader differs at {pos}"
+            );
+            pos += n as u64;
+        }
+    }
+}
+
 /// Random reads at random offsets and lengths (tiny xorshift, fixed seed) equal the
 /// same ranges of one sequential read of the whole view.
 pub fn random_reads_match_sequential(view: &View, seed: u64, cases: usize) {

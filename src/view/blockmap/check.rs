@@ -161,6 +161,7 @@ pub fn judge(
             "qemu-img convert of the view differs from the disk"
         );
     }
+    own_reader_agrees(&out, format, &disk, granularity, span);
     let extents = view.data_extents().unwrap();
     let held: u64 = extents.iter().map(|(_, l)| l).sum();
     assert_eq!(

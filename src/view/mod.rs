@@ -11,7 +11,11 @@
 //! every host. Identifiers in headers come from the [`ViewId`] the caller derives from
 //! the disk (the tree uses the revision's layer hashes); no clock time goes in.
 
+mod blockmap;
 pub mod raw;
+pub mod vdi;
+pub mod vmdk;
+pub mod vpc;
 
 use crate::image::{self, Disk, Format};
 use std::sync::Arc;
@@ -68,6 +72,9 @@ impl View {
     pub fn new(disk: Arc<Disk>, format: Format, id: ViewId) -> Result<View> {
         let layout: Arc<dyn Layout> = match format {
             Format::Raw => Arc::new(raw::RawLayout::new(disk.clone())),
+            Format::Vmdk => Arc::new(vmdk::VmdkLayout::new(disk.clone(), id)?),
+            Format::Vdi => Arc::new(vdi::VdiLayout::new(disk.clone(), id)?),
+            Format::Vpc => Arc::new(vpc::VpcLayout::new(disk.clone(), id)?),
             other => {
                 let _ = id;
                 return Err(Error::Unsupported {

@@ -11,6 +11,8 @@
 //! Every image is untrusted input: each format module documents the limits it enforces
 //! before it allocates or follows anything.
 
+pub mod convert;
+pub mod qcow2_layout;
 pub mod raw;
 
 use std::fmt;

@@ -11,7 +11,12 @@
 //! every host. Identifiers in headers come from the [`ViewId`] the caller derives from
 //! the disk (the tree uses the revision's layer hashes); no clock time goes in.
 
+pub mod qcow2;
+pub mod qed;
 pub mod raw;
+
+#[cfg(test)]
+pub(crate) mod judge;
 
 use crate::image::{self, Disk, Format};
 use std::sync::Arc;
@@ -68,6 +73,8 @@ impl View {
     pub fn new(disk: Arc<Disk>, format: Format, id: ViewId) -> Result<View> {
         let layout: Arc<dyn Layout> = match format {
             Format::Raw => Arc::new(raw::RawLayout::new(disk.clone())),
+            Format::Qcow2 => Arc::new(qcow2::Qcow2View::new(&disk)?),
+            Format::Qed => Arc::new(qed::QedView::new(&disk)?),
             other => {
                 let _ = id;
                 return Err(Error::Unsupported {

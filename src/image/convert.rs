@@ -1,0 +1,162 @@
+//! The import converter: any disk (a raw, qcow2, qed, vdi, vpc or vmdk file read through
+//! its [`Disk`]) becomes one standalone qcow2 layer, the form a repository stores.
+//!
+//! Two passes, both streaming. The first reads only the clusters the source stores and
+//! keeps the runs of 64 KiB clusters that hold a non-zero byte (a compact run list, never
+//! a bitmap of the disk). The second writes the file front to back in the arrangement of
+//! [`Qcow2Layout`] (the same one `disk.qcow2` serves), hashing every byte with sha256 as
+//! it goes. Zero blocks of the output, in tables or data, are not written, so they stay
+//! holes in the layer file but are hashed as the zeroes they read as. The output depends
+//! only on the disk's content: the same content gives the same bytes and the same hash,
+//! whatever the source format or its allocation.
+
+use super::qcow2_layout::{CLUSTER_SIZE, Part, Qcow2Layout, allocated_clusters};
+use super::{Disk, Error, Result};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// Bytes read or written per call: large enough to amortise calls and table lookups,
+/// small enough to stay in cache (a multiple of the cluster size).
+const CHUNK: usize = 4 << 20;
+/// Granularity of hole detection in the output: the usual filesystem block.
+const BLOCK: usize = 4096;
+
+/// The layer that was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Converted {
+    /// sha256 of the file's bytes, lowercase hex: the layer's name in a repository.
+    pub sha256: String,
+    /// Length of the file in bytes.
+    pub len: u64,
+}
+
+/// Writes `disk` as a standalone qcow2 layer into `out` (opened for writing from
+/// `out_path`, which only names it in errors), replacing what `out` held. `progress` is
+/// called with (bytes done, bytes to do) as the passes advance; the total may shrink once
+/// the first pass knows how much data is zero. The caller syncs the file.
+pub fn to_qcow2_layer(
+    disk: &Disk,
+    out: &File,
+    out_path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Converted> {
+    let size = disk.virtual_size();
+    let allocated = allocated_clusters(disk, CLUSTER_SIZE)?;
+    let scan_bytes: u64 = allocated
+        .iter()
+        .map(|&(first, count)| clip(first, count, size))
+        .sum();
+    let mut done = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+
+    // Pass 1: which stored clusters hold anything but zeroes.
+    let mut kept: Vec<(u64, u64)> = Vec::new();
+    let per_chunk = CHUNK as u64 / CLUSTER_SIZE;
+    for &(first, count) in &allocated {
+        let mut c = first;
+        while c < first + count {
+            let n = per_chunk.min(first + count - c);
+            let start = c * CLUSTER_SIZE;
+            let len = clip(c, n, size) as usize;
+            disk.read_at(&mut buf[..len], start)?;
+            for (i, cluster) in buf[..len].chunks(CLUSTER_SIZE as usize).enumerate() {
+                if !is_zero(cluster) {
+                    let at = c + i as u64;
+                    match kept.last_mut() {
+                        Some((s, k)) if *s + *k == at => *k += 1,
+                        _ => kept.push((at, 1)),
+                    }
+                }
+            }
+            c += n;
+            done += len as u64;
+            progress(done, scan_bytes * 2);
+        }
+    }
+    let data_bytes: u64 = kept
+        .iter()
+        .map(|&(first, count)| clip(first, count, size))
+        .sum();
+    let total = scan_bytes + data_bytes;
+    progress(done, total);
+
+    // Pass 2: the file, front to back.
+    let layout = Qcow2Layout::new(disk.top().path(), size, &kept)?;
+    let mut writer = SparseWriter {
+        out,
+        path: out_path,
+        hash: Sha256::new(),
+    };
+    out.set_len(0).map_err(|e| Error::io(out_path, e))?;
+    let file_size = layout.file_size();
+    let mut pos = 0u64;
+    while pos < file_size {
+        let span = layout.span(pos);
+        let n = span.len.min(CHUNK as u64) as usize;
+        let chunk = &mut buf[..n];
+        match span.part {
+            Part::Table => layout.generate(pos, chunk),
+            Part::Data(guest) => {
+                let real = size.saturating_sub(guest).min(n as u64) as usize;
+                disk.read_at(&mut chunk[..real], guest)?;
+                chunk[real..].fill(0);
+                done += real as u64;
+                progress(done, total);
+            }
+        }
+        writer.write(chunk, pos)?;
+        pos += n as u64;
+    }
+    out.set_len(file_size).map_err(|e| Error::io(out_path, e))?;
+    Ok(Converted {
+        sha256: format!("{:x}", writer.hash.finalize()),
+        len: file_size,
+    })
+}
+
+/// Guest bytes of `count` clusters from cluster `first`, cut at the disk's end.
+fn clip(first: u64, count: u64, size: u64) -> u64 {
+    ((first + count) * CLUSTER_SIZE).min(size) - first * CLUSTER_SIZE
+}
+
+/// True when `buf` holds only zeroes. Folds fixed blocks without branching (the compiler
+/// vectorises the fold) and stops at the first block with a non-zero byte.
+fn is_zero(buf: &[u8]) -> bool {
+    buf.chunks(512)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+/// Writes an output file in order, leaving all-zero blocks unwritten (holes) and hashing
+/// every byte.
+struct SparseWriter<'a> {
+    out: &'a File,
+    path: &'a Path,
+    hash: Sha256,
+}
+
+impl SparseWriter<'_> {
+    /// Writes `buf` at `offset` (block-aligned: the layout is made of whole clusters).
+    fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.hash.update(buf);
+        let mut i = 0usize;
+        while i < buf.len() {
+            // Skip zero blocks, then write the run of non-zero blocks that follows.
+            let block_end = |at: usize| (at + BLOCK).min(buf.len());
+            if is_zero(&buf[i..block_end(i)]) {
+                i = block_end(i);
+                continue;
+            }
+            let mut j = block_end(i);
+            while j < buf.len() && !is_zero(&buf[j..block_end(j)]) {
+                j = block_end(j);
+            }
+            self.out
+                .write_all_at(&buf[i..j], offset + i as u64)
+                .map_err(|e| Error::io(self.path, e))?;
+            i = j;
+        }
+        Ok(())
+    }
+}

@@ -160,3 +160,144 @@ impl SparseWriter<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::qcow2_layout::{SECTOR_SIZE, align_up};
+    use crate::testutil::{self, data_runs, qemu_img, qemu_map};
+    use crate::view::judge::{SCATTERED_1G, raw_disk, raw_source};
+    use std::os::unix::fs::MetadataExt;
+
+    /// Converts `disk` into `dir/name`; returns the result and the output path.
+    fn convert(disk: &Disk, dir: &Path, name: &str) -> (Converted, std::path::PathBuf) {
+        let path = dir.join(name);
+        let out = File::create(&path).expect("create output");
+        let mut calls = 0u64;
+        let mut last = (0u64, 0u64);
+        let got = to_qcow2_layer(disk, &out, &path, &mut |done, total| {
+            assert!(done >= last.0, "progress goes forward");
+            assert!(done <= total, "progress stays within its total");
+            last = (done, total);
+            calls += 1;
+        })
+        .expect("convert");
+        assert_eq!(last.0, last.1, "progress ends complete");
+        (got, path)
+    }
+
+    /// The 64 KiB clusters of `disk` with a non-zero byte, as guest byte runs cut at the
+    /// size qemu sees.
+    fn nonzero_clusters(disk: &Disk) -> Vec<(u64, u64)> {
+        let size = disk.virtual_size();
+        let mut buf = vec![0u8; CLUSTER_SIZE as usize];
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (first, count) in allocated_clusters(disk, CLUSTER_SIZE).unwrap() {
+            for c in first..first + count {
+                let start = c * CLUSTER_SIZE;
+                let n = (size - start).min(CLUSTER_SIZE) as usize;
+                disk.read_at(&mut buf[..n], start).unwrap();
+                if buf[..n].iter().any(|&b| b != 0) {
+                    let len = (align_up(size, SECTOR_SIZE) - start).min(CLUSTER_SIZE);
+                    match out.last_mut() {
+                        Some((s, l)) if *s + *l == start => *l += len,
+                        _ => out.push((start, len)),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Converts the raw file `src` and judges the layer: qemu-img check clean and
+    /// identical to the source, data exactly on the non-zero clusters, sparse on disk,
+    /// hash and length those of the file, and a second conversion byte-identical.
+    fn judge_conversion(src: &Path) -> Converted {
+        let dir = src.parent().unwrap();
+        let disk = raw_disk(src);
+        let (got, out) = convert(&disk, dir, "layer.qcow2");
+        let bytes = std::fs::read(&out).unwrap();
+        assert_eq!(got.len, bytes.len() as u64, "reported length");
+        assert_eq!(
+            got.sha256,
+            format!("{:x}", Sha256::digest(&bytes)),
+            "reported hash is the file's"
+        );
+        testutil::assert_qemu_accepts(
+            &out,
+            "qcow2",
+            align_up(disk.virtual_size(), SECTOR_SIZE),
+            src,
+            "raw",
+        );
+        let check = qemu_img(&["check", "--output=json", out.to_str().unwrap()]);
+        let check: serde_json::Value = serde_json::from_str(&check).unwrap();
+        assert_eq!(check["leaks"].as_u64().unwrap_or(0), 0, "no leak: {check}");
+        assert_eq!(check["corruptions"].as_u64().unwrap_or(0), 0, "{check}");
+        let expected = nonzero_clusters(&disk);
+        assert_eq!(data_runs(&qemu_map(&out, Some("qcow2"))), expected);
+        let data: u64 = expected.iter().map(|(_, l)| l).sum();
+        let on_disk = std::fs::metadata(&out).unwrap().blocks() * 512;
+        assert!(
+            on_disk <= data + (256 << 10),
+            "layer holds {on_disk} bytes for {data} bytes of data"
+        );
+        let (again, _) = convert(&disk, dir, "again.qcow2");
+        assert_eq!(again, got, "converting twice gives the same layer");
+        got
+    }
+
+    #[test]
+    fn raw_import_becomes_a_sparse_qcow2_without_its_zero_clusters() {
+        if !testutil::have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = raw_source(dir.path(), "src.raw", 1 << 30, &SCATTERED_1G);
+        judge_conversion(&src);
+    }
+
+    #[test]
+    fn same_content_with_different_allocation_gives_the_same_layer() {
+        if !testutil::have_qemu() {
+            return;
+        }
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        // One source stores zeroes explicitly, the other leaves a hole there.
+        let with_zeroes = ["write -P 7 0 1M", "write -P 0 8M 4M", "write -P 9 20M 64k"];
+        let src_a = raw_source(a.path(), "a.raw", 64 << 20, &with_zeroes);
+        let src_b = raw_source(b.path(), "b.raw", 64 << 20, &[
+            "write -P 7 0 1M",
+            "write -P 9 20M 64k",
+        ]);
+        assert_eq!(judge_conversion(&src_a), judge_conversion(&src_b));
+    }
+
+    #[test]
+    fn empty_and_odd_sized_disks_convert() {
+        if !testutil::have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        judge_conversion(&raw_source(dir.path(), "empty.raw", 0, &[]));
+        let dir = tempfile::tempdir().unwrap();
+        judge_conversion(&raw_source(dir.path(), "odd.raw", 65537, &[
+            "write -P 0x5a 65536 1",
+        ]));
+    }
+
+    #[test]
+    fn five_gib_sparse_disk_converts_to_a_small_layer() {
+        if !testutil::have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = raw_source(dir.path(), "big.raw", 5 << 30, &[
+            "write -P 1 1M 1M",
+            "write -P 2 3G 2M",
+            "write -P 3 5119M 1M",
+        ]);
+        let got = judge_conversion(&src);
+        assert!(got.len < 8 << 20, "layer of {} bytes", got.len);
+    }
+}

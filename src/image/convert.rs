@@ -16,12 +16,16 @@ use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::mpsc;
 
 /// Bytes read or written per call: large enough to amortise calls and table lookups,
 /// small enough to stay in cache (a multiple of the cluster size).
 const CHUNK: usize = 4 << 20;
 /// Granularity of hole detection in the output: the usual filesystem block.
 const BLOCK: usize = 4096;
+/// Buffers in flight between the writer and the hashing thread: one being filled, one
+/// being hashed, one queued.
+const BUFFERS: usize = 3;
 
 /// The layer that was written.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,36 +86,66 @@ pub fn to_qcow2_layer(
     let total = scan_bytes + data_bytes;
     progress(done, total);
 
-    // Pass 2: the file, front to back.
+    // Pass 2: the file, front to back. Hashing runs on a second thread, fed the
+    // buffers just written, so it overlaps the next read and write instead of adding to
+    // them (sha256 costs about as much as the copy itself).
     let layout = Qcow2Layout::new(disk.top().path(), size, &kept)?;
-    let mut writer = SparseWriter {
-        out,
-        path: out_path,
-        hash: Sha256::new(),
-    };
     out.set_len(0).map_err(|e| Error::io(out_path, e))?;
     let file_size = layout.file_size();
-    let mut pos = 0u64;
-    while pos < file_size {
-        let span = layout.span(pos);
-        let n = span.len.min(CHUNK as u64) as usize;
-        let chunk = &mut buf[..n];
-        match span.part {
-            Part::Table => layout.generate(pos, chunk),
-            Part::Data(guest) => {
-                let real = size.saturating_sub(guest).min(n as u64) as usize;
-                disk.read_at(&mut chunk[..real], guest)?;
-                chunk[real..].fill(0);
-                done += real as u64;
-                progress(done, total);
+    let sha256 = std::thread::scope(|s| -> Result<String> {
+        let (to_hash, hash_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(BUFFERS);
+        let (to_reuse, reuse_rx) = mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+        let hasher = s.spawn(move || {
+            let mut h = Sha256::new();
+            for (buf, n) in hash_rx {
+                h.update(&buf[..n]);
+                // The writer may have stopped on an error: nobody to give it back to.
+                let _ = to_reuse.send(buf);
+            }
+            format!("{:x}", h.finalize())
+        });
+        let mut spare = Some(buf);
+        let mut made = 1;
+        let mut pos = 0u64;
+        while pos < file_size {
+            let mut buf = match spare.take() {
+                Some(b) => b,
+                None if made < BUFFERS => {
+                    made += 1;
+                    vec![0u8; CHUNK]
+                }
+                None => match reuse_rx.recv() {
+                    Ok(b) => b,
+                    Err(_) => break, // the hasher is gone: its join below reports why
+                },
+            };
+            let span = layout.span(pos);
+            let n = span.len.min(CHUNK as u64) as usize;
+            let chunk = &mut buf[..n];
+            match span.part {
+                Part::Table => layout.generate(pos, chunk),
+                Part::Data(guest) => {
+                    let real = size.saturating_sub(guest).min(n as u64) as usize;
+                    disk.read_at(&mut chunk[..real], guest)?;
+                    chunk[real..].fill(0);
+                    done += real as u64;
+                    progress(done, total);
+                }
+            }
+            write_sparse(out, out_path, chunk, pos)?;
+            pos += n as u64;
+            if to_hash.send((buf, n)).is_err() {
+                break; // the hasher is gone: its join below reports why
             }
         }
-        writer.write(chunk, pos)?;
-        pos += n as u64;
-    }
+        drop(to_hash);
+        hasher.join().map_err(|_| {
+            Error::io(out_path, std::io::Error::other("the hashing thread panicked"))
+        })
+    })?;
     out.set_len(file_size).map_err(|e| Error::io(out_path, e))?;
     Ok(Converted {
-        sha256: format!("{:x}", writer.hash.finalize()),
+        sha256,
         len: file_size,
     })
 }
@@ -128,37 +162,26 @@ fn is_zero(buf: &[u8]) -> bool {
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
-/// Writes an output file in order, leaving all-zero blocks unwritten (holes) and hashing
-/// every byte.
-struct SparseWriter<'a> {
-    out: &'a File,
-    path: &'a Path,
-    hash: Sha256,
-}
-
-impl SparseWriter<'_> {
-    /// Writes `buf` at `offset` (block-aligned: the layout is made of whole clusters).
-    fn write(&mut self, buf: &[u8], offset: u64) -> Result<()> {
-        self.hash.update(buf);
-        let mut i = 0usize;
-        while i < buf.len() {
-            // Skip zero blocks, then write the run of non-zero blocks that follows.
-            let block_end = |at: usize| (at + BLOCK).min(buf.len());
-            if is_zero(&buf[i..block_end(i)]) {
-                i = block_end(i);
-                continue;
-            }
-            let mut j = block_end(i);
-            while j < buf.len() && !is_zero(&buf[j..block_end(j)]) {
-                j = block_end(j);
-            }
-            self.out
-                .write_all_at(&buf[i..j], offset + i as u64)
-                .map_err(|e| Error::io(self.path, e))?;
-            i = j;
+/// Writes `buf` at `offset` (block-aligned: the layout is made of whole clusters),
+/// leaving its all-zero blocks unwritten so they stay holes in the fresh file.
+fn write_sparse(out: &File, path: &Path, buf: &[u8], offset: u64) -> Result<()> {
+    let block_end = |at: usize| (at + BLOCK).min(buf.len());
+    let mut i = 0usize;
+    while i < buf.len() {
+        if is_zero(&buf[i..block_end(i)]) {
+            i = block_end(i);
+            continue;
         }
-        Ok(())
+        // Write the whole run of non-zero blocks that starts here in one call.
+        let mut j = block_end(i);
+        while j < buf.len() && !is_zero(&buf[j..block_end(j)]) {
+            j = block_end(j);
+        }
+        out.write_all_at(&buf[i..j], offset + i as u64)
+            .map_err(|e| Error::io(path, e))?;
+        i = j;
     }
+    Ok(())
 }
 
 #[cfg(test)]

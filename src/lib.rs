@@ -8,4 +8,5 @@ pub mod image;
 pub mod view;
 
 #[cfg(test)]
+#[allow(dead_code)] // shared by the tests of several modules; not all use every helper
 pub(crate) mod testutil;

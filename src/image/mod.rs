@@ -11,7 +11,12 @@
 //! Every image is untrusted input: each format module documents the limits it enforces
 //! before it allocates or follows anything.
 
+mod cache;
+pub mod chain;
+pub mod compressed;
 pub mod convert;
+pub mod detect;
+pub mod qcow2;
 pub mod qcow2_layout;
 pub mod raw;
 
@@ -339,12 +344,8 @@ pub fn read_exact_at(
     })
 }
 
-/// Inflates the compressed cluster `c` and copies `out.len()` bytes from `c.skip`.
+/// Inflates the compressed cluster `c` and copies `out.len()` bytes from `c.skip`
+/// (bounds, caching and decoders: see [`compressed`]).
 pub fn decompress_into(c: &CompressedCluster, out: &mut [u8]) -> Result<()> {
-    let _ = (c, out);
-    Err(Error::Unsupported {
-        path: c.path.to_path_buf(),
-        format: Format::Qcow2,
-        reason: "compressed clusters are not decoded yet".into(),
-    })
+    compressed::decompress_into(c, out)
 }

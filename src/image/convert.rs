@@ -140,7 +140,10 @@ pub fn to_qcow2_layer(
         }
         drop(to_hash);
         hasher.join().map_err(|_| {
-            Error::io(out_path, std::io::Error::other("the hashing thread panicked"))
+            Error::io(
+                out_path,
+                std::io::Error::other("the hashing thread panicked"),
+            )
         })
     })?;
     out.set_len(file_size).map_err(|e| Error::io(out_path, e))?;
@@ -187,9 +190,11 @@ fn write_sparse(out: &File, path: &Path, buf: &[u8], offset: u64) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::Format;
     use crate::image::qcow2_layout::{SECTOR_SIZE, align_up};
     use crate::testutil::{self, data_runs, qemu_img, qemu_map};
-    use crate::view::judge::{SCATTERED_1G, raw_disk, raw_source};
+    use crate::view::View;
+    use crate::view::judge::{SCATTERED_1G, Source, TEST_ID, qcow2_disk, raw_disk, raw_source};
     use std::os::unix::fs::MetadataExt;
 
     /// Converts `disk` into `dir/name`; returns the result and the output path.
@@ -236,9 +241,13 @@ mod tests {
     /// identical to the source, data exactly on the non-zero clusters, sparse on disk,
     /// hash and length those of the file, and a second conversion byte-identical.
     fn judge_conversion(src: &Path) -> Converted {
+        judge_disk_conversion(&raw_disk(src), src, "raw")
+    }
+
+    /// [`judge_conversion`] of any disk read from `src` (format `fmt`).
+    fn judge_disk_conversion(disk: &Disk, src: &Path, fmt: &str) -> Converted {
         let dir = src.parent().unwrap();
-        let disk = raw_disk(src);
-        let (got, out) = convert(&disk, dir, "layer.qcow2");
+        let (got, out) = convert(disk, dir, "layer.qcow2");
         let bytes = std::fs::read(&out).unwrap();
         assert_eq!(got.len, bytes.len() as u64, "reported length");
         assert_eq!(
@@ -251,13 +260,13 @@ mod tests {
             "qcow2",
             align_up(disk.virtual_size(), SECTOR_SIZE),
             src,
-            "raw",
+            fmt,
         );
         let check = qemu_img(&["check", "--output=json", out.to_str().unwrap()]);
         let check: serde_json::Value = serde_json::from_str(&check).unwrap();
         assert_eq!(check["leaks"].as_u64().unwrap_or(0), 0, "no leak: {check}");
         assert_eq!(check["corruptions"].as_u64().unwrap_or(0), 0, "{check}");
-        let expected = nonzero_clusters(&disk);
+        let expected = nonzero_clusters(disk);
         assert_eq!(data_runs(&qemu_map(&out, Some("qcow2"))), expected);
         let data: u64 = expected.iter().map(|(_, l)| l).sum();
         let on_disk = std::fs::metadata(&out).unwrap().blocks() * 512;
@@ -265,7 +274,7 @@ mod tests {
             on_disk <= data + (256 << 10),
             "layer holds {on_disk} bytes for {data} bytes of data"
         );
-        let (again, _) = convert(&disk, dir, "again.qcow2");
+        let (again, _) = convert(disk, dir, "again.qcow2");
         assert_eq!(again, got, "converting twice gives the same layer");
         got
     }
@@ -289,10 +298,12 @@ mod tests {
         // One source stores zeroes explicitly, the other leaves a hole there.
         let with_zeroes = ["write -P 7 0 1M", "write -P 0 8M 4M", "write -P 9 20M 64k"];
         let src_a = raw_source(a.path(), "a.raw", 64 << 20, &with_zeroes);
-        let src_b = raw_source(b.path(), "b.raw", 64 << 20, &[
-            "write -P 7 0 1M",
-            "write -P 9 20M 64k",
-        ]);
+        let src_b = raw_source(
+            b.path(),
+            "b.raw",
+            64 << 20,
+            &["write -P 7 0 1M", "write -P 9 20M 64k"],
+        );
         assert_eq!(judge_conversion(&src_a), judge_conversion(&src_b));
     }
 
@@ -304,9 +315,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         judge_conversion(&raw_source(dir.path(), "empty.raw", 0, &[]));
         let dir = tempfile::tempdir().unwrap();
-        judge_conversion(&raw_source(dir.path(), "odd.raw", 65537, &[
-            "write -P 0x5a 65536 1",
-        ]));
+        judge_conversion(&raw_source(
+            dir.path(),
+            "odd.raw",
+            65537,
+            &["write -P 0x5a 65536 1"],
+        ));
     }
 
     #[test]
@@ -315,12 +329,111 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let src = raw_source(dir.path(), "big.raw", 5 << 30, &[
-            "write -P 1 1M 1M",
-            "write -P 2 3G 2M",
-            "write -P 3 5119M 1M",
-        ]);
+        let src = raw_source(
+            dir.path(),
+            "big.raw",
+            5 << 30,
+            &[
+                "write -P 1 1M 1M",
+                "write -P 2 3G 2M",
+                "write -P 3 5119M 1M",
+            ],
+        );
         let got = judge_conversion(&src);
         assert!(got.len < 8 << 20, "layer of {} bytes", got.len);
+    }
+
+    fn judge_source_conversion(source: Source) {
+        if !testutil::have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (src, fmt) = source.build(dir.path());
+        let disk = qcow2_disk(&src, dir.path());
+        judge_disk_conversion(&disk, &src, fmt);
+    }
+
+    #[test]
+    fn plain_qcow2_import_drops_zero_and_discarded_clusters() {
+        judge_source_conversion(Source::Plain);
+    }
+
+    #[test]
+    fn compressed_qcow2_imports_uncompressed() {
+        judge_source_conversion(Source::Zlib);
+        judge_source_conversion(Source::Zstd);
+    }
+
+    #[test]
+    fn three_layer_chain_imports_as_one_layer() {
+        judge_source_conversion(Source::Chain);
+    }
+
+    #[test]
+    fn qcow2_sources_of_odd_shapes_import() {
+        judge_source_conversion(Source::Empty);
+        judge_source_conversion(Source::OneBytePastCluster);
+        judge_source_conversion(Source::Sparse5G);
+        judge_source_conversion(Source::Cluster2M);
+    }
+
+    #[test]
+    fn converted_layer_is_the_qcow2_view_of_the_same_disk() {
+        if !testutil::have_qemu() {
+            return;
+        }
+        // A disk without zero clusters: the view and the layer have the same clusters,
+        // so they must be the same bytes.
+        let dir = tempfile::tempdir().unwrap();
+        let src = raw_source(
+            dir.path(),
+            "src.raw",
+            3 << 30,
+            &["write -P 1 0 1M", "write -P 2 600M 64k", "write -P 3 2G 3M"],
+        );
+        let disk = raw_disk(&src);
+        let (got, out) = convert(&disk, dir.path(), "layer.qcow2");
+        let view = View::new(disk, Format::Qcow2, TEST_ID).unwrap();
+        let copy = dir.path().join("view.qcow2");
+        let hash = testutil::write_view_sparse(&view, &copy, 1 << 20);
+        assert_eq!(hash, got.sha256);
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&copy).unwrap());
+    }
+
+    #[test]
+    fn same_content_in_any_format_gives_the_same_layer() {
+        if !testutil::have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let raw = raw_source(dir.path(), "src.raw", 1 << 30, &SCATTERED_1G);
+        let (want, _) = convert(&raw_disk(&raw), dir.path(), "from-raw.qcow2");
+        for opts in [
+            "compression_type=zlib",
+            "compression_type=zstd",
+            "cluster_size=2M",
+        ] {
+            let q = dir.path().join("src.qcow2");
+            let compress = if opts.starts_with("compression") {
+                "-c"
+            } else {
+                "-q"
+            };
+            qemu_img(&[
+                "convert",
+                "-q",
+                compress,
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                opts,
+                raw.to_str().unwrap(),
+                q.to_str().unwrap(),
+            ]);
+            let (got, _) = convert(&qcow2_disk(&q, dir.path()), dir.path(), "from-qcow2.qcow2");
+            assert_eq!(got, want, "layer of a qcow2 copy made with {opts}");
+        }
     }
 }

@@ -107,7 +107,11 @@ struct Run {
 pub enum Slot {
     /// Cluster `cluster` of the table of the `group`-th non-empty group; `left` clusters of
     /// that table from here on (this one included).
-    Table { group: usize, cluster: u64, left: u64 },
+    Table {
+        group: usize,
+        cluster: u64,
+        left: u64,
+    },
     /// Guest cluster `guest`, with `left` guest clusters stored contiguously from here on.
     Data { guest: u64, left: u64 },
 }
@@ -453,7 +457,8 @@ impl Qcow2Layout {
                 self.fill_header(within, out);
             } else if pos < rt {
                 let l1 = pos - self.l1_offset();
-                self.placement.fill_l1(l1, out, |host| (host | COPIED).to_be_bytes());
+                self.placement
+                    .fill_l1(l1, out, |host| (host | COPIED).to_be_bytes());
             } else if pos < rb {
                 self.fill_refcount_table(pos - rt, out);
             } else if pos < base {
@@ -507,7 +512,12 @@ impl Qcow2Layout {
         buf.fill(0);
         let (first, last) = entry_range(offset, buf.len());
         for i in first..last.min(blocks) {
-            put_entry(buf, offset, i, (first_block + (i << CLUSTER_BITS)).to_be_bytes());
+            put_entry(
+                buf,
+                offset,
+                i,
+                (first_block + (i << CLUSTER_BITS)).to_be_bytes(),
+            );
         }
     }
 

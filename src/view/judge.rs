@@ -18,7 +18,14 @@ pub const TEST_ID: ViewId = ViewId([7; 32]);
 /// commands `cmds`.
 pub fn raw_source(dir: &Path, name: &str, size: u64, cmds: &[&str]) -> PathBuf {
     let path = dir.join(name);
-    qemu_img(&["create", "-q", "-f", "raw", path.to_str().unwrap(), &size.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "raw",
+        path.to_str().unwrap(),
+        &size.to_string(),
+    ]);
     if !cmds.is_empty() {
         qemu_io("raw", &path, cmds);
     }
@@ -132,7 +139,10 @@ pub fn random_reads_match(view: &View, file: &Path, seed: u64) {
         let expect_n = size.saturating_sub(off).min(len as u64) as usize;
         assert_eq!(n, expect_n, "read length at {off}+{len}");
         f.read_exact_at(&mut want[..n], off).expect("read file");
-        assert!(got[..n] == want[..n], "bytes differ in a read at {off}+{len}");
+        assert!(
+            got[..n] == want[..n],
+            "bytes differ in a read at {off}+{len}"
+        );
     }
 }
 
@@ -160,3 +170,163 @@ pub const SCATTERED_1G: [&str; 5] = [
     "write -P 0 700M 128k",
     "write -P 0x44 1073737728 4k",
 ];
+
+/// The source images of the view and converter matrix (issue 4), built with qemu.
+#[derive(Clone, Copy, Debug)]
+pub enum Source {
+    /// qcow2 with data, zero writes and discards.
+    Plain,
+    /// qcow2 with every cluster deflate-compressed.
+    Zlib,
+    /// qcow2 with every cluster zstd-compressed.
+    Zstd,
+    /// base ← mid ← top, each layer with data, zero writes and discards.
+    Chain,
+    /// qcow2 of size 0.
+    Empty,
+    /// qcow2 of 64 KiB + 1 byte (qemu rounds it to 66048).
+    OneBytePastCluster,
+    /// 5 GiB qcow2 with a few MiB of data.
+    Sparse5G,
+    /// qcow2 with 2 MiB clusters.
+    Cluster2M,
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 test path")
+}
+
+fn qcow2(path: &Path, opts: &str, size: &str, cmds: &[&str]) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([s(path), size]);
+    qemu_img(&args);
+    if !cmds.is_empty() {
+        qemu_io("qcow2", path, cmds);
+    }
+}
+
+/// Data, explicit zeroes over data, and a discard: what every plain layer gets.
+const PLAIN_1G: [&str; 8] = [
+    "write -P 0x11 0 64k",
+    "write -P 0x22 1049088 4k",
+    "write -P 0x33 535822336 2M",
+    "write -P 0 700M 128k",
+    "write -P 0x44 1073737728 4k",
+    "write -P 0x55 127M 4M",
+    "write -z 128M 1M",
+    "discard 130M 64k",
+];
+
+impl Source {
+    /// Builds the source in `dir`; returns its top file and qemu format name.
+    pub fn build(self, dir: &Path) -> (PathBuf, &'static str) {
+        let top = dir.join("src.qcow2");
+        match self {
+            Source::Plain => qcow2(&top, "", "1G", &PLAIN_1G),
+            Source::Zlib | Source::Zstd => {
+                let raw = raw_source(dir, "plain.raw", 1 << 30, &SCATTERED_1G);
+                let opts = match self {
+                    Source::Zstd => "compression_type=zstd",
+                    _ => "compression_type=zlib",
+                };
+                qemu_img(&[
+                    "convert",
+                    "-q",
+                    "-c",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    opts,
+                    s(&raw),
+                    s(&top),
+                ]);
+                std::fs::remove_file(&raw).expect("remove raw");
+            }
+            Source::Chain => {
+                let (base, mid) = (dir.join("base.qcow2"), dir.join("mid.qcow2"));
+                qcow2(&base, "", "1G", &PLAIN_1G);
+                qcow2(
+                    &mid,
+                    "backing_file=base.qcow2,backing_fmt=qcow2",
+                    "1G",
+                    &[
+                        "write -P 0x66 32k 64k",
+                        "write -z 535822336 64k",
+                        "discard 127M 64k",
+                        "write -P 0x77 900M 192k",
+                    ],
+                );
+                qcow2(
+                    &top,
+                    "backing_file=mid.qcow2,backing_fmt=qcow2",
+                    "1G",
+                    &[
+                        "write -P 0x88 1049088 512",
+                        "write -z 900M 64k",
+                        "discard 0 64k",
+                        "write -P 0x99 1000M 64k",
+                    ],
+                );
+            }
+            Source::Empty => qcow2(&top, "", "0", &[]),
+            Source::OneBytePastCluster => qcow2(&top, "", "65537", &["write -P 0x5a 65536 1"]),
+            Source::Sparse5G => qcow2(
+                &top,
+                "",
+                "5G",
+                &[
+                    "write -P 1 1M 1M",
+                    "write -P 2 2047M 2M",
+                    "write -P 3 5119M 1M",
+                ],
+            ),
+            Source::Cluster2M => qcow2(&top, "cluster_size=2M", "1G", &PLAIN_1G),
+        }
+        (top, "qcow2")
+    }
+}
+
+/// Opens a qcow2 source with its chain (backing files within `dir`).
+pub fn qcow2_disk(path: &Path, dir: &Path) -> Arc<Disk> {
+    let policy = crate::image::chain::WithinDir { root: dir.into() };
+    Arc::new(crate::image::chain::open_chain(path, &policy).expect("open qcow2 source"))
+}
+
+/// `qemu-img map`'s data runs of `source`, widened to whole 64 KiB clusters (cut at the
+/// size qemu sees): where a 64 KiB-cluster image of it must hold data.
+pub fn qemu_cluster_runs(source: &Path, fmt: &str, qemu_size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (start, len) in data_runs(&qemu_map(source, Some(fmt))) {
+        let s = start / CLUSTER_SIZE * CLUSTER_SIZE;
+        let e = align_up(start + len, CLUSTER_SIZE).min(qemu_size);
+        match out.last_mut() {
+            Some((ps, pl)) if *ps + *pl >= s => *pl = e.max(*ps + *pl) - *ps,
+            _ => out.push((s, e - s)),
+        }
+    }
+    out
+}
+
+/// Builds `source` and judges its `format` view with [`judge_view`]; the view must hold
+/// data where qemu-img map says the source does, widened to 64 KiB clusters.
+pub fn judge_source(format: Format, source: Source) {
+    if !testutil::have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (src, fmt) = source.build(dir.path());
+    let disk = qcow2_disk(&src, dir.path());
+    let qemu_size = align_up(disk.virtual_size(), SECTOR_SIZE);
+    let expected = qemu_cluster_runs(&src, fmt, qemu_size);
+    assert_eq!(
+        expected_cluster_runs(&disk),
+        expected,
+        "our reader's allocation of {source:?}"
+    );
+    judge_view(&disk, format, dir.path(), &src, fmt, &expected);
+}

@@ -124,6 +124,7 @@ pub fn to_qcow2_layer(
             let chunk = &mut buf[..n];
             match span.part {
                 Part::Table => layout.generate(pos, chunk),
+                Part::Zero => chunk.fill(0),
                 Part::Data(guest) => {
                     let real = size.saturating_sub(guest).min(n as u64) as usize;
                     disk.read_at(&mut chunk[..real], guest)?;

@@ -52,6 +52,10 @@ const COPIED: u64 = 1 << 63;
 const MAX_L1_BYTES: u64 = 32 << 20;
 /// Largest virtual size written, from [`MAX_L1_BYTES`].
 pub const MAX_VIRTUAL_SIZE: u64 = (MAX_L1_BYTES / 8) << (L2_BITS + CLUSTER_BITS);
+/// Granularity at which generated tables report their all-zero stretches as holes: the
+/// usual filesystem block, the unit GNU `cp` and `SEEK_HOLE` work in. A table block
+/// with no entry in it is never stored, by the view or by the converter.
+pub const ZERO_BLOCK: u64 = 4096;
 /// qemu sees every disk as whole 512-byte sectors and rounds sizes up to them.
 pub const SECTOR_SIZE: u64 = 512;
 
@@ -236,17 +240,57 @@ impl Placement {
                 left: g.table + self.table_clusters - rel,
             };
         }
-        let runs_end = self
-            .groups
-            .get(gi + 1)
-            .map_or(self.runs.len(), |n| n.first_run);
-        let group_runs = &self.runs[g.first_run..runs_end];
+        let group_runs = self.group_runs(gi);
         let ri = group_runs.partition_point(|r| r.host <= rel) - 1;
         let r = group_runs[ri];
         Slot::Data {
             guest: r.guest + (rel - r.host),
             left: r.host + r.count - rel,
         }
+    }
+
+    /// Whether table byte `offset` of the L1 table (`table_len` bytes) lies in a
+    /// [`ZERO_BLOCK`] that holds an entry, and for how many bytes that answer holds.
+    pub fn l1_span(&self, offset: u64, table_len: u64) -> (bool, u64) {
+        let first = block_floor(offset) / 8;
+        let i = self.groups.partition_point(|g| g.index < first);
+        block_span(offset, table_len, self.groups.get(i).map(|g| g.index))
+    }
+
+    /// Like [`l1_span`](Self::l1_span), for byte `offset` of the `group`-th table.
+    pub fn table_span(&self, group: usize, offset: u64) -> (bool, u64) {
+        let group_first = self.groups[group].index << self.group_bits;
+        let first = group_first + block_floor(offset) / 8;
+        let runs = self.group_runs(group);
+        let i = runs.partition_point(|r| r.guest + r.count <= first);
+        let next = runs.get(i).map(|r| r.guest.max(first) - group_first);
+        block_span(offset, self.table_clusters << CLUSTER_BITS, next)
+    }
+
+    /// Bytes of the L1 table in blocks that hold an entry.
+    pub fn l1_stored_bytes(&self) -> u64 {
+        stored_blocks(self.groups.iter().map(|g| (g.index, g.index + 1))) * ZERO_BLOCK
+    }
+
+    /// Bytes of all second-level tables in blocks that hold an entry.
+    pub fn tables_stored_bytes(&self) -> u64 {
+        (0..self.groups.len())
+            .map(|gi| {
+                let group_first = self.groups[gi].index << self.group_bits;
+                let runs = self.group_runs(gi).iter();
+                let entries =
+                    runs.map(|r| (r.guest - group_first, r.guest + r.count - group_first));
+                stored_blocks(entries) * ZERO_BLOCK
+            })
+            .sum()
+    }
+
+    fn group_runs(&self, group: usize) -> &[Run] {
+        let end = self
+            .groups
+            .get(group + 1)
+            .map_or(self.runs.len(), |n| n.first_run);
+        &self.runs[self.groups[group].first_run..end]
     }
 
     /// Fills `buf` with bytes `[offset, offset + len)` of the top-level table (one 8-byte
@@ -273,14 +317,10 @@ impl Placement {
     ) {
         buf.fill(0);
         let g = self.groups[group];
-        let runs_end = self
-            .groups
-            .get(group + 1)
-            .map_or(self.runs.len(), |n| n.first_run);
         let group_first = g.index << self.group_bits;
         let (first, last) = entry_range(offset, buf.len());
         let (first, last) = (group_first + first, group_first + last);
-        let group_runs = &self.runs[g.first_run..runs_end];
+        let group_runs = self.group_runs(group);
         let from = group_runs.partition_point(|r| r.guest + r.count <= first);
         for r in group_runs[from..].iter().take_while(|r| r.guest < last) {
             for guest in r.guest.max(first)..(r.guest + r.count).min(last) {
@@ -289,6 +329,37 @@ impl Placement {
             }
         }
     }
+}
+
+fn block_floor(offset: u64) -> u64 {
+    offset / ZERO_BLOCK * ZERO_BLOCK
+}
+
+/// The answer of [`Placement::l1_span`] for table byte `offset` of a `table_len`-byte
+/// table whose first entry at or after the start of `offset`'s block is `next`.
+fn block_span(offset: u64, table_len: u64, next: Option<u64>) -> (bool, u64) {
+    let block_end = (block_floor(offset) + ZERO_BLOCK).min(table_len);
+    match next {
+        Some(e) if e * 8 < block_end => (true, block_end - offset),
+        Some(e) => (false, block_floor(e * 8).min(table_len) - offset),
+        None => (false, table_len - offset),
+    }
+}
+
+/// Number of distinct [`ZERO_BLOCK`]s touched by sorted runs of 8-byte entries
+/// `[first, end)`.
+fn stored_blocks(runs: impl Iterator<Item = (u64, u64)>) -> u64 {
+    let mut count = 0;
+    let mut next_free = 0u64; // first block not yet counted
+    for (first, end) in runs {
+        let lo = ((first * 8) / ZERO_BLOCK).max(next_free);
+        let hi = (end * 8).div_ceil(ZERO_BLOCK);
+        if hi > lo {
+            count += hi - lo;
+            next_free = hi;
+        }
+    }
+    count
 }
 
 /// The 8-byte entries that bytes `[offset, offset + len)` of a table touch.
@@ -314,6 +385,8 @@ pub enum Part {
     /// Header, L1, refcount table and blocks, or an L2 table: made by
     /// [`Qcow2Layout::generate`].
     Table,
+    /// Table or header bytes that are all zero, whole [`ZERO_BLOCK`]s: left as holes.
+    Zero,
     /// Guest bytes from this guest offset (the last cluster may reach past the virtual
     /// size: those bytes read as zeroes).
     Data(u64),
@@ -419,24 +492,52 @@ impl Qcow2Layout {
     /// What the file holds from `offset` (< [`file_size`](Self::file_size)) and for how
     /// long.
     pub fn span(&self, offset: u64) -> Span {
+        let table = |(stored, len): (bool, u64)| Span {
+            len,
+            part: if stored { Part::Table } else { Part::Zero },
+        };
+        let rt = self.refcount_table_offset();
+        let rb = self.refcount_blocks_offset();
         let base = self.placement.base() << CLUSTER_BITS;
-        if offset < base {
-            return Span {
-                len: base - offset,
-                part: Part::Table,
-            };
+        if offset < CLUSTER_SIZE {
+            // The header and its end-of-extensions marker fit in the first block.
+            table(prefix_span(offset, ZERO_BLOCK, CLUSTER_SIZE))
+        } else if offset < rt {
+            table(
+                self.placement
+                    .l1_span(offset - CLUSTER_SIZE, rt - CLUSTER_SIZE),
+            )
+        } else if offset < rb {
+            let stored = align_up(self.refcount_block_clusters * 8, ZERO_BLOCK);
+            table(prefix_span(offset - rt, stored, rb - rt))
+        } else if offset < base {
+            let stored = align_up(self.total_clusters * REFCOUNT_BYTES, ZERO_BLOCK);
+            table(prefix_span(offset - rb, stored, base - rb))
+        } else {
+            let within = offset & (CLUSTER_SIZE - 1);
+            match self.placement.slot(offset >> CLUSTER_BITS) {
+                Slot::Table { group, .. } => table(self.placement.table_span(group, within)),
+                Slot::Data { guest, left } => Span {
+                    len: (left << CLUSTER_BITS) - within,
+                    part: Part::Data((guest << CLUSTER_BITS) + within),
+                },
+            }
         }
-        let within = offset & (CLUSTER_SIZE - 1);
-        match self.placement.slot(offset >> CLUSTER_BITS) {
-            Slot::Table { left, .. } => Span {
-                len: (left << CLUSTER_BITS) - within,
-                part: Part::Table,
-            },
-            Slot::Data { guest, left } => Span {
-                len: (left << CLUSTER_BITS) - within,
-                part: Part::Data((guest << CLUSTER_BITS) + within),
-            },
-        }
+    }
+
+    /// Bytes of the file outside [`Part::Zero`] spans.
+    pub fn stored_bytes(&self) -> u64 {
+        let l1 = if self.l1_clusters == 0 {
+            0
+        } else {
+            self.placement.l1_stored_bytes()
+        };
+        ZERO_BLOCK
+            + l1
+            + align_up(self.refcount_block_clusters * 8, ZERO_BLOCK)
+            + align_up(self.total_clusters * REFCOUNT_BYTES, ZERO_BLOCK)
+            + self.placement.tables_stored_bytes()
+            + (self.placement.data_clusters() << CLUSTER_BITS)
     }
 
     /// Fills `buf` with the file bytes at `offset`. Table bytes are computed; bytes in
@@ -529,6 +630,17 @@ impl Qcow2Layout {
             // Big-endian 16-bit 1: the low byte (odd address) is 1.
             *b = u8::from(at < used_bytes && at % REFCOUNT_BYTES == REFCOUNT_BYTES - 1);
         }
+    }
+}
+
+/// For byte `offset` of a region of `len` bytes whose first `stored` bytes (a whole
+/// number of blocks) are kept and the rest is zero: whether `offset` is kept, and for how
+/// long.
+pub fn prefix_span(offset: u64, stored: u64, len: u64) -> (bool, u64) {
+    if offset < stored {
+        (true, stored.min(len) - offset)
+    } else {
+        (false, len - offset)
     }
 }
 

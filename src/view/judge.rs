@@ -100,8 +100,20 @@ pub fn judge_view(
     assert_eq!(in_extents, view.allocated_bytes(), "extents vs allocated");
     assert!(extents.iter().all(|&(s, l)| s + l <= view.size()));
 
+    if let Some(file_extents) = file_data_extents(&file) {
+        assert_eq!(
+            file_extents, extents,
+            "holes of the written file are the view's"
+        );
+    }
+
     let qemu_size = align_up(disk.virtual_size(), SECTOR_SIZE);
     assert_qemu_accepts(&file, format.name(), qemu_size, source, source_fmt);
+    assert_eq!(
+        qemu_host_clusters(&file, format.name()),
+        view_guest_clusters(&view),
+        "where qemu finds each guest cluster in the file is where the view puts it"
+    );
     let map = qemu_map(&file, Some(format.name()));
     assert_eq!(
         data_runs(&map),
@@ -329,4 +341,71 @@ pub fn judge_source(format: Format, source: Source) {
         "our reader's allocation of {source:?}"
     );
     judge_view(&disk, format, dir.path(), &src, fmt, &expected);
+}
+
+/// The data runs of a file as `SEEK_DATA`/`SEEK_HOLE` report them, or `None` when the
+/// filesystem keeps no holes (nothing to compare then).
+pub fn file_data_extents(path: &Path) -> Option<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::File::open(path).expect("open file");
+    let meta = f.metadata().expect("stat file");
+    if meta.blocks() * 512 >= meta.len() && meta.len() > 0 {
+        return None;
+    }
+    let seek = |off: u64, whence| {
+        // SAFETY: lseek on a descriptor we own; all reads of it are positioned.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off as i64, whence) };
+        (r >= 0).then_some(r as u64)
+    };
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Some(start) = seek(pos, libc::SEEK_DATA) {
+        let end = seek(start, libc::SEEK_HOLE).unwrap_or(meta.len());
+        out.push((start, end - start));
+        pos = end;
+    }
+    Some(out)
+}
+
+/// Runs of `(host cluster, guest cluster, count)` where both advance together.
+type ClusterRuns = Vec<(u64, u64, u64)>;
+
+fn push_clusters(out: &mut ClusterRuns, host: u64, guest: u64, len: u64) {
+    let (h, g) = (host / CLUSTER_SIZE, guest / CLUSTER_SIZE);
+    let end = (host + len).div_ceil(CLUSTER_SIZE);
+    match out.last_mut() {
+        // Same host-guest shift, touching or overlapping: one run.
+        Some((ph, pg, n)) if *ph + *n >= h && *ph + g == *pg + h => *n = (*n).max(end - *ph),
+        _ => out.push((h, g, end - h)),
+    }
+}
+
+/// Where `qemu-img map` finds each stored guest cluster of `file`.
+pub fn qemu_host_clusters(file: &Path, fmt: &str) -> ClusterRuns {
+    let json = qemu_img(&["map", "--output=json", "-f", fmt, file.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("qemu-img map json");
+    let mut out = Vec::new();
+    for e in v.as_array().expect("map array") {
+        if e["data"].as_bool() == Some(true) {
+            let host = e["offset"].as_u64().expect("data entry with an offset");
+            let (guest, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            push_clusters(&mut out, host, guest, len);
+        }
+    }
+    out
+}
+
+/// Where the view's layout puts each guest cluster.
+pub fn view_guest_clusters(view: &View) -> ClusterRuns {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < view.size() {
+        let seg = view.layout.segment(pos).expect("segment");
+        if let super::Piece::Guest(g) = seg.piece {
+            push_clusters(&mut out, pos, g, seg.len);
+        }
+        pos += seg.len;
+    }
+    out
 }

@@ -1,8 +1,9 @@
 //! `disk.qcow2`: any disk (a whole backing chain) flattened into one standalone qcow2 v3
 //! file. The arrangement is [`Qcow2Layout`], the one the import converter writes, so a
 //! view and a converted layer of the same disk content are the same bytes; this module
-//! only maps that arrangement onto [`Layout`] segments: tables are generated, data
-//! clusters are guest reads.
+//! only maps that arrangement onto [`Layout`] segments: tables are generated (their
+//! blocks without any entry are holes, as in the converted layer), data clusters are
+//! guest reads.
 
 use super::{Layout, Piece, Result, Segment};
 use crate::image::Disk;
@@ -54,6 +55,10 @@ impl Layout for Qcow2View {
                 len: span.len,
                 piece: Piece::Generated,
             },
+            Part::Zero => Segment {
+                len: span.len,
+                piece: Piece::Hole,
+            },
             Part::Data(guest) => guest_segment(guest, span.len, self.disk_size),
         })
     }
@@ -64,8 +69,7 @@ impl Layout for Qcow2View {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        // Every cluster of the file is used: tables and data alike.
-        self.layout.file_size()
+        self.layout.stored_bytes()
     }
 }
 

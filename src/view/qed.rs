@@ -5,13 +5,14 @@
 //! ([`Placement`]): header, L1, then every non-empty L2 group as its table followed by the
 //! data clusters it maps, in guest order, so every cluster is referenced exactly once (the
 //! spec's consistency rule: no leak, no double reference). Tables are generated on demand
-//! for the range being read; memory follows the number of allocated runs.
+//! for the range being read, and their blocks without any entry are holes; memory follows
+//! the number of allocated runs.
 
 use super::qcow2::guest_segment;
 use super::{Layout, Piece, Result, Segment};
 use crate::image::qcow2_layout::{
-    CLUSTER_BITS, CLUSTER_SIZE, Placement, SECTOR_SIZE, Slot, align_up, allocated_clusters,
-    copy_window,
+    CLUSTER_BITS, CLUSTER_SIZE, Placement, SECTOR_SIZE, Slot, ZERO_BLOCK, align_up,
+    allocated_clusters, copy_window, prefix_span,
 };
 use crate::image::{Disk, Error, Format};
 use std::sync::Arc;
@@ -104,19 +105,28 @@ impl Layout for QedView {
     }
 
     fn segment(&self, offset: u64) -> Result<Segment> {
+        let table = |(stored, len): (bool, u64)| Segment {
+            len,
+            piece: if stored {
+                Piece::Generated
+            } else {
+                Piece::Hole
+            },
+        };
+        let l1 = self.l1_offset();
         let base = self.placement.base() << CLUSTER_BITS;
+        if offset < l1 {
+            return Ok(table(prefix_span(offset, ZERO_BLOCK, l1)));
+        }
         if offset < base {
-            return Ok(Segment {
-                len: base - offset,
-                piece: Piece::Generated,
-            });
+            return Ok(table(self.placement.l1_span(offset - l1, base - l1)));
         }
         let within = offset & (CLUSTER_SIZE - 1);
         Ok(match self.placement.slot(offset >> CLUSTER_BITS) {
-            Slot::Table { left, .. } => Segment {
-                len: (left << CLUSTER_BITS) - within,
-                piece: Piece::Generated,
-            },
+            Slot::Table { group, cluster, .. } => table(
+                self.placement
+                    .table_span(group, (cluster << CLUSTER_BITS) + within),
+            ),
             Slot::Data { guest, left } => guest_segment(
                 (guest << CLUSTER_BITS) + within,
                 (left << CLUSTER_BITS) - within,
@@ -158,7 +168,10 @@ impl Layout for QedView {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.file_size
+        ZERO_BLOCK
+            + self.placement.l1_stored_bytes()
+            + self.placement.tables_stored_bytes()
+            + (self.placement.data_clusters() << CLUSTER_BITS)
     }
 }
 

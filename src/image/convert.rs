@@ -47,6 +47,8 @@ pub fn to_qcow2_layer(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Converted> {
     let size = disk.virtual_size();
+    // Refuse a disk too big for the format before reading any of it.
+    Qcow2Layout::new(disk.top().path(), size, &[])?;
     let allocated = allocated_clusters(disk, CLUSTER_SIZE)?;
     let scan_bytes: u64 = allocated
         .iter()

@@ -94,6 +94,13 @@ pub fn judge_view(
     let hash = testutil::write_view_sparse(&view, &file, 4097);
     let len = std::fs::metadata(&file).expect("stat view").len();
     assert_eq!(len, view.size(), "written view length");
+    let written = std::fs::read(&file).expect("read written view");
+    assert_eq!(
+        format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&written)),
+        hash,
+        "chunked reads of the data extents and a sequential read agree"
+    );
+    drop(written);
 
     let extents = view.data_extents().expect("view extents");
     let in_extents: u64 = extents.iter().map(|(_, l)| l).sum();

@@ -719,4 +719,93 @@ mod tests {
         assert_eq!(l.data_clusters(), 1600);
         assert!(l.placement.table_count() <= 100);
     }
+
+    /// Walks the whole file span by span and checks it against the run list: every
+    /// stored guest cluster appears once, at the place its L1 and L2 entries name;
+    /// zero spans really read as zeroes; every refcount is 1 up to the end of the file.
+    fn check_against_model(l: &Qcow2Layout, runs: &[(u64, u64)]) {
+        let be = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
+        let mut host_of = std::collections::BTreeMap::new();
+        let (mut pos, mut stored) = (0u64, 0u64);
+        let mut buf = Vec::new();
+        while pos < l.file_size() {
+            let span = l.span(pos);
+            assert!(span.len > 0 && pos + span.len <= l.file_size());
+            match span.part {
+                Part::Data(g) => {
+                    assert_eq!(pos % CLUSTER_SIZE, g % CLUSTER_SIZE);
+                    for i in 0..span.len.div_ceil(CLUSTER_SIZE) {
+                        let prev = host_of.insert(g / CLUSTER_SIZE + i, pos / CLUSTER_SIZE + i);
+                        assert!(prev.is_none(), "guest cluster stored twice");
+                    }
+                    stored += span.len;
+                }
+                Part::Zero => {
+                    buf.resize(span.len.min(1 << 20) as usize, 1);
+                    l.generate(pos, &mut buf);
+                    assert!(
+                        buf.iter().all(|&b| b == 0),
+                        "zero span at {pos} is not zero"
+                    );
+                    assert_eq!(pos % ZERO_BLOCK, 0);
+                }
+                Part::Table => stored += span.len,
+            }
+            pos += span.len;
+        }
+        assert_eq!(stored, l.stored_bytes(), "stored bytes");
+        let model: Vec<u64> = runs.iter().flat_map(|&(f, n)| f..f + n).collect();
+        assert_eq!(host_of.keys().copied().collect::<Vec<_>>(), model);
+        // Follow the tables for every stored cluster.
+        let mut header = [0u8; 112];
+        l.generate(0, &mut header);
+        let l1_offset = be(&header[40..48]);
+        for (&guest, &host) in &host_of {
+            let mut e = [0u8; 8];
+            l.generate(l1_offset + (guest >> L2_BITS) * 8, &mut e);
+            let l2 = be(&e);
+            assert_eq!(l2 & COPIED, COPIED);
+            l.generate((l2 & !COPIED) + (guest & ((1 << L2_BITS) - 1)) * 8, &mut e);
+            assert_eq!(
+                be(&e),
+                COPIED | (host << CLUSTER_BITS),
+                "L2 entry of {guest}"
+            );
+        }
+        // Refcounts: 1 for each cluster of the file, 0 after.
+        let rt = be(&header[48..56]);
+        for c in [0, l.total_clusters - 1, l.total_clusters] {
+            let mut e = [0u8; 8];
+            l.generate(rt + (c / REFCOUNTS_PER_BLOCK) * 8, &mut e);
+            let block = be(&e);
+            let mut r = [0u8; 2];
+            l.generate(block + (c % REFCOUNTS_PER_BLOCK) * 2, &mut r);
+            assert_eq!(u16::from_be_bytes(r), u16::from(c < l.total_clusters));
+        }
+    }
+
+    #[test]
+    fn random_allocations_lay_out_consistently() {
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for case in 0..60 {
+            let size = 1 + next(if case % 3 == 0 { 1 << 36 } else { 4 << 30 });
+            let clusters = align_up(size, SECTOR_SIZE).div_ceil(CLUSTER_SIZE);
+            let mut runs = Vec::new();
+            let mut at = next(clusters.min(20_000));
+            while at < clusters && runs.len() < 200 {
+                let n = 1 + next(40_000.min(clusters - at));
+                runs.push((at, n));
+                let gap = if next(2) == 0 { 50 } else { clusters / 8 + 1 };
+                at += n + 1 + next(gap);
+            }
+            let l = layout(size, &runs);
+            check_against_model(&l, &runs);
+        }
+    }
 }

@@ -5,9 +5,11 @@
 //! own mutex; a lookup locks one shard for a few comparisons and never across I/O (a miss
 //! is filled by the caller, outside any lock, then inserted). Every shard holds at most
 //! `budget / shards` bytes of values (at least one entry), so memory stays bounded however
-//! large or hostile the image is. Shards are small, so eviction scans them linearly: with
-//! a few dozen entries per shard this is cheaper than maintaining a linked list.
+//! large or hostile the image is. Lookups are hash lookups; eviction, which only happens
+//! on a miss (after a `pread` far costlier), scans its shard for the oldest entry rather
+//! than maintaining a linked list.
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::sync::{Mutex, PoisonError};
 
@@ -15,15 +17,14 @@ use std::sync::{Mutex, PoisonError};
 /// of the machines this runs on keeps contention negligible.
 const SHARDS: usize = 16;
 
-struct Entry<K, V> {
-    key: K,
+struct Entry<V> {
     value: V,
     weight: usize,
     last_use: u64,
 }
 
 struct Shard<K, V> {
-    entries: Vec<Entry<K, V>>,
+    entries: HashMap<K, Entry<V>>,
     weight: usize,
     clock: u64,
 }
@@ -42,7 +43,7 @@ impl<K: Hash + Eq + Copy, V: Clone> LruCache<K, V> {
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
-                    entries: Vec::new(),
+                    entries: HashMap::new(),
                     weight: 0,
                     clock: 0,
                 })
@@ -70,7 +71,7 @@ impl<K: Hash + Eq + Copy, V: Clone> LruCache<K, V> {
             .unwrap_or_else(PoisonError::into_inner);
         shard.clock += 1;
         let now = shard.clock;
-        let e = shard.entries.iter_mut().find(|e| e.key == *key)?;
+        let e = shard.entries.get_mut(key)?;
         e.last_use = now;
         Some(e.value.clone())
     }
@@ -83,30 +84,31 @@ impl<K: Hash + Eq + Copy, V: Clone> LruCache<K, V> {
             .shard(&key)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if shard.entries.iter().any(|e| e.key == key) {
+        if shard.entries.contains_key(&key) {
             return;
         }
-        while !shard.entries.is_empty() && shard.weight + weight > self.shard_budget {
+        while shard.weight + weight > self.shard_budget {
             let oldest = shard
                 .entries
                 .iter()
-                .enumerate()
                 .min_by_key(|(_, e)| e.last_use)
-                .map(|(i, _)| i);
-            if let Some(i) = oldest {
-                let gone = shard.entries.swap_remove(i);
+                .map(|(k, _)| *k);
+            let Some(k) = oldest else { break };
+            if let Some(gone) = shard.entries.remove(&k) {
                 shard.weight -= gone.weight;
             }
         }
         shard.clock += 1;
         let now = shard.clock;
         shard.weight += weight;
-        shard.entries.push(Entry {
+        shard.entries.insert(
             key,
-            value,
-            weight,
-            last_use: now,
-        });
+            Entry {
+                value,
+                weight,
+                last_use: now,
+            },
+        );
     }
 }
 

@@ -113,8 +113,22 @@ pub fn decompress_into(c: &CompressedCluster, out: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Clusters inflated by this thread, so tests can check the cache spares work.
+    static INFLATED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Clusters inflated so far by the calling thread (tests only).
+#[cfg(test)]
+pub(crate) fn inflated_by_this_thread() -> u64 {
+    INFLATED.with(|n| n.get())
+}
+
 /// Reads the stored bytes of `c` and inflates exactly `out.len()` (= `cluster_len`) bytes.
 fn inflate_cluster(c: &CompressedCluster, out: &mut [u8]) -> Result<()> {
+    #[cfg(test)]
+    INFLATED.with(|n| n.set(n.get() + 1));
     let input = read_stored(c)?;
     let produced = match c.compression {
         Compression::Deflate => inflate_deflate(&input, out, false),
@@ -269,6 +283,20 @@ mod tests {
                 assert_eq!(part, data[skip as usize..skip as usize + 100]);
             }
         }
+    }
+
+    #[test]
+    fn sequential_small_reads_inflate_each_cluster_once() {
+        let data = sample(65536);
+        let mut c = stored(&deflate(&data, false), Compression::Deflate, 65536);
+        let before = INFLATED.with(|n| n.get());
+        for skip in (0..65536).step_by(4096) {
+            c.skip = skip;
+            let mut part = vec![0u8; 4096];
+            decompress_into(&c, &mut part).unwrap();
+            assert_eq!(part, data[skip as usize..skip as usize + 4096]);
+        }
+        assert_eq!(INFLATED.with(|n| n.get()) - before, 1);
     }
 
     #[test]

@@ -18,7 +18,12 @@ pub mod convert;
 pub mod detect;
 pub mod qcow2;
 pub mod qcow2_layout;
+pub mod qed;
 pub mod raw;
+pub(crate) mod tables;
+pub mod vdi;
+pub mod vmdk;
+pub mod vpc;
 
 use std::fmt;
 use std::fs::File;

@@ -187,7 +187,14 @@ fn zlib_and_zstd_compressed_images_read_like_qemu() {
         assert_reads_like_qemu(&p, &disk);
         // 4 KiB reads, as the kernel makes them, served from the inflated-cluster cache.
         // qemu-img rounds the size up to a sector: the source is a prefix.
+        let before = crate::image::compressed::inflated_by_this_thread();
         let (got, want) = (read_all(&disk, 4096), fs::read(&src).unwrap());
+        let inflated = crate::image::compressed::inflated_by_this_thread() - before;
+        assert!(
+            inflated <= disk.virtual_size().div_ceil(cs),
+            "{inflated} inflations for {} clusters",
+            disk.virtual_size().div_ceil(cs)
+        );
         assert!(got[..want.len()] == want[..], "{kind} {cs}");
         assert!(got[want.len()..].iter().all(|&b| b == 0));
     }
@@ -444,6 +451,51 @@ fn threads_reading_random_ranges_get_the_same_bytes_as_a_sequential_read() {
     for h in handles {
         h.join().expect("reader thread");
     }
+}
+
+#[test]
+fn raw_backing_file_inside_the_root_is_read_through() {
+    if !have_qemu() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let base = root.path().join("base.raw");
+    fs::write(&base, noise(9, 1 << 20)).unwrap();
+    let top = root.path().join("top.qcow2");
+    create(&top, "backing_file=base.raw,backing_fmt=raw", "2M");
+    qemu_io("qcow2", &top, &["write -P 1 64k 64k", "write -z 256k 64k"]);
+    let disk = open(&top, Some(root.path()));
+    assert_eq!(disk.layers()[1].format(), super::super::Format::Raw);
+    assert_reads_like_qemu(&top, &disk);
+}
+
+#[test]
+fn internal_snapshots_do_not_change_what_the_active_layer_reads() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("snap.qcow2");
+    create(&p, "", "2M");
+    qemu_io("qcow2", &p, &["write -P 1 0 1M"]);
+    qemu_img(&["snapshot", "-c", "before", s(&p)]);
+    qemu_io("qcow2", &p, &["write -P 2 512k 1M", "discard 0 64k"]);
+    assert_reads_like_qemu(&p, &open(&p, None));
+}
+
+#[test]
+fn dirty_bit_from_lazy_refcounts_does_not_prevent_reading() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = valid_image(dir.path());
+    let bits = read_be64(&p, 72) | super::header::INCOMPAT_DIRTY;
+    patch(&p, 72, &bits.to_be_bytes());
+    let disk = open(&p, None);
+    let mut buf = vec![0u8; 128 << 10];
+    disk.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x42));
 }
 
 // ---- malformed inputs ----

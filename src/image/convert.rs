@@ -439,4 +439,50 @@ mod tests {
             assert_eq!(got, want, "layer of a qcow2 copy made with {opts}");
         }
     }
+
+    /// The single-layer disk of an image file in `format`, read by this crate's reader.
+    fn single_layer_disk(path: &Path, format: Format) -> std::sync::Arc<Disk> {
+        use std::sync::Arc;
+        let file = File::open(path).unwrap();
+        let layer: Arc<dyn crate::image::Layer> = match format {
+            Format::Qed => Arc::new(crate::image::qed::open(file, path).unwrap()),
+            Format::Vdi => Arc::new(crate::image::vdi::open(file, path).unwrap()),
+            Format::Vpc => Arc::new(crate::image::vpc::open(file, path).unwrap()),
+            Format::Vmdk => Arc::new(crate::image::vmdk::open(file, path).unwrap()),
+            other => panic!("no single-layer opener for {other} in this test"),
+        };
+        Arc::new(Disk::new(vec![layer]))
+    }
+
+    #[test]
+    fn every_import_format_gives_the_layer_of_its_content() {
+        if !testutil::have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let raw = raw_source(dir.path(), "src.raw", 1 << 30, &SCATTERED_1G);
+        let (want, _) = convert(&raw_disk(&raw), dir.path(), "from-raw.qcow2");
+        let cases: [(Format, &[&str]); 5] = [
+            (Format::Qed, &[]),
+            (Format::Vdi, &[]),
+            // An exact size, not one rounded to a CHS geometry.
+            (Format::Vpc, &["-o", "force_size=on"]),
+            (Format::Vmdk, &[]),
+            (Format::Vmdk, &["-o", "subformat=streamOptimized"]),
+        ];
+        for (format, opts) in cases {
+            let sub = tempfile::tempdir_in(dir.path()).unwrap();
+            let src = sub.path().join(format!("src.{format}"));
+            let mut args = vec!["convert", "-q", "-f", "raw", "-O", format.name()];
+            args.extend_from_slice(opts);
+            args.extend([raw.to_str().unwrap(), src.to_str().unwrap()]);
+            qemu_img(&args);
+            let disk = single_layer_disk(&src, format);
+            let got = judge_disk_conversion(&disk, &src, format.name());
+            assert_eq!(
+                got, want,
+                "layer of a {format} {opts:?} copy of the raw source"
+            );
+        }
+    }
 }

@@ -159,3 +159,14 @@ mod source_matrix {
         judge_source(FORMAT, Source::Cluster2M);
     }
 }
+
+#[cfg(test)]
+mod read_back {
+    use crate::image::Format;
+    use crate::view::judge::{Source, judge_source_reads_back};
+
+    #[test]
+    fn qcow2_view_reads_back_through_the_qcow2_reader() {
+        judge_source_reads_back(Format::Qcow2, Source::Chain);
+    }
+}

@@ -262,3 +262,14 @@ mod source_matrix {
         judge_source(FORMAT, Source::Cluster2M);
     }
 }
+
+#[cfg(test)]
+mod read_back {
+    use crate::image::Format;
+    use crate::view::judge::{Source, judge_source_reads_back};
+
+    #[test]
+    fn qed_view_reads_back_through_the_qed_reader() {
+        judge_source_reads_back(Format::Qed, Source::Chain);
+    }
+}

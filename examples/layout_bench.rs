@@ -126,7 +126,11 @@ fn bench_qcow2_source(dir: &Path) {
     let mut args = vec!["-q".to_string(), "-f".into(), "qcow2".into()];
     for i in 0..100u64 {
         args.push("-c".into());
-        args.push(format!("write -P {} {} 1M", i + 1, i * (TIB / 100) / MIB * MIB));
+        args.push(format!(
+            "write -P {} {} 1M",
+            i + 1,
+            i * (TIB / 100) / MIB * MIB
+        ));
     }
     args.push(p.into());
     let ok = Command::new("qemu-io").args(&args).status();

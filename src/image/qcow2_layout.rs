@@ -73,6 +73,14 @@ pub fn allocated_clusters(disk: &Disk, cluster_size: u64) -> Result<Vec<(u64, u6
     let mut pos = 0u64;
     while pos < size {
         let ext = disk.map(pos, size - pos)?;
+        if ext.len == 0 || ext.len > size - pos {
+            // A reader that answers nothing (or too much) would loop or overflow here.
+            return Err(Error::Invalid {
+                path: disk.top().path().to_path_buf(),
+                format: disk.top().format(),
+                reason: format!("the image maps {} bytes at guest offset {pos}", ext.len),
+            });
+        }
         if ext.mapping.is_data() {
             let first = pos / cluster_size;
             let end = (pos + ext.len).div_ceil(cluster_size);

@@ -485,4 +485,19 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn four_tib_disk_with_data_every_16_gib_converts() {
+        if !testutil::have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cmds: Vec<String> = (0..64u64)
+            .map(|i| format!("write -P {} {} 64k", i + 1, (i << 36) + (i << 12)))
+            .collect();
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        let src = raw_source(dir.path(), "wide.raw", 4 << 40, &cmds);
+        let got = judge_conversion(&src);
+        assert!(got.len < 16 << 20, "layer of {} bytes", got.len);
+    }
 }

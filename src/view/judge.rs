@@ -451,3 +451,19 @@ pub fn judge_source_reads_back(format: Format, source: Source) {
         assert!(a == b, "bytes differ in the run at {start}");
     }
 }
+
+/// A 4 TiB sparse raw disk with 64 KiB of data every 16 GiB: 256 L2 tables, a
+/// multi-block L1 with holes between its entries.
+pub fn judge_wide_sparse_case(format: Format) {
+    let cmds: Vec<String> = (0..256u64)
+        .map(|i| {
+            format!(
+                "write -P {} {} 64k",
+                i % 255 + 1,
+                (i << 34) + ((i % 3) << 16)
+            )
+        })
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    judge_raw_case(format, 4 << 40, &cmds);
+}

@@ -113,6 +113,16 @@ mod tests {
 }
 
 #[cfg(test)]
+mod wide {
+    use crate::image::Format;
+
+    #[test]
+    fn four_tib_disk_with_data_every_16_gib() {
+        crate::view::judge::judge_wide_sparse_case(Format::Qcow2);
+    }
+}
+
+#[cfg(test)]
 mod source_matrix {
     use crate::image::Format;
     use crate::view::judge::{Source, judge_source};

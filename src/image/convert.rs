@@ -10,7 +10,7 @@
 //! only on the disk's content: the same content gives the same bytes and the same hash,
 //! whatever the source format or its allocation.
 
-use super::qcow2_layout::{CLUSTER_SIZE, Part, Qcow2Layout, allocated_clusters};
+use super::qcow2_layout::{CLUSTER_SIZE, Part, Qcow2Layout, ZERO_BLOCK, allocated_clusters};
 use super::{Disk, Error, Result};
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -21,8 +21,9 @@ use std::sync::mpsc;
 /// Bytes read or written per call: large enough to amortise calls and table lookups,
 /// small enough to stay in cache (a multiple of the cluster size).
 const CHUNK: usize = 4 << 20;
-/// Granularity of hole detection in the output: the usual filesystem block.
-const BLOCK: usize = 4096;
+/// Granularity of hole detection in the output: the block at which views report holes
+/// too, the usual filesystem block.
+const BLOCK: usize = ZERO_BLOCK as usize;
 /// Buffers in flight between the writer and the hashing thread: one being filled, one
 /// being hashed, one queued.
 const BUFFERS: usize = 3;

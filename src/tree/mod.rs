@@ -343,7 +343,17 @@ impl Tree {
         let repos = config
             .repos
             .iter()
-            .map(|r| Store::open(&r.name, &r.path))
+            .map(|r| {
+                // The built-in default lives in ~/.pcocc, which a new user does not have
+                // yet: create it, so that the tool works with no set-up (DESIGN §6).
+                // Configured repositories keep pcocc's rule: their parent must exist.
+                if r.origin == crate::config::Origin::Default
+                    && let Some(parent) = r.path.parent()
+                {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+                Store::open(&r.name, &r.path)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Tree {
             repos,

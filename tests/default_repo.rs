@@ -18,11 +18,21 @@ fn with_no_configuration_the_user_repository_is_created_in_the_home_directory() 
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let repo = home.join(".pcocc/images");
-    assert!(stdout.contains(&format!("user    {}", repo.display())), "{stdout}");
+    assert!(
+        stdout.contains(&format!("user    {}", repo.display())),
+        "{stdout}"
+    );
     for sub in ["data", "meta", ".tmp"] {
         assert!(repo.join(sub).is_dir(), "{sub} missing");
     }
-    assert_eq!(std::fs::read_to_string(repo.join(".config")).unwrap(), "version: 2\n");
+    assert_eq!(
+        std::fs::read_to_string(repo.join(".config")).unwrap(),
+        "version: 2\n"
+    );
 }

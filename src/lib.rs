@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod fuse;
 pub mod image;
 pub mod store;
 pub mod tree;

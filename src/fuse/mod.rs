@@ -1,0 +1,721 @@
+//! The FUSE adapter: inode numbers, fuser callbacks and errno replies, nothing else.
+//!
+//! Every callback turns inode numbers into tree nodes, calls one [`Tree`] method as the
+//! requesting user and replies with its answer or one errno ([`tree::Error::errno`]).
+//! Repository rules live in the tree, so the whole filesystem runs in tests without a
+//! mount; this file only has to be a faithful translator. Expected misses (`ENOENT` on
+//! lookup) log at debug, other failures one warning line with the path and errno.
+//!
+//! Caching follows what can change: revision directories and their files never change,
+//! so the kernel may keep their attributes, entries and pages for long; repository and
+//! image directories change when another host imports or deletes, so their entries live
+//! only for the configured refresh time. Names that change kind because of this daemon
+//! (an import published, a rename) are invalidated through fuser's notifier, from a
+//! separate thread so that no request ever waits on its own notification.
+
+pub mod caller;
+pub mod daemon;
+pub mod inodes;
+pub mod options;
+
+use crate::tree::{self, Attr, Changes, Node, NodeType, OpenFile, SetAttr, Tree};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use inodes::{Inodes, ROOT_INO};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+/// How long the kernel may cache what never changes (revision directories and files).
+const IMMUTABLE_TTL: Duration = Duration::from_secs(3600);
+
+/// Largest read or write the daemon accepts in one request (the kernel's FUSE maximum,
+/// `max_pages_limit` 256 × 4 KiB).
+const MAX_IO: u32 = 1 << 20;
+
+/// Settings of one mount.
+#[derive(Clone, Debug)]
+pub struct FsSettings {
+    /// How long repository and image directory listings and entries may be cached.
+    pub refresh: Duration,
+    /// Refuse every change (`-o ro`).
+    pub read_only: bool,
+}
+
+impl Default for FsSettings {
+    fn default() -> Self {
+        FsSettings {
+            refresh: Duration::from_secs(1),
+            read_only: false,
+        }
+    }
+}
+
+/// The filesystem served over FUSE.
+pub struct ImageFs {
+    tree: Arc<Tree>,
+    settings: FsSettings,
+    inodes: Inodes,
+    handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    next_fh: AtomicU64,
+    invalidator: Arc<Invalidator>,
+}
+
+/// Forwards "drop this cached name" messages to the kernel from its own thread, once the
+/// session (which owns the channel to the kernel) exists.
+#[derive(Debug, Default)]
+pub struct Invalidator {
+    tx: OnceLock<Mutex<Sender<(u64, String)>>>,
+}
+
+impl Invalidator {
+    /// Starts forwarding through `notifier` (from `Session::notifier`).
+    pub fn start(&self, notifier: Notifier) {
+        let (tx, rx) = mpsc::channel::<(u64, String)>();
+        if self.tx.set(Mutex::new(tx)).is_ok() {
+            let spawned = std::thread::Builder::new()
+                .name("inval".into())
+                .spawn(move || {
+                    for (parent, name) in rx {
+                        // ENOENT means the kernel had nothing cached: fine.
+                        let _ = notifier.inval_entry(INodeNo(parent), OsStr::new(&name));
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("cannot start the cache invalidation thread: {e}");
+            }
+        }
+    }
+
+    fn send(&self, parent: u64, name: &str) {
+        if let Some(tx) = self.tx.get() {
+            let tx = tx.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = tx.send((parent, name.to_string()));
+        }
+    }
+}
+
+fn errno(e: &tree::Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn file_type(kind: NodeType) -> FileType {
+    match kind {
+        NodeType::Directory => FileType::Directory,
+        NodeType::RegularFile => FileType::RegularFile,
+        NodeType::Symlink => FileType::Symlink,
+    }
+}
+
+fn fuse_attr(ino: u64, a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.mtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn name_str(name: &OsStr) -> Result<&str, Errno> {
+    // Repository names are [a-zA-Z0-9_.-]; a name that is not UTF-8 cannot exist.
+    name.to_str().ok_or(Errno::ENOENT)
+}
+
+impl ImageFs {
+    pub fn new(tree: Arc<Tree>, settings: FsSettings) -> ImageFs {
+        ImageFs {
+            tree,
+            settings,
+            inodes: Inodes::new(),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            invalidator: Arc::default(),
+        }
+    }
+
+    /// The invalidation forwarder, to start once the session is mounted.
+    pub fn invalidator(&self) -> Arc<Invalidator> {
+        self.invalidator.clone()
+    }
+
+    fn caller(req: &Request) -> tree::Caller {
+        caller::from_request(req.uid(), req.gid(), req.pid())
+    }
+
+    fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
+        self.inodes.node(ino.0).ok_or(Errno::ESTALE)
+    }
+
+    fn ttl(&self, node: &Node) -> Duration {
+        match node {
+            Node::Revision { .. } | Node::File { .. } => IMMUTABLE_TTL,
+            _ => self.settings.refresh,
+        }
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
+        let h = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        h.get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn add_handle(&self, f: Arc<OpenFile>) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, f);
+        FileHandle(fh)
+    }
+
+    fn invalidate(&self, changes: &Changes) {
+        for (parent, name) in &changes.entries {
+            self.invalidator.send(self.inodes.peek(parent), name);
+        }
+    }
+
+    fn fail(&self, what: &str, node: Option<&Node>, e: &tree::Error) -> Errno {
+        let n = errno(e);
+        if e.errno() == libc::ENOENT {
+            log::debug!("{what} {node:?}: {e}");
+        } else {
+            log::warn!("{what} {node:?}: {e} (errno {})", e.errno());
+        }
+        n
+    }
+
+    fn deny_if_read_only(&self) -> Result<(), Errno> {
+        if self.settings.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn reply_entry(&self, node: &Node, attr: &Attr, ttl: Duration, reply: ReplyEntry) {
+        let ino = self.inodes.remember(node);
+        reply.entry(&ttl, &fuse_attr(ino, attr), Generation(0));
+    }
+
+    fn do_lookup(&self, req: &Request, parent: INodeNo, name: &OsStr) -> Result<(Node, Attr), Errno> {
+        let parent = self.node(parent)?;
+        let name = name_str(name)?;
+        let caller = Self::caller(req);
+        let node = self
+            .tree
+            .lookup(&caller, &parent, name)
+            .map_err(|e| self.fail("lookup", Some(&parent), &e))?;
+        let attr = self
+            .tree
+            .getattr(&caller, &node)
+            .map_err(|e| self.fail("getattr", Some(&node), &e))?;
+        Ok((node, attr))
+    }
+}
+
+impl Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(MAX_IO);
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.do_lookup(req, parent, name) {
+            Ok((node, attr)) => {
+                let ttl = self.ttl(&node);
+                self.reply_entry(&node, &attr, ttl, reply)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        // An open file being imported knows its own size; everything else asks the tree.
+        let attr = match fh.and_then(|fh| self.handle(fh).ok()) {
+            Some(h) => h.attr(),
+            None => self.tree.getattr(&Self::caller(req), &node),
+        };
+        match attr {
+            Ok(a) => reply.attr(&self.ttl(&node), &fuse_attr(ino.0, &a)),
+            Err(e) => reply.error(self.fail("getattr", Some(&node), &e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        if let Err(e) = self.deny_if_read_only() {
+            return reply.error(e);
+        }
+        let handle = fh.and_then(|fh| self.handle(fh).ok());
+        let set = SetAttr {
+            size,
+            mode,
+            uid,
+            gid,
+            times: atime.is_some() || mtime.is_some(),
+        };
+        match self
+            .tree
+            .setattr(&Self::caller(req), &node, handle.as_deref(), &set)
+        {
+            Ok(a) => reply.attr(&self.ttl(&node), &fuse_attr(ino.0, &a)),
+            Err(e) => reply.error(self.fail("setattr", Some(&node), &e)),
+        }
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        match self.tree.readlink(&Self::caller(req), &node) {
+            Ok(t) => reply.data(t.as_bytes()),
+            Err(e) => reply.error(self.fail("readlink", Some(&node), &e)),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.deny_if_read_only().and_then(|_| {
+            let parent = self.node(parent)?;
+            let name = name_str(name)?;
+            self.tree
+                .mkdir(&Self::caller(req), &parent, name)
+                .map_err(|e| self.fail("mkdir", Some(&parent), &e))
+        });
+        match r {
+            Ok((node, attr)) => self.reply_entry(&node, &attr, self.settings.refresh, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.deny_if_read_only().and_then(|_| {
+            let parent = self.node(parent)?;
+            let name = name_str(name)?;
+            self.tree
+                .unlink_entry(&Self::caller(req), &parent, name)
+                .map_err(|e| self.fail("unlink", Some(&parent), &e))
+        });
+        match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.deny_if_read_only().and_then(|_| {
+            let parent = self.node(parent)?;
+            let name = name_str(name)?;
+            self.tree
+                .rmdir_entry(&Self::caller(req), &parent, name)
+                .map_err(|e| self.fail("rmdir", Some(&parent), &e))
+        });
+        match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        // RENAME_EXCHANGE and RENAME_WHITEOUT have no meaning for repository objects.
+        if flags.bits() & !(libc::RENAME_NOREPLACE) != 0 {
+            return reply.error(Errno::EINVAL);
+        }
+        let r = self.deny_if_read_only().and_then(|_| {
+            let from = self.node(parent)?;
+            let to = self.node(newparent)?;
+            let (name, newname) = (name_str(name)?, name_str(newname)?);
+            self.tree
+                .rename_entry(&Self::caller(req), &from, name, &to, newname)
+                .map_err(|e| self.fail("rename", Some(&from), &e))
+        });
+        match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = self.deny_if_read_only().and_then(|_| {
+            let src = self.node(ino)?;
+            let parent = self.node(newparent)?;
+            let name = name_str(newname)?;
+            self.tree
+                .link(&Self::caller(req), &src, &parent, name)
+                .map_err(|e| self.fail("link", Some(&src), &e))
+        });
+        match r {
+            // The kernel insists on a regular-file entry for link(2); the name is an image
+            // directory from now on, so the entry must not be cached (TTL 0).
+            Ok((node, attr, changes)) => {
+                self.invalidate(&changes);
+                self.reply_entry(&node, &attr, Duration::ZERO, reply)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let acc = flags.0 & libc::O_ACCMODE;
+        let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        if write && self.settings.read_only {
+            return reply.error(Errno::EROFS);
+        }
+        let truncate = flags.0 & libc::O_TRUNC != 0;
+        match self.tree.open(&Self::caller(req), &node, write, truncate) {
+            Ok(f) => {
+                let keep = if f.immutable() {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(self.add_handle(f), keep)
+            }
+            Err(e) => reply.error(self.fail("open", Some(&node), &e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self.deny_if_read_only().and_then(|_| {
+            let parent = self.node(parent)?;
+            let name = name_str(name)?;
+            self.tree
+                .create(&Self::caller(req), &parent, name, mode)
+                .map_err(|e| self.fail("create", Some(&parent), &e))
+        });
+        match r {
+            Ok((node, attr, f)) => {
+                let ino = self.inodes.remember(&node);
+                let fh = self.add_handle(f);
+                // TTL 0: once published, this name is an image directory.
+                reply.created(
+                    &Duration::ZERO,
+                    &fuse_attr(ino, &attr),
+                    Generation(0),
+                    fh,
+                    FopenFlags::empty(),
+                );
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let f = match self.handle(fh) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        let mut buf = vec![0u8; size.min(MAX_IO) as usize];
+        match f.read(&mut buf, offset) {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(self.fail("read", None, &e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let f = match self.handle(fh) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        match f.write(data, offset) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(self.fail("write", None, &e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) returns this reply's error: an import that fails must fail here.
+        let f = match self.handle(fh) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        match f.flush() {
+            Ok(changes) => {
+                self.invalidate(&changes);
+                reply.ok()
+            }
+            Err(e) => reply.error(self.fail("import", None, &e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let f = self
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh.0);
+        if let Some(f) = f {
+            f.release();
+        }
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Imports are made durable when they are published (flush); nothing else is written.
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let entries = match self.tree.readdir(&Self::caller(req), &node) {
+            Ok(e) => e,
+            Err(e) => return reply.error(self.fail("readdir", Some(&node), &e)),
+        };
+        // `.` and `..`, then the tree's entries; offsets are positions in that list, which
+        // is stable enough between calls (sorted by the tree).
+        let parent_ino = match &node {
+            Node::Root => ROOT_INO,
+            other => tree::parent(other)
+                .map(|p| self.inodes.peek(&p))
+                .unwrap_or(ROOT_INO),
+        };
+        let dots = [(ino.0, FileType::Directory, "."), (parent_ino, FileType::Directory, "..")];
+        let all = dots
+            .into_iter()
+            .map(|(i, k, n)| (i, k, n.to_string()))
+            .chain(entries.into_iter().map(|e| (self.inodes.peek(&e.node), file_type(e.kind), e.name)));
+        for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // The first repository's filesystem answers for the mount (df shows real space).
+        match self.tree.statfs() {
+            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, 255, s.frsize),
+            Err(e) => reply.error(self.fail("statfs", None, &e)),
+        }
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        match self.tree.getxattr(&Self::caller(req), &node, name) {
+            Ok(Some(v)) if size == 0 => reply.size(v.len() as u32),
+            Ok(Some(v)) if v.len() <= size as usize => reply.data(&v),
+            Ok(Some(_)) => reply.error(Errno::ERANGE),
+            Ok(None) => reply.error(Errno::NO_XATTR),
+            Err(e) => reply.error(self.fail("getxattr", Some(&node), &e)),
+        }
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let names = match self.tree.listxattr(&Self::caller(req), &node) {
+            Ok(n) => n,
+            Err(e) => return reply.error(self.fail("listxattr", Some(&node), &e)),
+        };
+        let mut buf = Vec::new();
+        for n in names {
+            buf.extend_from_slice(n.as_bytes());
+            buf.push(0);
+        }
+        if size == 0 {
+            reply.size(buf.len() as u32)
+        } else if buf.len() <= size as usize {
+            reply.data(&buf)
+        } else {
+            reply.error(Errno::ERANGE)
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.node(ino).and_then(|node| {
+            self.tree
+                .setxattr(&Self::caller(req), &node)
+                .map_err(|e| self.fail("setxattr", Some(&node), &e))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        if mask.bits() & libc::W_OK != 0 && self.settings.read_only {
+            return reply.error(Errno::EROFS);
+        }
+        match self.tree.access(&Self::caller(req), &node, mask.bits()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.fail("access", Some(&node), &e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let f = match self.handle(fh) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        let Ok(off) = u64::try_from(offset) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let r = match whence {
+            libc::SEEK_DATA => f.seek_data(off),
+            libc::SEEK_HOLE => f.seek_hole(off),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match r {
+            Ok(Some(pos)) => reply.offset(pos as i64),
+            Ok(None) => reply.error(Errno::ENXIO),
+            Err(e) => reply.error(self.fail("lseek", None, &e)),
+        }
+    }
+}

@@ -1,0 +1,528 @@
+//! The filesystem mounted for real and used with ordinary tools: `ls`, `cp`, `ln`, `mv`,
+//! `rm`, `qemu-img` and `qemu-io` on the mount, judged by qemu-img and by the repository
+//! left on disk. Needs root, `/dev/fuse` and qemu-img (CI has all three); without them each
+//! test prints why and returns.
+
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_pcocc-imagefs");
+
+fn can_mount() -> bool {
+    // SAFETY: geteuid only reads the process credentials.
+    let root = unsafe { libc::geteuid() } == 0;
+    let fuse = Path::new("/dev/fuse").exists();
+    let qemu = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !(root && fuse && qemu) {
+        eprintln!("SKIPPED: mount tests need root ({root}), /dev/fuse ({fuse}) and qemu-img ({qemu})");
+    }
+    root && fuse && qemu
+}
+
+#[track_caller]
+fn run(prog: &str, args: &[&str]) -> Output {
+    Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
+}
+
+#[track_caller]
+fn ok(prog: &str, args: &[&str]) -> String {
+    let out = run(prog, args);
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 test path")
+}
+
+fn sha256_file(p: &Path) -> String {
+    let bytes = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A mounted daemon over two repositories `user` (the default) and `global`, in a
+/// temporary directory; unmounted when dropped.
+struct Mounted {
+    dir: tempfile::TempDir,
+    mnt: PathBuf,
+}
+
+impl Mounted {
+    fn start() -> Option<Mounted> {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Option<Mounted> {
+        if !can_mount() {
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("imagefs-test")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        let m = Mounted {
+            mnt: dir.path().join("mnt"),
+            dir,
+        };
+        fs::create_dir_all(m.dir.path().join("repos")).unwrap();
+        fs::create_dir_all(m.work()).unwrap();
+        // Others must be able to reach the repositories for the other-user tests.
+        fs::set_permissions(m.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(m.dir.path().join("repos"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(
+            m.config(),
+            format!(
+                "repos:\n  - name: user\n    path: {}\n  - name: global\n    path: {}\n",
+                s(&m.repo("user")),
+                s(&m.repo("global"))
+            ),
+        )
+        .unwrap();
+        m.mount(extra);
+        Some(m)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("repos.yaml")
+    }
+
+    /// Starts the daemon in the background; it returns once the mount is live.
+    fn mount(&self, extra: &[&str]) {
+        let mut args = vec!["--config", s(&self.config()), "-o", "allow_other,refresh=0"];
+        args.extend_from_slice(extra);
+        args.push(s(&self.mnt));
+        let out = Command::new(DAEMON)
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run pcocc-imagefs");
+        assert!(
+            out.status.success(),
+            "pcocc-imagefs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(self.is_mounted(), "mount not live when the daemon returned");
+    }
+
+    fn is_mounted(&self) -> bool {
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        mounts.lines().any(|l| l.split(' ').nth(1) == Some(s(&self.mnt)))
+    }
+
+    fn unmount(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.is_mounted() {
+            let out = run("umount", &[s(&self.mnt)]);
+            if out.status.success() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = run("umount", &["-l", s(&self.mnt)]);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn repo(&self, name: &str) -> PathBuf {
+        self.dir.path().join("repos").join(name)
+    }
+
+    fn work(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    fn at(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    fn meta_names(&self, repo: &str) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.repo(repo).join("meta"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn layer_files(&self, repo: &str) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        if let Ok(d) = fs::read_dir(self.repo(repo).join("data")) {
+            for sub in d.filter_map(|e| e.ok()) {
+                if let Ok(d2) = fs::read_dir(sub.path()) {
+                    out.extend(d2.filter_map(|e| e.ok()).map(|e| e.path()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn tmp_entries(&self, repo: &str) -> usize {
+        fs::read_dir(self.repo(repo).join(".tmp")).map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// A raw disk of `size` with a few recognisable extents (and holes), written by qemu-io.
+    fn source_raw(&self, name: &str, size: &str) -> PathBuf {
+        let p = self.work().join(name);
+        ok("qemu-img", &["create", "-q", "-f", "raw", s(&p), size]);
+        ok(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 3M 64k", "-c", "write -P 0x33 7M 512k", s(&p)],
+        );
+        p
+    }
+
+    /// `source` converted to `fmt` in the work directory as `name`.
+    fn source_as(&self, source: &Path, fmt: &str, name: &str) -> PathBuf {
+        let p = self.work().join(name);
+        let mut args = vec!["convert", "-q", "-f", "raw", "-O", fmt];
+        if fmt == "vpc" {
+            args.extend(["-o", "force_size=on"]);
+        }
+        args.extend([s(source), s(&p)]);
+        ok("qemu-img", &args);
+        p
+    }
+
+    /// Stores a 3-layer revision `name@0` in `repo` the way pcocc's resize makes one: a
+    /// base with data, then two overlays (relative backing names) that each write.
+    fn layered_image(&self, repo: &str, name: &str) {
+        let data = self.repo(repo).join("data");
+        let mut hashes: Vec<String> = Vec::new();
+        for (i, (size, cmd)) in [("16M", "write -P 0x41 0 2M"), ("16M", "write -P 0x42 1M 1M"), ("24M", "write -z 0 64k")]
+            .iter()
+            .enumerate()
+        {
+            let f = self.work().join(format!("{name}-layer{i}"));
+            match hashes.last() {
+                None => ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&f), size]),
+                Some(below) => {
+                    let abs = data.join(&below[..2]).join(below);
+                    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", s(&abs), s(&f), size]);
+                    let rel = format!("../../data/{}/{below}", &below[..2]);
+                    ok("qemu-img", &["rebase", "-u", "-F", "qcow2", "-b", &rel, "-f", "qcow2", s(&f)]);
+                }
+            };
+            ok("qemu-io", &["-f", "qcow2", "-c", cmd, s(&f)]);
+            let h = sha256_file(&f);
+            let dst = data.join(&h[..2]).join(&h);
+            fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            fs::copy(&f, &dst).unwrap();
+            fs::set_permissions(&dst, fs::Permissions::from_mode(0o444)).unwrap();
+            hashes.push(h);
+        }
+        let blobs: Vec<String> = hashes.iter().map(|h| format!("\"{h}\"")).collect();
+        fs::write(
+            self.repo(repo).join("meta").join(format!("{name}@0")),
+            format!(
+                "{{\"name\": \"{name}\", \"revision\": 0, \"kind\": \"vm\", \"owner\": \"root\", \"timestamp\": 1795749382.4048052, \"data_blobs\": [{}], \"custom_meta\": {{}}}}",
+                blobs.join(", ")
+            ),
+        )
+        .unwrap();
+    }
+
+    /// The top layer of `name@0` in `repo`, flattened to raw by qemu-img (the reference
+    /// content of a layered revision).
+    fn reference_raw(&self, repo: &str, name: &str) -> PathBuf {
+        let meta = fs::read_to_string(self.repo(repo).join("meta").join(format!("{name}@0"))).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&meta).unwrap();
+        let top = v["data_blobs"].as_array().unwrap().last().unwrap().as_str().unwrap().to_string();
+        let layer = self.repo(repo).join("data").join(&top[..2]).join(&top);
+        let out = self.work().join(format!("{name}-ref.raw"));
+        ok("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", s(&layer), s(&out)]);
+        out
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+/// qemu-img's verdict on a view: detected without `-f` as `fmt`, the exact virtual size,
+/// `check` clean where the format supports it, and identical to `reference` (raw).
+#[track_caller]
+fn assert_view_is(view: &Path, fmt: &str, reference: &Path) {
+    let info = ok("qemu-img", &["info", "--output=json", s(view)]);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["format"].as_str(), Some(fmt), "{}: {info}", view.display());
+    let size = fs::metadata(reference).unwrap().len();
+    assert_eq!(v["virtual-size"].as_u64(), Some(size.div_ceil(512) * 512), "{}", view.display());
+    if fmt != "raw" {
+        let out = run("qemu-img", &["check", "-f", fmt, s(view)]);
+        assert!(
+            out.status.success() || out.status.code() == Some(63),
+            "qemu-img check {}: {}{}",
+            view.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let cmp = ok("qemu-img", &["compare", "-f", fmt, "-F", "raw", s(view), s(reference)]);
+    assert!(cmp.contains("Images are identical"), "{}: {cmp}", view.display());
+}
+
+const VIEWS: [(&str, &str); 6] = [
+    ("disk.raw", "raw"),
+    ("disk.qcow2", "qcow2"),
+    ("disk.qed", "qed"),
+    ("disk.vdi", "vdi"),
+    ("disk.vpc", "vpc"),
+    ("disk.vmdk", "vmdk"),
+];
+
+#[test]
+fn every_view_of_a_single_layer_and_a_layered_revision_is_what_qemu_expects() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "12M");
+    let qcow = m.source_as(&src, "qcow2", "single.qcow2");
+    ok("cp", &[s(&qcow), s(&m.at("user/"))]);
+    m.layered_image("user", "chain");
+    let chain_ref = m.reference_raw("user", "chain");
+    for (image, reference) in [("single", &src), ("chain", &chain_ref)] {
+        for (file, fmt) in VIEWS {
+            let view = m.at(&format!("user/{image}/@0/{file}"));
+            assert_view_is(&view, fmt, reference);
+            // st_size is the exact length read.
+            let len = fs::metadata(&view).unwrap().len();
+            assert_eq!(fs::read(&view).unwrap().len() as u64, len, "{}", view.display());
+        }
+        let raw = m.at(&format!("user/{image}/@0/disk.raw"));
+        ok("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0x11 0 1M", s(&raw)]);
+    }
+    ok("qemu-io", &["-r", "-f", "qcow2", "-c", "read -P 0x22 3M 64k", s(&m.at("user/single/@0/disk.qcow2"))]);
+    ok("qemu-io", &["-r", "-f", "vmdk", "-c", "read -P 0x42 1M 1M", s(&m.at("user/chain/@0/disk.vmdk"))]);
+    ok("qemu-io", &["-r", "-f", "vdi", "-c", "read -P 0 0 64k", s(&m.at("user/chain/@0/disk.vdi"))]);
+}
+
+#[test]
+fn listing_every_level_shows_repositories_images_revisions_and_views() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "8M");
+    ok("cp", &[s(&src), s(&m.at("global/"))]);
+    let root = ok("ls", &["-l", s(&m.mnt)]);
+    assert!(root.contains(" user\n") && root.contains(" global\n"), "{root}");
+    let repo = ok("ls", &["-l", s(&m.at("global"))]);
+    assert!(repo.contains(" src\n"), "{repo}");
+    let image = ok("ls", &["-l", s(&m.at("global/src"))]);
+    assert!(image.contains(" @0\n") && image.contains("latest -> @0"), "{image}");
+    let rev = ok("ls", &["-1", s(&m.at("global/src/@0"))]);
+    let names: Vec<&str> = rev.lines().collect();
+    assert_eq!(names, ["disk.qcow2", "disk.qed", "disk.raw", "disk.vdi", "disk.vmdk", "disk.vpc", "meta.json"]);
+    let meta: serde_json::Value = serde_json::from_slice(&fs::read(m.at("global/src/@0/meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["name"], "src");
+    assert_eq!(meta["virtual_size"], 8 << 20);
+    // The raw view is sparse: it holds about the 1.6 MiB written, not 8 MiB.
+    let st = fs::metadata(m.at("global/src/@0/disk.raw")).unwrap();
+    assert_eq!(st.len(), 8 << 20);
+    assert!(st.blocks() * 512 < 4 << 20, "st_blocks {} too large", st.blocks());
+}
+
+#[test]
+fn every_accepted_format_imports_as_a_new_image_and_as_a_next_revision() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("base.raw", "10M");
+    for fmt in ["qcow2", "vmdk", "vdi", "vpc", "qed"] {
+        let f = m.source_as(&src, fmt, &format!("img-{fmt}.{fmt}"));
+        ok("cp", &[s(&f), s(&m.at("user/"))]);
+        let name = format!("img-{fmt}");
+        assert_view_is(&m.at(&format!("user/{name}/@0/disk.raw")), "raw", &src);
+        // The same file copied into the image directory becomes revision 1.
+        ok("cp", &[s(&f), s(&m.at(&format!("user/{name}/")))]);
+        assert_view_is(&m.at(&format!("user/{name}/@1/disk.qcow2")), "qcow2", &src);
+    }
+    ok("cp", &[s(&src), s(&m.at("user/"))]);
+    assert_view_is(&m.at("user/base/@0/disk.vdi"), "vdi", &src);
+    // Every stored layer is a standalone qcow2 that qemu-img finds clean.
+    for layer in m.layer_files("user") {
+        ok("qemu-img", &["check", "-f", "qcow2", s(&layer)]);
+        assert_eq!(fs::metadata(&layer).unwrap().permissions().mode() & 0o777, 0o444);
+    }
+    assert_eq!(m.tmp_entries("user"), 0, ".tmp must be empty after imports");
+    // Metadata exactly as pcocc writes it.
+    let meta = fs::read_to_string(m.repo("user").join("meta/img-qcow2@1")).unwrap();
+    assert!(meta.starts_with("{\"name\": \"img-qcow2\", \"revision\": 1, \"kind\": \"vm\", \"owner\": \"root\", \"timestamp\": "), "{meta}");
+    assert!(meta.ends_with(", \"custom_meta\": {}}"), "{meta}");
+}
+
+#[test]
+fn a_failed_import_fails_cp_and_leaves_nothing() {
+    let Some(m) = Mounted::start() else { return };
+    let text = m.work().join("notes.qcow2");
+    fs::write(&text, "this is not a disk image\n").unwrap();
+    let out = run("cp", &[s(&text), s(&m.at("user/"))]);
+    assert!(!out.status.success(), "cp of a text file named .qcow2 must fail");
+    let src = m.source_raw("src.raw", "8M");
+    let vmdk = m.source_as(&src, "vmdk", "cut.vmdk");
+    let bytes = fs::read(&vmdk).unwrap();
+    fs::write(&vmdk, &bytes[..bytes.len() / 3]).unwrap();
+    let out = run("cp", &[s(&vmdk), s(&m.at("user/"))]);
+    assert!(!out.status.success(), "cp of a truncated vmdk must fail");
+    assert!(m.meta_names("user").is_empty(), "{:?}", m.meta_names("user"));
+    assert_eq!(m.tmp_entries("user"), 0);
+    assert!(!m.at("user/notes").exists() && !m.at("user/cut").exists());
+    assert_eq!(ok("ls", &[s(&m.at("user"))]), "");
+}
+
+#[test]
+fn sparse_export_with_cp_gives_the_source_back() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "64M");
+    ok("cp", &[s(&src), s(&m.at("user/"))]);
+    let out = m.work().join("out.raw");
+    ok("cp", &["--sparse=always", s(&m.at("user/src/@0/disk.raw")), s(&out)]);
+    assert_eq!(sha256_file(&out), sha256_file(&src));
+    let blocks = fs::metadata(&out).unwrap().blocks() * 512;
+    assert!(blocks < 8 << 20, "exported file holds {blocks} bytes: not sparse");
+    let holes = ok("qemu-img", &["map", "--output=json", "-f", "raw", s(&m.at("user/src/@0/disk.raw"))]);
+    assert!(holes.contains("\"data\": false"), "SEEK_HOLE must report holes: {holes}");
+}
+
+#[test]
+fn ln_copies_share_layers_and_mv_and_rm_work_like_pcocc() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "8M");
+    ok("cp", &[s(&src), s(&m.at("user/"))]);
+    let layers = m.layer_files("user");
+    assert_eq!(layers.len(), 1);
+    // Within one repository: metadata only.
+    ok("ln", &[s(&m.at("user/src/@0/disk.qcow2")), s(&m.at("user/copy"))]);
+    assert_eq!(m.layer_files("user"), layers);
+    assert!(m.at("user/copy/@0").is_dir());
+    assert_view_is(&m.at("user/copy/@0/disk.raw"), "raw", &src);
+    // Across repositories: the layer is hard-linked (same filesystem).
+    ok("ln", &[s(&m.at("user/src/@0/disk.qcow2")), s(&m.at("global/other"))]);
+    let global = m.layer_files("global");
+    assert_eq!(global.len(), 1);
+    assert_eq!(fs::metadata(&global[0]).unwrap().ino(), fs::metadata(&layers[0]).unwrap().ino());
+    // cp between repositories shares layers too (no conversion, no new data).
+    ok("cp", &[s(&m.at("user/src/@0/disk.qcow2")), s(&m.at("global/third.qcow2"))]);
+    assert_eq!(m.layer_files("global").len(), 1);
+    // mv renames within a repository.
+    ok("mv", &[s(&m.at("user/copy")), s(&m.at("user/renamed"))]);
+    assert!(m.at("user/renamed/@0/disk.raw").exists() && !m.at("user/copy").exists());
+    assert_eq!(m.meta_names("user"), ["renamed@0", "src@0"]);
+    // rm -r of a revision, then of an image: quiet, exit 0, metadata gone, layers kept.
+    ok("cp", &[s(&src), s(&m.at("user/src/"))]);
+    let out = run("rm", &["-r", s(&m.at("user/src/@1"))]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    assert_eq!(m.meta_names("user"), ["renamed@0", "src@0"]);
+    let out = run("rm", &["-r", s(&m.at("user/src"))]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    assert_eq!(m.meta_names("user"), ["renamed@0"]);
+    assert_eq!(m.layer_files("user"), layers);
+}
+
+#[test]
+fn revisions_cannot_be_changed() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "8M");
+    ok("cp", &[s(&src), s(&m.at("user/"))]);
+    let view = m.at("user/src/@0/disk.raw");
+    let err = fs::OpenOptions::new().write(true).open(&view).unwrap_err();
+    assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EPERM)), "{err}");
+    let err = fs::write(m.at("user/src/@0/new"), b"x").unwrap_err();
+    assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EPERM)), "{err}");
+    let err = fs::set_permissions(&view, fs::Permissions::from_mode(0o666)).unwrap_err();
+    assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EPERM)), "{err}");
+    let err = fs::create_dir(m.at("user/src/@7")).unwrap_err();
+    assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EPERM)), "{err}");
+    assert_eq!(sha256_file(&view), sha256_file(&src));
+}
+
+#[test]
+fn concurrent_readers_of_one_view_get_the_same_bytes() {
+    let Some(m) = Mounted::start() else { return };
+    m.layered_image("user", "chain");
+    let view = m.at("user/chain/@0/disk.vmdk");
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let v = view.clone();
+            std::thread::spawn(move || sha256_file(&v))
+        })
+        .collect();
+    let sums: Vec<String> = readers.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(sums.windows(2).all(|w| w[0] == w[1]), "{sums:?}");
+}
+
+#[test]
+fn another_user_reads_what_they_may_and_cannot_import_where_they_may_not() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "8M");
+    ok("cp", &[s(&src), s(&m.at("global/"))]);
+    fs::set_permissions(m.work(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o644)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut full = vec!["--reuid=65534", "--regid=65534", "--clear-groups", "--"];
+        full.extend_from_slice(args);
+        run("setpriv", &full)
+    };
+    let out = as_nobody(&["sha256sum", s(&m.at("global/src/@0/disk.raw"))]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha256_file(&src)));
+    let out = as_nobody(&["cp", s(&src), s(&m.at("user/"))]);
+    assert!(!out.status.success(), "nobody must not import into root's repository");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{out:?}");
+    assert!(m.meta_names("user").is_empty());
+}
+
+#[test]
+fn sigterm_during_a_read_unmounts_cleanly_and_a_stale_mount_is_cleared() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "64M");
+    ok("cp", &[s(&src), s(&m.at("user/"))]);
+    let pid = daemon_pid(&m.mnt).expect("daemon pid");
+    let reader = {
+        let v = m.at("user/src/@0/disk.vmdk");
+        std::thread::spawn(move || fs::read(v).map(|b| b.len()))
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let _ = reader.join();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.is_mounted() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!m.is_mounted(), "SIGTERM must unmount");
+    // A daemon killed outright leaves a dead mount; a new daemon clears it and serves.
+    m.mount(&[]);
+    let pid = daemon_pid(&m.mnt).expect("daemon pid");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(200));
+    m.mount(&[]);
+    assert_eq!(sha256_file(&m.at("user/src/@0/disk.raw")), sha256_file(&src));
+}
+
+/// The pid of the pcocc-imagefs process serving `mnt` (from its command line).
+fn daemon_pid(mnt: &Path) -> Option<i32> {
+    for e in fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"pcocc-imagefs"));
+        if is_daemon && args.iter().any(|a| *a == mnt.as_os_str().as_encoded_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}

@@ -121,7 +121,8 @@ impl Tree {
                     None => Target::NewImage(split_suffix(new_name).0.to_string()),
                 };
                 self.writable_store(caller, repo)?;
-                let meta = imp.publish(&target, &self.pending)?;
+                let hint = split_suffix(new_name).1;
+                let meta = imp.publish(&target, hint, &self.pending)?;
                 self.pending.drop_import(&imp);
                 let mut changes = changes;
                 changes

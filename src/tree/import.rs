@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -57,7 +57,8 @@ enum State {
 
 /// One file being imported.
 pub(super) struct Import {
-    node: Node,
+    /// Where it is; a staging file renamed to another staging name moves.
+    node: Mutex<Node>,
     store: Arc<Store>,
     writer: Caller,
     /// `None` for a staging file: its target is decided by `rename`.
@@ -67,6 +68,9 @@ pub(super) struct Import {
     created: SystemTime,
     perm: Mutex<u16>,
     state: Mutex<State>,
+    /// True while `state` is `Writing`, readable without the state lock, which a publish
+    /// holds for as long as the conversion takes: lookups and listings must not wait.
+    writing: AtomicBool,
     opens: AtomicUsize,
 }
 
@@ -143,33 +147,27 @@ impl Pending {
     pub(super) fn drop_import(&self, imp: &Arc<Import>) {
         {
             let mut map = self.imports();
-            if map.get(&imp.node).is_some_and(|i| Arc::ptr_eq(i, imp)) {
-                map.remove(&imp.node);
+            let node = imp.node();
+            if map.get(&node).is_some_and(|i| Arc::ptr_eq(i, imp)) {
+                map.remove(&node);
             }
         }
         let mut st = imp.lock();
         if matches!(*st, State::Writing { .. }) {
+            imp.writing.store(false, Ordering::Release);
             *st = State::Dropped;
         }
     }
 
-    /// Moves a staging file to another staging name.
-    pub(super) fn rekey(&self, imp: &Arc<Import>, to: Node) -> Arc<Import> {
-        let moved = Arc::new(Import {
-            node: to.clone(),
-            store: imp.store.clone(),
-            writer: imp.writer.clone(),
-            target: None,
-            hint: imp.hint,
-            created: imp.created,
-            perm: Mutex::new(*imp.perm.lock().unwrap_or_else(|e| e.into_inner())),
-            state: Mutex::new(std::mem::replace(&mut *imp.lock(), State::Dropped)),
-            opens: AtomicUsize::new(imp.opens.load(Ordering::Acquire)),
-        });
+    /// Moves a staging file to another staging name; its open handles follow it.
+    pub(super) fn rekey(&self, imp: &Arc<Import>, to: Node) {
         let mut map = self.imports();
-        map.remove(&imp.node);
-        map.insert(to, moved.clone());
-        moved
+        let from = std::mem::replace(
+            &mut *imp.node.lock().unwrap_or_else(|e| e.into_inner()),
+            to.clone(),
+        );
+        map.remove(&from);
+        map.insert(to, imp.clone());
     }
 }
 
@@ -178,8 +176,12 @@ impl Import {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn node(&self) -> Node {
+        self.node.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn is_writing(&self) -> bool {
-        matches!(*self.lock(), State::Writing { .. })
+        self.writing.load(Ordering::Acquire)
     }
 
     pub(super) fn is_staging(&self) -> bool {
@@ -198,7 +200,9 @@ impl Import {
                 (*size, blocks)
             }
             State::Published(attr) => return Ok(attr.clone()),
-            State::Failed(..) | State::Dropped => return Err(Error::NoEntry(display(&self.node))),
+            State::Failed(..) | State::Dropped => {
+                return Err(Error::NoEntry(display(&self.node())));
+            }
         };
         Ok(Attr {
             kind: NodeType::RegularFile,
@@ -215,7 +219,7 @@ impl Import {
     }
 
     fn gone(&self) -> Error {
-        Error::NoEntry(display(&self.node))
+        Error::NoEntry(display(&self.node()))
     }
 
     fn set_size(&self, len: u64) -> Result<(), Error> {
@@ -231,7 +235,7 @@ impl Import {
                 *size = len;
                 Ok(())
             }
-            State::Published(_) => Err(Error::ReadOnly(display(&self.node))),
+            State::Published(_) => Err(Error::ReadOnly(display(&self.node()))),
             _ => Err(self.gone()),
         }
     }
@@ -241,6 +245,7 @@ impl Import {
     pub(super) fn publish(
         &self,
         target: &Target,
+        hint: Option<Format>,
         pending: &Pending,
     ) -> Result<crate::store::Meta, Error> {
         let mut st = self.lock();
@@ -248,7 +253,7 @@ impl Import {
             return Err(self.gone());
         };
         let result = (|| {
-            let format = choose_format(None, self.hint, tmp.path(), tmp.file())?;
+            let format = choose_format(None, hint.or(self.hint), tmp.path(), tmp.file())?;
             let owner = access::user_name(self.writer.uid);
             publish::publish(
                 &self.store,
@@ -262,13 +267,15 @@ impl Import {
         match result {
             Ok(meta) => {
                 let attr = self.attr_of(&st)?;
+                self.writing.store(false, Ordering::Release);
                 *st = State::Published(attr);
                 pending.remove_empty_dir(self.store.name(), target.image());
                 Ok(meta)
             }
             Err(e) => {
-                log::warn!("import of {} failed: {e}", display(&self.node));
+                log::warn!("import of {} failed: {e}", display(&self.node()));
                 if !self.is_staging() {
+                    self.writing.store(false, Ordering::Release);
                     *st = State::Failed(e.to_string());
                 }
                 Err(e)
@@ -367,7 +374,7 @@ impl ImportHandle {
                 *size = (*size).max(offset + data.len() as u64);
                 Ok(data.len())
             }
-            State::Published(_) => Err(Error::ReadOnly(display(&self.import.node))),
+            State::Published(_) => Err(Error::ReadOnly(display(&self.import.node()))),
             _ => Err(self.import.gone()),
         }
     }
@@ -396,8 +403,8 @@ impl ImportHandle {
                 State::Failed(msg) => return Err(Error::Unreadable(msg.clone())),
             }
         }
-        match imp.publish(target, &self.pending) {
-            Ok(meta) => Ok(publish_changes(&imp.node, imp.store.name(), &meta)),
+        match imp.publish(target, None, &self.pending) {
+            Ok(meta) => Ok(publish_changes(&imp.node(), imp.store.name(), &meta)),
             Err(e) => {
                 self.pending.drop_import(imp);
                 Err(e)
@@ -468,7 +475,7 @@ impl Tree {
             p => p,
         };
         let imp = Arc::new(Import {
-            node: node.clone(),
+            node: Mutex::new(node.clone()),
             store,
             writer: caller.clone(),
             target,
@@ -476,6 +483,7 @@ impl Tree {
             created: SystemTime::now(),
             perm: Mutex::new(perm),
             state: Mutex::new(State::Writing { tmp, size: 0 }),
+            writing: AtomicBool::new(true),
             opens: AtomicUsize::new(0),
         });
         {

@@ -321,6 +321,9 @@ pub enum Error {
     /// pcocc's export refusal to overwrite a file of another format.
     #[error("Mismatch between specified format {forced} and detected image type {detected}")]
     FormatMismatch { forced: Format, detected: Format },
+    /// An import source that is missing or not a file (pcocc's message).
+    #[error("Could not detect image format")]
+    UndetectableFormat(PathBuf),
     #[error(transparent)]
     Image(#[from] crate::image::Error),
     #[error(transparent)]
@@ -356,6 +359,7 @@ impl Error {
             Error::Exists(_) => libc::EEXIST,
             Error::Unreadable(_) => libc::EIO,
             Error::FormatMismatch { .. } => libc::EINVAL,
+            Error::UndetectableFormat(_) => libc::ENOENT,
             Error::Image(e) => e.errno(),
             Error::Config(_) => libc::EINVAL,
             Error::Store(e) => match e {

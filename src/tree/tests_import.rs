@@ -163,6 +163,18 @@ fn import_file_refuses_an_existing_name_and_forced_mismatches_like_pcocc() {
         err.to_string(),
         "Mismatch between specified format raw and detected image type qcow2"
     );
+    let missing = dir.path().join("missing.qcow2");
+    let err = f
+        .tree
+        .import_file(
+            &f.me,
+            &missing,
+            None,
+            &Uri::parse("m").unwrap(),
+            &mut |_, _| {},
+        )
+        .unwrap_err();
+    assert_eq!(err.to_string(), "Could not detect image format");
     // Export refuses to overwrite a file holding another format.
     let err = f
         .tree
@@ -372,7 +384,9 @@ fn a_staging_file_publishes_only_when_renamed_to_a_proper_name() {
     let dir = tempfile::tempdir().unwrap();
     let src = source(dir.path(), "qcow2", "s.qcow2");
     let repo = node_repo("user");
+    // qemu-img creates the file empty and closes it before writing: an empty file passes.
     let (node, _, h) = f.tree.create(&f.me, &repo, ".new.part", 0o644).unwrap();
+    assert_eq!(h.flush().unwrap(), Changes::default());
     write_like_cp(&f, &node, &h, &src);
     assert_eq!(h.flush().unwrap(), Changes::default());
     h.release();
@@ -391,9 +405,13 @@ fn a_staging_file_publishes_only_when_renamed_to_a_proper_name() {
             .is_none()
     );
     // Staging to staging is a rename in memory; to a proper name publishes.
+    let kept = f.tree.open(&f.me, &node, false, false).unwrap();
     f.tree
         .rename_entry(&f.me, &repo, ".new.part", &repo, ".new")
         .unwrap();
+    // A handle open across the rename still reads the file, as on any filesystem.
+    assert_eq!(kept.read(&mut head, 0).unwrap(), 4);
+    kept.release();
     let changes = f
         .tree
         .rename_entry(&f.me, &repo, ".new", &repo, "new.qcow2")

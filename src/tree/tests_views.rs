@@ -171,3 +171,36 @@ fn views_are_byte_stable_across_trees_and_cached_by_layer_list() {
         .unwrap();
     assert_eq!(f.tree.revisions.len(), 2);
 }
+
+#[test]
+fn disk_vpc_is_absent_where_vhd_cannot_hold_the_disk() {
+    if !crate::testutil::have_qemu() {
+        return;
+    }
+    let f = Fixture::new();
+    // 3 TiB: beyond VHD's 2040 GiB, and still a tiny sparse qcow2 file.
+    let tmp = f.repo("user").join(".tmp").join("big");
+    qemu_img(&["create", "-q", "-f", "qcow2", tmp.to_str().unwrap(), "3T"]);
+    let hash = crate::store::sha256_file(&tmp).unwrap();
+    let dir = f.repo("user").join("data").join(&hash[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::rename(&tmp, dir.join(&hash)).unwrap();
+    f.meta("user", "big", 0, "root", "1795749382.5", &[&hash]);
+    let rev = Node::Revision {
+        repo: "user".into(),
+        image: "big".into(),
+        rev: 0,
+    };
+    let names: Vec<String> = f
+        .tree
+        .readdir(&f.me, &rev)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(!names.contains(&"disk.vpc".to_string()), "{names:?}");
+    assert!(names.contains(&"disk.vmdk".to_string()), "{names:?}");
+    assert!(f.tree.lookup(&f.me, &rev, "disk.vpc").is_err());
+    let raw = f.tree.lookup(&f.me, &rev, "disk.raw").unwrap();
+    assert_eq!(f.tree.getattr(&f.me, &raw).unwrap().size, 3 << 40);
+}

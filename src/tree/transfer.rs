@@ -40,6 +40,9 @@ impl Tree {
         let store = self.writable_store(caller, repo.name())?;
         let target = Target::NewImage(dest.name.clone());
         publish::check_target(&store, &target)?;
+        if !std::fs::metadata(src).is_ok_and(|m| m.is_file()) {
+            return Err(Error::UndetectableFormat(src.to_path_buf()));
+        }
         let file = File::open(src).map_err(|e| io_error(src, e))?;
         let format = choose_format(format, detect::format_from_suffix(src), src, &file)?;
         let owner = access::user_name(caller.uid);

@@ -318,12 +318,19 @@ fn publish_changes(imp_node: &Node, store: &str, meta: &crate::store::Meta) -> C
 pub struct ImportHandle {
     import: Arc<Import>,
     pending: Arc<Pending>,
+    /// Opened for writing: only closing such a handle publishes (a reader peeking at
+    /// the file while it is written must not publish half of it).
+    writer: bool,
 }
 
 impl ImportHandle {
-    fn new(import: Arc<Import>, pending: Arc<Pending>) -> ImportHandle {
+    fn new(import: Arc<Import>, pending: Arc<Pending>, writer: bool) -> ImportHandle {
         import.opens.fetch_add(1, Ordering::AcqRel);
-        ImportHandle { import, pending }
+        ImportHandle {
+            import,
+            pending,
+            writer,
+        }
     }
 
     pub(super) fn import(&self) -> &Arc<Import> {
@@ -395,6 +402,9 @@ impl ImportHandle {
         let Some(target) = &imp.target else {
             return imp.check().map(|()| Changes::default());
         };
+        if !self.writer {
+            return Ok(Changes::default());
+        }
         {
             let st = imp.lock();
             match &*st {
@@ -494,15 +504,16 @@ impl Tree {
             map.insert(node.clone(), imp.clone());
         }
         let attr = imp.attr()?;
-        let handle = ImportHandle::new(imp, self.pending.clone());
+        let handle = ImportHandle::new(imp, self.pending.clone(), true);
         Ok((node, attr, Arc::new(OpenFile::import(handle))))
     }
 
-    /// Reopens a file being imported (its writer only); `truncate` empties it.
+    /// Reopens a file being imported (by its writer only); `truncate` empties it.
     pub(super) fn open_import(
         &self,
         caller: &Caller,
         node: &Node,
+        write: bool,
         truncate: bool,
     ) -> Result<ImportHandle, Error> {
         let imp = self
@@ -512,7 +523,7 @@ impl Tree {
         if truncate {
             imp.set_size(0)?;
         }
-        Ok(ImportHandle::new(imp, self.pending.clone()))
+        Ok(ImportHandle::new(imp, self.pending.clone(), write))
     }
 
     /// The store of `repo`, checked writable for `caller` (imports and deletes need write

@@ -4,19 +4,30 @@
 //! ```text
 //! ROOT/
 //!   REPO/            one per configured repository, in priority order
-//!     IMAGE/         one per image
+//!     IMAGE/         one per image (or made empty by mkdir, in memory only)
 //!       @0/ @1/ …    one per revision, read-only
+//!         disk.raw disk.qcow2 disk.qed disk.vdi disk.vpc disk.vmdk   views, generated on read
 //!         meta.json  the revision's pcocc metadata, plus repo, virtual size and layers
 //!       latest -> @N
+//!       FILE         a file being imported as the next revision (its writer sees it)
+//!     FILE           a file being imported as a new image; `.NAME`: a staging file
 //! ```
 //!
 //! Both the CLI and the FUSE adapter call this module and nothing below it. It speaks in
 //! plain values: a [`Node`] names a place in the tree (the adapter maps inode numbers to
-//! nodes), [`Attr`] and [`DirEntry`] describe it, and every call takes the [`Caller`]
-//! whose rights it is carried out with. No fuser type appears here, so the whole
-//! filesystem runs in ordinary tests. Files inside a revision are a [`FileKind`], an enum
-//! that grows as views are added. Errors are one [`Error`] type whose messages are
-//! pcocc's and which maps to an errno in one place ([`Error::errno`]).
+//! nodes), [`Attr`] and [`DirEntry`] describe it, an [`OpenFile`] serves reads and writes
+//! of one open file, [`Changes`] name the entries an operation changed, and every call
+//! takes the [`Caller`] whose rights it is carried out with. No fuser type appears here,
+//! so the whole filesystem, import and export included, runs in ordinary tests. Errors
+//! are one [`Error`] type whose messages are pcocc's and which maps to an errno in one
+//! place ([`Error::errno`]).
+//!
+//! Files: `nodes` (lookup, readdir, getattr and the node-level metadata operations),
+//! `views` (revision files and the cache of opened revisions), `open` (open files),
+//! `import` (files being written, staging files, empty directories), `publish` (the one
+//! import path), `entries` (mkdir, link, rename, unlink, rmdir by name), `transfer`
+//! (CLI import/export), `ops` (URI-level pcocc operations), `extras` (parent, statfs,
+//! access, xattrs), `access` (permission checks), `metajson`, `uri`.
 
 mod access;
 mod entries;

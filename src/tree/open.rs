@@ -240,7 +240,7 @@ impl Tree {
                 Ok(Arc::new(OpenFile { inner }))
             }
             Node::Import { .. } => Ok(Arc::new(OpenFile::import(
-                self.open_import(caller, node, truncate)?,
+                self.open_import(caller, node, write, truncate)?,
             ))),
             Node::Latest { .. } => Err(Error::NotSupported(super::nodes::display(node))),
             _ => Err(Error::IsADirectory(super::nodes::display(node))),

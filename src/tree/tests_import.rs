@@ -242,6 +242,11 @@ fn a_file_written_into_a_repository_becomes_a_new_image_at_close() {
         let listed = f.tree.readdir(&other, &node_repo("user")).unwrap();
         assert!(!listed.iter().any(|e| e.name == file));
         write_like_cp(&f, &node, &h, &src);
+        // Closing a reader that peeked at the file publishes nothing.
+        let peek = f.tree.open(&f.me, &node, false, false).unwrap();
+        assert_eq!(peek.flush().unwrap(), Changes::default());
+        peek.release();
+        assert!(f.tree.lookup(&f.me, &node_repo("user"), &file).is_ok());
         f.tree.setxattr(&f.me, &node).unwrap();
         let times = SetAttr {
             mode: Some(0o600),

@@ -127,6 +127,13 @@ fn disk_qcow2_of_a_single_layer_revision_is_the_stored_layer() {
 }
 
 #[test]
+fn open_files_are_shareable_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<OpenFile>();
+    assert_send_sync::<Tree>();
+}
+
+#[test]
 fn nothing_inside_a_revision_opens_for_writing() {
     let Some((f, _, _)) = Fixture::standard() else {
         return;

@@ -110,7 +110,7 @@ fn serve(
     mountpoint: &Path,
     ready: &mut Readiness,
 ) -> Result<(), String> {
-    let tree = Tree::open(config).map_err(|e| e.to_string())?;
+    let tree = Tree::new(config).map_err(|e| e.to_string())?;
     let fs = ImageFs::new(
         Arc::new(tree),
         FsSettings {

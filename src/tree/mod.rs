@@ -4,32 +4,56 @@
 //! ```text
 //! ROOT/
 //!   REPO/            one per configured repository, in priority order
-//!     IMAGE/         one per image
+//!     IMAGE/         one per image (or made empty by mkdir, in memory only)
 //!       @0/ @1/ …    one per revision, read-only
+//!         disk.raw disk.qcow2 disk.qed disk.vdi disk.vpc disk.vmdk   views, generated on read
 //!         meta.json  the revision's pcocc metadata, plus repo, virtual size and layers
 //!       latest -> @N
+//!       FILE         a file being imported as the next revision (its writer sees it)
+//!     FILE           a file being imported as a new image; `.NAME`: a staging file
 //! ```
 //!
 //! Both the CLI and the FUSE adapter call this module and nothing below it. It speaks in
 //! plain values: a [`Node`] names a place in the tree (the adapter maps inode numbers to
-//! nodes), [`Attr`] and [`DirEntry`] describe it, and every call takes the [`Caller`]
-//! whose rights it is carried out with. No fuser type appears here, so the whole
-//! filesystem runs in ordinary tests. Files inside a revision are a [`FileKind`], an enum
-//! that grows as views are added. Errors are one [`Error`] type whose messages are
-//! pcocc's and which maps to an errno in one place ([`Error::errno`]).
+//! nodes), [`Attr`] and [`DirEntry`] describe it, an [`OpenFile`] serves reads and writes
+//! of one open file, [`Changes`] name the entries an operation changed, and every call
+//! takes the [`Caller`] whose rights it is carried out with. No fuser type appears here,
+//! so the whole filesystem, import and export included, runs in ordinary tests. Errors
+//! are one [`Error`] type whose messages are pcocc's and which maps to an errno in one
+//! place ([`Error::errno`]).
+//!
+//! Files: `nodes` (lookup, readdir, getattr and the node-level metadata operations),
+//! `views` (revision files and the cache of opened revisions), `open` (open files),
+//! `import` (files being written, staging files, empty directories), `publish` (the one
+//! import path), `entries` (mkdir, link, rename, unlink, rmdir by name), `transfer`
+//! (CLI import/export), `ops` (URI-level pcocc operations), `extras` (parent, statfs,
+//! access, xattrs), `access` (permission checks), `metajson`, `uri`.
 
 mod access;
+mod entries;
+mod extras;
+mod import;
 mod metajson;
 mod nodes;
+mod open;
 mod ops;
+mod publish;
+mod transfer;
 mod uri;
+mod views;
 
+pub use extras::{StatFs, parent};
+pub use import::{SetAttr, is_staging};
+pub use open::{Changes, OpenFile};
+pub use publish::split_suffix;
 pub use uri::Uri;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
+pub use crate::image::Format;
 pub use crate::store::Meta;
 use crate::store::Store;
 
@@ -70,21 +94,37 @@ impl Caller {
     }
 }
 
-/// A file inside a revision directory. Views (`disk.raw`, `disk.qcow2`, …) join as more
-/// variants.
+/// A file inside a revision directory: one view per disk format, and `meta.json`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FileKind {
+    /// `disk.FMT`: the revision presented in one disk format, generated on read (or, for
+    /// `disk.qcow2` of a single-layer revision, the stored layer itself).
+    View(Format),
     /// `meta.json`: the revision's metadata plus repo, virtual size and layer list.
     MetaJson,
 }
 
 impl FileKind {
     /// Every kind of file a revision directory lists, in listing order.
-    pub const ALL: [FileKind; 1] = [FileKind::MetaJson];
+    pub const ALL: [FileKind; 7] = [
+        FileKind::View(Format::Raw),
+        FileKind::View(Format::Qcow2),
+        FileKind::View(Format::Qed),
+        FileKind::View(Format::Vdi),
+        FileKind::View(Format::Vpc),
+        FileKind::View(Format::Vmdk),
+        FileKind::MetaJson,
+    ];
 
     /// The file's name inside `@N/`.
     pub fn file_name(self) -> &'static str {
         match self {
+            FileKind::View(Format::Raw) => "disk.raw",
+            FileKind::View(Format::Qcow2) => "disk.qcow2",
+            FileKind::View(Format::Qed) => "disk.qed",
+            FileKind::View(Format::Vdi) => "disk.vdi",
+            FileKind::View(Format::Vpc) => "disk.vpc",
+            FileKind::View(Format::Vmdk) => "disk.vmdk",
             FileKind::MetaJson => "meta.json",
         }
     }
@@ -119,6 +159,14 @@ pub enum Node {
         image: String,
         rev: u64,
         file: FileKind,
+    },
+    /// A file being imported, or a staging file (a name starting with `.`), in a
+    /// repository directory (`image: None`) or an image directory. Only its writer sees
+    /// it; it lives in the daemon until it is published, dropped or discarded.
+    Import {
+        repo: String,
+        image: Option<String>,
+        name: String,
     },
 }
 
@@ -272,6 +320,23 @@ pub enum Error {
     CrossRepository(String),
     #[error("{0}: operation not supported here")]
     NotSupported(String),
+    /// An operation that makes no sense at this place of the tree (EPERM).
+    #[error("{0}: operation not permitted")]
+    NotPermitted(String),
+    /// A name that is already taken by a file being imported.
+    #[error("{0}: file exists")]
+    Exists(String),
+    /// An import or a view that cannot be served; the message says why, naming the file.
+    #[error("{0}")]
+    Unreadable(String),
+    /// pcocc's export refusal to overwrite a file of another format.
+    #[error("Mismatch between specified format {forced} and detected image type {detected}")]
+    FormatMismatch { forced: Format, detected: Format },
+    /// An import source that is missing or not a file (pcocc's message).
+    #[error("Could not detect image format")]
+    UndetectableFormat(PathBuf),
+    #[error(transparent)]
+    Image(#[from] crate::image::Error),
     #[error(transparent)]
     Config(#[from] crate::config::Error),
     #[error(transparent)]
@@ -301,6 +366,12 @@ impl Error {
             Error::PermissionDenied(_) => libc::EACCES,
             Error::CrossRepository(_) => libc::EXDEV,
             Error::NotSupported(_) => libc::ENOTSUP,
+            Error::NotPermitted(_) => libc::EPERM,
+            Error::Exists(_) => libc::EEXIST,
+            Error::Unreadable(_) => libc::EIO,
+            Error::FormatMismatch { .. } => libc::EINVAL,
+            Error::UndetectableFormat(_) => libc::ENOENT,
+            Error::Image(e) => e.errno(),
             Error::Config(_) => libc::EINVAL,
             Error::Store(e) => match e {
                 S::AlreadyExists { .. } => libc::EEXIST,
@@ -329,17 +400,22 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
 }
 /// Every configured repository, opened (and created on first use, as pcocc does).
 pub struct Tree {
-    repos: Vec<Store>,
+    /// Shared with open import handles, which publish without the tree.
+    repos: Vec<Arc<Store>>,
     /// When this tree was opened: the times of the root directory.
     opened: SystemTime,
     users: access::UserCache,
+    /// Opened revisions and their views.
+    revisions: views::RevisionCache,
+    /// Files being imported, staging files and empty image directories.
+    pending: Arc<import::Pending>,
 }
 
 impl Tree {
     /// Opens every repository of `config` in priority order, creating missing ones. Fails
     /// like pcocc on a repository it cannot use (bad parent, not a directory, bad
-    /// `.config`).
-    pub fn open(config: &Config) -> Result<Tree, Error> {
+    /// `.config`). (Named `new` because [`Tree::open`] opens files.)
+    pub fn new(config: &Config) -> Result<Tree, Error> {
         let repos = config
             .repos
             .iter()
@@ -352,26 +428,28 @@ impl Tree {
                 {
                     let _ = std::fs::create_dir_all(parent);
                 }
-                Store::open(&r.name, &r.path)
+                Store::open(&r.name, &r.path).map(Arc::new)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Tree {
             repos,
             opened: SystemTime::now(),
             users: access::UserCache::default(),
+            revisions: views::RevisionCache::default(),
+            pending: Arc::default(),
         })
     }
 
     /// Repository names in priority order.
     pub fn repo_names(&self) -> Vec<&str> {
-        self.repos.iter().map(Store::name).collect()
+        self.repos.iter().map(|s| s.name()).collect()
     }
 
     /// The default repository (the first configured one).
     pub fn default_repo(&self) -> Result<&str, Error> {
         self.repos
             .first()
-            .map(Store::name)
+            .map(|s| s.name())
             .ok_or(Error::NoRepository)
     }
 
@@ -389,6 +467,11 @@ impl Tree {
 
     /// The repository named `name`; `""` is the default one (pcocc's `:IMAGE`).
     fn store(&self, name: &str) -> Result<&Store, Error> {
+        self.shared_store(name).map(|s| &**s)
+    }
+
+    /// [`Tree::store`], shareable with open handles.
+    fn shared_store(&self, name: &str) -> Result<&Arc<Store>, Error> {
         if name.is_empty() {
             return self.repos.first().ok_or(Error::NoRepository);
         }
@@ -401,3 +484,7 @@ impl Tree {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_import;
+#[cfg(test)]
+mod tests_views;

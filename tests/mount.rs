@@ -21,7 +21,9 @@ fn can_mount() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !(root && fuse && qemu) {
-        eprintln!("SKIPPED: mount tests need root ({root}), /dev/fuse ({fuse}) and qemu-img ({qemu})");
+        eprintln!(
+            "SKIPPED: mount tests need root ({root}), /dev/fuse ({fuse}) and qemu-img ({qemu})"
+        );
     }
     root && fuse && qemu
 }
@@ -53,7 +55,10 @@ fn s(p: &Path) -> &str {
 
 fn sha256_file(p: &Path) -> String {
     let bytes = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
-    Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A mounted daemon over two repositories `user` (the default) and `global`, in a
@@ -84,7 +89,11 @@ impl Mounted {
         fs::create_dir_all(m.work()).unwrap();
         // Others must be able to reach the repositories for the other-user tests.
         fs::set_permissions(m.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        fs::set_permissions(m.dir.path().join("repos"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(
+            m.dir.path().join("repos"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
         fs::write(
             m.config(),
             format!(
@@ -104,7 +113,8 @@ impl Mounted {
 
     /// Starts the daemon in the background; it returns once the mount is live.
     fn mount(&self, extra: &[&str]) {
-        let mut args = vec!["--config", s(&self.config()), "-o", "allow_other,refresh=0"];
+        let config = self.config();
+        let mut args = vec!["--config", s(&config), "-o", "allow_other,refresh=0"];
         args.extend_from_slice(extra);
         args.push(s(&self.mnt));
         let out = Command::new(DAEMON)
@@ -122,7 +132,9 @@ impl Mounted {
 
     fn is_mounted(&self) -> bool {
         let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        mounts.lines().any(|l| l.split(' ').nth(1) == Some(s(&self.mnt)))
+        mounts
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(s(&self.mnt)))
     }
 
     fn unmount(&self) {
@@ -154,7 +166,11 @@ impl Mounted {
 
     fn meta_names(&self, repo: &str) -> Vec<String> {
         let mut v: Vec<String> = fs::read_dir(self.repo(repo).join("meta"))
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v
@@ -174,7 +190,9 @@ impl Mounted {
     }
 
     fn tmp_entries(&self, repo: &str) -> usize {
-        fs::read_dir(self.repo(repo).join(".tmp")).map(|d| d.count()).unwrap_or(0)
+        fs::read_dir(self.repo(repo).join(".tmp"))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// A raw disk of `size` with a few recognisable extents (and holes), written by qemu-io.
@@ -183,7 +201,17 @@ impl Mounted {
         ok("qemu-img", &["create", "-q", "-f", "raw", s(&p), size]);
         ok(
             "qemu-io",
-            &["-f", "raw", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 3M 64k", "-c", "write -P 0x33 7M 512k", s(&p)],
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x11 0 1M",
+                "-c",
+                "write -P 0x22 3M 64k",
+                "-c",
+                "write -P 0x33 7M 512k",
+                s(&p),
+            ],
         );
         p
     }
@@ -205,21 +233,58 @@ impl Mounted {
     fn layered_image(&self, repo: &str, name: &str) {
         let data = self.repo(repo).join("data");
         let mut hashes: Vec<String> = Vec::new();
-        for (i, (size, cmd)) in [("16M", "write -P 0x41 0 2M"), ("16M", "write -P 0x42 1M 1M"), ("24M", "write -z 0 64k")]
-            .iter()
-            .enumerate()
+        for (i, (size, cmd)) in [
+            ("16M", "write -P 0x41 0 2M"),
+            ("16M", "write -P 0x42 1M 1M"),
+            ("24M", "write -z 0 64k"),
+        ]
+        .iter()
+        .enumerate()
         {
             let f = self.work().join(format!("{name}-layer{i}"));
-            match hashes.last() {
+            // Written with the absolute backing name, then rebased (unsafely: same
+            // content) to the relative name pcocc stores.
+            let below = hashes.last().map(|b| {
+                (
+                    data.join(&b[..2]).join(b),
+                    format!("../../data/{}/{b}", &b[..2]),
+                )
+            });
+            match &below {
                 None => ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&f), size]),
-                Some(below) => {
-                    let abs = data.join(&below[..2]).join(below);
-                    ok("qemu-img", &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", s(&abs), s(&f), size]);
-                    let rel = format!("../../data/{}/{below}", &below[..2]);
-                    ok("qemu-img", &["rebase", "-u", "-F", "qcow2", "-b", &rel, "-f", "qcow2", s(&f)]);
-                }
+                Some((abs, _)) => ok(
+                    "qemu-img",
+                    &[
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-F",
+                        "qcow2",
+                        "-b",
+                        s(abs),
+                        s(&f),
+                        size,
+                    ],
+                ),
             };
             ok("qemu-io", &["-f", "qcow2", "-c", cmd, s(&f)]);
+            if let Some((_, rel)) = &below {
+                ok(
+                    "qemu-img",
+                    &[
+                        "rebase",
+                        "-u",
+                        "-F",
+                        "qcow2",
+                        "-b",
+                        rel,
+                        "-f",
+                        "qcow2",
+                        s(&f),
+                    ],
+                );
+            }
             let h = sha256_file(&f);
             let dst = data.join(&h[..2]).join(&h);
             fs::create_dir_all(dst.parent().unwrap()).unwrap();
@@ -241,12 +306,23 @@ impl Mounted {
     /// The top layer of `name@0` in `repo`, flattened to raw by qemu-img (the reference
     /// content of a layered revision).
     fn reference_raw(&self, repo: &str, name: &str) -> PathBuf {
-        let meta = fs::read_to_string(self.repo(repo).join("meta").join(format!("{name}@0"))).unwrap();
+        let meta =
+            fs::read_to_string(self.repo(repo).join("meta").join(format!("{name}@0"))).unwrap();
         let v: serde_json::Value = serde_json::from_str(&meta).unwrap();
-        let top = v["data_blobs"].as_array().unwrap().last().unwrap().as_str().unwrap().to_string();
+        let top = v["data_blobs"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string();
         let layer = self.repo(repo).join("data").join(&top[..2]).join(&top);
         let out = self.work().join(format!("{name}-ref.raw"));
-        ok("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", s(&layer), s(&out)]);
+        ok(
+            "qemu-img",
+            &["convert", "-f", "qcow2", "-O", "raw", s(&layer), s(&out)],
+        );
         out
     }
 }
@@ -263,9 +339,19 @@ impl Drop for Mounted {
 fn assert_view_is(view: &Path, fmt: &str, reference: &Path) {
     let info = ok("qemu-img", &["info", "--output=json", s(view)]);
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
-    assert_eq!(v["format"].as_str(), Some(fmt), "{}: {info}", view.display());
+    assert_eq!(
+        v["format"].as_str(),
+        Some(fmt),
+        "{}: {info}",
+        view.display()
+    );
     let size = fs::metadata(reference).unwrap().len();
-    assert_eq!(v["virtual-size"].as_u64(), Some(size.div_ceil(512) * 512), "{}", view.display());
+    assert_eq!(
+        v["virtual-size"].as_u64(),
+        Some(size.div_ceil(512) * 512),
+        "{}",
+        view.display()
+    );
     if fmt != "raw" {
         let out = run("qemu-img", &["check", "-f", fmt, s(view)]);
         assert!(
@@ -276,8 +362,15 @@ fn assert_view_is(view: &Path, fmt: &str, reference: &Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let cmp = ok("qemu-img", &["compare", "-f", fmt, "-F", "raw", s(view), s(reference)]);
-    assert!(cmp.contains("Images are identical"), "{}: {cmp}", view.display());
+    let cmp = ok(
+        "qemu-img",
+        &["compare", "-f", fmt, "-F", "raw", s(view), s(reference)],
+    );
+    assert!(
+        cmp.contains("Images are identical"),
+        "{}: {cmp}",
+        view.display()
+    );
 }
 
 const VIEWS: [(&str, &str); 6] = [
@@ -303,14 +396,52 @@ fn every_view_of_a_single_layer_and_a_layered_revision_is_what_qemu_expects() {
             assert_view_is(&view, fmt, reference);
             // st_size is the exact length read.
             let len = fs::metadata(&view).unwrap().len();
-            assert_eq!(fs::read(&view).unwrap().len() as u64, len, "{}", view.display());
+            assert_eq!(
+                fs::read(&view).unwrap().len() as u64,
+                len,
+                "{}",
+                view.display()
+            );
         }
-        let raw = m.at(&format!("user/{image}/@0/disk.raw"));
-        ok("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0x11 0 1M", s(&raw)]);
     }
-    ok("qemu-io", &["-r", "-f", "qcow2", "-c", "read -P 0x22 3M 64k", s(&m.at("user/single/@0/disk.qcow2"))]);
-    ok("qemu-io", &["-r", "-f", "vmdk", "-c", "read -P 0x42 1M 1M", s(&m.at("user/chain/@0/disk.vmdk"))]);
-    ok("qemu-io", &["-r", "-f", "vdi", "-c", "read -P 0 0 64k", s(&m.at("user/chain/@0/disk.vdi"))]);
+    let raw = m.at("user/single/@0/disk.raw");
+    ok(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x11 0 1M", s(&raw)],
+    );
+    ok(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0x22 3M 64k",
+            s(&m.at("user/single/@0/disk.qcow2")),
+        ],
+    );
+    ok(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "vmdk",
+            "-c",
+            "read -P 0x42 1M 1M",
+            s(&m.at("user/chain/@0/disk.vmdk")),
+        ],
+    );
+    ok(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "vdi",
+            "-c",
+            "read -P 0 0 64k",
+            s(&m.at("user/chain/@0/disk.vdi")),
+        ],
+    );
 }
 
 #[test]
@@ -319,21 +450,43 @@ fn listing_every_level_shows_repositories_images_revisions_and_views() {
     let src = m.source_raw("src.raw", "8M");
     ok("cp", &[s(&src), s(&m.at("global/"))]);
     let root = ok("ls", &["-l", s(&m.mnt)]);
-    assert!(root.contains(" user\n") && root.contains(" global\n"), "{root}");
+    assert!(
+        root.contains(" user\n") && root.contains(" global\n"),
+        "{root}"
+    );
     let repo = ok("ls", &["-l", s(&m.at("global"))]);
     assert!(repo.contains(" src\n"), "{repo}");
     let image = ok("ls", &["-l", s(&m.at("global/src"))]);
-    assert!(image.contains(" @0\n") && image.contains("latest -> @0"), "{image}");
+    assert!(
+        image.contains(" @0\n") && image.contains("latest -> @0"),
+        "{image}"
+    );
     let rev = ok("ls", &["-1", s(&m.at("global/src/@0"))]);
     let names: Vec<&str> = rev.lines().collect();
-    assert_eq!(names, ["disk.qcow2", "disk.qed", "disk.raw", "disk.vdi", "disk.vmdk", "disk.vpc", "meta.json"]);
-    let meta: serde_json::Value = serde_json::from_slice(&fs::read(m.at("global/src/@0/meta.json")).unwrap()).unwrap();
+    assert_eq!(
+        names,
+        [
+            "disk.qcow2",
+            "disk.qed",
+            "disk.raw",
+            "disk.vdi",
+            "disk.vmdk",
+            "disk.vpc",
+            "meta.json"
+        ]
+    );
+    let meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(m.at("global/src/@0/meta.json")).unwrap()).unwrap();
     assert_eq!(meta["name"], "src");
     assert_eq!(meta["virtual_size"], 8 << 20);
     // The raw view is sparse: it holds about the 1.6 MiB written, not 8 MiB.
     let st = fs::metadata(m.at("global/src/@0/disk.raw")).unwrap();
     assert_eq!(st.len(), 8 << 20);
-    assert!(st.blocks() * 512 < 4 << 20, "st_blocks {} too large", st.blocks());
+    assert!(
+        st.blocks() * 512 < 4 << 20,
+        "st_blocks {} too large",
+        st.blocks()
+    );
 }
 
 #[test]
@@ -354,7 +507,10 @@ fn every_accepted_format_imports_as_a_new_image_and_as_a_next_revision() {
     // Every stored layer is a standalone qcow2 that qemu-img finds clean.
     for layer in m.layer_files("user") {
         ok("qemu-img", &["check", "-f", "qcow2", s(&layer)]);
-        assert_eq!(fs::metadata(&layer).unwrap().permissions().mode() & 0o777, 0o444);
+        assert_eq!(
+            fs::metadata(&layer).unwrap().permissions().mode() & 0o777,
+            0o444
+        );
     }
     assert_eq!(m.tmp_entries("user"), 0, ".tmp must be empty after imports");
     // Metadata exactly as pcocc writes it.
@@ -369,14 +525,21 @@ fn a_failed_import_fails_cp_and_leaves_nothing() {
     let text = m.work().join("notes.qcow2");
     fs::write(&text, "this is not a disk image\n").unwrap();
     let out = run("cp", &[s(&text), s(&m.at("user/"))]);
-    assert!(!out.status.success(), "cp of a text file named .qcow2 must fail");
+    assert!(
+        !out.status.success(),
+        "cp of a text file named .qcow2 must fail"
+    );
     let src = m.source_raw("src.raw", "8M");
     let vmdk = m.source_as(&src, "vmdk", "cut.vmdk");
     let bytes = fs::read(&vmdk).unwrap();
     fs::write(&vmdk, &bytes[..bytes.len() / 3]).unwrap();
     let out = run("cp", &[s(&vmdk), s(&m.at("user/"))]);
     assert!(!out.status.success(), "cp of a truncated vmdk must fail");
-    assert!(m.meta_names("user").is_empty(), "{:?}", m.meta_names("user"));
+    assert!(
+        m.meta_names("user").is_empty(),
+        "{:?}",
+        m.meta_names("user")
+    );
     assert_eq!(m.tmp_entries("user"), 0);
     assert!(!m.at("user/notes").exists() && !m.at("user/cut").exists());
     assert_eq!(ok("ls", &[s(&m.at("user"))]), "");
@@ -388,12 +551,30 @@ fn sparse_export_with_cp_gives_the_source_back() {
     let src = m.source_raw("src.raw", "64M");
     ok("cp", &[s(&src), s(&m.at("user/"))]);
     let out = m.work().join("out.raw");
-    ok("cp", &["--sparse=always", s(&m.at("user/src/@0/disk.raw")), s(&out)]);
+    ok(
+        "cp",
+        &["--sparse=always", s(&m.at("user/src/@0/disk.raw")), s(&out)],
+    );
     assert_eq!(sha256_file(&out), sha256_file(&src));
     let blocks = fs::metadata(&out).unwrap().blocks() * 512;
-    assert!(blocks < 8 << 20, "exported file holds {blocks} bytes: not sparse");
-    let holes = ok("qemu-img", &["map", "--output=json", "-f", "raw", s(&m.at("user/src/@0/disk.raw"))]);
-    assert!(holes.contains("\"data\": false"), "SEEK_HOLE must report holes: {holes}");
+    assert!(
+        blocks < 8 << 20,
+        "exported file holds {blocks} bytes: not sparse"
+    );
+    let holes = ok(
+        "qemu-img",
+        &[
+            "map",
+            "--output=json",
+            "-f",
+            "raw",
+            s(&m.at("user/src/@0/disk.raw")),
+        ],
+    );
+    assert!(
+        holes.contains("\"data\": false"),
+        "SEEK_HOLE must report holes: {holes}"
+    );
 }
 
 #[test]
@@ -404,17 +585,32 @@ fn ln_copies_share_layers_and_mv_and_rm_work_like_pcocc() {
     let layers = m.layer_files("user");
     assert_eq!(layers.len(), 1);
     // Within one repository: metadata only.
-    ok("ln", &[s(&m.at("user/src/@0/disk.qcow2")), s(&m.at("user/copy"))]);
+    ok(
+        "ln",
+        &[s(&m.at("user/src/@0/disk.qcow2")), s(&m.at("user/copy"))],
+    );
     assert_eq!(m.layer_files("user"), layers);
     assert!(m.at("user/copy/@0").is_dir());
     assert_view_is(&m.at("user/copy/@0/disk.raw"), "raw", &src);
     // Across repositories: the layer is hard-linked (same filesystem).
-    ok("ln", &[s(&m.at("user/src/@0/disk.qcow2")), s(&m.at("global/other"))]);
+    ok(
+        "ln",
+        &[s(&m.at("user/src/@0/disk.qcow2")), s(&m.at("global/other"))],
+    );
     let global = m.layer_files("global");
     assert_eq!(global.len(), 1);
-    assert_eq!(fs::metadata(&global[0]).unwrap().ino(), fs::metadata(&layers[0]).unwrap().ino());
+    assert_eq!(
+        fs::metadata(&global[0]).unwrap().ino(),
+        fs::metadata(&layers[0]).unwrap().ino()
+    );
     // cp between repositories shares layers too (no conversion, no new data).
-    ok("cp", &[s(&m.at("user/src/@0/disk.qcow2")), s(&m.at("global/third.qcow2"))]);
+    ok(
+        "cp",
+        &[
+            s(&m.at("user/src/@0/disk.qcow2")),
+            s(&m.at("global/third.qcow2")),
+        ],
+    );
     assert_eq!(m.layer_files("global").len(), 1);
     // mv renames within a repository.
     ok("mv", &[s(&m.at("user/copy")), s(&m.at("user/renamed"))]);
@@ -438,13 +634,25 @@ fn revisions_cannot_be_changed() {
     ok("cp", &[s(&src), s(&m.at("user/"))]);
     let view = m.at("user/src/@0/disk.raw");
     let err = fs::OpenOptions::new().write(true).open(&view).unwrap_err();
-    assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EPERM)), "{err}");
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EPERM)),
+        "{err}"
+    );
     let err = fs::write(m.at("user/src/@0/new"), b"x").unwrap_err();
-    assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EPERM)), "{err}");
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EPERM)),
+        "{err}"
+    );
     let err = fs::set_permissions(&view, fs::Permissions::from_mode(0o666)).unwrap_err();
-    assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EPERM)), "{err}");
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EPERM)),
+        "{err}"
+    );
     let err = fs::create_dir(m.at("user/src/@7")).unwrap_err();
-    assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EPERM)), "{err}");
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EPERM)),
+        "{err}"
+    );
     assert_eq!(sha256_file(&view), sha256_file(&src));
 }
 
@@ -476,11 +684,21 @@ fn another_user_reads_what_they_may_and_cannot_import_where_they_may_not() {
         run("setpriv", &full)
     };
     let out = as_nobody(&["sha256sum", s(&m.at("global/src/@0/disk.raw"))]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha256_file(&src)));
     let out = as_nobody(&["cp", s(&src), s(&m.at("user/"))]);
-    assert!(!out.status.success(), "nobody must not import into root's repository");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{out:?}");
+    assert!(
+        !out.status.success(),
+        "nobody must not import into root's repository"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
     assert!(m.meta_names("user").is_empty());
 }
 
@@ -510,17 +728,24 @@ fn sigterm_during_a_read_unmounts_cleanly_and_a_stale_mount_is_cleared() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(200));
     m.mount(&[]);
-    assert_eq!(sha256_file(&m.at("user/src/@0/disk.raw")), sha256_file(&src));
+    assert_eq!(
+        sha256_file(&m.at("user/src/@0/disk.raw")),
+        sha256_file(&src)
+    );
 }
 
 /// The pid of the pcocc-imagefs process serving `mnt` (from its command line).
 fn daemon_pid(mnt: &Path) -> Option<i32> {
     for e in fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
         let is_daemon = args.first().is_some_and(|a| a.ends_with(b"pcocc-imagefs"));
-        if is_daemon && args.iter().any(|a| *a == mnt.as_os_str().as_encoded_bytes()) {
+        if is_daemon && args.contains(&mnt.as_os_str().as_encoded_bytes()) {
             return Some(pid);
         }
     }

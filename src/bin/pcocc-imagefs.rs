@@ -74,7 +74,10 @@ fn run(args: Args) -> Result<(), String> {
         Some(p) => Some(absolute(&p)?),
         None => None,
     };
-    let threads = args.threads.or(settings.threads).unwrap_or_else(default_threads);
+    let threads = args
+        .threads
+        .or(settings.threads)
+        .unwrap_or_else(default_threads);
     let mountpoint = absolute(&args.mountpoint)?;
 
     // Checks that can fail are done before going to the background, so their message
@@ -120,7 +123,12 @@ fn serve(
     );
     let mut cfg = fuser::Config::default();
     let mut opts = vec![
-        fuser::MountOption::FSName(settings.fsname.clone().unwrap_or_else(|| "pcocc-imagefs".into())),
+        fuser::MountOption::FSName(
+            settings
+                .fsname
+                .clone()
+                .unwrap_or_else(|| "pcocc-imagefs".into()),
+        ),
         fuser::MountOption::Subtype("pcocc-imagefs".into()),
     ];
     if settings.read_only {
@@ -159,5 +167,7 @@ fn serve(
         })
         .map_err(|e| e.to_string())?;
     ready.ready();
-    session.run().map_err(|e| format!("session ended with an error: {e}"))
+    session
+        .run()
+        .map_err(|e| format!("session ended with an error: {e}"))
 }

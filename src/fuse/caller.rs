@@ -25,7 +25,11 @@ fn parse_groups(status: &str) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|rest| rest.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+        .map(|rest| {
+            rest.split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -35,7 +39,8 @@ mod tests {
 
     #[test]
     fn supplementary_groups_are_read_from_proc_status() {
-        let status = "Name:\tcp\nUid:\t1000\t1000\t1000\t1000\nGroups:\t4 24 27 1000 \nVmRSS:\t1 kB\n";
+        let status =
+            "Name:\tcp\nUid:\t1000\t1000\t1000\t1000\nGroups:\t4 24 27 1000 \nVmRSS:\t1 kB\n";
         assert_eq!(parse_groups(status), vec![4, 24, 27, 1000]);
         assert_eq!(parse_groups("Groups:\t\n"), Vec::<u32>::new());
         assert_eq!(parse_groups("Name:\tx\n"), Vec::<u32>::new());

@@ -61,7 +61,12 @@ pub fn daemonize(log_file: Option<&Path>) -> io::Result<Readiness> {
                 .create(true)
                 .append(true)
                 .open(p)
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot open log file {}: {e}", p.display())))?,
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot open log file {}: {e}", p.display()),
+                    )
+                })?,
         ),
         None => None,
     };
@@ -84,7 +89,9 @@ pub fn daemonize(log_file: Option<&Path>) -> io::Result<Readiness> {
             match report.as_slice() {
                 [0, ..] => std::process::exit(0),
                 [] => {
-                    eprintln!("pcocc-imagefs: the daemon exited before the mount was live (see its log)");
+                    eprintln!(
+                        "pcocc-imagefs: the daemon exited before the mount was live (see its log)"
+                    );
                     std::process::exit(1)
                 }
                 msg => {
@@ -98,7 +105,10 @@ pub fn daemonize(log_file: Option<&Path>) -> io::Result<Readiness> {
 
 fn redirect_stdio(log: Option<&File>) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
     let err_target = log.map(|f| f.as_raw_fd()).unwrap_or(null.as_raw_fd());
     // SAFETY: dup2 onto the standard descriptors of this process.
     unsafe {
@@ -146,14 +156,21 @@ pub fn wait_for_signal() -> i32 {
 pub fn clear_stale_mount(mountpoint: &Path) -> io::Result<bool> {
     match std::fs::metadata(mountpoint) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            let c = CString::new(mountpoint.as_os_str().as_bytes())
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mountpoint contains a NUL byte"))?;
+            let c = CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "mountpoint contains a NUL byte",
+                )
+            })?;
             // SAFETY: umount2 with a valid C string.
             if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
                 let e = io::Error::last_os_error();
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("{} is a dead mount and cannot be cleared: {e}", mountpoint.display()),
+                    format!(
+                        "{} is a dead mount and cannot be cleared: {e}",
+                        mountpoint.display()
+                    ),
                 ));
             }
             Ok(true)

@@ -97,7 +97,11 @@ impl Inodes {
 
     /// Number of inodes the kernel holds (for tests and statistics).
     pub fn len(&self) -> usize {
-        self.table.read().unwrap_or_else(|e| e.into_inner()).by_ino.len()
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_ino
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {

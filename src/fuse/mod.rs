@@ -214,7 +214,12 @@ impl ImageFs {
         reply.entry(&ttl, &fuse_attr(ino, attr), Generation(0));
     }
 
-    fn do_lookup(&self, req: &Request, parent: INodeNo, name: &OsStr) -> Result<(Node, Attr), Errno> {
+    fn do_lookup(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+    ) -> Result<(Node, Attr), Errno> {
         let parent = self.node(parent)?;
         let name = name_str(name)?;
         let caller = Self::caller(req);
@@ -569,7 +574,14 @@ impl Filesystem for ImageFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         // Imports are made durable when they are published (flush); nothing else is written.
         reply.ok();
     }
@@ -598,11 +610,18 @@ impl Filesystem for ImageFs {
                 .map(|p| self.inodes.peek(&p))
                 .unwrap_or(ROOT_INO),
         };
-        let dots = [(ino.0, FileType::Directory, "."), (parent_ino, FileType::Directory, "..")];
+        let dots = [
+            (ino.0, FileType::Directory, "."),
+            (parent_ino, FileType::Directory, ".."),
+        ];
         let all = dots
             .into_iter()
             .map(|(i, k, n)| (i, k, n.to_string()))
-            .chain(entries.into_iter().map(|e| (self.inodes.peek(&e.node), file_type(e.kind), e.name)));
+            .chain(
+                entries
+                    .into_iter()
+                    .map(|e| (self.inodes.peek(&e.node), file_type(e.kind), e.name)),
+            );
         for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
                 break;
@@ -614,7 +633,9 @@ impl Filesystem for ImageFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         // The first repository's filesystem answers for the mount (df shows real space).
         match self.tree.statfs() {
-            Ok(s) => reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, 255, s.frsize),
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, 255, s.frsize,
+            ),
             Err(e) => reply.error(self.fail("statfs", None, &e)),
         }
     }

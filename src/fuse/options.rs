@@ -39,14 +39,25 @@ pub struct MountSettings {
 /// Options `mount(8)`, fstab and systemd use for themselves; a FUSE daemon receives them
 /// from `mount -t` / fstab and must ignore them.
 const MOUNT8_ONLY: &[&str] = &[
-    "defaults", "auto", "noauto", "nofail", "_netdev", "user", "nouser", "users", "owner",
-    "group", "sw", "rw", "bg", "fg",
+    "defaults", "auto", "noauto", "nofail", "_netdev", "user", "nouser", "users", "owner", "group",
+    "sw", "rw", "bg", "fg",
 ];
 
 /// Kernel mount flags FUSE accepts and this daemon passes on unchanged.
 const KERNEL_FLAGS: &[&str] = &[
-    "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime", "relatime",
-    "nodiratime", "sync", "async", "dirsync",
+    "nosuid",
+    "suid",
+    "nodev",
+    "dev",
+    "noexec",
+    "exec",
+    "noatime",
+    "atime",
+    "relatime",
+    "nodiratime",
+    "sync",
+    "async",
+    "dirsync",
 ];
 
 /// Why an option list was refused.
@@ -74,17 +85,17 @@ impl MountSettings {
             Some((k, v)) => (k, Some(v)),
             None => (opt, None),
         };
-        let need = |v: Option<&str>| v.ok_or_else(|| OptionError::MissingValue(key.to_string()));
+        let missing = || OptionError::MissingValue(key.to_string());
         match key {
             "allow_other" => self.allow_other = true,
             "allow_root" => self.allow_root = true,
             "ro" => self.read_only = true,
             "default_permissions" => self.default_permissions = true,
-            "fsname" => self.fsname = Some(need(value)?.to_string()),
-            "config" => self.config = Some(PathBuf::from(need(value)?)),
-            "log" => self.log_file = Some(PathBuf::from(need(value)?)),
+            "fsname" => self.fsname = Some(value.ok_or_else(missing)?.to_string()),
+            "config" => self.config = Some(PathBuf::from(value.ok_or_else(missing)?)),
+            "log" => self.log_file = Some(PathBuf::from(value.ok_or_else(missing)?)),
             "threads" => {
-                let v = need(value)?;
+                let v = value.ok_or_else(missing)?;
                 let n: usize = v.parse().map_err(|_| OptionError::BadValue {
                     option: key.into(),
                     reason: format!("'{v}' is not a number of threads"),
@@ -95,7 +106,7 @@ impl MountSettings {
                 })?);
             }
             "refresh" => {
-                let v = need(value)?;
+                let v = value.ok_or_else(missing)?;
                 let secs: f64 = v
                     .parse()
                     .ok()
@@ -126,7 +137,9 @@ pub fn check_threads(n: usize) -> Result<usize, String> {
     if (1..=MAX_THREADS).contains(&n) {
         Ok(n)
     } else {
-        Err(format!("the number of threads must be between 1 and {MAX_THREADS}"))
+        Err(format!(
+            "the number of threads must be between 1 and {MAX_THREADS}"
+        ))
     }
 }
 
@@ -142,8 +155,10 @@ mod tests {
 
     #[test]
     fn fstab_options_for_mount8_and_systemd_are_dropped() {
-        let s = parse("defaults,nofail,_netdev,x-systemd.automount,x-systemd.requires=a.service,noauto")
-            .unwrap();
+        let s = parse(
+            "defaults,nofail,_netdev,x-systemd.automount,x-systemd.requires=a.service,noauto",
+        )
+        .unwrap();
         assert_eq!(s, MountSettings::default());
     }
 
@@ -174,12 +189,30 @@ mod tests {
             parse("allow_other,alow_root"),
             Err(OptionError::Unknown("alow_root".into()))
         );
-        assert_eq!(parse("threads"), Err(OptionError::MissingValue("threads".into())));
-        assert!(matches!(parse("threads=0"), Err(OptionError::BadValue { .. })));
-        assert!(matches!(parse("threads=lots"), Err(OptionError::BadValue { .. })));
-        assert!(matches!(parse("refresh=-1"), Err(OptionError::BadValue { .. })));
-        assert!(matches!(parse("refresh=nan"), Err(OptionError::BadValue { .. })));
+        assert_eq!(
+            parse("threads"),
+            Err(OptionError::MissingValue("threads".into()))
+        );
+        assert!(matches!(
+            parse("threads=0"),
+            Err(OptionError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse("threads=lots"),
+            Err(OptionError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse("refresh=-1"),
+            Err(OptionError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse("refresh=nan"),
+            Err(OptionError::BadValue { .. })
+        ));
         let e = parse("nosuid=1").unwrap_err();
-        assert_eq!(e.to_string(), "unknown mount option 'nosuid=1' (see pcocc-imagefs(8) for the accepted options)");
+        assert_eq!(
+            e.to_string(),
+            "unknown mount option 'nosuid=1' (see pcocc-imagefs(8) for the accepted options)"
+        );
     }
 }

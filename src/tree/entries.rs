@@ -165,7 +165,19 @@ impl Tree {
         parent: &Node,
         name: &str,
     ) -> Result<Changes, Error> {
-        let node = self.lookup(caller, parent, name)?;
+        let node = match self.lookup(caller, parent, name) {
+            Ok(node) => node,
+            // `rm -r IMAGE` lists the directory, removes `@N` (the last revision, which
+            // leaves the directory empty), then unlinks `latest`: already gone, fine.
+            Err(Error::NoEntry(_))
+                if name == super::nodes::LATEST
+                    && matches!(parent, Node::Image { repo, image }
+                        if self.pending.empty_dir(repo, image).is_some()) =>
+            {
+                return Ok(Changes::default());
+            }
+            Err(e) => return Err(e),
+        };
         self.unlink(caller, &node)?;
         Ok(Changes {
             entries: vec![(parent.clone(), name.to_string())],
@@ -194,6 +206,13 @@ impl Tree {
             }
         }
         self.remove(caller, &node)?;
+        // Removing the last revision leaves its image directory in place, empty, as any
+        // filesystem would, until it is removed in turn (`rm -r IMAGE` does just that).
+        if let Node::Revision { repo, image, .. } = &node
+            && self.store(repo)?.revisions(image)?.is_empty()
+        {
+            self.pending.add_empty_dir(repo, image);
+        }
         Ok(changes)
     }
 }

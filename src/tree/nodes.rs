@@ -252,22 +252,21 @@ impl Tree {
                     }
                     return Err(Error::NoEntry(display(dir)));
                 }
-                let mut out: Vec<DirEntry> = revs
-                    .into_iter()
-                    .map(|rev| {
-                        let node = Node::Revision {
-                            repo: repo.clone(),
-                            image: image.clone(),
-                            rev,
-                        };
-                        entry(revision_dir_name(rev), node, NodeType::Directory)
-                    })
-                    .collect();
+                // `latest` comes first: `rm -r IMAGE` handles entries in this order, and
+                // `latest` vanishes with the last revision.
                 let latest = Node::Latest {
                     repo: repo.clone(),
                     image: image.clone(),
                 };
-                out.push(entry(LATEST.to_string(), latest, NodeType::Symlink));
+                let mut out = vec![entry(LATEST.to_string(), latest, NodeType::Symlink)];
+                out.extend(revs.into_iter().map(|rev| {
+                    let node = Node::Revision {
+                        repo: repo.clone(),
+                        image: image.clone(),
+                        rev,
+                    };
+                    entry(revision_dir_name(rev), node, NodeType::Directory)
+                }));
                 out.extend(self.pending_entries(repo, Some(image), caller));
                 Ok(out)
             }

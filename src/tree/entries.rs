@@ -3,7 +3,7 @@
 //! (an image within its repository, or a staging file published under its proper name),
 //! `unlink` and `rmdir`. Each returns the entries whose kernel cache must be dropped.
 
-use super::import::is_staging;
+use super::import::{is_staging, publish_changes};
 use super::nodes::display;
 use super::open::Changes;
 use super::publish::{Target, split_suffix};
@@ -127,7 +127,7 @@ impl Tree {
                 let mut changes = changes;
                 changes
                     .entries
-                    .push((Node::Repo { repo: repo.clone() }, meta.name.clone()));
+                    .extend(publish_changes(&from, repo, &meta).entries);
                 Ok(changes)
             }
             (Node::Image { repo, image }, Node::Repo { repo: to })

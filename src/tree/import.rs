@@ -289,14 +289,20 @@ impl Import {
         let State::Writing { tmp, .. } = &*st else {
             return Err(self.gone());
         };
-        let format = choose_format(None, self.hint, tmp.path(), tmp.file())?;
-        publish::open_standalone(tmp.path(), format).map(|_| ())
+        let checked = choose_format(None, self.hint, tmp.path(), tmp.file())
+            .and_then(|format| publish::open_standalone(tmp.path(), format));
+        checked.map(|_| ()).inspect_err(|e| {
+            log::warn!(
+                "staging file {} is not an image: {e}",
+                display(&self.node())
+            );
+        })
     }
 }
 
 /// The entries a publish changes: the file name, and the image directory and what it
 /// holds.
-fn publish_changes(imp_node: &Node, store: &str, meta: &crate::store::Meta) -> Changes {
+pub(super) fn publish_changes(imp_node: &Node, store: &str, meta: &crate::store::Meta) -> Changes {
     let repo_node = Node::Repo {
         repo: store.to_string(),
     };

@@ -339,6 +339,11 @@ impl ImportHandle {
         }
     }
 
+    /// The file's path in the tree when it was opened.
+    pub(super) fn name(&self) -> String {
+        display(&self.import.node())
+    }
+
     pub(super) fn import(&self) -> &Arc<Import> {
         &self.import
     }

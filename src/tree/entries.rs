@@ -3,9 +3,10 @@
 //! (an image within its repository, or a staging file published under its proper name),
 //! `unlink` and `rmdir`. Each returns the entries whose kernel cache must be dropped.
 
-use super::import::{is_staging, publish_changes};
+use super::import::is_staging;
 use super::nodes::display;
 use super::open::Changes;
+use super::pending::publish_changes;
 use super::publish::{Target, split_suffix};
 use super::{Attr, Caller, Error, Node, Tree, validate_name};
 

@@ -275,7 +275,9 @@ impl Tree {
 
     /// ftruncate/truncate, chmod, chown and utimens: on a file being imported they
     /// succeed (a size changes the scratch file; the others are accepted and dropped,
-    /// the revision belongs to its importer at publish time); anything else is refused.
+    /// the revision belongs to its importer at publish time), as do all but a size on an
+    /// empty image directory made by `mkdir`; anything else is refused (EROFS in a
+    /// revision, EPERM elsewhere).
     pub fn setattr(
         &self,
         caller: &Caller,
@@ -297,6 +299,16 @@ impl Tree {
                     *imp.perm.lock().unwrap_or_else(|e| e.into_inner()) = (mode & 0o7777) as u16;
                 }
                 imp.attr()
+            }
+            // `cp -a DIR R/` sets the mode and times of the directory it made: an empty
+            // image directory holds nothing those could change, so they are accepted.
+            Node::Image { repo, image }
+                if set.size.is_none()
+                    && self.pending.empty_dir(repo, image).is_some()
+                    && self.store(repo)?.revisions(image)?.is_empty() =>
+            {
+                self.writable_store(caller, repo)?;
+                self.getattr(caller, node)
             }
             Node::Revision { .. } | Node::File { .. } | Node::Latest { .. } => {
                 Err(Error::ReadOnly(display(node)))

@@ -476,6 +476,13 @@ fn mkdir_makes_an_empty_image_directory_that_an_import_fills() {
         f.tree.mkdir(&f.me, &node, "@7").unwrap_err().errno(),
         libc::EPERM
     );
+    // cp -a sets the times and mode of the directory it made.
+    let times = SetAttr {
+        mode: Some(0o755),
+        times: true,
+        ..SetAttr::default()
+    };
+    f.tree.setattr(&f.me, &node, None, &times).unwrap();
     // An empty directory goes with rmdir.
     f.tree.mkdir(&f.me, &repo, "empty").unwrap();
     f.tree.rmdir_entry(&f.me, &repo, "empty").unwrap();

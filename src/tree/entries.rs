@@ -6,6 +6,7 @@
 use super::import::is_staging;
 use super::nodes::display;
 use super::open::Changes;
+use super::pending::publish_changes;
 use super::publish::{Target, split_suffix};
 use super::{Attr, Caller, Error, Node, Tree, validate_name};
 
@@ -127,7 +128,7 @@ impl Tree {
                 let mut changes = changes;
                 changes
                     .entries
-                    .push((Node::Repo { repo: repo.clone() }, meta.name.clone()));
+                    .extend(publish_changes(&from, repo, &meta).entries);
                 Ok(changes)
             }
             (Node::Image { repo, image }, Node::Repo { repo: to })

@@ -10,23 +10,21 @@
 //! registry of these files ([`Pending`]) is shared with the open handles, which must be
 //! able to publish and discard without the tree.
 
-use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use super::access::{self, W, X};
-use super::nodes::{display, revision_dir_name};
+use super::nodes::display;
 use super::open::{Changes, OpenFile, seek_file};
-use super::publish::{self, Target, choose_format, split_suffix};
-use super::{Attr, Caller, Error, Format, Node, NodeType, Tree};
-use crate::store::{Store, TmpFile};
+use super::pending::{Import, Pending, State, publish_changes};
+use super::publish::{self, Target, split_suffix};
+use super::{Attr, Caller, Error, Node, Tree};
+use crate::store::Store;
 
 /// Permission bits of a file being imported when the creator gives none.
 const DEFAULT_IMPORT_PERM: u16 = 0o644;
-/// Name of the symlink to the highest revision (see [`super::nodes::LATEST`]).
-const LATEST: &str = super::nodes::LATEST;
 
 /// True for a staging name: hidden files are written, then renamed into place.
 pub fn is_staging(name: &str) -> bool {
@@ -42,276 +40,6 @@ pub struct SetAttr {
     pub gid: Option<u32>,
     /// atime or mtime given (`utimensat`).
     pub times: bool,
-}
-
-enum State {
-    /// Being written: the scratch file and its current length.
-    Writing { tmp: TmpFile, size: u64 },
-    /// Published; the attributes it had, for handles still open.
-    Published(Attr),
-    /// The publish failed (the scratch file is gone); flush repeats the reason.
-    Failed(String),
-    /// Unlinked or released unpublished.
-    Dropped,
-}
-
-/// One file being imported.
-pub(super) struct Import {
-    /// Where it is; a staging file renamed to another staging name moves.
-    node: Mutex<Node>,
-    store: Arc<Store>,
-    writer: Caller,
-    /// `None` for a staging file: its target is decided by `rename`.
-    target: Option<Target>,
-    /// The format a name suffix suggests.
-    hint: Option<Format>,
-    created: SystemTime,
-    perm: Mutex<u16>,
-    state: Mutex<State>,
-    /// True while `state` is `Writing`, readable without the state lock, which a publish
-    /// holds for as long as the conversion takes: lookups and listings must not wait.
-    writing: AtomicBool,
-    opens: AtomicUsize,
-}
-
-/// Files being imported and empty image directories, shared by the tree and its
-/// handles.
-#[derive(Default)]
-pub(super) struct Pending {
-    imports: Mutex<HashMap<Node, Arc<Import>>>,
-    empty_dirs: Mutex<BTreeMap<(String, String), SystemTime>>,
-}
-
-impl Pending {
-    fn imports(&self) -> std::sync::MutexGuard<'_, HashMap<Node, Arc<Import>>> {
-        self.imports.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn dirs(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), SystemTime>> {
-        self.empty_dirs.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The import at `node` if `caller` wrote it (`writing`: only while not yet
-    /// published, which is when its name is visible).
-    pub(super) fn find(&self, node: &Node, caller: &Caller, writing: bool) -> Option<Arc<Import>> {
-        let imp = self.imports().get(node).cloned()?;
-        let ok = imp.writer.uid == caller.uid && (!writing || imp.is_writing());
-        ok.then_some(imp)
-    }
-
-    /// Names of the files `caller` is writing in a directory.
-    pub(super) fn names(&self, repo: &str, image: Option<&str>, caller: &Caller) -> Vec<Node> {
-        let mut out: Vec<Node> = self
-            .imports()
-            .iter()
-            .filter(|(n, imp)| {
-                matches!(n, Node::Import { repo: r, image: i, .. }
-                    if r == repo && i.as_deref() == image)
-                    && imp.writer.uid == caller.uid
-                    && imp.is_writing()
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
-        out.sort();
-        out
-    }
-
-    /// When `mkdir` made the empty image directory `repo/image`, if it did.
-    pub(super) fn empty_dir(&self, repo: &str, image: &str) -> Option<SystemTime> {
-        self.dirs()
-            .get(&(repo.to_string(), image.to_string()))
-            .copied()
-    }
-
-    /// The empty image directories of `repo`.
-    pub(super) fn empty_dirs(&self, repo: &str) -> Vec<String> {
-        self.dirs()
-            .keys()
-            .filter(|(r, _)| r == repo)
-            .map(|(_, i)| i.clone())
-            .collect()
-    }
-
-    pub(super) fn add_empty_dir(&self, repo: &str, image: &str) {
-        self.dirs()
-            .insert((repo.to_string(), image.to_string()), SystemTime::now());
-    }
-
-    pub(super) fn remove_empty_dir(&self, repo: &str, image: &str) -> bool {
-        self.dirs()
-            .remove(&(repo.to_string(), image.to_string()))
-            .is_some()
-    }
-
-    /// Forgets `imp` (if it is still the file at its node) and drops its data.
-    pub(super) fn drop_import(&self, imp: &Arc<Import>) {
-        {
-            let mut map = self.imports();
-            let node = imp.node();
-            if map.get(&node).is_some_and(|i| Arc::ptr_eq(i, imp)) {
-                map.remove(&node);
-            }
-        }
-        let mut st = imp.lock();
-        if matches!(*st, State::Writing { .. }) {
-            imp.writing.store(false, Ordering::Release);
-            *st = State::Dropped;
-        }
-    }
-
-    /// Moves a staging file to another staging name; its open handles follow it.
-    pub(super) fn rekey(&self, imp: &Arc<Import>, to: Node) {
-        let mut map = self.imports();
-        let from = std::mem::replace(
-            &mut *imp.node.lock().unwrap_or_else(|e| e.into_inner()),
-            to.clone(),
-        );
-        map.remove(&from);
-        map.insert(to, imp.clone());
-    }
-}
-
-impl Import {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn node(&self) -> Node {
-        self.node.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn is_writing(&self) -> bool {
-        self.writing.load(Ordering::Acquire)
-    }
-
-    pub(super) fn is_staging(&self) -> bool {
-        self.target.is_none()
-    }
-
-    /// Its attributes: a regular file of its writer, with its current size.
-    pub(super) fn attr(&self) -> Result<Attr, Error> {
-        self.attr_of(&self.lock())
-    }
-
-    fn attr_of(&self, st: &State) -> Result<Attr, Error> {
-        let (size, blocks) = match st {
-            State::Writing { tmp, size } => {
-                let blocks = tmp.file().metadata().map(|m| m.blocks()).unwrap_or(0);
-                (*size, blocks)
-            }
-            State::Published(attr) => return Ok(attr.clone()),
-            State::Failed(..) | State::Dropped => {
-                return Err(Error::NoEntry(display(&self.node())));
-            }
-        };
-        Ok(Attr {
-            kind: NodeType::RegularFile,
-            perm: *self.perm.lock().unwrap_or_else(|e| e.into_inner()),
-            nlink: 1,
-            uid: self.writer.uid,
-            gid: self.writer.gid,
-            size,
-            blocks,
-            atime: self.created,
-            mtime: self.created,
-            ctime: self.created,
-        })
-    }
-
-    fn gone(&self) -> Error {
-        Error::NoEntry(display(&self.node()))
-    }
-
-    fn set_size(&self, len: u64) -> Result<(), Error> {
-        let mut st = self.lock();
-        match &mut *st {
-            State::Writing { tmp, size } => {
-                tmp.file().set_len(len).map_err(|source| {
-                    Error::Store(crate::store::Error::Io {
-                        path: tmp.path().to_path_buf(),
-                        source,
-                    })
-                })?;
-                *size = len;
-                Ok(())
-            }
-            State::Published(_) => Err(Error::ReadOnly(display(&self.node()))),
-            _ => Err(self.gone()),
-        }
-    }
-
-    /// Publishes the written bytes as `target`. On failure a created file is discarded
-    /// (nothing remains) while a staging file is kept for its writer to fix or drop.
-    pub(super) fn publish(
-        &self,
-        target: &Target,
-        hint: Option<Format>,
-        pending: &Pending,
-    ) -> Result<crate::store::Meta, Error> {
-        let mut st = self.lock();
-        let State::Writing { tmp, .. } = &*st else {
-            return Err(self.gone());
-        };
-        let result = (|| {
-            let format = choose_format(None, hint.or(self.hint), tmp.path(), tmp.file())?;
-            let owner = access::user_name(self.writer.uid);
-            publish::publish(
-                &self.store,
-                &owner,
-                tmp.path(),
-                format,
-                target,
-                &mut |_, _| {},
-            )
-        })();
-        match result {
-            Ok(meta) => {
-                let attr = self.attr_of(&st)?;
-                self.writing.store(false, Ordering::Release);
-                *st = State::Published(attr);
-                pending.remove_empty_dir(self.store.name(), target.image());
-                Ok(meta)
-            }
-            Err(e) => {
-                log::warn!("import of {} failed: {e}", display(&self.node()));
-                if !self.is_staging() {
-                    self.writing.store(false, Ordering::Release);
-                    *st = State::Failed(e.to_string());
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// The staging check: the content must open as a standalone image.
-    fn check(&self) -> Result<(), Error> {
-        let st = self.lock();
-        let State::Writing { tmp, .. } = &*st else {
-            return Err(self.gone());
-        };
-        let format = choose_format(None, self.hint, tmp.path(), tmp.file())?;
-        publish::open_standalone(tmp.path(), format).map(|_| ())
-    }
-}
-
-/// The entries a publish changes: the file name, and the image directory and what it
-/// holds.
-fn publish_changes(imp_node: &Node, store: &str, meta: &crate::store::Meta) -> Changes {
-    let repo_node = Node::Repo {
-        repo: store.to_string(),
-    };
-    let image_node = Node::Image {
-        repo: store.to_string(),
-        image: meta.name.clone(),
-    };
-    let mut entries = Vec::new();
-    if let (Some(parent), Node::Import { name, .. }) = (super::parent(imp_node), imp_node) {
-        entries.push((parent, name.clone()));
-    }
-    entries.push((repo_node, meta.name.clone()));
-    entries.push((image_node.clone(), revision_dir_name(meta.revision)));
-    entries.push((image_node, LATEST.to_string()));
-    Changes { entries }
 }
 
 /// What an open handle of an import holds.
@@ -331,6 +59,11 @@ impl ImportHandle {
             pending,
             writer,
         }
+    }
+
+    /// The file's path in the tree when it was opened.
+    pub(super) fn name(&self) -> String {
+        display(&self.import.node())
     }
 
     pub(super) fn import(&self) -> &Arc<Import> {
@@ -542,7 +275,9 @@ impl Tree {
 
     /// ftruncate/truncate, chmod, chown and utimens: on a file being imported they
     /// succeed (a size changes the scratch file; the others are accepted and dropped,
-    /// the revision belongs to its importer at publish time); anything else is refused.
+    /// the revision belongs to its importer at publish time), as do all but a size on an
+    /// empty image directory made by `mkdir`; anything else is refused (EROFS in a
+    /// revision, EPERM elsewhere).
     pub fn setattr(
         &self,
         caller: &Caller,
@@ -564,6 +299,16 @@ impl Tree {
                     *imp.perm.lock().unwrap_or_else(|e| e.into_inner()) = (mode & 0o7777) as u16;
                 }
                 imp.attr()
+            }
+            // `cp -a DIR R/` sets the mode and times of the directory it made: an empty
+            // image directory holds nothing those could change, so they are accepted.
+            Node::Image { repo, image }
+                if set.size.is_none()
+                    && self.pending.empty_dir(repo, image).is_some()
+                    && self.store(repo)?.revisions(image)?.is_empty() =>
+            {
+                self.writable_store(caller, repo)?;
+                self.getattr(caller, node)
             }
             Node::Revision { .. } | Node::File { .. } | Node::Latest { .. } => {
                 Err(Error::ReadOnly(display(node)))

@@ -24,8 +24,8 @@
 //!
 //! Files: `nodes` (lookup, readdir, getattr and the node-level metadata operations),
 //! `views` (revision files and the cache of opened revisions), `open` (open files),
-//! `import` (files being written, staging files, empty directories), `publish` (the one
-//! import path), `entries` (mkdir, link, rename, unlink, rmdir by name), `transfer`
+//! `import` (create, setattr and the handles of files being written), `pending` (their
+//! lifecycle, staging files, empty directories), `publish` (the one import path), `entries` (mkdir, link, rename, unlink, rmdir by name), `transfer`
 //! (CLI import/export), `ops` (URI-level pcocc operations), `extras` (parent, statfs,
 //! access, xattrs), `access` (permission checks), `metajson`, `uri`.
 
@@ -37,6 +37,7 @@ mod metajson;
 mod nodes;
 mod open;
 mod ops;
+mod pending;
 mod publish;
 mod transfer;
 mod uri;
@@ -408,7 +409,7 @@ pub struct Tree {
     /// Opened revisions and their views.
     revisions: views::RevisionCache,
     /// Files being imported, staging files and empty image directories.
-    pending: Arc<import::Pending>,
+    pending: Arc<pending::Pending>,
 }
 
 impl Tree {

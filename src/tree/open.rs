@@ -30,6 +30,8 @@ pub struct Changes {
 /// calls it from any thread.
 pub struct OpenFile {
     inner: Inner,
+    /// The file's path in the tree, for messages.
+    name: String,
 }
 
 enum Inner {
@@ -81,6 +83,7 @@ pub(super) fn seek_file(
 impl OpenFile {
     pub(super) fn import(handle: ImportHandle) -> OpenFile {
         OpenFile {
+            name: handle.name(),
             inner: Inner::Import(handle),
         }
     }
@@ -106,7 +109,7 @@ impl OpenFile {
     pub fn write(&self, data: &[u8], offset: u64) -> Result<usize, Error> {
         match &self.inner {
             Inner::Import(h) => h.write(data, offset),
-            _ => Err(Error::ReadOnly("revision file".into())),
+            _ => Err(Error::ReadOnly(self.name.clone())),
         }
     }
 
@@ -237,7 +240,10 @@ impl Tree {
                         }
                     }
                 };
-                Ok(Arc::new(OpenFile { inner }))
+                Ok(Arc::new(OpenFile {
+                    inner,
+                    name: super::nodes::display(node),
+                }))
             }
             Node::Import { .. } => Ok(Arc::new(OpenFile::import(
                 self.open_import(caller, node, write, truncate)?,

@@ -476,6 +476,13 @@ fn mkdir_makes_an_empty_image_directory_that_an_import_fills() {
         f.tree.mkdir(&f.me, &node, "@7").unwrap_err().errno(),
         libc::EPERM
     );
+    // cp -a sets the times and mode of the directory it made.
+    let times = SetAttr {
+        mode: Some(0o755),
+        times: true,
+        ..SetAttr::default()
+    };
+    f.tree.setattr(&f.me, &node, None, &times).unwrap();
     // An empty directory goes with rmdir.
     f.tree.mkdir(&f.me, &repo, "empty").unwrap();
     f.tree.rmdir_entry(&f.me, &repo, "empty").unwrap();
@@ -597,4 +604,63 @@ fn parents_statfs_access_and_xattrs_answer_for_every_node() {
         f.tree.setxattr(&f.me, &file).unwrap_err().errno(),
         libc::EROFS
     );
+}
+
+#[test]
+fn an_empty_file_imports_as_an_empty_disk() {
+    if !have_qemu() {
+        return;
+    }
+    let f = Fixture::new();
+    let (_, _, h) = f
+        .tree
+        .create(&f.me, &node_repo("user"), "empty", 0o644)
+        .unwrap();
+    h.flush().unwrap();
+    h.release();
+    let meta = f
+        .tree
+        .resolve(&f.me, &Uri::parse("empty").unwrap())
+        .unwrap()
+        .meta;
+    let layer = layer_of(&f, "user", &meta);
+    qemu_img(&["check", "-q", "-f", "qcow2", layer.to_str().unwrap()]);
+    let raw = Node::File {
+        repo: "user".into(),
+        image: "empty".into(),
+        rev: 0,
+        file: FileKind::View(Format::Raw),
+    };
+    assert_eq!(f.tree.getattr(&f.me, &raw).unwrap().size, 0);
+    assert!(tmp_is_empty(&f, "user"));
+}
+
+#[test]
+fn two_imports_of_one_name_give_one_winner_and_a_clear_error() {
+    if !have_qemu() {
+        return;
+    }
+    let f = Fixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), "raw", "s.raw");
+    let qsrc = source(dir.path(), "qcow2", "s.qcow2");
+    let repo = node_repo("user");
+    let (a_node, _, a) = f.tree.create(&f.me, &repo, "x.qcow2", 0o644).unwrap();
+    let (b_node, _, b) = f.tree.create(&f.me, &repo, "x.raw", 0o644).unwrap();
+    // The same file name twice is refused at create.
+    let err = f.tree.create(&f.me, &repo, "x.raw", 0o644).err().unwrap();
+    assert_eq!(err.errno(), libc::EEXIST);
+    write_like_cp(&f, &a_node, &a, &qsrc);
+    write_like_cp(&f, &b_node, &b, &src);
+    a.flush().unwrap();
+    a.release();
+    let err = b.flush().unwrap_err();
+    assert_eq!(err.to_string(), "Image x already exists in repo user");
+    assert_eq!(err.errno(), libc::EEXIST);
+    b.release();
+    assert_eq!(f.data_files("user").len(), 1);
+    assert!(tmp_is_empty(&f, "user"));
+    // Creating a file named after an existing image fails at once.
+    let err = f.tree.create(&f.me, &repo, "x.vmdk", 0o644).err().unwrap();
+    assert_eq!(err.errno(), libc::EEXIST);
 }

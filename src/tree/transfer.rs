@@ -72,13 +72,14 @@ impl Tree {
             rev: resolved.meta.revision,
             file: FileKind::View(format),
         };
-        let existed = match File::open(dest) {
-            Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => {
+        // Only a file this export creates is removed when it fails: never something that
+        // was there before (a device, a file of the user's).
+        let existed = std::fs::symlink_metadata(dest).is_ok();
+        if let Ok(f) = File::open(dest) {
+            if f.metadata().is_ok_and(|m| m.is_file()) {
                 choose_format(Some(format), None, dest, &f)?;
-                true
             }
-            _ => false,
-        };
+        }
         let view = self.open(caller, &node, false, false)?;
         let out = OpenOptions::new()
             .write(true)

@@ -1,0 +1,301 @@
+//! The lifecycle of a file being imported, and the registry of such files and of empty
+//! image directories ([`Pending`]), shared by the tree and the open handles (which must
+//! publish and discard without the tree).
+//!
+//! A file is `Writing` (its bytes in a scratch file under `.tmp/`), then `Published`
+//! (kept only for handles still open), `Failed` (the scratch file gone, the reason
+//! kept for a repeated close) or `Dropped`. Only a `Writing` file has a visible name,
+//! and only for its writer. A flag mirrors that state outside the state lock, which a
+//! publish holds for as long as the conversion takes: lookups and listings never wait.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use super::access;
+use super::nodes::{display, revision_dir_name};
+use super::open::Changes;
+use super::publish::{self, Target, choose_format};
+use super::{Attr, Caller, Error, Format, Node, NodeType};
+use crate::store::{Store, TmpFile};
+
+/// Name of the symlink to the highest revision (see [`super::nodes::LATEST`]).
+const LATEST: &str = super::nodes::LATEST;
+
+pub(super) enum State {
+    /// Being written: the scratch file and its current length.
+    Writing { tmp: TmpFile, size: u64 },
+    /// Published; the attributes it had, for handles still open.
+    Published(Attr),
+    /// The publish failed (the scratch file is gone); flush repeats the reason.
+    Failed(String),
+    /// Unlinked or released unpublished.
+    Dropped,
+}
+
+/// One file being imported.
+pub(super) struct Import {
+    /// Where it is; a staging file renamed to another staging name moves.
+    pub(super) node: Mutex<Node>,
+    pub(super) store: Arc<Store>,
+    pub(super) writer: Caller,
+    /// `None` for a staging file: its target is decided by `rename`.
+    pub(super) target: Option<Target>,
+    /// The format a name suffix suggests.
+    pub(super) hint: Option<Format>,
+    pub(super) created: SystemTime,
+    pub(super) perm: Mutex<u16>,
+    pub(super) state: Mutex<State>,
+    /// True while `state` is `Writing`, readable without the state lock, which a publish
+    /// holds for as long as the conversion takes: lookups and listings must not wait.
+    pub(super) writing: AtomicBool,
+    pub(super) opens: AtomicUsize,
+}
+
+/// Files being imported and empty image directories, shared by the tree and its
+/// handles.
+#[derive(Default)]
+pub(super) struct Pending {
+    imports: Mutex<HashMap<Node, Arc<Import>>>,
+    empty_dirs: Mutex<BTreeMap<(String, String), SystemTime>>,
+}
+
+impl Pending {
+    pub(super) fn imports(&self) -> std::sync::MutexGuard<'_, HashMap<Node, Arc<Import>>> {
+        self.imports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn dirs(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), SystemTime>> {
+        self.empty_dirs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The import at `node` if `caller` wrote it (`writing`: only while not yet
+    /// published, which is when its name is visible).
+    pub(super) fn find(&self, node: &Node, caller: &Caller, writing: bool) -> Option<Arc<Import>> {
+        let imp = self.imports().get(node).cloned()?;
+        let ok = imp.writer.uid == caller.uid && (!writing || imp.is_writing());
+        ok.then_some(imp)
+    }
+
+    /// Names of the files `caller` is writing in a directory.
+    pub(super) fn names(&self, repo: &str, image: Option<&str>, caller: &Caller) -> Vec<Node> {
+        let mut out: Vec<Node> = self
+            .imports()
+            .iter()
+            .filter(|(n, imp)| {
+                matches!(n, Node::Import { repo: r, image: i, .. }
+                    if r == repo && i.as_deref() == image)
+                    && imp.writer.uid == caller.uid
+                    && imp.is_writing()
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// When `mkdir` made the empty image directory `repo/image`, if it did.
+    pub(super) fn empty_dir(&self, repo: &str, image: &str) -> Option<SystemTime> {
+        self.dirs()
+            .get(&(repo.to_string(), image.to_string()))
+            .copied()
+    }
+
+    /// The empty image directories of `repo`.
+    pub(super) fn empty_dirs(&self, repo: &str) -> Vec<String> {
+        self.dirs()
+            .keys()
+            .filter(|(r, _)| r == repo)
+            .map(|(_, i)| i.clone())
+            .collect()
+    }
+
+    pub(super) fn add_empty_dir(&self, repo: &str, image: &str) {
+        self.dirs()
+            .insert((repo.to_string(), image.to_string()), SystemTime::now());
+    }
+
+    pub(super) fn remove_empty_dir(&self, repo: &str, image: &str) -> bool {
+        self.dirs()
+            .remove(&(repo.to_string(), image.to_string()))
+            .is_some()
+    }
+
+    /// Forgets `imp` (if it is still the file at its node) and drops its data.
+    pub(super) fn drop_import(&self, imp: &Arc<Import>) {
+        {
+            let mut map = self.imports();
+            let node = imp.node();
+            if map.get(&node).is_some_and(|i| Arc::ptr_eq(i, imp)) {
+                map.remove(&node);
+            }
+        }
+        let mut st = imp.lock();
+        if matches!(*st, State::Writing { .. }) {
+            imp.writing.store(false, Ordering::Release);
+            *st = State::Dropped;
+        }
+    }
+
+    /// Moves a staging file to another staging name; its open handles follow it.
+    pub(super) fn rekey(&self, imp: &Arc<Import>, to: Node) {
+        let mut map = self.imports();
+        let from = std::mem::replace(
+            &mut *imp.node.lock().unwrap_or_else(|e| e.into_inner()),
+            to.clone(),
+        );
+        map.remove(&from);
+        map.insert(to, imp.clone());
+    }
+}
+
+impl Import {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn node(&self) -> Node {
+        self.node.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(super) fn is_writing(&self) -> bool {
+        self.writing.load(Ordering::Acquire)
+    }
+
+    pub(super) fn is_staging(&self) -> bool {
+        self.target.is_none()
+    }
+
+    /// Its attributes: a regular file of its writer, with its current size.
+    pub(super) fn attr(&self) -> Result<Attr, Error> {
+        self.attr_of(&self.lock())
+    }
+
+    pub(super) fn attr_of(&self, st: &State) -> Result<Attr, Error> {
+        let (size, blocks) = match st {
+            State::Writing { tmp, size } => {
+                let blocks = tmp.file().metadata().map(|m| m.blocks()).unwrap_or(0);
+                (*size, blocks)
+            }
+            State::Published(attr) => return Ok(attr.clone()),
+            State::Failed(..) | State::Dropped => {
+                return Err(Error::NoEntry(display(&self.node())));
+            }
+        };
+        Ok(Attr {
+            kind: NodeType::RegularFile,
+            perm: *self.perm.lock().unwrap_or_else(|e| e.into_inner()),
+            nlink: 1,
+            uid: self.writer.uid,
+            gid: self.writer.gid,
+            size,
+            blocks,
+            atime: self.created,
+            mtime: self.created,
+            ctime: self.created,
+        })
+    }
+
+    pub(super) fn gone(&self) -> Error {
+        Error::NoEntry(display(&self.node()))
+    }
+
+    pub(super) fn set_size(&self, len: u64) -> Result<(), Error> {
+        let mut st = self.lock();
+        match &mut *st {
+            State::Writing { tmp, size } => {
+                tmp.file().set_len(len).map_err(|source| {
+                    Error::Store(crate::store::Error::Io {
+                        path: tmp.path().to_path_buf(),
+                        source,
+                    })
+                })?;
+                *size = len;
+                Ok(())
+            }
+            State::Published(_) => Err(Error::ReadOnly(display(&self.node()))),
+            _ => Err(self.gone()),
+        }
+    }
+
+    /// Publishes the written bytes as `target`. On failure a created file is discarded
+    /// (nothing remains) while a staging file is kept for its writer to fix or drop.
+    pub(super) fn publish(
+        &self,
+        target: &Target,
+        hint: Option<Format>,
+        pending: &Pending,
+    ) -> Result<crate::store::Meta, Error> {
+        let mut st = self.lock();
+        let State::Writing { tmp, .. } = &*st else {
+            return Err(self.gone());
+        };
+        let result = (|| {
+            let format = choose_format(None, hint.or(self.hint), tmp.path(), tmp.file())?;
+            let owner = access::user_name(self.writer.uid);
+            publish::publish(
+                &self.store,
+                &owner,
+                tmp.path(),
+                format,
+                target,
+                &mut |_, _| {},
+            )
+        })();
+        match result {
+            Ok(meta) => {
+                let attr = self.attr_of(&st)?;
+                self.writing.store(false, Ordering::Release);
+                *st = State::Published(attr);
+                pending.remove_empty_dir(self.store.name(), target.image());
+                Ok(meta)
+            }
+            Err(e) => {
+                log::warn!("import of {} failed: {e}", display(&self.node()));
+                if !self.is_staging() {
+                    self.writing.store(false, Ordering::Release);
+                    *st = State::Failed(e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The staging check: the content must open as a standalone image.
+    pub(super) fn check(&self) -> Result<(), Error> {
+        let st = self.lock();
+        let State::Writing { tmp, .. } = &*st else {
+            return Err(self.gone());
+        };
+        let checked = choose_format(None, self.hint, tmp.path(), tmp.file())
+            .and_then(|format| publish::open_standalone(tmp.path(), format));
+        checked.map(|_| ()).inspect_err(|e| {
+            log::warn!(
+                "staging file {} is not an image: {e}",
+                display(&self.node())
+            );
+        })
+    }
+}
+
+/// The entries a publish changes: the file name, and the image directory and what it
+/// holds.
+pub(super) fn publish_changes(imp_node: &Node, store: &str, meta: &crate::store::Meta) -> Changes {
+    let repo_node = Node::Repo {
+        repo: store.to_string(),
+    };
+    let image_node = Node::Image {
+        repo: store.to_string(),
+        image: meta.name.clone(),
+    };
+    let mut entries = Vec::new();
+    if let (Some(parent), Node::Import { name, .. }) = (super::parent(imp_node), imp_node) {
+        entries.push((parent, name.clone()));
+    }
+    entries.push((repo_node, meta.name.clone()));
+    entries.push((image_node.clone(), revision_dir_name(meta.revision)));
+    entries.push((image_node, LATEST.to_string()));
+    Changes { entries }
+}

@@ -296,8 +296,8 @@ fn directories_list_images_revisions_latest_and_files() {
         ["img1"]
     );
     let e = t.readdir(&f.me, &node_image("user", "img1")).unwrap();
-    assert_eq!(names(&e), ["@0", "@1", "latest"]);
-    assert_eq!(e[2].kind, NodeType::Symlink);
+    assert_eq!(names(&e), ["latest", "@0", "@1"]);
+    assert_eq!(e[0].kind, NodeType::Symlink);
     let e = t.readdir(&f.me, &node_rev("user", "img1", 0)).unwrap();
     assert_eq!(
         names(&e),
@@ -567,7 +567,7 @@ fn renaming_an_image_moves_all_revisions_within_its_repository() {
     )
     .unwrap();
     let e = t.readdir(&f.me, &node_image("user", "moved")).unwrap();
-    assert_eq!(names(&e), ["@0", "@1", "latest"]);
+    assert_eq!(names(&e), ["latest", "@0", "@1"]);
     assert!(t.lookup(&f.me, &node_repo("user"), "img1").is_err());
     let m = t.resolve(&f.me, &uri("moved@0")).unwrap().meta;
     assert_eq!(
@@ -609,7 +609,7 @@ fn deleting_one_revision_then_all_keeps_the_layers() {
     assert_eq!((d.repo.as_str(), d.revisions.clone()), ("user", vec![0]));
     assert_eq!(
         names(&t.readdir(&f.me, &node_image("user", "img1")).unwrap()),
-        ["@1", "latest"]
+        ["latest", "@1"]
     );
     let err = |s: &str| t.delete(&f.me, &uri(s)).unwrap_err().to_string();
     assert_eq!(
@@ -780,7 +780,7 @@ fn a_version_1_repository_is_browsed_like_any_other() {
     assert_eq!(l.len(), 1);
     assert_eq!(l[0].latest.owner, "someone");
     let e = tree.readdir(&me, &node_image("legacy", "old")).unwrap();
-    assert_eq!(names(&e), ["@0", "latest"]);
+    assert_eq!(names(&e), ["latest", "@0"]);
     let r = tree.revisions(&me, "legacy", "old").unwrap();
     assert_eq!(r[0].top_layer_size, Some(layer.len() as u64));
 }

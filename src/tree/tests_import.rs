@@ -502,7 +502,7 @@ fn mkdir_makes_an_empty_image_directory_that_an_import_fills() {
     let listed = f.tree.readdir(&f.me, &node).unwrap();
     assert_eq!(
         listed.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
-        ["@0", "latest"]
+        ["latest", "@0"]
     );
 }
 

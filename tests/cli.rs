@@ -549,6 +549,20 @@ fn show_failures_say_what_was_not_found_where() {
 }
 
 #[test]
+fn an_empty_repository_in_a_uri_is_the_default_repository() {
+    let Some(f) = Fixture::standard() else { return };
+    let plain = f.pcocc(&["image", "show", "img1@0"]);
+    assert_eq!(plain.code, 0, "{plain:?}");
+    f.pcocc(&["image", "show", ":img1@0"])
+        .expect(&plain.stdout, "", 0);
+    // The default repository is searched only: rawimg lives in global.
+    f.pcocc(&["image", "show", ":rawimg"])
+        .expect_error("Object rawimg not found in repository user");
+    f.pcocc(&["image", "delete", ":diskimg"]).expect("", "", 0);
+    assert!(!f.meta_path("user", "diskimg", 0).exists());
+}
+
+#[test]
 fn uris_that_pcocc_half_accepted_are_refused_clearly() {
     let Some(f) = Fixture::standard() else { return };
     f.pcocc(&["image", "show", "user:img1:x"]).expect_error(

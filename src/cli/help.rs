@@ -60,10 +60,11 @@ Usage: pcocc image show [OPTIONS] IMAGE
   Images in repositories are specified with URIs of the form
   [REPO:]IMAGE[@REVISION]
 
-  Without REPO, the repositories are searched by order of priority; without
-  REVISION, the highest revision is shown. The revision table lists every
-  revision of the image in revision order; SIZE is the size of the layer that
-  the revision adds.
+  Without REPO, the repositories are searched by order of priority, and an
+  empty REPO (':IMAGE') names the default repository; without REVISION, the
+  highest revision is shown. The revision table lists every revision of the
+  image in revision order; SIZE is the size of the layer that the revision
+  adds.
 
 Options:
   -h, --help  Show this message and exit.

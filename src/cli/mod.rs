@@ -4,8 +4,7 @@
 //! Shaped like fd's `main`: [`run`] parses, runs one subcommand that returns a `Result`,
 //! and prints an error once, in one place, with pcocc's exit codes (0 success, 255 a
 //! failed command, 2 a usage error). Files: [`args`] (clap structures), [`help`] (help
-//! texts), [`usage`] (usage errors the click way), [`uri`] (strict parsing of
-//! `[REPO:]IMAGE[@REVISION]` into a [`crate::tree::Uri`]), [`table`], [`format`] (sizes,
+//! texts), [`usage`] (usage errors the click way), [`table`], [`format`] (sizes,
 //! dates), [`style`] (colours on a terminal), [`output`] (stdout with colours), then one
 //! file per subcommand group: [`image`] and [`repo`].
 
@@ -17,7 +16,6 @@ pub mod output;
 pub mod repo;
 pub mod style;
 pub mod table;
-pub mod uri;
 pub mod usage;
 
 use std::collections::HashSet;
@@ -40,7 +38,7 @@ const FAILURE_EXIT: u8 = 255;
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error(transparent)]
-    Uri(#[from] uri::UriError),
+    Uri(#[from] crate::tree::UriError),
     #[error(transparent)]
     Config(#[from] crate::config::Error),
     #[error(transparent)]

@@ -24,7 +24,7 @@ mod nodes;
 mod ops;
 mod uri;
 
-pub use uri::Uri;
+pub use uri::{Uri, UriError};
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -250,10 +250,8 @@ pub enum Error {
     InvalidName,
     #[error("Empty object name")]
     EmptyName,
-    #[error("Bad revision: {0}")]
-    BadRevision(String),
-    #[error("Bad image URI {0}: expected [REPO:]IMAGE[@REVISION] with at most one ':'")]
-    BadUri(String),
+    #[error(transparent)]
+    Uri(#[from] UriError),
     /// A lookup miss (ENOENT), logged at debug by the adapter.
     #[error("{0}: no such file or directory")]
     NoEntry(String),
@@ -291,7 +289,7 @@ impl Error {
             | Error::NoEntry(_) => libc::ENOENT,
             Error::NoRepository => libc::ENOENT,
             Error::ImageExists { .. } | Error::RevisionExists { .. } => libc::EEXIST,
-            Error::InvalidName | Error::EmptyName | Error::BadRevision(_) | Error::BadUri(_) => {
+            Error::InvalidName | Error::EmptyName | Error::Uri(_) => {
                 libc::EINVAL
             }
             Error::NotADirectory(_) => libc::ENOTDIR,

@@ -10,9 +10,11 @@
 
 pub mod args;
 pub mod format;
+pub mod guess;
 pub mod help;
 pub mod image;
 pub mod output;
+pub mod progress;
 pub mod repo;
 pub mod style;
 pub mod table;

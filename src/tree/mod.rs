@@ -289,9 +289,7 @@ impl Error {
             | Error::NoEntry(_) => libc::ENOENT,
             Error::NoRepository => libc::ENOENT,
             Error::ImageExists { .. } | Error::RevisionExists { .. } => libc::EEXIST,
-            Error::InvalidName | Error::EmptyName | Error::Uri(_) => {
-                libc::EINVAL
-            }
+            Error::InvalidName | Error::EmptyName | Error::Uri(_) => libc::EINVAL,
             Error::NotADirectory(_) => libc::ENOTDIR,
             Error::IsADirectory(_) => libc::EISDIR,
             Error::NotASymlink(_) => libc::EINVAL,

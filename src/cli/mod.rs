@@ -51,6 +51,19 @@ pub enum CliError {
     /// Writing to stdout failed for another reason than a closed pipe.
     #[error("cannot write to standard output: {0}")]
     Output(std::io::Error),
+    /// The file of an import or export has no format we can use.
+    #[error(transparent)]
+    Guess(#[from] guess::GuessError),
+    /// An import source that is not a regular file (pcocc's wording, space included).
+    #[error("Failed to import {0} : not an image file")]
+    NotAnImage(String),
+    /// A command line clap accepted but that makes no sense (an old `KIND` other than
+    /// `vm`): told like clap's usage errors, exit 2. `usage` is the command's usage line.
+    #[error("{message}")]
+    Usage {
+        usage: &'static str,
+        message: String,
+    },
     /// Stdout was closed by its reader (`pcocc image list | head -1`): stop quietly.
     #[error("standard output was closed")]
     ClosedOutput,
@@ -82,6 +95,7 @@ pub fn run() -> ExitCode {
     init_logging(args.verbose);
     match execute(&args) {
         Ok(()) | Err(CliError::ClosedOutput) => ExitCode::SUCCESS,
+        Err(CliError::Usage { usage, message }) => reject_with(usage::rejection(usage, &message)),
         Err(error) => {
             let coloured = style::wants_colour(Stream::Stderr);
             let text = style::paint(&error.to_string(), Colour::Red, coloured);
@@ -93,7 +107,10 @@ pub fn run() -> ExitCode {
 }
 
 fn reject(error: &clap::Error) -> ExitCode {
-    let rejection = usage::explain(error);
+    reject_with(usage::explain(error))
+}
+
+fn reject_with(rejection: usage::Rejection) -> ExitCode {
     // A closed stream cannot be told about anything; the exit status still tells.
     let _ = if rejection.to_stdout {
         std::io::stdout().write_all(rejection.text.as_bytes())

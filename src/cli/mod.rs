@@ -131,7 +131,7 @@ fn execute(args: &Args) -> Result<(), CliError> {
     }
     let config = Config::load(args.config.as_deref())?;
     let mut context = Context {
-        tree: Tree::open(&config)?,
+        tree: Tree::new(&config)?,
         caller: Caller::current(),
         out: Output::stdout(),
     };

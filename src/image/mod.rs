@@ -14,8 +14,10 @@
 mod cache;
 pub mod chain;
 pub mod compressed;
+pub mod convert;
 pub mod detect;
 pub mod qcow2;
+pub mod qcow2_layout;
 pub mod qed;
 pub mod raw;
 pub(crate) mod tables;

@@ -19,17 +19,30 @@
 //! pcocc's and which maps to an errno in one place ([`Error::errno`]).
 
 mod access;
+mod entries;
+mod extras;
+mod import;
 mod metajson;
 mod nodes;
+mod open;
 mod ops;
+mod publish;
+mod transfer;
 mod uri;
+mod views;
 
+pub use extras::{StatFs, parent};
+pub use import::{SetAttr, is_staging};
+pub use open::{Changes, OpenFile};
+pub use publish::split_suffix;
 pub use uri::{Uri, UriError};
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
+pub use crate::image::Format;
 pub use crate::store::Meta;
 use crate::store::Store;
 
@@ -70,21 +83,37 @@ impl Caller {
     }
 }
 
-/// A file inside a revision directory. Views (`disk.raw`, `disk.qcow2`, …) join as more
-/// variants.
+/// A file inside a revision directory: one view per disk format, and `meta.json`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FileKind {
+    /// `disk.FMT`: the revision presented in one disk format, generated on read (or, for
+    /// `disk.qcow2` of a single-layer revision, the stored layer itself).
+    View(Format),
     /// `meta.json`: the revision's metadata plus repo, virtual size and layer list.
     MetaJson,
 }
 
 impl FileKind {
     /// Every kind of file a revision directory lists, in listing order.
-    pub const ALL: [FileKind; 1] = [FileKind::MetaJson];
+    pub const ALL: [FileKind; 7] = [
+        FileKind::View(Format::Raw),
+        FileKind::View(Format::Qcow2),
+        FileKind::View(Format::Qed),
+        FileKind::View(Format::Vdi),
+        FileKind::View(Format::Vpc),
+        FileKind::View(Format::Vmdk),
+        FileKind::MetaJson,
+    ];
 
     /// The file's name inside `@N/`.
     pub fn file_name(self) -> &'static str {
         match self {
+            FileKind::View(Format::Raw) => "disk.raw",
+            FileKind::View(Format::Qcow2) => "disk.qcow2",
+            FileKind::View(Format::Qed) => "disk.qed",
+            FileKind::View(Format::Vdi) => "disk.vdi",
+            FileKind::View(Format::Vpc) => "disk.vpc",
+            FileKind::View(Format::Vmdk) => "disk.vmdk",
             FileKind::MetaJson => "meta.json",
         }
     }
@@ -119,6 +148,14 @@ pub enum Node {
         image: String,
         rev: u64,
         file: FileKind,
+    },
+    /// A file being imported, or a staging file (a name starting with `.`), in a
+    /// repository directory (`image: None`) or an image directory. Only its writer sees
+    /// it; it lives in the daemon until it is published, dropped or discarded.
+    Import {
+        repo: String,
+        image: Option<String>,
+        name: String,
     },
 }
 
@@ -270,6 +307,20 @@ pub enum Error {
     CrossRepository(String),
     #[error("{0}: operation not supported here")]
     NotSupported(String),
+    /// An operation that makes no sense at this place of the tree (EPERM).
+    #[error("{0}: operation not permitted")]
+    NotPermitted(String),
+    /// A name that is already taken by a file being imported.
+    #[error("{0}: file exists")]
+    Exists(String),
+    /// An import or a view that cannot be served; the message says why, naming the file.
+    #[error("{0}")]
+    Unreadable(String),
+    /// pcocc's export refusal to overwrite a file of another format.
+    #[error("Mismatch between specified format {forced} and detected image type {detected}")]
+    FormatMismatch { forced: Format, detected: Format },
+    #[error(transparent)]
+    Image(#[from] crate::image::Error),
     #[error(transparent)]
     Config(#[from] crate::config::Error),
     #[error(transparent)]
@@ -297,6 +348,11 @@ impl Error {
             Error::PermissionDenied(_) => libc::EACCES,
             Error::CrossRepository(_) => libc::EXDEV,
             Error::NotSupported(_) => libc::ENOTSUP,
+            Error::NotPermitted(_) => libc::EPERM,
+            Error::Exists(_) => libc::EEXIST,
+            Error::Unreadable(_) => libc::EIO,
+            Error::FormatMismatch { .. } => libc::EINVAL,
+            Error::Image(e) => e.errno(),
             Error::Config(_) => libc::EINVAL,
             Error::Store(e) => match e {
                 S::AlreadyExists { .. } => libc::EEXIST,
@@ -325,39 +381,46 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
 }
 /// Every configured repository, opened (and created on first use, as pcocc does).
 pub struct Tree {
-    repos: Vec<Store>,
+    /// Shared with open import handles, which publish without the tree.
+    repos: Vec<Arc<Store>>,
     /// When this tree was opened: the times of the root directory.
     opened: SystemTime,
     users: access::UserCache,
+    /// Opened revisions and their views.
+    revisions: views::RevisionCache,
+    /// Files being imported, staging files and empty image directories.
+    pending: Arc<import::Pending>,
 }
 
 impl Tree {
     /// Opens every repository of `config` in priority order, creating missing ones. Fails
     /// like pcocc on a repository it cannot use (bad parent, not a directory, bad
-    /// `.config`).
-    pub fn open(config: &Config) -> Result<Tree, Error> {
+    /// `.config`). (Named `new` because [`Tree::open`] opens files.)
+    pub fn new(config: &Config) -> Result<Tree, Error> {
         let repos = config
             .repos
             .iter()
-            .map(|r| Store::open(&r.name, &r.path))
+            .map(|r| Store::open(&r.name, &r.path).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Tree {
             repos,
             opened: SystemTime::now(),
             users: access::UserCache::default(),
+            revisions: views::RevisionCache::default(),
+            pending: Arc::default(),
         })
     }
 
     /// Repository names in priority order.
     pub fn repo_names(&self) -> Vec<&str> {
-        self.repos.iter().map(Store::name).collect()
+        self.repos.iter().map(|s| s.name()).collect()
     }
 
     /// The default repository (the first configured one).
     pub fn default_repo(&self) -> Result<&str, Error> {
         self.repos
             .first()
-            .map(Store::name)
+            .map(|s| s.name())
             .ok_or(Error::NoRepository)
     }
 
@@ -375,6 +438,11 @@ impl Tree {
 
     /// The repository named `name`; `""` is the default one (pcocc's `:IMAGE`).
     fn store(&self, name: &str) -> Result<&Store, Error> {
+        self.shared_store(name).map(|s| &**s)
+    }
+
+    /// [`Tree::store`], shareable with open handles.
+    fn shared_store(&self, name: &str) -> Result<&Arc<Store>, Error> {
         if name.is_empty() {
             return self.repos.first().ok_or(Error::NoRepository);
         }
@@ -387,3 +455,7 @@ impl Tree {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_import;
+#[cfg(test)]
+mod tests_views;

@@ -64,7 +64,7 @@ fn ctime(m: &std::fs::Metadata) -> SystemTime {
 }
 
 /// A human path for messages: `repo/image/@N/file`.
-fn display(node: &Node) -> String {
+pub(super) fn display(node: &Node) -> String {
     match node {
         Node::Root => "/".to_string(),
         Node::Repo { repo } => repo.clone(),
@@ -77,6 +77,16 @@ fn display(node: &Node) -> String {
             rev,
             file,
         } => format!("{repo}/{image}/@{rev}/{}", file.file_name()),
+        Node::Import {
+            repo,
+            image: Some(image),
+            name,
+        } => format!("{repo}/{image}/{name}"),
+        Node::Import {
+            repo,
+            image: None,
+            name,
+        } => format!("{repo}/{name}"),
     }
 }
 
@@ -89,8 +99,8 @@ fn child(parent: &Node, name: &str) -> String {
 
 impl Tree {
     /// The store of a node's repository, and a check that `caller` may read it.
-    fn readable_store(&self, caller: &Caller, repo: &str) -> Result<&Store, Error> {
-        let store = self
+    pub(super) fn readable_store(&self, caller: &Caller, repo: &str) -> Result<&Store, Error> {
+        let store: &Store = self
             .repos
             .iter()
             .find(|s| s.name() == repo)
@@ -100,7 +110,7 @@ impl Tree {
     }
 
     /// The metadata of a revision node, or `NoEntry` when it is gone.
-    fn revision_meta(
+    pub(super) fn revision_meta(
         &self,
         caller: &Caller,
         repo: &str,
@@ -129,7 +139,18 @@ impl Tree {
                 .ok_or_else(missing),
             Node::Repo { repo } => {
                 let store = self.readable_store(caller, repo)?;
-                if !store::is_valid_name(name) || store.revisions(name)?.is_empty() {
+                let pending = Node::Import {
+                    repo: repo.clone(),
+                    image: None,
+                    name: name.to_string(),
+                };
+                if self.pending.find(&pending, caller, true).is_some() {
+                    return Ok(pending);
+                }
+                if !store::is_valid_name(name)
+                    || (store.revisions(name)?.is_empty()
+                        && self.pending.empty_dir(repo, name).is_none())
+                {
                     return Err(missing());
                 }
                 Ok(Node::Image {
@@ -139,6 +160,14 @@ impl Tree {
             }
             Node::Image { repo, image } => {
                 let store = self.readable_store(caller, repo)?;
+                let pending = Node::Import {
+                    repo: repo.clone(),
+                    image: Some(image.clone()),
+                    name: name.to_string(),
+                };
+                if self.pending.find(&pending, caller, true).is_some() {
+                    return Ok(pending);
+                }
                 if name == LATEST {
                     if store.revisions(image)?.is_empty() {
                         return Err(missing());
@@ -162,6 +191,10 @@ impl Tree {
             }
             Node::Revision { repo, image, rev } => {
                 let file = FileKind::from_file_name(name).ok_or_else(missing)?;
+                let (store, meta) = self.revision_meta(caller, repo, image, *rev, parent)?;
+                if !self.has_file(store, &meta, file) {
+                    return Err(missing());
+                }
                 Ok(Node::File {
                     repo: repo.clone(),
                     image: image.clone(),
@@ -169,7 +202,9 @@ impl Tree {
                     file,
                 })
             }
-            Node::Latest { .. } | Node::File { .. } => Err(Error::NotADirectory(display(parent))),
+            Node::Latest { .. } | Node::File { .. } | Node::Import { .. } => {
+                Err(Error::NotADirectory(display(parent)))
+            }
         }
     }
 
@@ -189,9 +224,14 @@ impl Tree {
                 .collect()),
             Node::Repo { repo } => {
                 let store = self.readable_store(caller, repo)?;
-                Ok(store
-                    .list()?
-                    .into_keys()
+                let mut images: Vec<String> = store.list()?.into_keys().collect();
+                for empty in self.pending.empty_dirs(repo) {
+                    if let Err(at) = images.binary_search(&empty) {
+                        images.insert(at, empty);
+                    }
+                }
+                let mut out: Vec<DirEntry> = images
+                    .into_iter()
                     .map(|image| {
                         let node = Node::Image {
                             repo: repo.clone(),
@@ -199,12 +239,17 @@ impl Tree {
                         };
                         entry(image, node, NodeType::Directory)
                     })
-                    .collect())
+                    .collect();
+                out.extend(self.pending_entries(repo, None, caller));
+                Ok(out)
             }
             Node::Image { repo, image } => {
                 let store = self.readable_store(caller, repo)?;
                 let revs = store.revisions(image)?;
                 if revs.is_empty() {
+                    if self.pending.empty_dir(repo, image).is_some() {
+                        return Ok(self.pending_entries(repo, Some(image), caller));
+                    }
                     return Err(Error::NoEntry(display(dir)));
                 }
                 let mut out: Vec<DirEntry> = revs
@@ -223,12 +268,14 @@ impl Tree {
                     image: image.clone(),
                 };
                 out.push(entry(LATEST.to_string(), latest, NodeType::Symlink));
+                out.extend(self.pending_entries(repo, Some(image), caller));
                 Ok(out)
             }
             Node::Revision { repo, image, rev } => {
-                self.revision_meta(caller, repo, image, *rev, dir)?;
+                let (store, meta) = self.revision_meta(caller, repo, image, *rev, dir)?;
                 Ok(FileKind::ALL
                     .into_iter()
+                    .filter(|&file| self.has_file(store, &meta, file))
                     .map(|file| {
                         let node = Node::File {
                             repo: repo.clone(),
@@ -240,8 +287,26 @@ impl Tree {
                     })
                     .collect())
             }
-            Node::Latest { .. } | Node::File { .. } => Err(Error::NotADirectory(display(dir))),
+            Node::Latest { .. } | Node::File { .. } | Node::Import { .. } => {
+                Err(Error::NotADirectory(display(dir)))
+            }
         }
+    }
+
+    /// The files `caller` is importing into a directory, as entries.
+    fn pending_entries(&self, repo: &str, image: Option<&str>, caller: &Caller) -> Vec<DirEntry> {
+        self.pending
+            .names(repo, image, caller)
+            .into_iter()
+            .filter_map(|node| match &node {
+                Node::Import { name, .. } => Some(DirEntry {
+                    name: name.clone(),
+                    node: node.clone(),
+                    kind: NodeType::RegularFile,
+                }),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The attributes of `node`.
@@ -272,6 +337,11 @@ impl Tree {
                 let store = self.readable_store(caller, repo)?;
                 let revs = store.revisions(image)?;
                 let m = stat(&store.meta_dir())?;
+                if revs.is_empty() {
+                    if let Some(t) = self.pending.empty_dir(repo, image) {
+                        return Ok(dir_attr_like(&m, 2, t, t));
+                    }
+                }
                 let t = self
                     .latest_time(store, image, &revs)
                     .ok_or_else(|| Error::NoEntry(display(node)))?;
@@ -323,8 +393,14 @@ impl Tree {
                 let (store, meta) = self.revision_meta(caller, repo, image, *rev, node)?;
                 let (uid, gid) = self.revision_owner(store, &meta);
                 let t = to_time(meta.timestamp);
-                let size = match file {
-                    FileKind::MetaJson => metajson::render(store, &meta).len() as u64,
+                let (size, blocks) = match file {
+                    FileKind::MetaJson => {
+                        let size = metajson::render(store, &meta).len() as u64;
+                        (size, size.div_ceil(BLOCK))
+                    }
+                    FileKind::View(format) => self
+                        .opened_revision(store, &meta)?
+                        .size_and_blocks(*format)?,
                 };
                 Ok(Attr {
                     kind: NodeType::RegularFile,
@@ -333,11 +409,18 @@ impl Tree {
                     uid,
                     gid,
                     size,
-                    blocks: size.div_ceil(BLOCK),
+                    blocks,
                     atime: t,
                     mtime: t,
                     ctime: t,
                 })
+            }
+            Node::Import { repo, .. } => {
+                self.readable_store(caller, repo)?;
+                self.pending
+                    .find(node, caller, false)
+                    .ok_or_else(|| Error::NoEntry(display(node)))?
+                    .attr()
             }
         }
     }
@@ -362,6 +445,7 @@ impl Tree {
     }
 
     /// Reads file `node` at `offset` into `buf`; returns the bytes read (0 at the end).
+    /// One-off reads (the CLI); the mount opens a file once and reads its handle.
     pub fn read(
         &self,
         caller: &Caller,
@@ -369,28 +453,7 @@ impl Tree {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<usize, Error> {
-        match node {
-            Node::File {
-                repo,
-                image,
-                rev,
-                file,
-            } => {
-                let (store, meta) = self.revision_meta(caller, repo, image, *rev, node)?;
-                access::check(caller, &store.meta_path(image, *rev), R)?;
-                let bytes = match file {
-                    FileKind::MetaJson => metajson::render(store, &meta),
-                };
-                let start = usize::try_from(offset)
-                    .unwrap_or(usize::MAX)
-                    .min(bytes.len());
-                let n = buf.len().min(bytes.len() - start);
-                buf[..n].copy_from_slice(&bytes[start..start + n]);
-                Ok(n)
-            }
-            Node::Latest { .. } => Err(Error::NotSupported(display(node))),
-            _ => Err(Error::IsADirectory(display(node))),
-        }
+        self.open(caller, node, false, false)?.read(buf, offset)
     }
 
     /// The target of symlink `node` (`@N` for `latest`).
@@ -466,7 +529,9 @@ impl Tree {
                 self.delete_in(caller, store, image, None)
             }
             Node::Root | Node::Repo { .. } => Err(Error::PermissionDenied(display(node))),
-            Node::Latest { .. } | Node::File { .. } => Err(Error::NotADirectory(display(node))),
+            Node::Latest { .. } | Node::File { .. } | Node::Import { .. } => {
+                Err(Error::NotADirectory(display(node)))
+            }
         }
     }
 
@@ -477,6 +542,14 @@ impl Tree {
         match node {
             Node::File { repo, .. } | Node::Latest { repo, .. } => {
                 self.readable_store(caller, repo)?;
+                Ok(())
+            }
+            Node::Import { .. } => {
+                let imp = self
+                    .pending
+                    .find(node, caller, true)
+                    .ok_or_else(|| Error::NoEntry(display(node)))?;
+                self.pending.drop_import(&imp);
                 Ok(())
             }
             _ => Err(Error::IsADirectory(display(node))),

@@ -12,16 +12,16 @@ use sha2::{Digest, Sha256};
 /// Virtual size of fixture disks.
 const DISK: u64 = 64 << 20;
 
-struct Fixture {
+pub(super) struct Fixture {
     _dir: tempfile::TempDir,
-    root: PathBuf,
-    tree: Tree,
-    me: Caller,
+    pub(super) root: PathBuf,
+    pub(super) tree: Tree,
+    pub(super) me: Caller,
 }
 
 impl Fixture {
     /// Repositories `user` and `global` (in that priority order) under one temp dir.
-    fn new() -> Fixture {
+    pub(super) fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let config = Config {
@@ -34,7 +34,7 @@ impl Fixture {
                 })
                 .collect(),
         };
-        let tree = Tree::open(&config).unwrap();
+        let tree = Tree::new(&config).unwrap();
         Fixture {
             _dir: dir,
             root,
@@ -43,14 +43,14 @@ impl Fixture {
         }
     }
 
-    fn repo(&self, name: &str) -> PathBuf {
+    pub(super) fn repo(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
 
     /// Makes a qcow2 layer in `repo` as pcocc does: created under `.tmp/`, backing file
     /// (if any) rewritten to `../../data/XX/<hash>`, then moved to `data/XX/<sha256>`
     /// with mode 0444. Writes a little data so layers differ. Returns the hash.
-    fn layer(&self, repo: &str, backing: Option<&str>, pattern: u8) -> String {
+    pub(super) fn layer(&self, repo: &str, backing: Option<&str>, pattern: u8) -> String {
         let r = self.repo(repo);
         let tmp = r.join(".tmp").join(format!("fixture-{pattern}"));
         let t = tmp.to_str().unwrap();
@@ -80,7 +80,15 @@ impl Fixture {
     }
 
     /// Writes `meta/NAME@REV` by hand, byte for byte as pcocc does.
-    fn meta(&self, repo: &str, name: &str, rev: u64, owner: &str, ts: &str, blobs: &[&str]) {
+    pub(super) fn meta(
+        &self,
+        repo: &str,
+        name: &str,
+        rev: u64,
+        owner: &str,
+        ts: &str,
+        blobs: &[&str],
+    ) {
         let blobs: Vec<String> = blobs.iter().map(|b| format!("\"{b}\"")).collect();
         let text = format!(
             r#"{{"name": "{name}", "revision": {rev}, "kind": "vm", "owner": "{owner}", "timestamp": {ts}, "data_blobs": [{}], "custom_meta": {{}}}}"#,
@@ -93,7 +101,7 @@ impl Fixture {
         .unwrap();
     }
 
-    fn data_files(&self, repo: &str) -> Vec<PathBuf> {
+    pub(super) fn data_files(&self, repo: &str) -> Vec<PathBuf> {
         let mut out = Vec::new();
         for sub in std::fs::read_dir(self.repo(repo).join("data")).unwrap() {
             for f in std::fs::read_dir(sub.unwrap().path()).unwrap() {
@@ -105,7 +113,7 @@ impl Fixture {
     }
 
     /// user: img1@0 (base), img1@1 (base + overlay); global: other@0 (base).
-    fn standard() -> Option<(Fixture, String, String)> {
+    pub(super) fn standard() -> Option<(Fixture, String, String)> {
         if !have_qemu() {
             return None;
         }
@@ -134,22 +142,22 @@ impl Fixture {
     }
 }
 
-fn uri(s: &str) -> Uri {
+pub(super) fn uri(s: &str) -> Uri {
     Uri::parse(s).unwrap()
 }
 
-fn node_repo(r: &str) -> Node {
+pub(super) fn node_repo(r: &str) -> Node {
     Node::Repo { repo: r.into() }
 }
 
-fn node_image(r: &str, i: &str) -> Node {
+pub(super) fn node_image(r: &str, i: &str) -> Node {
     Node::Image {
         repo: r.into(),
         image: i.into(),
     }
 }
 
-fn node_rev(r: &str, i: &str, rev: u64) -> Node {
+pub(super) fn node_rev(r: &str, i: &str, rev: u64) -> Node {
     Node::Revision {
         repo: r.into(),
         image: i.into(),
@@ -157,11 +165,11 @@ fn node_rev(r: &str, i: &str, rev: u64) -> Node {
     }
 }
 
-fn names(entries: &[DirEntry]) -> Vec<&str> {
+pub(super) fn names(entries: &[DirEntry]) -> Vec<&str> {
     entries.iter().map(|e| e.name.as_str()).collect()
 }
 
-fn read_all(f: &Fixture, node: &Node) -> Vec<u8> {
+pub(super) fn read_all(f: &Fixture, node: &Node) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0u8; 100];
     loop {
@@ -291,8 +299,19 @@ fn directories_list_images_revisions_latest_and_files() {
     assert_eq!(names(&e), ["@0", "@1", "latest"]);
     assert_eq!(e[2].kind, NodeType::Symlink);
     let e = t.readdir(&f.me, &node_rev("user", "img1", 0)).unwrap();
-    assert_eq!(names(&e), ["meta.json"]);
-    assert_eq!(e[0].kind, NodeType::RegularFile);
+    assert_eq!(
+        names(&e),
+        [
+            "disk.raw",
+            "disk.qcow2",
+            "disk.qed",
+            "disk.vdi",
+            "disk.vpc",
+            "disk.vmdk",
+            "meta.json"
+        ]
+    );
+    assert!(e.iter().all(|e| e.kind == NodeType::RegularFile));
 }
 
 #[test]
@@ -769,7 +788,7 @@ fn a_version_1_repository_is_browsed_like_any_other() {
             origin: Origin::Default,
         }],
     };
-    let tree = Tree::open(&config).unwrap();
+    let tree = Tree::new(&config).unwrap();
     let me = Caller::current();
     let l = tree.list_images(&me, "legacy").unwrap();
     assert_eq!(l.len(), 1);

@@ -1,0 +1,198 @@
+//! Directory-entry operations by parent and name, as the filesystem calls them: `mkdir`
+//! (an empty image directory held in memory), `link` (a metadata-only copy), `rename`
+//! (an image within its repository, or a staging file published under its proper name),
+//! `unlink` and `rmdir`. Each returns the entries whose kernel cache must be dropped.
+
+use super::import::is_staging;
+use super::nodes::display;
+use super::open::Changes;
+use super::publish::{Target, split_suffix};
+use super::{Attr, Caller, Error, Node, Tree, validate_name};
+
+impl Tree {
+    /// mkdir in a repository directory: an empty image directory, held by this tree only
+    /// (a repository has no empty images) until something is imported into it; gone at
+    /// rmdir or when the tree is dropped. Anywhere else: EPERM, or EROFS in a revision.
+    pub fn mkdir(&self, caller: &Caller, parent: &Node, name: &str) -> Result<(Node, Attr), Error> {
+        let repo = match parent {
+            Node::Repo { repo } => repo,
+            Node::Revision { .. } | Node::File { .. } | Node::Latest { .. } => {
+                return Err(Error::ReadOnly(display(parent)));
+            }
+            _ => return Err(Error::NotPermitted(format!("{}/{name}", display(parent)))),
+        };
+        validate_name(name)?;
+        let store = self.writable_store(caller, repo)?;
+        if !store.revisions(name)?.is_empty() || self.pending.empty_dir(repo, name).is_some() {
+            return Err(Error::ImageExists {
+                name: name.to_string(),
+                repo: repo.clone(),
+            });
+        }
+        self.pending.add_empty_dir(repo, name);
+        let node = Node::Image {
+            repo: repo.clone(),
+            image: name.to_string(),
+        };
+        let attr = self.getattr(caller, &node)?;
+        Ok((node, attr))
+    }
+
+    /// link(2) of a revision file (or directory) to `new_parent/new_name` in a repository
+    /// directory: copies the revision to `NEW@0` (metadata only within a repository,
+    /// layers linked or copied across; a known format suffix of the name is dropped).
+    /// Returns the source's node and attributes, which is what the kernel expects in the
+    /// reply.
+    pub fn link(
+        &self,
+        caller: &Caller,
+        src: &Node,
+        new_parent: &Node,
+        new_name: &str,
+    ) -> Result<(Node, Attr, Changes), Error> {
+        let Node::Repo { repo } = new_parent else {
+            return Err(Error::NotPermitted(format!(
+                "{}/{new_name}",
+                display(new_parent)
+            )));
+        };
+        let (image, _) = split_suffix(new_name);
+        self.copy_revision(caller, src, repo, image)?;
+        self.pending.remove_empty_dir(repo, image);
+        let attr = self.getattr(caller, src)?;
+        let mut changes = Changes::default();
+        changes
+            .entries
+            .push((new_parent.clone(), new_name.to_string()));
+        if image != new_name {
+            changes
+                .entries
+                .push((new_parent.clone(), image.to_string()));
+        }
+        Ok((src.clone(), attr, changes))
+    }
+
+    /// rename(2) by parent and name: an image directory within its repository; a staging
+    /// file to another staging name, or to a proper name, which publishes it (a new image
+    /// in a repository directory, the next revision in an image directory), failing if
+    /// it cannot. Anything else: EPERM, EROFS or EXDEV.
+    pub fn rename_entry(
+        &self,
+        caller: &Caller,
+        parent: &Node,
+        name: &str,
+        new_parent: &Node,
+        new_name: &str,
+    ) -> Result<Changes, Error> {
+        let from = self.lookup(caller, parent, name)?;
+        let changes = Changes {
+            entries: vec![
+                (parent.clone(), name.to_string()),
+                (new_parent.clone(), new_name.to_string()),
+            ],
+        };
+        match (&from, new_parent) {
+            (Node::Import { repo, .. }, Node::Repo { repo: to } | Node::Image { repo: to, .. }) => {
+                if repo != to {
+                    return Err(Error::CrossRepository(display(&from)));
+                }
+                let imp = self
+                    .pending
+                    .find(&from, caller, true)
+                    .ok_or_else(|| Error::NoEntry(display(&from)))?;
+                if !imp.is_staging() {
+                    return Err(Error::NotPermitted(display(&from)));
+                }
+                let image = match new_parent {
+                    Node::Image { image, .. } => Some(image.clone()),
+                    _ => None,
+                };
+                if is_staging(new_name) {
+                    let to = Node::Import {
+                        repo: repo.clone(),
+                        image,
+                        name: new_name.to_string(),
+                    };
+                    self.pending.rekey(&imp, to);
+                    return Ok(changes);
+                }
+                let target = match image {
+                    Some(image) => Target::NextRevision(image),
+                    None => Target::NewImage(split_suffix(new_name).0.to_string()),
+                };
+                self.writable_store(caller, repo)?;
+                let meta = imp.publish(&target, &self.pending)?;
+                self.pending.drop_import(&imp);
+                let mut changes = changes;
+                changes
+                    .entries
+                    .push((Node::Repo { repo: repo.clone() }, meta.name.clone()));
+                Ok(changes)
+            }
+            (Node::Image { repo, image }, Node::Repo { repo: to })
+                if self.pending.empty_dir(repo, image).is_some()
+                    && self.store(repo)?.revisions(image)?.is_empty() =>
+            {
+                if repo != to {
+                    return Err(Error::CrossRepository(display(&from)));
+                }
+                validate_name(new_name)?;
+                self.writable_store(caller, repo)?;
+                if !self.store(repo)?.revisions(new_name)?.is_empty() {
+                    return Err(Error::ImageExists {
+                        name: new_name.to_string(),
+                        repo: repo.clone(),
+                    });
+                }
+                self.pending.remove_empty_dir(repo, image);
+                self.pending.add_empty_dir(repo, new_name);
+                Ok(changes)
+            }
+            _ => {
+                self.rename(caller, &from, new_parent, new_name)?;
+                Ok(changes)
+            }
+        }
+    }
+
+    /// unlink(2) by parent and name: a staging file (or an import in progress) is
+    /// dropped; a file of a revision deletes nothing (so that `rm -r` reaches the rmdir
+    /// that deletes).
+    pub fn unlink_entry(
+        &self,
+        caller: &Caller,
+        parent: &Node,
+        name: &str,
+    ) -> Result<Changes, Error> {
+        let node = self.lookup(caller, parent, name)?;
+        self.unlink(caller, &node)?;
+        Ok(Changes {
+            entries: vec![(parent.clone(), name.to_string())],
+        })
+    }
+
+    /// rmdir(2) by parent and name: a revision or image directory deletes its
+    /// revisions (metadata only); an empty image directory made by `mkdir` disappears.
+    pub fn rmdir_entry(
+        &self,
+        caller: &Caller,
+        parent: &Node,
+        name: &str,
+    ) -> Result<Changes, Error> {
+        let node = self.lookup(caller, parent, name)?;
+        let changes = Changes {
+            entries: vec![(parent.clone(), name.to_string())],
+        };
+        if let Node::Image { repo, image } = &node {
+            if self.store(repo)?.revisions(image)?.is_empty()
+                && self.pending.empty_dir(repo, image).is_some()
+            {
+                self.writable_store(caller, repo)?;
+                self.pending.remove_empty_dir(repo, image);
+                return Ok(changes);
+            }
+        }
+        self.remove(caller, &node)?;
+        Ok(changes)
+    }
+}

@@ -1,0 +1,249 @@
+//! Open files: what a file handle of the mount (or an export) reads from or writes to.
+//!
+//! Opening resolves a node once into what serves it: the bytes of `meta.json`, a stored
+//! layer file (`disk.qcow2` of a single-layer revision), a generated [`View`], or a file
+//! being imported. Later reads then need no lookup, no metadata and no lock, so one open
+//! file serves many reader threads at once. Revision files never change, so their
+//! handles say so ([`OpenFile::immutable`]) and the adapter lets the kernel keep their
+//! pages.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::access::{self, R};
+use super::import::ImportHandle;
+use super::views::Content;
+use super::{Attr, Caller, Error, FileKind, Node, Tree, metajson};
+use crate::view::View;
+
+/// Directory entries whose kernel cache must be dropped after a change: (parent node,
+/// name).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub entries: Vec<(Node, String)>,
+}
+
+/// One open file. `Send + Sync`: the adapter keeps it in an `Arc` per file handle and
+/// calls it from any thread.
+pub struct OpenFile {
+    inner: Inner,
+}
+
+enum Inner {
+    /// `meta.json`, rendered at open.
+    Bytes { bytes: Vec<u8>, attr: Attr },
+    /// A stored layer, read with `pread`.
+    Stored {
+        file: File,
+        path: PathBuf,
+        attr: Attr,
+    },
+    /// A generated view.
+    View { view: View, attr: Attr },
+    /// A file being imported or a staging file.
+    Import(ImportHandle),
+}
+
+fn io_error(path: &std::path::Path, source: std::io::Error) -> Error {
+    Error::Store(crate::store::Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// `lseek(SEEK_DATA/SEEK_HOLE)` on `file`; `None` for ENXIO (past the last data / the
+/// end).
+pub(super) fn seek_file(
+    file: &File,
+    path: &std::path::Path,
+    offset: u64,
+    whence: i32,
+) -> Result<Option<u64>, Error> {
+    let off = libc::off_t::try_from(offset).map_err(|_| {
+        Error::Unreadable(format!("{}: offset {offset} out of range", path.display()))
+    })?;
+    // SAFETY: lseek on a descriptor this value owns; no memory is touched.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(io_error(path, e))
+    }
+}
+
+impl OpenFile {
+    pub(super) fn import(handle: ImportHandle) -> OpenFile {
+        OpenFile {
+            inner: Inner::Import(handle),
+        }
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; short only at the end of the file.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<usize, Error> {
+        match &self.inner {
+            Inner::Bytes { bytes, .. } => {
+                let start = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
+                let n = buf.len().min(bytes.len() - start);
+                buf[..n].copy_from_slice(&bytes[start..start + n]);
+                Ok(n)
+            }
+            Inner::Stored { file, path, .. } => read_full(file, path, buf, offset),
+            Inner::View { view, .. } => Ok(view.read_at(buf, offset)?),
+            Inner::Import(h) => h.read(buf, offset),
+        }
+    }
+
+    /// Writes `data` at `offset` (files being imported only).
+    pub fn write(&self, data: &[u8], offset: u64) -> Result<usize, Error> {
+        match &self.inner {
+            Inner::Import(h) => h.write(data, offset),
+            _ => Err(Error::ReadOnly("revision file".into())),
+        }
+    }
+
+    /// `SEEK_DATA`: the first offset ≥ `offset` holding data; `None` means ENXIO.
+    pub fn seek_data(&self, offset: u64) -> Result<Option<u64>, Error> {
+        match &self.inner {
+            Inner::Bytes { bytes, .. } => Ok((offset < bytes.len() as u64).then_some(offset)),
+            Inner::Stored { file, path, .. } => seek_file(file, path, offset, libc::SEEK_DATA),
+            Inner::View { view, .. } => Ok(view.next_data(offset)?),
+            Inner::Import(h) => h.seek(offset, libc::SEEK_DATA),
+        }
+    }
+
+    /// `SEEK_HOLE`: the first offset ≥ `offset` in a hole (the size when none is left);
+    /// `None` (ENXIO) past the end.
+    pub fn seek_hole(&self, offset: u64) -> Result<Option<u64>, Error> {
+        match &self.inner {
+            Inner::Bytes { bytes, .. } => {
+                let len = bytes.len() as u64;
+                Ok((offset < len).then_some(len))
+            }
+            Inner::Stored { file, path, .. } => seek_file(file, path, offset, libc::SEEK_HOLE),
+            Inner::View { view, .. } => Ok(view.next_hole(offset)?),
+            Inner::Import(h) => h.seek(offset, libc::SEEK_HOLE),
+        }
+    }
+
+    /// True when the content never changes (revision files).
+    pub fn immutable(&self) -> bool {
+        !matches!(self.inner, Inner::Import(_))
+    }
+
+    /// close(2) of one descriptor. A created import is published by its first flush; a
+    /// staging file is only checked. Returns the entries whose cache must be dropped.
+    pub fn flush(&self) -> Result<Changes, Error> {
+        match &self.inner {
+            Inner::Import(h) => h.flush(),
+            _ => Ok(Changes::default()),
+        }
+    }
+
+    /// The last close of this handle. An import never published is discarded.
+    pub fn release(&self) {
+        if let Inner::Import(h) = &self.inner {
+            h.release();
+        }
+    }
+
+    /// The attributes of the open file (of an import in progress: its current size).
+    pub fn attr(&self) -> Result<Attr, Error> {
+        match &self.inner {
+            Inner::Bytes { attr, .. } | Inner::Stored { attr, .. } | Inner::View { attr, .. } => {
+                Ok(attr.clone())
+            }
+            Inner::Import(h) => h.attr(),
+        }
+    }
+
+    /// Total length of the file.
+    pub fn size(&self) -> Result<u64, Error> {
+        Ok(self.attr()?.size)
+    }
+
+    /// The import handle, when this is a file being imported.
+    pub(super) fn as_import(&self) -> Option<&ImportHandle> {
+        match &self.inner {
+            Inner::Import(h) => Some(h),
+            _ => None,
+        }
+    }
+}
+
+/// `pread` until `buf` is full or the end of the file.
+fn read_full(
+    file: &File,
+    path: &std::path::Path,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<usize, Error> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(path, e)),
+        }
+    }
+    Ok(done)
+}
+
+impl Tree {
+    /// Opens file `node`. Writing anything inside a revision is [`Error::ReadOnly`]
+    /// (EROFS); files being imported are opened by their writer only.
+    pub fn open(
+        &self,
+        caller: &Caller,
+        node: &Node,
+        write: bool,
+        truncate: bool,
+    ) -> Result<Arc<OpenFile>, Error> {
+        match node {
+            Node::File {
+                repo,
+                image,
+                rev,
+                file,
+            } => {
+                if write || truncate {
+                    return Err(Error::ReadOnly(super::nodes::display(node)));
+                }
+                let (store, meta) = self.revision_meta(caller, repo, image, *rev, node)?;
+                access::check(caller, &store.meta_path(image, *rev), R)?;
+                let attr = self.getattr(caller, node)?;
+                let inner = match file {
+                    FileKind::MetaJson => Inner::Bytes {
+                        bytes: metajson::render(store, &meta),
+                        attr,
+                    },
+                    FileKind::View(format) => {
+                        match self.opened_revision(store, &meta)?.content(*format)? {
+                            Content::Stored(path) => Inner::Stored {
+                                file: File::open(&path).map_err(|e| io_error(&path, e))?,
+                                path,
+                                attr,
+                            },
+                            Content::View(view) => Inner::View { view, attr },
+                        }
+                    }
+                };
+                Ok(Arc::new(OpenFile { inner }))
+            }
+            Node::Import { .. } => Ok(Arc::new(OpenFile::import(
+                self.open_import(caller, node, truncate)?,
+            ))),
+            Node::Latest { .. } => Err(Error::NotSupported(super::nodes::display(node))),
+            _ => Err(Error::IsADirectory(super::nodes::display(node))),
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Publishing an import: the one path every import takes (a file written into the mount,
+//! a staging file renamed into place, `pcocc image import`).
+//!
+//! The source is an untrusted file in any supported format. It is opened standalone (no
+//! backing file, no VMDK naming other files: [`NoBacking`] and the readers' own checks),
+//! converted into one standalone qcow2 layer under `.tmp/` (always: the layer is then
+//! clean, deterministic for its content and deduplicated whatever the source format
+//! was), added to `data/` (synced, 0444, renamed, deduplicated) and finally described by
+//! metadata created exclusively, so that two writers of one name give one winner. The
+//! name is checked before any data is converted, and nothing but an unreferenced layer
+//! (which gc removes, and which may already be shared by a concurrent import) can remain
+//! after a failure.
+
+use std::fs::File;
+use std::path::Path;
+
+use super::ops::now_timestamp;
+use super::{Error, Format};
+use crate::image::chain::{NoBacking, open_chain};
+use crate::image::{self, Disk, Layer, convert, detect};
+use crate::store::{self, Meta, Store};
+
+/// Attempts at taking the next revision number when other writers take it first.
+const REVISION_ATTEMPTS: u32 = 16;
+/// The kind pcocc records for VM images.
+const KIND_VM: &str = "vm";
+
+/// Where an import lands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A new image: `name@0`, which must not exist.
+    NewImage(String),
+    /// The next revision of an image (`latest + 1`, or 0 for an empty image directory).
+    NextRevision(String),
+}
+
+impl Target {
+    pub fn image(&self) -> &str {
+        match self {
+            Target::NewImage(n) | Target::NextRevision(n) => n,
+        }
+    }
+}
+
+/// A known format suffix of a file name, dropped, and the format it names as a hint:
+/// `x.qcow2` → (`x`, qcow2); `x.img` → (`x.img`, none).
+pub fn split_suffix(name: &str) -> (&str, Option<Format>) {
+    match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() => match Format::from_name(ext) {
+            Some(f) => (stem, Some(f)),
+            None => (name, None),
+        },
+        _ => (name, None),
+    }
+}
+
+/// The format to read `file` as: `forced` if given (unless the content contradicts it),
+/// else the content's, else the `hint` (a name's suffix), else raw.
+pub fn choose_format(
+    forced: Option<Format>,
+    hint: Option<Format>,
+    path: &Path,
+    file: &File,
+) -> Result<Format, Error> {
+    if forced.is_some() {
+        return detect::resolve_format(forced, path, file).map_err(|e| match e {
+            image::Error::FormatMismatch {
+                forced, detected, ..
+            } => Error::FormatMismatch { forced, detected },
+            e => e.into(),
+        });
+    }
+    Ok(detect::detect_file(file, path)?
+        .or(hint)
+        .unwrap_or(Format::Raw))
+}
+
+/// Opens `path` as a standalone `format` image: backing files and external files are
+/// refused, headers and tables are checked by the reader.
+pub fn open_standalone(path: &Path, format: Format) -> Result<Disk, Error> {
+    let open = |path: &Path| File::open(path).map_err(|e| image::Error::io(path, e));
+    let layer: std::sync::Arc<dyn Layer> = match format {
+        Format::Qcow2 => return Ok(open_chain(path, &NoBacking)?),
+        Format::Raw => std::sync::Arc::new(image::raw::RawLayer::open(path)?),
+        Format::Qed => std::sync::Arc::new(image::qed::open(open(path)?, path)?),
+        Format::Vdi => std::sync::Arc::new(image::vdi::open(open(path)?, path)?),
+        Format::Vpc => std::sync::Arc::new(image::vpc::open(open(path)?, path)?),
+        Format::Vmdk => std::sync::Arc::new(image::vmdk::open(open(path)?, path)?),
+    };
+    Ok(Disk::new(vec![layer]))
+}
+
+/// Fails when `target` cannot be published in `store` (a new image whose name is taken,
+/// an invalid name), before any data is converted.
+pub fn check_target(store: &Store, target: &Target) -> Result<(), Error> {
+    super::validate_name(target.image())?;
+    if let Target::NewImage(name) = target {
+        if !store.revisions(name)?.is_empty() {
+            return Err(Error::ImageExists {
+                name: name.clone(),
+                repo: store.name().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Publishes `source` (read as `format`) into `store` as `target`, owned by `owner`:
+/// convert to a standalone qcow2 layer, add it, write the metadata exclusively. Returns
+/// the new revision's metadata.
+pub fn publish(
+    store: &Store,
+    owner: &str,
+    source: &Path,
+    format: Format,
+    target: &Target,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Meta, Error> {
+    check_target(store, target)?;
+    let disk = open_standalone(source, format)?;
+    let out = store.tmp_file()?;
+    let converted = convert::to_qcow2_layer(&disk, out.file(), out.path(), progress)?;
+    out.file().sync_all().map_err(|source| store::Error::Io {
+        path: out.path().to_path_buf(),
+        source,
+    })?;
+    let hash = store.add_layer(out.path(), Some(&converted.sha256))?;
+    // The scratch file is now the layer (or was removed as a duplicate).
+    out.keep();
+    write_meta(store, owner, &hash, target)
+}
+
+/// Creates the metadata of the new revision: `name@0`, or `latest + 1` retried while
+/// other writers take the number first.
+fn write_meta(store: &Store, owner: &str, hash: &str, target: &Target) -> Result<Meta, Error> {
+    let name = target.image().to_string();
+    let mut attempts = 0;
+    loop {
+        let revision = match target {
+            Target::NewImage(_) => 0,
+            Target::NextRevision(n) => store.revisions(n)?.last().map_or(0, |r| r + 1),
+        };
+        let meta = Meta {
+            name: name.clone(),
+            revision,
+            kind: KIND_VM.to_string(),
+            owner: owner.to_string(),
+            timestamp: now_timestamp(),
+            data_blobs: vec![hash.to_string()],
+            custom_meta: serde_json::Value::Object(serde_json::Map::new()),
+        };
+        match store.put_meta(&meta) {
+            Ok(()) => return Ok(meta),
+            Err(store::Error::AlreadyExists { .. }) => match target {
+                Target::NewImage(_) => {
+                    return Err(Error::ImageExists {
+                        name,
+                        repo: store.name().to_string(),
+                    });
+                }
+                Target::NextRevision(_) if attempts + 1 < REVISION_ATTEMPTS => attempts += 1,
+                Target::NextRevision(_) => {
+                    return Err(Error::RevisionExists {
+                        name,
+                        rev: revision,
+                        repo: store.name().to_string(),
+                    });
+                }
+            },
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

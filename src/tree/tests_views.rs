@@ -1,0 +1,173 @@
+//! Views in the tree, judged by qemu-img: every `disk.FMT` of a single-layer and of a
+//! layered revision, their attributes, holes and read-only handles.
+
+use super::tests::{Fixture, node_rev};
+use super::*;
+use crate::testutil::{assert_qemu_accepts, qemu_img};
+use std::os::unix::fs::MetadataExt;
+
+fn file_node(rev: u64, kind: FileKind) -> Node {
+    let Node::Revision { repo, image, rev } = node_rev("user", "img1", rev) else {
+        unreachable!()
+    };
+    Node::File {
+        repo,
+        image,
+        rev,
+        file: kind,
+    }
+}
+
+/// Reads a whole open file sequentially in odd-sized pieces.
+fn read_handle(f: &OpenFile) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 300_007];
+    loop {
+        let n = f.read(&mut buf, out.len() as u64).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn every_view_of_single_and_layered_revisions_compares_identical_to_its_chain() {
+    let Some((f, base, top)) = Fixture::standard() else {
+        return;
+    };
+    let layer = |h: &str| f.repo("user").join("data").join(&h[..2]).join(h);
+    let out = tempfile::tempdir().unwrap();
+    for (rev, src) in [(0, layer(&base)), (1, layer(&top))] {
+        for format in Format::ALL {
+            let dest = out.path().join(format!("r{rev}.{}", format.name()));
+            let uri = Uri::parse(&format!("user:img1@{rev}")).unwrap();
+            f.tree
+                .export_file(&f.me, &uri, format, &dest, &mut |_, _| {})
+                .unwrap();
+            assert_qemu_accepts(&dest, format.name(), 64 << 20, &src, "qcow2");
+            let attr = f
+                .tree
+                .getattr(&f.me, &file_node(rev, FileKind::View(format)))
+                .unwrap();
+            assert_eq!(attr.size, std::fs::metadata(&dest).unwrap().len());
+        }
+    }
+}
+
+#[test]
+fn view_sizes_and_blocks_come_from_the_view_and_match_the_bytes_read() {
+    let Some((f, _, _)) = Fixture::standard() else {
+        return;
+    };
+    for rev in [0, 1] {
+        for format in Format::ALL {
+            let node = file_node(rev, FileKind::View(format));
+            let attr = f.tree.getattr(&f.me, &node).unwrap();
+            let h = f.tree.open(&f.me, &node, false, false).unwrap();
+            assert!(h.immutable());
+            assert_eq!(h.attr().unwrap(), attr);
+            let bytes = read_handle(&h);
+            assert_eq!(bytes.len() as u64, attr.size, "{format} @{rev}");
+            assert!(attr.blocks > 0);
+            // Holes: every byte outside the data extents reads zero, and the extents
+            // seen through seek_data/seek_hole cover all the non-zero bytes.
+            let mut pos = 0u64;
+            let mut covered = vec![false; bytes.len()];
+            let mut data_bytes = 0;
+            while let Some(d) = h.seek_data(pos).unwrap() {
+                let hole = h.seek_hole(d).unwrap().unwrap();
+                assert!(hole > d && hole <= attr.size, "{format}: {d}..{hole}");
+                covered[d as usize..hole as usize].fill(true);
+                data_bytes += hole - d;
+                pos = hole;
+                if pos >= attr.size {
+                    break;
+                }
+            }
+            assert!(
+                bytes.iter().zip(&covered).all(|(&b, &c)| c || b == 0),
+                "{format} @{rev}: data outside the extents seek_data reports"
+            );
+            if !(rev == 0 && format == Format::Qcow2) {
+                // A generated view holds exactly its data extents.
+                assert_eq!(
+                    attr.blocks,
+                    u64::div_ceil(data_bytes, 512),
+                    "{format} @{rev}"
+                );
+            }
+            assert_eq!(h.seek_data(attr.size).unwrap(), None);
+            assert_eq!(h.seek_hole(attr.size).unwrap(), None);
+        }
+    }
+}
+
+#[test]
+fn disk_qcow2_of_a_single_layer_revision_is_the_stored_layer() {
+    let Some((f, base, _)) = Fixture::standard() else {
+        return;
+    };
+    let path = f.repo("user").join("data").join(&base[..2]).join(&base);
+    let node = file_node(0, FileKind::View(Format::Qcow2));
+    let attr = f.tree.getattr(&f.me, &node).unwrap();
+    let m = std::fs::metadata(&path).unwrap();
+    assert_eq!((attr.size, attr.blocks), (m.len(), m.blocks()));
+    let h = f.tree.open(&f.me, &node, false, false).unwrap();
+    assert_eq!(read_handle(&h), std::fs::read(&path).unwrap());
+    // The layered revision's disk.qcow2 is a flattened standalone image instead.
+    let node = file_node(1, FileKind::View(Format::Qcow2));
+    let h = f.tree.open(&f.me, &node, false, false).unwrap();
+    let bytes = read_handle(&h);
+    let dir = tempfile::tempdir().unwrap();
+    let flat = dir.path().join("flat.qcow2");
+    std::fs::write(&flat, bytes).unwrap();
+    let info = qemu_img(&["info", "--output=json", flat.to_str().unwrap()]);
+    assert!(!info.contains("backing-filename"), "{info}");
+}
+
+#[test]
+fn nothing_inside_a_revision_opens_for_writing() {
+    let Some((f, _, _)) = Fixture::standard() else {
+        return;
+    };
+    for kind in FileKind::ALL {
+        let node = file_node(0, kind);
+        let err = f.tree.open(&f.me, &node, true, false).err().unwrap();
+        assert_eq!(err.errno(), libc::EROFS, "{kind:?}");
+        let h = f.tree.open(&f.me, &node, false, false).unwrap();
+        assert_eq!(h.write(b"x", 0).unwrap_err().errno(), libc::EROFS);
+        assert_eq!(h.flush().unwrap(), Changes::default());
+    }
+    let set = SetAttr {
+        size: Some(0),
+        ..SetAttr::default()
+    };
+    let node = file_node(0, FileKind::View(Format::Raw));
+    let err = f.tree.setattr(&f.me, &node, None, &set).unwrap_err();
+    assert_eq!(err.errno(), libc::EROFS);
+}
+
+#[test]
+fn views_are_byte_stable_across_trees_and_cached_by_layer_list() {
+    let Some((f, _, _)) = Fixture::standard() else {
+        return;
+    };
+    let node = file_node(1, FileKind::View(Format::Vmdk));
+    let a = read_handle(&f.tree.open(&f.me, &node, false, false).unwrap());
+    let config = crate::config::Config {
+        repos: vec![crate::config::RepoConfig {
+            name: "user".into(),
+            path: f.repo("user"),
+            origin: crate::config::Origin::Default,
+        }],
+    };
+    let other = Tree::new(&config).unwrap();
+    let b = read_handle(&other.open(&f.me, &node, false, false).unwrap());
+    assert_eq!(a, b);
+    assert_eq!(f.tree.revisions.len(), 1);
+    f.tree
+        .getattr(&f.me, &file_node(0, FileKind::View(Format::Raw)))
+        .unwrap();
+    assert_eq!(f.tree.revisions.len(), 2);
+}

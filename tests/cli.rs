@@ -907,14 +907,28 @@ fn pcocc_alone_prints_its_help_and_exits_2_and_help_exits_0() {
 }
 
 #[test]
-fn import_and_export_are_not_offered_before_they_work() {
+fn import_and_export_help_keeps_pcoccs_options_and_accepts_the_old_kind() {
     let Some(f) = Fixture::new() else { return };
-    for command in ["import", "export"] {
-        let run = f.pcocc(&["image", command, "a", "b"]);
+    for (command, what) in [("import", "source"), ("export", "destination")] {
+        let run = f.pcocc(&["image", command, "--help"]);
+        assert_eq!(run.code, 0, "{run:?}");
+        assert!(
+            run.stdout.starts_with(&format!(
+                "Usage: pcocc image {command} [OPTIONS] [KIND] SOURCE DEST\n"
+            )),
+            "{run:?}"
+        );
+        assert!(
+            run.stdout.ends_with(&format!(
+                "Options:\n  -t, --fmt TEXT  Force {what} image format\n  \
+                 -h, --help      Show this message and exit.\n"
+            )),
+            "{run:?}"
+        );
+        let run = f.pcocc(&["image", command, "a"]);
         assert_eq!(run.code, 2, "{run:?}");
         assert!(
-            run.stderr
-                .contains(&format!("Error: No such command '{command}'.")),
+            run.stderr.ends_with("Error: Missing argument 'DEST'.\n"),
             "{run:?}"
         );
     }
@@ -947,6 +961,8 @@ fn help_texts_keep_pcoccs_layout() {
         &format!(
             "{IMAGE_HELP_HEAD}  copy    Copy an image from one repository to another\n  \
              delete  Delete an image from a repository\n  \
+             export  Export an image from a repository\n  \
+             import  Import an image to a repository\n  \
              list    List images in repositories\n  \
              repo    List and manage image repositories\n  \
              show    Show details for an image\n"

@@ -6,7 +6,8 @@
 //! failed command, 2 a usage error). Files: [`args`] (clap structures), [`help`] (help
 //! texts), [`usage`] (usage errors the click way), [`table`], [`format`] (sizes,
 //! dates), [`style`] (colours on a terminal), [`output`] (stdout with colours), then one
-//! file per subcommand group: [`image`] and [`repo`].
+//! file per subcommand group: [`image`], [`transfer`] (import, export; with [`guess`]
+//! for file formats and [`progress`] for the bar) and [`repo`].
 
 pub mod args;
 pub mod format;
@@ -18,6 +19,7 @@ pub mod progress;
 pub mod repo;
 pub mod style;
 pub mod table;
+pub mod transfer;
 pub mod usage;
 
 use std::collections::HashSet;
@@ -129,6 +131,14 @@ fn execute(args: &Args) -> Result<(), CliError> {
         out.line(image::COPY_START)?;
         out.flush()?;
     }
+    // Operands are checked before any repository is touched, as clap's own checks are.
+    if let ImageCommand::Import(t) | ImageCommand::Export(t) = command {
+        let usage = match command {
+            ImageCommand::Import(_) => args::IMPORT_USAGE,
+            _ => args::EXPORT_USAGE,
+        };
+        transfer::operands(&t.first, &t.second, t.third.as_deref(), usage)?;
+    }
     let config = Config::load(args.config.as_deref())?;
     let mut context = Context {
         tree: Tree::new(&config)?,
@@ -142,6 +152,16 @@ fn execute(args: &Args) -> Result<(), CliError> {
         ImageCommand::Show { image } => image::show(&mut context, image),
         ImageCommand::Copy { source, dest } => image::copy(&mut context, source, dest),
         ImageCommand::Delete { image } => image::delete(&mut context, image),
+        ImageCommand::Import(t) => {
+            let (source, dest) =
+                transfer::operands(&t.first, &t.second, t.third.as_deref(), args::IMPORT_USAGE)?;
+            transfer::import(&mut context, t.fmt.as_deref(), &source, &dest)
+        }
+        ImageCommand::Export(t) => {
+            let (source, dest) =
+                transfer::operands(&t.first, &t.second, t.third.as_deref(), args::EXPORT_USAGE)?;
+            transfer::export(&mut context, t.fmt.as_deref(), &source, &dest)
+        }
         ImageCommand::Repo { command } => match command {
             RepoCommand::List => repo::list(&mut context),
             RepoCommand::Gc { repo, grace } => repo::gc(&mut context, repo, *grace),

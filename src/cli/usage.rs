@@ -52,10 +52,10 @@ fn usage_error(error: &clap::Error) -> String {
 }
 
 /// A usage error found after clap accepted the command line: `usage` is the command's
-/// `Usage: …` line, `message` the `Error:` sentence.
+/// usage (`pcocc image import [OPTIONS] …`), `message` the `Error:` sentence.
 pub fn rejection(usage: &str, message: &str) -> Rejection {
     Rejection {
-        text: usage_text(Some(usage), message),
+        text: usage_text(Some(&format!("Usage: {usage}")), message),
         to_stdout: false,
         exit: USAGE_EXIT,
     }
@@ -196,7 +196,7 @@ mod tests {
 
     fn rejection_after_parse() -> Rejection {
         super::rejection(
-            "Usage: pcocc image import [OPTIONS] [KIND] SOURCE DEST",
+            "pcocc image import [OPTIONS] [KIND] SOURCE DEST",
             "Bad kind.",
         )
     }

@@ -569,3 +569,26 @@ fn export_into_a_missing_directory_fails_naming_the_path() {
     assert!(run.stderr.contains("nodir/x.qcow2"), "{run:?}");
     assert!(!f.root().join("work/nodir").exists());
 }
+
+#[test]
+fn a_terminal_gets_a_progress_bar_and_a_pipe_does_not() {
+    let Some(f) = Fixture::new() else { return };
+    f.stored_image();
+    // script(1) runs the command on a pseudo-terminal; without it, only the pipe case.
+    let have_script = Command::new("script")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have_script {
+        let command = format!("{} image export img tty.raw", env!("CARGO_BIN_EXE_pcocc"));
+        let run = f.run("script", &["-qec", &command, "/dev/null"]);
+        assert_eq!(run.code, 0, "{run:?}");
+        assert!(run.stdout.contains("Converting image..."), "{run:?}");
+        assert!(run.stdout.contains("\r["), "{run:?}");
+        assert!(run.stdout.contains("] 100% 8.0 MiB/8.0 MiB\r\n"), "{run:?}");
+    } else {
+        eprintln!("skipped the terminal half: script(1) is not installed");
+    }
+    f.pcocc(&["export", "img", "pipe.raw"])
+        .expect(CONVERTING, "", 0);
+}

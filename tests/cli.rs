@@ -549,6 +549,20 @@ fn show_failures_say_what_was_not_found_where() {
 }
 
 #[test]
+fn an_empty_repository_in_a_uri_is_the_default_repository() {
+    let Some(f) = Fixture::standard() else { return };
+    let plain = f.pcocc(&["image", "show", "img1@0"]);
+    assert_eq!(plain.code, 0, "{plain:?}");
+    f.pcocc(&["image", "show", ":img1@0"])
+        .expect(&plain.stdout, "", 0);
+    // The default repository is searched only: rawimg lives in global.
+    f.pcocc(&["image", "show", ":rawimg"])
+        .expect_error("Object rawimg not found in repository user");
+    f.pcocc(&["image", "delete", ":diskimg"]).expect("", "", 0);
+    assert!(!f.meta_path("user", "diskimg", 0).exists());
+}
+
+#[test]
 fn uris_that_pcocc_half_accepted_are_refused_clearly() {
     let Some(f) = Fixture::standard() else { return };
     f.pcocc(&["image", "show", "user:img1:x"]).expect_error(
@@ -893,14 +907,28 @@ fn pcocc_alone_prints_its_help_and_exits_2_and_help_exits_0() {
 }
 
 #[test]
-fn import_and_export_are_not_offered_before_they_work() {
+fn import_and_export_help_keeps_pcoccs_options_and_accepts_the_old_kind() {
     let Some(f) = Fixture::new() else { return };
-    for command in ["import", "export"] {
-        let run = f.pcocc(&["image", command, "a", "b"]);
+    for (command, what) in [("import", "source"), ("export", "destination")] {
+        let run = f.pcocc(&["image", command, "--help"]);
+        assert_eq!(run.code, 0, "{run:?}");
+        assert!(
+            run.stdout.starts_with(&format!(
+                "Usage: pcocc image {command} [OPTIONS] [KIND] SOURCE DEST\n"
+            )),
+            "{run:?}"
+        );
+        assert!(
+            run.stdout.ends_with(&format!(
+                "Options:\n  -t, --fmt TEXT  Force {what} image format\n  \
+                 -h, --help      Show this message and exit.\n"
+            )),
+            "{run:?}"
+        );
+        let run = f.pcocc(&["image", command, "a"]);
         assert_eq!(run.code, 2, "{run:?}");
         assert!(
-            run.stderr
-                .contains(&format!("Error: No such command '{command}'.")),
+            run.stderr.ends_with("Error: Missing argument 'DEST'.\n"),
             "{run:?}"
         );
     }
@@ -933,6 +961,8 @@ fn help_texts_keep_pcoccs_layout() {
         &format!(
             "{IMAGE_HELP_HEAD}  copy    Copy an image from one repository to another\n  \
              delete  Delete an image from a repository\n  \
+             export  Export an image from a repository\n  \
+             import  Import an image to a repository\n  \
              list    List images in repositories\n  \
              repo    List and manage image repositories\n  \
              show    Show details for an image\n"

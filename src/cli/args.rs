@@ -91,6 +91,16 @@ pub enum ImageCommand {
         image: String,
     },
     #[command(
+        override_usage = IMPORT_USAGE,
+        help_template = help::IMPORT
+    )]
+    Import(Transfer),
+    #[command(
+        override_usage = EXPORT_USAGE,
+        help_template = help::EXPORT
+    )]
+    Export(Transfer),
+    #[command(
         override_usage = "pcocc image repo [OPTIONS] COMMAND [ARGS]...",
         help_template = help::REPO,
         subcommand_required = true,
@@ -101,6 +111,28 @@ pub enum ImageCommand {
         #[command(subcommand)]
         command: RepoCommand,
     },
+}
+
+/// The usage lines of import and export (also used by their late usage errors).
+pub const IMPORT_USAGE: &str = "pcocc image import [OPTIONS] [KIND] SOURCE DEST";
+pub const EXPORT_USAGE: &str = "pcocc image export [OPTIONS] [KIND] SOURCE DEST";
+
+/// The arguments of import and export: `[-t FMT] [KIND] SOURCE DEST`. clap cannot have an
+/// optional positional before required ones, so the operands are two required ones and a
+/// hidden third: with three, the first is the old KIND (see
+/// [`super::transfer::operands`]). A missing one is then named SOURCE or DEST, as pcocc
+/// names it.
+#[derive(Debug, clap::Args)]
+pub struct Transfer {
+    /// The format of the file (import: the source; export: the destination).
+    #[arg(short = 't', long = "fmt", value_name = "TEXT")]
+    pub fmt: Option<String>,
+    #[arg(value_name = "SOURCE")]
+    pub first: String,
+    #[arg(value_name = "DEST")]
+    pub second: String,
+    #[arg(value_name = "DEST", hide = true)]
+    pub third: Option<String>,
 }
 
 /// `pcocc image repo COMMAND`.
@@ -186,6 +218,34 @@ mod tests {
         for bad in ["", "h", "1x", "-1", "1.5h", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    fn transfer(args: &[&str]) -> Transfer {
+        let argv = ["pcocc", "image"].into_iter().chain(args.iter().copied());
+        match Args::try_parse_from(argv)
+            .expect("valid command line")
+            .command
+        {
+            Command::Image {
+                command: ImageCommand::Import(t) | ImageCommand::Export(t),
+            } => t,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn import_and_export_take_a_format_and_two_or_three_operands() {
+        let t = transfer(&["import", "-t", "qcow2", "disk", "img"]);
+        assert_eq!(t.fmt.as_deref(), Some("qcow2"));
+        assert_eq!(
+            (t.first.as_str(), t.second.as_str(), t.third),
+            ("disk", "img", None)
+        );
+        let t = transfer(&["export", "vm", "img", "--fmt=raw", "out"]);
+        assert_eq!(t.fmt.as_deref(), Some("raw"));
+        assert_eq!(t.third.as_deref(), Some("out"));
+        let four = ["pcocc", "image", "import", "vm", "a", "b", "c"];
+        assert!(Args::try_parse_from(four).is_err());
     }
 
     #[test]

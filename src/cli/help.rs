@@ -30,6 +30,8 @@ Options:
 Commands:
   copy    Copy an image from one repository to another
   delete  Delete an image from a repository
+  export  Export an image from a repository
+  import  Import an image to a repository
   list    List images in repositories
   repo    List and manage image repositories
   show    Show details for an image
@@ -60,10 +62,11 @@ Usage: pcocc image show [OPTIONS] IMAGE
   Images in repositories are specified with URIs of the form
   [REPO:]IMAGE[@REVISION]
 
-  Without REPO, the repositories are searched by order of priority; without
-  REVISION, the highest revision is shown. The revision table lists every
-  revision of the image in revision order; SIZE is the size of the layer that
-  the revision adds.
+  Without REPO, the repositories are searched by order of priority, and an
+  empty REPO (':IMAGE') names the default repository; without REVISION, the
+  highest revision is shown. The revision table lists every revision of the
+  image in revision order; SIZE is the size of the layer that the revision
+  adds.
 
 Options:
   -h, --help  Show this message and exit.
@@ -141,9 +144,8 @@ Options:
   -h, --help        Show this message and exit.
 ";
 
-// `import` and `export` join the command tree once the tree can convert images (issue
-// 5); their texts are ready. pcocc v0.7.5 dropped the KIND argument that its man page
-// still shows; both forms are accepted.
+// pcocc v0.7.5 dropped the KIND argument that its man page still shows; both forms are
+// accepted.
 
 pub const IMPORT: &str = "\
 Usage: pcocc image import [OPTIONS] [KIND] SOURCE DEST
@@ -156,6 +158,11 @@ Usage: pcocc image import [OPTIONS] [KIND] SOURCE DEST
   The destination image name must not already be used in the destination
   repository and the revision is ignored since the import operation creates
   the first revision of a new image.
+
+  The format of SOURCE (raw, qcow2, qed, vdi, vpc or vmdk) is taken from -t,
+  a FMT: prefix (qcow2:disk), the file suffix or the content, which must not
+  contradict it; a file of unknown content is imported as raw. A file that is
+  not a valid image of its format is refused and nothing is stored.
 
   KIND, from older pcocc releases, may only be 'vm' and can be left out.
 
@@ -171,6 +178,11 @@ Usage: pcocc image export [OPTIONS] [KIND] SOURCE DEST
 
   Images in repositories are specified with URIs of the form
   [REPO:]IMAGE[@REVISION]
+
+  The format of DEST (raw, qcow2, qed, vdi, vpc or vmdk) is taken from -t, a
+  FMT: prefix (vmdk:out) or the file suffix, else raw. Unallocated areas stay
+  holes in DEST. An existing DEST of the same format is replaced, one of
+  another format is not.
 
   KIND, from older pcocc releases, may only be 'vm' and can be left out.
 

@@ -6,9 +6,8 @@ use regex::Regex;
 use super::format::{format_size, format_timestamp};
 use super::style::Colour;
 use super::table::Table;
-use super::uri;
 use super::{CliError, Context};
-use crate::tree::RevisionInfo;
+use crate::tree::{RevisionInfo, Uri};
 
 /// What `copy` prints first, before anything can fail (pcocc's text).
 pub const COPY_START: &str = "Copying image ...";
@@ -107,7 +106,7 @@ fn regex_reason(error: &regex::Error) -> String {
 /// `pcocc image show IMAGE`: a header block about the given (or latest) revision, then
 /// every revision of the image in revision order (pcocc printed directory order).
 pub fn show(ctx: &mut Context, image: &str) -> Result<(), CliError> {
-    let uri = uri::parse(image)?;
+    let uri = Uri::parse(image)?;
     let found = ctx.tree.resolve(&ctx.caller, &uri)?;
     let mut revisions = ctx
         .tree
@@ -172,8 +171,8 @@ fn revision_table(revisions: &[RevisionInfo]) -> Table {
 
 /// `pcocc image copy SOURCE DEST`: `DEST@0` lists the same layers as `SOURCE`.
 pub fn copy(ctx: &mut Context, source: &str, dest: &str) -> Result<(), CliError> {
-    let source = uri::parse(source)?;
-    let dest = uri::parse(dest)?;
+    let source = Uri::parse(source)?;
+    let dest = Uri::parse(dest)?;
     let outcome = ctx.tree.copy(&ctx.caller, &source, &dest)?;
     if let Some(other) = &outcome.shadowed_in {
         let warning = format!(
@@ -196,7 +195,7 @@ pub fn copy(ctx: &mut Context, source: &str, dest: &str) -> Result<(), CliError>
 
 /// `pcocc image delete IMAGE`: one revision, or all of them; prints nothing.
 pub fn delete(ctx: &mut Context, image: &str) -> Result<(), CliError> {
-    let uri = uri::parse(image)?;
+    let uri = Uri::parse(image)?;
     let deleted = ctx.tree.delete(&ctx.caller, &uri)?;
     log::info!(
         "deleted {}:{} revisions {:?}",

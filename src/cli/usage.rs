@@ -47,8 +47,24 @@ pub fn explain(error: &clap::Error) -> Rejection {
 }
 
 fn usage_error(error: &clap::Error) -> String {
+    let usage = context_text(error, ContextKind::Usage);
+    usage_text(usage.as_deref(), &message(error))
+}
+
+/// A usage error found after clap accepted the command line: `usage` is the command's
+/// usage (`pcocc image import [OPTIONS] …`), `message` the `Error:` sentence.
+pub fn rejection(usage: &str, message: &str) -> Rejection {
+    Rejection {
+        text: usage_text(Some(&format!("Usage: {usage}")), message),
+        to_stdout: false,
+        exit: USAGE_EXIT,
+    }
+}
+
+/// click's layout: the usage line, where to find help, a blank line, the error.
+fn usage_text(usage: Option<&str>, message: &str) -> String {
     let mut text = String::new();
-    if let Some(usage) = context_text(error, ContextKind::Usage) {
+    if let Some(usage) = usage {
         let usage = usage.trim_end();
         text.push_str(usage);
         text.push('\n');
@@ -61,7 +77,7 @@ fn usage_error(error: &clap::Error) -> String {
         text.push_str(&format!("Try '{command} --help' for help.\n\n"));
     }
     text.push_str("Error: ");
-    text.push_str(&message(error));
+    text.push_str(message);
     text.push('\n');
     text
 }
@@ -160,6 +176,29 @@ mod tests {
         let argv = std::iter::once("pcocc").chain(args.iter().copied());
         let error = Args::try_parse_from(argv).expect_err("the command line should be refused");
         explain(&error)
+    }
+
+    #[test]
+    fn a_late_usage_error_has_the_same_layout() {
+        assert_eq!(
+            rejection_after_parse(),
+            Rejection {
+                text: "Usage: pcocc image import [OPTIONS] [KIND] SOURCE DEST\n\
+                       Try 'pcocc image import --help' for help.\n\
+                       \n\
+                       Error: Bad kind.\n"
+                    .to_string(),
+                to_stdout: false,
+                exit: 2,
+            }
+        );
+    }
+
+    fn rejection_after_parse() -> Rejection {
+        super::rejection(
+            "pcocc image import [OPTIONS] [KIND] SOURCE DEST",
+            "Bad kind.",
+        )
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub use extras::{StatFs, parent};
 pub use import::{SetAttr, is_staging};
 pub use open::{Changes, OpenFile};
 pub use publish::split_suffix;
-pub use uri::Uri;
+pub use uri::{Uri, UriError};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -299,10 +299,8 @@ pub enum Error {
     InvalidName,
     #[error("Empty object name")]
     EmptyName,
-    #[error("Bad revision: {0}")]
-    BadRevision(String),
-    #[error("Bad image URI {0}: expected [REPO:]IMAGE[@REVISION] with at most one ':'")]
-    BadUri(String),
+    #[error(transparent)]
+    Uri(#[from] UriError),
     /// A lookup miss (ENOENT), logged at debug by the adapter.
     #[error("{0}: no such file or directory")]
     NoEntry(String),
@@ -357,9 +355,7 @@ impl Error {
             | Error::NoEntry(_) => libc::ENOENT,
             Error::NoRepository => libc::ENOENT,
             Error::ImageExists { .. } | Error::RevisionExists { .. } => libc::EEXIST,
-            Error::InvalidName | Error::EmptyName | Error::BadRevision(_) | Error::BadUri(_) => {
-                libc::EINVAL
-            }
+            Error::InvalidName | Error::EmptyName | Error::Uri(_) => libc::EINVAL,
             Error::NotADirectory(_) => libc::ENOTDIR,
             Error::IsADirectory(_) => libc::EISDIR,
             Error::NotASymlink(_) => libc::EINVAL,

@@ -194,13 +194,13 @@ fn uris_parse_like_pcocc_and_reject_its_quirks() {
     assert_eq!(uri("img"), u(None, "img", None));
     assert_eq!(uri("r:img@3"), u(Some("r"), "img", Some(3)));
     assert_eq!(uri(":img"), u(Some(""), "img", None));
-    assert_eq!(uri("img1@0@1"), u(None, "img1@0", Some(1)));
     assert_eq!(uri("r:img@3").to_string(), "r:img@3");
     let err = |s: &str| Uri::parse(s).unwrap_err().to_string();
-    assert_eq!(err("x@"), "Bad revision: ");
+    assert!(err("x@").starts_with("Bad revision: "), "{}", err("x@"));
     assert_eq!(err("x@x"), "Bad revision: x");
-    assert_eq!(err("x@-1"), "Bad revision: -1");
-    assert_eq!(err("x@+1"), "Bad revision: +1");
+    for quirk in ["x@-1", "x@+1", "img1@0@1", "a:b:c"] {
+        assert!(Uri::parse(quirk).is_err(), "{quirk} accepted");
+    }
     assert!(err("a:b:c").contains("a:b:c"), "{}", err("a:b:c"));
 }
 
@@ -438,8 +438,14 @@ fn resolve_finds_revisions_in_priority_order_with_pcocc_errors() {
         "Object other revision 3 not found in repository global"
     );
     assert_eq!(err("nosuch:img1"), "Unknown repository nosuch");
+    // The parser refuses such a name; the tree still answers a hand-built URI sanely.
+    let odd = Uri {
+        repo: None,
+        name: "img1@0".into(),
+        revision: Some(1),
+    };
     assert_eq!(
-        err("img1@0@1"),
+        t.resolve(&f.me, &odd).unwrap_err().to_string(),
         "Object img1@0 revision 1 not found in configured repositories"
     );
 }
@@ -513,7 +519,15 @@ fn copy_within_a_repository_writes_metadata_only() {
     assert_eq!(e.errno(), libc::EEXIST);
     let e = f
         .tree
-        .copy(&f.me, &uri("img1"), &uri("bad name"))
+        .copy(
+            &f.me,
+            &uri("img1"),
+            &Uri {
+                repo: None,
+                name: "bad name".into(),
+                revision: None,
+            },
+        )
         .unwrap_err();
     assert_eq!(e.to_string(), "Object name contains invalid characters");
 }

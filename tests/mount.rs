@@ -504,6 +504,8 @@ fn every_accepted_format_imports_as_a_new_image_and_as_a_next_revision() {
     }
     ok("cp", &[s(&src), s(&m.at("user/"))]);
     assert_view_is(&m.at("user/base/@0/disk.vdi"), "vdi", &src);
+    ok("cp", &[s(&src), s(&m.at("user/base/"))]);
+    assert_view_is(&m.at("user/base/@1/disk.vmdk"), "vmdk", &src);
     // Every stored layer is a standalone qcow2 that qemu-img finds clean.
     for layer in m.layer_files("user") {
         ok("qemu-img", &["check", "-f", "qcow2", s(&layer)]);
@@ -612,18 +614,27 @@ fn ln_copies_share_layers_and_mv_and_rm_work_like_pcocc() {
         ],
     );
     assert_eq!(m.layer_files("global").len(), 1);
+    // cp within one repository: the same content is the same layer, nothing new stored.
+    ok(
+        "cp",
+        &[
+            s(&m.at("user/src/@0/disk.vmdk")),
+            s(&m.at("user/fourth.vmdk")),
+        ],
+    );
+    assert_eq!(m.layer_files("user"), layers);
     // mv renames within a repository.
     ok("mv", &[s(&m.at("user/copy")), s(&m.at("user/renamed"))]);
     assert!(m.at("user/renamed/@0/disk.raw").exists() && !m.at("user/copy").exists());
-    assert_eq!(m.meta_names("user"), ["renamed@0", "src@0"]);
+    assert_eq!(m.meta_names("user"), ["fourth@0", "renamed@0", "src@0"]);
     // rm -r of a revision, then of an image: quiet, exit 0, metadata gone, layers kept.
     ok("cp", &[s(&src), s(&m.at("user/src/"))]);
     let out = run("rm", &["-r", s(&m.at("user/src/@1"))]);
     assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
-    assert_eq!(m.meta_names("user"), ["renamed@0", "src@0"]);
+    assert_eq!(m.meta_names("user"), ["fourth@0", "renamed@0", "src@0"]);
     let out = run("rm", &["-r", s(&m.at("user/src"))]);
     assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
-    assert_eq!(m.meta_names("user"), ["renamed@0"]);
+    assert_eq!(m.meta_names("user"), ["fourth@0", "renamed@0"]);
     assert_eq!(m.layer_files("user"), layers);
 }
 
@@ -731,6 +742,124 @@ fn sigterm_during_a_read_unmounts_cleanly_and_a_stale_mount_is_cleared() {
     assert_eq!(
         sha256_file(&m.at("user/src/@0/disk.raw")),
         sha256_file(&src)
+    );
+}
+
+#[test]
+fn tools_that_reopen_write_to_a_staging_name_and_rename_it_into_place() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "8M");
+    let staging = m.at("user/.new");
+    ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "qcow2", s(&src), s(&staging)],
+    );
+    // Only a staging file so far: not an image, yet readable by its writer.
+    assert!(m.meta_names("user").is_empty());
+    ok("qemu-img", &["check", "-f", "qcow2", s(&staging)]);
+    ok("mv", &[s(&staging), s(&m.at("user/new"))]);
+    assert_view_is(&m.at("user/new/@0/disk.raw"), "raw", &src);
+    assert!(!staging.exists());
+    assert_eq!(m.tmp_entries("user"), 0);
+}
+
+#[test]
+fn mkdir_makes_room_for_an_image_that_cp_then_fills() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "8M");
+    ok("mkdir", &["-p", s(&m.at("user/fresh"))]);
+    assert!(m.at("user/fresh").is_dir());
+    assert!(m.meta_names("user").is_empty());
+    ok("cp", &[s(&src), s(&m.at("user/fresh/"))]);
+    assert_eq!(m.meta_names("user"), ["fresh@0"]);
+    assert_view_is(&m.at("user/fresh/@0/disk.qed"), "qed", &src);
+    ok("mkdir", &[s(&m.at("user/unused"))]);
+    ok("rmdir", &[s(&m.at("user/unused"))]);
+    assert!(!m.at("user/unused").exists());
+}
+
+#[test]
+fn copying_with_attributes_works_and_a_published_name_changes_kind_at_once() {
+    // The default refresh time, so that the kernel caches entries and only the daemon's
+    // invalidation can make the new kind visible at once.
+    let Some(m) = Mounted::start_with(&["-o", "refresh=30"]) else {
+        return;
+    };
+    let src = m.source_raw("src.raw", "8M");
+    let qcow = m.source_as(&src, "qcow2", "kept.qcow2");
+    ok("cp", &["-a", s(&qcow), s(&m.at("user/"))]);
+    let st = fs::symlink_metadata(m.at("user/kept")).expect("kept/ right after cp");
+    assert!(st.is_dir());
+    // Listings show the image at once (the file's name still answers its writer's
+    // metadata calls for a moment, for `install -m`).
+    assert_eq!(ok("ls", &[s(&m.at("user"))]), "kept\n");
+    ok(
+        "install",
+        &["-m", "644", s(&src), s(&m.at("user/installed.raw"))],
+    );
+    assert!(m.at("user/installed").is_dir());
+    assert_eq!(m.meta_names("user"), ["installed@0", "kept@0"]);
+    assert_view_is(&m.at("user/kept/@0/disk.raw"), "raw", &src);
+}
+
+#[test]
+fn a_read_only_mount_refuses_every_change() {
+    let Some(m) = Mounted::start_with(&["-o", "ro"]) else {
+        return;
+    };
+    let src = m.source_raw("src.raw", "8M");
+    let out = run("cp", &[s(&src), s(&m.at("user/"))]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
+        "{out:?}"
+    );
+    let err = fs::create_dir(m.at("user/x")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+}
+
+#[test]
+fn the_mount_helper_accepts_fstab_options() {
+    let Some(m) = Mounted::start() else { return };
+    m.unmount();
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("mount-helpers/mount.pcocc-imagefs");
+    let bin_dir = Path::new(DAEMON).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(&helper)
+        .args([
+            s(&m.config()),
+            s(&m.mnt),
+            "-o",
+            "allow_other,defaults,nofail,_netdev,x-systemd.automount,noatime",
+        ])
+        .env("PATH", path)
+        .output()
+        .expect("run mount.pcocc-imagefs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(m.is_mounted());
+    assert!(m.at("user").is_dir() && m.at("global").is_dir());
+    let bad = Command::new(&helper)
+        .args([
+            s(&m.config()),
+            s(&m.dir.path().join("other")),
+            "-o",
+            "allow_other,nosuchoption",
+        ])
+        .env("PATH", format!("{}:/usr/bin:/bin", bin_dir.display()))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("unknown mount option 'nosuchoption'"),
+        "{bad:?}"
     );
 }
 

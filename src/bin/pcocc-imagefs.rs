@@ -106,6 +106,26 @@ fn run(args: Args) -> Result<(), String> {
     }
 }
 
+/// The mount flag for a kernel option `-o` accepted. `relatime` and `nodiratime` are what
+/// the kernel does by default for a FUSE mount, so they need no flag.
+fn kernel_flag(name: &str) -> Option<fuser::MountOption> {
+    use fuser::MountOption as M;
+    Some(match name {
+        "nosuid" => M::NoSuid,
+        "suid" => M::Suid,
+        "nodev" => M::NoDev,
+        "dev" => M::Dev,
+        "noexec" => M::NoExec,
+        "exec" => M::Exec,
+        "noatime" => M::NoAtime,
+        "atime" => M::Atime,
+        "sync" => M::Sync,
+        "async" => M::Async,
+        "dirsync" => M::DirSync,
+        _ => return None,
+    })
+}
+
 fn serve(
     config: &Config,
     settings: &MountSettings,
@@ -137,9 +157,7 @@ fn serve(
     if settings.default_permissions {
         opts.push(fuser::MountOption::DefaultPermissions);
     }
-    for f in &settings.kernel_flags {
-        opts.push(fuser::MountOption::CUSTOM(f.clone()));
-    }
+    opts.extend(settings.kernel_flags.iter().filter_map(|f| kernel_flag(f)));
     cfg.mount_options = opts;
     cfg.acl = if settings.allow_other {
         fuser::SessionACL::All

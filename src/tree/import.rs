@@ -228,6 +228,7 @@ impl Tree {
             state: Mutex::new(State::Writing { tmp, size: 0 }),
             writing: AtomicBool::new(true),
             opens: AtomicUsize::new(0),
+            published: Mutex::new(None),
         });
         {
             let mut map = self.pending.imports();
@@ -292,6 +293,14 @@ impl Tree {
                     .map(|h| h.import().clone())
                     .or_else(|| self.pending.find(node, caller, false))
                     .ok_or_else(|| Error::NoEntry(display(node)))?;
+                if !imp.is_writing() {
+                    // Published: the mode, owner and times of the file no longer matter
+                    // (the revision has its own); its size can no longer change.
+                    return match set.size {
+                        Some(_) => Err(Error::ReadOnly(display(node))),
+                        None => imp.attr(),
+                    };
+                }
                 if let Some(len) = set.size {
                     imp.set_size(len)?;
                 }

@@ -147,6 +147,11 @@ impl Tree {
                 if self.pending.find(&pending, caller, true).is_some() {
                     return Ok(pending);
                 }
+                // The image directory wins over a file of the same name just published.
+                let taken = store::is_valid_name(name) && !store.revisions(name)?.is_empty();
+                if !taken && self.pending.find_recent(&pending, caller).is_some() {
+                    return Ok(pending);
+                }
                 if !store::is_valid_name(name)
                     || (store.revisions(name)?.is_empty()
                         && self.pending.empty_dir(repo, name).is_none())
@@ -165,7 +170,11 @@ impl Tree {
                     image: Some(image.clone()),
                     name: name.to_string(),
                 };
-                if self.pending.find(&pending, caller, true).is_some() {
+                if self.pending.find(&pending, caller, true).is_some()
+                    || (name != LATEST
+                        && parse_revision_dir_name(name).is_none()
+                        && self.pending.find_recent(&pending, caller).is_some())
+                {
                     return Ok(pending);
                 }
                 if name == LATEST {

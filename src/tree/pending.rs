@@ -12,7 +12,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How long the name of a file just published still answers metadata calls from its
+/// writer: `install -m` and `rsync` set the mode and times by path after `close`, when
+/// the file has already become an image. Listings show the image directory at once.
+pub(super) const PUBLISHED_GRACE: Duration = Duration::from_secs(5);
 
 use super::access;
 use super::nodes::{display, revision_dir_name};
@@ -52,6 +57,18 @@ pub(super) struct Import {
     /// holds for as long as the conversion takes: lookups and listings must not wait.
     pub(super) writing: AtomicBool,
     pub(super) opens: AtomicUsize,
+    /// When it was published, for [`PUBLISHED_GRACE`].
+    pub(super) published: Mutex<Option<Instant>>,
+}
+
+impl Import {
+    /// True within [`PUBLISHED_GRACE`] of a successful publish.
+    pub(super) fn recently_published(&self) -> bool {
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() < PUBLISHED_GRACE)
+    }
 }
 
 /// Files being imported and empty image directories, shared by the tree and its
@@ -77,6 +94,19 @@ impl Pending {
         let imp = self.imports().get(node).cloned()?;
         let ok = imp.writer.uid == caller.uid && (!writing || imp.is_writing());
         ok.then_some(imp)
+    }
+
+    /// The file at `node` that `caller` published a moment ago (see [`PUBLISHED_GRACE`]);
+    /// forgets such files once their grace is over.
+    pub(super) fn find_recent(&self, node: &Node, caller: &Caller) -> Option<Arc<Import>> {
+        let mut map = self.imports();
+        map.retain(|_, imp| {
+            imp.is_writing() || imp.opens.load(Ordering::Acquire) > 0 || imp.recently_published()
+        });
+        let imp = map.get(node).cloned()?;
+        // A staging file's name went away with its rename: only created names linger.
+        (imp.writer.uid == caller.uid && imp.recently_published() && !imp.is_staging())
+            .then_some(imp)
     }
 
     /// Names of the files `caller` is writing in a directory.
@@ -125,7 +155,7 @@ impl Pending {
 
     /// Forgets `imp` (if it is still the file at its node) and drops its data.
     pub(super) fn drop_import(&self, imp: &Arc<Import>) {
-        {
+        if !imp.recently_published() {
             let mut map = self.imports();
             let node = imp.node();
             if map.get(&node).is_some_and(|i| Arc::ptr_eq(i, imp)) {
@@ -249,6 +279,7 @@ impl Import {
                 let attr = self.attr_of(&st)?;
                 self.writing.store(false, Ordering::Release);
                 *st = State::Published(attr);
+                *self.published.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 pending.remove_empty_dir(self.store.name(), target.image());
                 Ok(meta)
             }

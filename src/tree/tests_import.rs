@@ -270,7 +270,17 @@ fn a_file_written_into_a_repository_becomes_a_new_image_at_close() {
             .meta;
         assert_eq!(meta.revision, 0);
         assert_published(&f, "user", &meta, &src, name);
-        assert!(f.tree.lookup(&f.me, &node_repo("user"), &file).is_err());
+        // The file's name is gone from listings; for a moment it still answers its
+        // writer's metadata calls (install -m), never anyone else's.
+        let listed = f.tree.readdir(&f.me, &node_repo("user")).unwrap();
+        assert!(listed.iter().all(|e| e.name != file), "{file} still listed");
+        let other = Caller {
+            uid: f.me.uid + 1,
+            ..f.me.clone()
+        };
+        if file != image {
+            assert!(f.tree.lookup(&other, &node_repo("user"), &file).is_err());
+        }
         let img = f.tree.lookup(&f.me, &node_repo("user"), &image).unwrap();
         assert_eq!(img, node_image("user", &image));
     }

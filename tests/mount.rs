@@ -711,6 +711,20 @@ fn another_user_reads_what_they_may_and_cannot_import_where_they_may_not() {
         "{out:?}"
     );
     assert!(m.meta_names("user").is_empty());
+    // Where nobody may write, nobody imports, and what they import is theirs.
+    ok("chmod", &["-R", "a+rwX", s(&m.repo("global"))]);
+    let out = as_nobody(&["cp", s(&src), s(&m.at("global/mine.raw"))]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta_file = m.repo("global").join("meta/mine@0");
+    let meta = fs::read_to_string(&meta_file).unwrap();
+    assert!(meta.contains("\"owner\": \"nobody\""), "{meta}");
+    assert_eq!(fs::metadata(&meta_file).unwrap().uid(), 65534);
+    let listed = ok("ls", &["-ln", s(&m.at("global/mine/@0/disk.raw"))]);
+    assert!(listed.contains(" 65534 "), "{listed}");
 }
 
 #[test]

@@ -268,6 +268,7 @@ impl Import {
             publish::publish(
                 &self.store,
                 &owner,
+                publish::FileOwner::for_caller(&self.writer, &self.store),
                 tmp.path(),
                 format,
                 target,

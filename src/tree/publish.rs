@@ -111,6 +111,7 @@ pub fn check_target(store: &Store, target: &Target) -> Result<(), Error> {
 pub fn publish(
     store: &Store,
     owner: &str,
+    file_owner: Option<FileOwner>,
     source: &Path,
     format: Format,
     target: &Target,
@@ -120,14 +121,55 @@ pub fn publish(
     let disk = open_standalone(source, format)?;
     let out = store.tmp_file()?;
     let converted = convert::to_qcow2_layer(&disk, out.file(), out.path(), progress)?;
-    out.file().sync_all().map_err(|source| store::Error::Io {
+    let io = |source| store::Error::Io {
         path: out.path().to_path_buf(),
         source,
-    })?;
+    };
+    out.file().sync_all().map_err(io)?;
+    // A new layer belongs to its importer, as with pcocc (which runs as the user); a
+    // layer that already exists keeps its owner, since this scratch file is then dropped.
+    if let Some(o) = file_owner {
+        std::os::unix::fs::fchown(out.file(), Some(o.uid), Some(o.gid)).map_err(io)?;
+    }
     let hash = store.add_layer(out.path(), Some(&converted.sha256))?;
     // The scratch file is now the layer (or was removed as a duplicate).
     out.keep();
-    write_meta(store, owner, &hash, target)
+    let meta = write_meta(store, owner, &hash, target)?;
+    if let Some(o) = file_owner {
+        let path = store.meta_path(&meta.name, meta.revision);
+        std::os::unix::fs::lchown(&path, Some(o.uid), Some(o.gid))
+            .map_err(|source| store::Error::Io { path, source })?;
+    }
+    Ok(meta)
+}
+
+/// Who the files of an import made by a root daemon for another user belong to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileOwner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl FileOwner {
+    /// The owner for files `caller` imports into `store`, when this process must set it
+    /// (it runs as root for someone else): the caller, with the group of the repository
+    /// directory when that directory is set-group-ID (as the kernel would do).
+    pub fn for_caller(caller: &super::Caller, store: &Store) -> Option<FileOwner> {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid only reads the process credentials.
+        let euid = unsafe { libc::geteuid() };
+        if euid != 0 || caller.uid == 0 {
+            return None;
+        }
+        let gid = match std::fs::metadata(store.path()) {
+            Ok(m) if m.mode() & libc::S_ISGID != 0 => m.gid(),
+            _ => caller.gid,
+        };
+        Some(FileOwner {
+            uid: caller.uid,
+            gid,
+        })
+    }
 }
 
 /// Creates the metadata of the new revision: `name@0`, or `latest + 1` retried while

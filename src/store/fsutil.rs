@@ -195,10 +195,14 @@ fn write_excl(dest: &Path, bytes: &[u8]) -> Result<(), Error> {
 }
 
 /// Reads a whole small file, refusing one larger than `max` bytes before allocating for
-/// it (metadata and configuration files are untrusted input).
+/// it (metadata and configuration files are untrusted input), and refusing a symlink:
+/// whoever may write to a repository could otherwise make a root daemon read any file.
 pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
-    let f = File::open(path)?;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
     let len = f.metadata()?.len();
     if len > max {
         return Err(io::Error::new(

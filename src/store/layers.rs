@@ -20,6 +20,8 @@ use super::{Error, Store, is_hash};
 const LAYER_MODE: u32 = 0o444;
 /// Buffer for hashing and copying layers.
 const IO_CHUNK: usize = 1 << 20;
+/// Times a layer is placed again after gc removed its fresh `data/XX/` directory.
+const PREFIX_DIR_ATTEMPTS: u32 = 8;
 
 /// A scratch file in a repository's `.tmp/`, removed when dropped unless it was turned
 /// into a layer ([`Store::add_layer`]) or kept ([`TmpFile::keep`]).
@@ -111,14 +113,16 @@ impl Store {
             fs::remove_file(tmp).map_err(|e| io_err(tmp, e))?;
             return Ok(hash);
         }
+        // The mode first, then the sync, so that the mode (and an owner set by the
+        // caller) is as durable as the bytes.
+        fs::set_permissions(tmp, fs::Permissions::from_mode(LAYER_MODE))
+            .map_err(|e| io_err(tmp, e))?;
         File::open(tmp)
             .and_then(|f| f.sync_all())
             .map_err(|e| io_err(tmp, e))?;
-        fs::set_permissions(tmp, fs::Permissions::from_mode(LAYER_MODE))
-            .map_err(|e| io_err(tmp, e))?;
-        self.ensure_prefix_dir(&dest)?;
         // Overwriting a layer that appeared meanwhile is harmless: same name, same bytes.
-        fs::rename(tmp, &dest).map_err(|e| io_err(&dest, e))?;
+        self.place_in_prefix_dir(&dest, |dest| fs::rename(tmp, dest))?
+            .map_err(|e| io_err(&dest, e))?;
         fsutil::sync_dir(dest.parent().unwrap_or(&self.data_dir()))?;
         Ok(hash)
     }
@@ -139,8 +143,10 @@ impl Store {
         if fs::symlink_metadata(&from).is_err() {
             return Err(Error::NotFound { path: from });
         }
-        self.ensure_prefix_dir(&dest)?;
-        match fs::hard_link(&from, &dest) {
+        // Never a symlink leading out of the source repository (link(2) would link the
+        // symlink itself, and a copy would read its target).
+        let from = src.layer_file(hash)?;
+        match self.place_in_prefix_dir(&dest, |dest| fs::hard_link(&from, dest))? {
             Ok(()) => {
                 fsutil::sync_dir(dest.parent().unwrap_or(&self.data_dir()))?;
                 return Ok(LayerTransfer::Linked);
@@ -162,6 +168,31 @@ impl Store {
         }
         self.add_layer(tmp.path(), Some(hash))?;
         Ok(LayerTransfer::Copied)
+    }
+
+    /// Runs `place` (a rename or link to `dest`) after creating `data/XX/` if needed.
+    /// gc removes a `data/XX/` it has emptied, possibly between the creation and the
+    /// placing: the directory is then created again and `place` retried. The outer
+    /// error is the directory's, the inner result `place`'s.
+    fn place_in_prefix_dir(
+        &self,
+        dest: &Path,
+        place: impl Fn(&Path) -> io::Result<()>,
+    ) -> Result<io::Result<()>, Error> {
+        let mut attempts = 0;
+        loop {
+            self.ensure_prefix_dir(dest)?;
+            match place(dest) {
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound
+                        && attempts < PREFIX_DIR_ATTEMPTS
+                        && dest.parent().is_some_and(|d| !d.exists()) =>
+                {
+                    attempts += 1;
+                }
+                r => return Ok(r),
+            }
+        }
     }
 
     /// Creates `data/XX/` for `dest` if needed, syncing `data/` when it did.

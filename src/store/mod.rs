@@ -261,6 +261,37 @@ impl Store {
         self.data_dir().join(prefix).join(hash)
     }
 
+    /// The file of layer `hash`, resolved and checked to be a regular file inside
+    /// `data/`, for opening. Anyone who may write to a repository can put a symlink
+    /// there (as a layer or as a `data/XX/` directory); a daemon running as root must not
+    /// follow it to a file its caller could not read, so a path that resolves outside
+    /// `data/` is refused. The result has no symlink left in it.
+    pub fn layer_file(&self, hash: &str) -> Result<PathBuf, Error> {
+        let path = self.layer_path(hash);
+        let refuse = |why: &str| {
+            io_err(
+                &path,
+                io::Error::new(io::ErrorKind::PermissionDenied, why.to_string()),
+            )
+        };
+        if !is_hash(hash) {
+            return Err(Error::BadHash(hash.to_string()));
+        }
+        let resolved = path.canonicalize().map_err(|e| io_err(&path, e))?;
+        let data = self.data_dir();
+        let data = data.canonicalize().map_err(|e| io_err(&data, e))?;
+        if !resolved.starts_with(&data) {
+            return Err(refuse(
+                "the layer resolves outside the repository's data/ directory: refused",
+            ));
+        }
+        match fs::symlink_metadata(&resolved) {
+            Ok(m) if m.is_file() => Ok(resolved),
+            Ok(_) => Err(refuse("the layer is not a regular file")),
+            Err(e) => Err(io_err(&path, e)),
+        }
+    }
+
     /// True when this repository holds layer `hash`.
     pub fn has_layer(&self, hash: &str) -> bool {
         is_hash(hash) && fs::symlink_metadata(self.layer_path(hash)).is_ok()

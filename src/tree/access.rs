@@ -44,17 +44,33 @@ pub fn permits(caller: &Caller, m: &std::fs::Metadata, want: u32) -> bool {
     bits & want == want
 }
 
-/// Fails with `PermissionDenied` unless `caller` may access `path` for `want`.
+/// Fails with `PermissionDenied` unless `caller` may access `path` for `want`, and may
+/// search every directory above it, as path resolution by the kernel requires: a
+/// repository whose own directory is 0700 keeps its `meta/` private whatever the mode
+/// of `meta/`.
 pub fn check(caller: &Caller, path: &Path, want: u32) -> Result<(), Error> {
-    let m = std::fs::metadata(path).map_err(|source| crate::store::Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if permits(caller, &m, want) {
-        Ok(())
-    } else {
-        Err(Error::PermissionDenied(path.display().to_string()))
+    let stat = |p: &Path| {
+        std::fs::metadata(p).map_err(|source| crate::store::Error::Io {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let m = stat(path)?;
+    if !permits(caller, &m, want) {
+        return Err(Error::PermissionDenied(path.display().to_string()));
     }
+    if caller.uid != 0 {
+        for dir in path
+            .ancestors()
+            .skip(1)
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            if !permits(caller, &stat(dir)?, X) {
+                return Err(Error::PermissionDenied(path.display().to_string()));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `repo list`'s WRITABLE: `access(W_OK)` for this process, the mode check for anyone

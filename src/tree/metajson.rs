@@ -40,13 +40,18 @@ pub fn render(store: &Store, meta: &Meta) -> Vec<u8> {
         .iter()
         .map(|h| {
             let path = store.layer_path(h);
-            let size = std::fs::metadata(&path).ok().map(|m| m.len());
+            // Not following a symlink: a layer is a regular file in data/.
+            let size = std::fs::symlink_metadata(&path)
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len());
             json!({"sha256": h, "path": path.display().to_string(), "size": size})
         })
         .collect();
     let virtual_size = hashes
         .last()
-        .and_then(|h| qcow2_virtual_size(&store.layer_path(h)));
+        .and_then(|h| store.layer_file(h).ok())
+        .and_then(|p| qcow2_virtual_size(&p));
     obj.insert("repo".into(), Value::from(store.name()));
     obj.insert("virtual_size".into(), json!(virtual_size));
     obj.insert("layers".into(), Value::Array(layers));

@@ -157,7 +157,8 @@ impl Tree {
                 .top_layer()
                 .ok()
                 .flatten()
-                .and_then(|h| std::fs::metadata(store.layer_path(h)).ok())
+                .and_then(|h| std::fs::symlink_metadata(store.layer_path(h)).ok())
+                .filter(|m| m.is_file())
                 .map(|m| m.len());
             out.push(RevisionInfo {
                 meta,

@@ -137,7 +137,9 @@ pub fn publish(
     let meta = write_meta(store, owner, &hash, target)?;
     if let Some(o) = file_owner {
         let path = store.meta_path(&meta.name, meta.revision);
+        // The new owner made as durable as the file (the store synced it before).
         std::os::unix::fs::lchown(&path, Some(o.uid), Some(o.gid))
+            .and_then(|()| File::open(&path)?.sync_all())
             .map_err(|source| store::Error::Io { path, source })?;
     }
     Ok(meta)

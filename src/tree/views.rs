@@ -56,7 +56,8 @@ impl OpenedRevision {
         let policy = WithinDir {
             root: store.data_dir(),
         };
-        let top_path = store.layer_path(top);
+        // Resolved and confined to data/ (backing names are, by the policy).
+        let top_path = store.layer_file(top)?;
         let disk = Arc::new(open_chain(&top_path, &policy)?);
         let single_layer = (disk.layers().len() == 1).then_some(top_path);
         Ok(OpenedRevision {

@@ -1,0 +1,803 @@
+//! Reliability and security through real mounts (issue 7, points 2 to 4): daemons and
+//! CLI imports killed with SIGKILL, two daemons and the CLI working on the same
+//! repositories at once (standing in for two nodes of a shared filesystem), and other
+//! users on a root mount with `allow_other`. Each test tries to break a promise of the
+//! README's "Guarantees" section and judges the repository left on disk with qemu-img.
+//! Needs root, `/dev/fuse`, qemu-img and setpriv (CI has all of them); without them each
+//! test prints why and returns.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_pcocc-imagefs");
+const PCOCC: &str = env!("CARGO_BIN_EXE_pcocc");
+/// The unprivileged user of the other-user tests (`nobody` on Debian-like systems).
+const NOBODY: u32 = 65534;
+/// A group no account has, given to `nobody` as a supplementary group by setpriv.
+const TEAM_GID: u32 = 4242;
+/// How many imports race each other in the concurrency tests.
+const RACERS: usize = 6;
+
+fn can_mount() -> bool {
+    // SAFETY: geteuid only reads the process credentials.
+    let root = unsafe { libc::geteuid() } == 0;
+    let fuse = Path::new("/dev/fuse").exists();
+    let tools = ["qemu-img", "setpriv"].iter().all(|t| {
+        Command::new(t)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !(root && fuse && tools) {
+        eprintln!(
+            "SKIPPED: reliability tests need root ({root}), /dev/fuse ({fuse}), qemu-img and setpriv ({tools})"
+        );
+    }
+    root && fuse && tools
+}
+
+#[track_caller]
+fn run(prog: &str, args: &[&str]) -> Output {
+    Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
+}
+
+#[track_caller]
+fn ok(prog: &str, args: &[&str]) -> String {
+    let out = run(prog, args);
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 test path")
+}
+
+fn sha256_file(p: &Path) -> String {
+    let bytes = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+    hex(&bytes)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs `args` as `nobody` with the supplementary `groups` (none when empty).
+fn as_nobody(groups: &[u32], args: &[&str]) -> Output {
+    let ids = [format!("--reuid={NOBODY}"), format!("--regid={NOBODY}")];
+    let group_list = groups
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let group_arg = format!("--groups={group_list}");
+    let mut full: Vec<&str> = vec![&ids[0], &ids[1]];
+    if groups.is_empty() {
+        full.push("--clear-groups");
+    } else {
+        full.push(&group_arg);
+    }
+    full.push("--");
+    full.extend_from_slice(args);
+    run("setpriv", &full)
+}
+
+/// Repositories `user` (the default) and `global` in a temporary directory, and any
+/// number of daemons mounted on them; every mount is unmounted when dropped.
+struct Site {
+    dir: tempfile::TempDir,
+    mounts: Vec<PathBuf>,
+}
+
+impl Site {
+    /// A site with one mount (`refresh=0`).
+    fn start() -> Option<Site> {
+        let mut site = Site::new()?;
+        site.add_mount(&["-o", "refresh=0"]);
+        Some(site)
+    }
+
+    fn new() -> Option<Site> {
+        if !can_mount() {
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("imagefs-reliab")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
+        let site = Site {
+            dir,
+            mounts: Vec::new(),
+        };
+        for sub in ["repos", "work", "user-conf", "home"] {
+            fs::create_dir_all(site.dir.path().join(sub)).unwrap();
+        }
+        // Others must be able to reach the repositories and sources.
+        for d in [site.dir.path().to_path_buf(), site.dir.path().join("repos")] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        fs::set_permissions(site.work(), fs::Permissions::from_mode(0o777)).unwrap();
+        fs::write(
+            site.config(),
+            format!(
+                "repos:\n  - name: user\n    path: {}\n  - name: global\n    path: {}\n",
+                s(&site.repo("user")),
+                s(&site.repo("global"))
+            ),
+        )
+        .unwrap();
+        // Let the CLI create the repositories, as a first use does.
+        site.pcocc_ok(&["image", "repo", "list"]);
+        Some(site)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("repos.yaml")
+    }
+
+    /// Mounts one more daemon on the same repositories (with `allow_other` and `extra`)
+    /// and returns its index.
+    fn add_mount(&mut self, extra: &[&str]) -> usize {
+        let mnt = self.dir.path().join(format!("mnt{}", self.mounts.len()));
+        self.mounts.push(mnt);
+        let i = self.mounts.len() - 1;
+        self.mount(i, extra);
+        i
+    }
+
+    /// Starts the daemon of mount `i`; it returns once the mount is live (a dead mount
+    /// left by a killed daemon is cleared by the new one).
+    fn mount(&self, i: usize, extra: &[&str]) {
+        let config = self.config();
+        let mut args = vec!["--config", s(&config), "-o", "allow_other"];
+        args.extend_from_slice(extra);
+        args.push(s(&self.mounts[i]));
+        let out = Command::new(DAEMON)
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .output()
+            .expect("run pcocc-imagefs");
+        assert!(
+            out.status.success(),
+            "pcocc-imagefs failed: {}",
+            stderr(&out)
+        );
+        assert!(is_mounted(&self.mounts[i]), "mount not live");
+    }
+
+    fn at(&self, i: usize, rel: &str) -> PathBuf {
+        self.mounts[i].join(rel)
+    }
+
+    fn repo(&self, name: &str) -> PathBuf {
+        self.dir.path().join("repos").join(name)
+    }
+
+    fn work(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    /// The CLI, with this site's configuration as the system file.
+    fn pcocc(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(PCOCC);
+        c.args(args)
+            .current_dir(self.work())
+            .env("HOME", self.dir.path().join("home"))
+            .env("PCOCC_USER_CONF_DIR", self.dir.path().join("user-conf"))
+            .env("PCOCC_SYSTEM_CONF_DIR", self.dir.path())
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    #[track_caller]
+    fn pcocc_ok(&self, args: &[&str]) -> String {
+        let out = self.pcocc(args).output().expect("run pcocc");
+        assert!(out.status.success(), "pcocc {args:?}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn meta_names(&self, repo: &str) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.repo(repo).join("meta"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn tmp_entries(&self, repo: &str) -> Vec<PathBuf> {
+        fs::read_dir(self.repo(repo).join(".tmp"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every revision of `repo` names layers that exist and that `qemu-img check`
+    /// finds clean; returns how many revisions there are.
+    #[track_caller]
+    fn assert_every_revision_sound(&self, repo: &str) -> usize {
+        let names = self.meta_names(repo);
+        for name in &names {
+            let meta = fs::read_to_string(self.repo(repo).join("meta").join(name)).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&meta).unwrap();
+            let blobs = v["data_blobs"].as_array().expect("data_blobs");
+            assert!(!blobs.is_empty(), "{name} has no layer");
+            for b in blobs {
+                let h = b.as_str().unwrap().trim_start_matches("sha256:");
+                let layer = self.repo(repo).join("data").join(&h[..2]).join(h);
+                assert!(
+                    layer.is_file(),
+                    "{name}: layer {} is missing",
+                    layer.display()
+                );
+                ok("qemu-img", &["check", "-q", "-f", "qcow2", s(&layer)]);
+            }
+        }
+        names.len()
+    }
+
+    /// A raw disk of `size` with a few recognisable extents (and holes); `seed` makes
+    /// the content (and so the layer) distinct.
+    fn source_raw(&self, name: &str, size: &str, seed: u8) -> PathBuf {
+        let p = self.work().join(name);
+        ok("qemu-img", &["create", "-q", "-f", "raw", s(&p), size]);
+        let cmds = [
+            format!("write -P {} 0 1M", 0x11u8.wrapping_add(seed)),
+            format!("write -P {} 3M 64k", 0x22u8.wrapping_add(seed)),
+        ];
+        ok(
+            "qemu-io",
+            &["-f", "raw", "-c", &cmds[0], "-c", &cmds[1], s(&p)],
+        );
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        p
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        for m in &self.mounts {
+            unmount(m);
+        }
+    }
+}
+
+fn is_mounted(mnt: &Path) -> bool {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(s(mnt)))
+}
+
+fn unmount(mnt: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_mounted(mnt) {
+        if run("umount", &[s(mnt)]).status.success() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = run("umount", &["-l", s(mnt)]);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The pid of the pcocc-imagefs process serving `mnt` (from its command line).
+fn daemon_pid(mnt: &Path) -> Option<i32> {
+    for e in fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"pcocc-imagefs"));
+        if is_daemon && args.contains(&mnt.as_os_str().as_encoded_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes; true if it held.
+fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Crashes
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_daemon_killed_during_an_import_leaves_no_partial_image_and_gc_empties_tmp() {
+    let Some(site) = Site::start() else { return };
+    let kept = site.source_raw("kept.raw", "8M", 0);
+    ok("cp", &[s(&kept), s(&site.at(0, "user/"))]);
+    // A large sparse source written slowly through the mount: 1 MiB every 20 ms at
+    // offsets spread over 4 GiB, so the daemon is killed with the import half done.
+    let target = site.at(0, "user/partial.raw");
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut f = fs::File::create(target)?;
+        let chunk = vec![0x5au8; 1 << 20];
+        for i in 0..200u64 {
+            f.seek(SeekFrom::Start(i * (20 << 20)))?;
+            f.write_all(&chunk)?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        f.sync_all()
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || !site
+            .tmp_entries("user")
+            .is_empty()),
+        "the import never started writing under .tmp/"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = daemon_pid(&site.mounts[0]).expect("daemon pid");
+    // SAFETY: killing the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let written = writer.join().expect("writer thread");
+    assert!(
+        written.is_err(),
+        "the import must fail when its daemon dies"
+    );
+
+    site.mount(0, &["-o", "refresh=0"]);
+    assert_eq!(site.meta_names("user"), ["kept@0"]);
+    let listed = fs::read_dir(site.at(0, "user"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(listed, ["kept"], "the partial image must not be visible");
+    assert_eq!(site.assert_every_revision_sound("user"), 1);
+    assert_eq!(
+        sha256_file(&site.at(0, "user/kept/@0/disk.raw")),
+        sha256_file(&kept)
+    );
+    // The killed import's scratch file stays until gc, which then leaves .tmp/ empty.
+    assert!(!site.tmp_entries("user").is_empty());
+    site.pcocc_ok(&["image", "repo", "gc", "--grace", "0", "user"]);
+    assert_eq!(site.tmp_entries("user"), Vec::<PathBuf>::new());
+    assert_eq!(site.assert_every_revision_sound("user"), 1);
+}
+
+#[test]
+fn a_cli_import_killed_midway_leaves_no_partial_image_and_gc_empties_tmp() {
+    let Some(site) = Site::start() else { return };
+    let kept = site.source_raw("kept.raw", "8M", 0);
+    site.pcocc_ok(&["image", "import", s(&kept), "user:kept"]);
+    // 256 MiB of data: converting and hashing it takes long enough to be interrupted.
+    let big = site.work().join("big.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&big), "256M"]);
+    ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 0 256M", s(&big)],
+    );
+    let mut child = site
+        .pcocc(&["image", "import", s(&big), "user:big"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pcocc import");
+    // Killed as soon as its scratch layer holds data.
+    let started = eventually(Duration::from_secs(30), || {
+        site.tmp_entries("user")
+            .iter()
+            .any(|p| fs::metadata(p).is_ok_and(|m| m.len() > 0))
+    });
+    child.kill().expect("SIGKILL the import");
+    let status = child.wait().unwrap();
+    assert!(started, "the import never wrote under .tmp/");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the import ended first"
+    );
+
+    assert_eq!(site.meta_names("user"), ["kept@0"]);
+    let listed = fs::read_dir(site.at(0, "user"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(listed, ["kept"], "the partial image must not be visible");
+    assert_eq!(site.assert_every_revision_sound("user"), 1);
+    site.pcocc_ok(&["image", "repo", "gc", "--grace", "0", "user"]);
+    assert_eq!(site.tmp_entries("user"), Vec::<PathBuf>::new());
+    assert_eq!(site.assert_every_revision_sound("user"), 1);
+    // And the image imports fine afterwards.
+    site.pcocc_ok(&["image", "import", s(&kept), "user:again"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Concurrent hosts
+// ---------------------------------------------------------------------------------------
+
+/// Two daemons on the same repositories, with a refresh time of one second.
+const REFRESH_SECS: u64 = 1;
+
+fn two_hosts() -> Option<Site> {
+    let mut site = Site::new()?;
+    let refresh = format!("refresh={REFRESH_SECS}");
+    site.add_mount(&["-o", &refresh]);
+    site.add_mount(&["-o", &refresh]);
+    Some(site)
+}
+
+/// How one import of a race went: success, or the tool's error output.
+fn import_via(site: &Site, how: usize, src: &Path, name: &str) -> Result<(), String> {
+    let out = match how % 3 {
+        0 | 1 => {
+            let dest = site.at(how % 3, &format!("user/{name}.raw"));
+            Command::new("cp").args([s(src), s(&dest)]).output()
+        }
+        _ => site
+            .pcocc(&["image", "import", s(src), &format!("user:{name}")])
+            .output(),
+    }
+    .expect("run an import");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(stderr(&out))
+    }
+}
+
+#[test]
+fn parallel_imports_of_distinct_names_all_land_and_show_on_both_mounts() {
+    let Some(site) = two_hosts() else { return };
+    let sources: Vec<PathBuf> = (0..RACERS)
+        .map(|i| site.source_raw(&format!("s{i}.raw"), "8M", i as u8))
+        .collect();
+    // Both mounts have listed the repository before, so their caches must expire.
+    for m in 0..2 {
+        assert_eq!(fs::read_dir(site.at(m, "user")).unwrap().count(), 0);
+    }
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, src)| {
+                let site = &site;
+                sc.spawn(move || import_via(site, i, src, &format!("img{i}")))
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            assert_eq!(h.join().unwrap(), Ok(()), "import {i}");
+        }
+    });
+    let expected: Vec<String> = (0..RACERS).map(|i| format!("img{i}@0")).collect();
+    assert_eq!(site.meta_names("user"), expected);
+    let limit = Duration::from_millis(REFRESH_SECS * 1000 + 500);
+    for m in 0..2 {
+        assert!(
+            eventually(limit, || fs::read_dir(site.at(m, "user"))
+                .map(|d| d.count() == RACERS)
+                .unwrap_or(false)),
+            "mount {m} does not list every image within the refresh time"
+        );
+        for (i, src) in sources.iter().enumerate() {
+            let disk = site.at(m, &format!("user/img{i}/@0/disk.raw"));
+            assert_eq!(sha256_file(&disk), sha256_file(src), "{}", disk.display());
+        }
+    }
+    assert_eq!(site.assert_every_revision_sound("user"), RACERS);
+    assert_eq!(site.tmp_entries("user"), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn parallel_imports_of_one_name_give_one_image_and_clear_errors() {
+    let Some(site) = two_hosts() else { return };
+    let sources: Vec<PathBuf> = (0..RACERS)
+        .map(|i| site.source_raw(&format!("s{i}.raw"), "8M", i as u8))
+        .collect();
+    let results: Vec<Result<(), String>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, src)| {
+                let site = &site;
+                sc.spawn(move || import_via(site, i, src, "same"))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let winners: Vec<usize> = (0..RACERS).filter(|&i| results[i].is_ok()).collect();
+    assert_eq!(winners.len(), 1, "exactly one import wins: {results:?}");
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(
+            e.contains("File exists") || e.contains("already exists"),
+            "a losing import says why: {e}"
+        );
+    }
+    assert_eq!(site.meta_names("user"), ["same@0"]);
+    let winner = &sources[winners[0]];
+    assert_eq!(
+        sha256_file(&site.at(0, "user/same/@0/disk.raw")),
+        sha256_file(winner)
+    );
+    assert_eq!(site.assert_every_revision_sound("user"), 1);
+    assert_eq!(site.tmp_entries("user"), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn a_revision_deleted_on_one_host_keeps_reading_on_the_other_until_closed() {
+    let Some(site) = two_hosts() else { return };
+    let src = site.source_raw("src.raw", "16M", 3);
+    ok("cp", &[s(&src), s(&site.at(0, "user/victim.raw"))]);
+    let mut reader = fs::File::open(site.at(1, "user/victim/@0/disk.raw")).unwrap();
+    let mut first = vec![0u8; 2 << 20];
+    reader.read_exact(&mut first).unwrap();
+    ok("rm", &["-r", s(&site.at(0, "user/victim"))]);
+    assert!(site.meta_names("user").is_empty());
+    // The layer stays until gc; even gc now does not disturb the open reader.
+    site.pcocc_ok(&["image", "repo", "gc", "--grace", "0", "user"]);
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).unwrap();
+    first.extend_from_slice(&rest);
+    assert_eq!(hex(&first), sha256_file(&src));
+    drop(reader);
+    let gone = eventually(Duration::from_secs(REFRESH_SECS + 2), || {
+        !site.at(1, "user/victim").exists()
+    });
+    assert!(
+        gone,
+        "the deleted image must disappear from the other mount"
+    );
+}
+
+#[test]
+fn gc_running_during_imports_never_removes_a_layer_in_use() {
+    let Some(site) = two_hosts() else { return };
+    let sources: Vec<PathBuf> = (0..RACERS)
+        .map(|i| site.source_raw(&format!("s{i}.raw"), "8M", i as u8))
+        .collect();
+    // One layer shared by a revision being deleted and an import of the same content,
+    // the case where "layer just added (already there)" meets "meta not yet written".
+    ok("cp", &[s(&sources[0]), s(&site.at(0, "user/old.raw"))]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        let gc = sc.spawn(|| {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                site.pcocc_ok(&["image", "repo", "gc", "--grace", "5", "user"]);
+                runs += 1;
+            }
+            runs
+        });
+        let deleter = sc.spawn(|| {
+            std::thread::sleep(Duration::from_millis(50));
+            ok("rm", &["-r", s(&site.at(1, "user/old"))]);
+        });
+        let handles: Vec<_> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, src)| {
+                let site = &site;
+                sc.spawn(move || import_via(site, i, src, &format!("img{i}")))
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            assert_eq!(h.join().unwrap(), Ok(()), "import {i}");
+        }
+        deleter.join().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(gc.join().unwrap() > 0);
+    });
+    assert_eq!(site.assert_every_revision_sound("user"), RACERS);
+    for (i, src) in sources.iter().enumerate() {
+        let disk = site.at(0, &format!("user/img{i}/@0/disk.raw"));
+        assert_eq!(sha256_file(&disk), sha256_file(src));
+    }
+    // Past the grace period, gc takes only what nothing uses.
+    site.pcocc_ok(&["image", "repo", "gc", "--grace", "0", "user"]);
+    assert_eq!(site.assert_every_revision_sound("user"), RACERS);
+    assert_eq!(site.tmp_entries("user"), Vec::<PathBuf>::new());
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Other users
+// ---------------------------------------------------------------------------------------
+
+#[track_caller]
+fn assert_denied(out: &Output, what: &str) {
+    assert!(!out.status.success(), "{what} must be refused");
+    assert!(
+        stderr(out).contains("Permission denied"),
+        "{what} must fail with EACCES: {}",
+        stderr(out)
+    );
+}
+
+#[test]
+fn a_user_without_write_access_cannot_change_a_repository() {
+    let Some(site) = Site::start() else { return };
+    let src = site.source_raw("src.raw", "8M", 1);
+    ok("cp", &[s(&src), s(&site.at(0, "user/base.raw"))]);
+    let before = site.meta_names("user");
+    let at = |rel: &str| site.at(0, rel);
+    assert_denied(
+        &as_nobody(&[], &["cp", s(&src), s(&at("user/mine.raw"))]),
+        "cp in",
+    );
+    assert_denied(
+        &as_nobody(&[], &["rm", "-rf", s(&at("user/base"))]),
+        "rm -r",
+    );
+    assert_denied(
+        &as_nobody(&[], &["mv", s(&at("user/base")), s(&at("user/moved"))]),
+        "mv",
+    );
+    assert_denied(
+        &as_nobody(
+            &[],
+            &["ln", s(&at("user/base/@0/disk.qcow2")), s(&at("user/hard"))],
+        ),
+        "ln",
+    );
+    assert_denied(&as_nobody(&[], &["mkdir", s(&at("user/dir"))]), "mkdir");
+    assert_eq!(site.meta_names("user"), before);
+    assert_eq!(site.tmp_entries("user"), Vec::<PathBuf>::new());
+    // Still readable by them.
+    let out = as_nobody(&[], &["sha256sum", s(&at("user/base/@0/disk.raw"))]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha256_file(&src)));
+}
+
+#[test]
+fn a_group_member_imports_into_a_group_repository_and_owns_what_they_import() {
+    let Some(site) = Site::start() else { return };
+    let src = site.source_raw("src.raw", "8M", 2);
+    // The repository of a team: group-writable and set-group-ID, as an admin makes it.
+    let repo = site.repo("global");
+    ok("chgrp", &["-R", &TEAM_GID.to_string(), s(&repo)]);
+    ok("chmod", &["-R", "g+rwXs", s(&repo)]);
+    let out = as_nobody(
+        &[TEAM_GID],
+        &["cp", s(&src), s(&site.at(0, "global/teamimg.raw"))],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let meta_file = repo.join("meta/teamimg@0");
+    let meta: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&meta_file).unwrap()).unwrap();
+    assert_eq!(meta["owner"], "nobody");
+    let top = meta["data_blobs"][0].as_str().unwrap().to_string();
+    let layer = repo.join("data").join(&top[..2]).join(&top);
+    for f in [&meta_file, &layer] {
+        let m = fs::metadata(f).unwrap();
+        assert_eq!((m.uid(), m.gid()), (NOBODY, TEAM_GID), "{}", f.display());
+    }
+    assert_eq!(fs::metadata(&layer).unwrap().mode() & 0o777, 0o444);
+    assert_eq!(site.assert_every_revision_sound("global"), 1);
+    // Without the group, the same user is refused.
+    let out = as_nobody(&[], &["cp", s(&src), s(&site.at(0, "global/other.raw"))]);
+    assert_denied(&out, "cp in without the group");
+}
+
+#[test]
+fn a_repository_a_user_cannot_read_is_not_listable_by_them() {
+    let Some(site) = Site::start() else { return };
+    let src = site.source_raw("src.raw", "8M", 4);
+    ok("cp", &[s(&src), s(&site.at(0, "user/private.raw"))]);
+    fs::set_permissions(site.repo("user"), fs::Permissions::from_mode(0o700)).unwrap();
+    assert_denied(&as_nobody(&[], &["ls", s(&site.at(0, "user"))]), "ls");
+    assert_denied(
+        &as_nobody(&[], &["cat", s(&site.at(0, "user/private/@0/disk.raw"))]),
+        "reading an image",
+    );
+    // Root still sees it.
+    assert_eq!(ok("ls", &[s(&site.at(0, "user"))]), "private\n");
+}
+
+#[test]
+fn symlinks_in_a_repository_never_lead_the_daemon_outside_it() {
+    let Some(site) = Site::start() else { return };
+    // A secret only root may read, as a qcow2 image and as valid-looking metadata.
+    let secret_raw = site.source_raw("secret.raw", "8M", 9);
+    let secret = site.work().join("secret.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&secret_raw),
+            s(&secret),
+        ],
+    );
+    let secret_hash = sha256_file(&secret);
+    let secret_meta = site.work().join("secret-meta");
+    fs::write(
+        &secret_meta,
+        format!(
+            "{{\"name\": \"sneaky\", \"revision\": 0, \"kind\": \"vm\", \"owner\": \"root\", \"timestamp\": 1.0, \"data_blobs\": [\"{secret_hash}\"], \"custom_meta\": {{}}}}"
+        ),
+    )
+    .unwrap();
+    for f in [&secret_raw, &secret, &secret_meta] {
+        fs::set_permissions(f, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    // In a repository everyone may write: symlinks as layer and as metadata.
+    let repo = site.repo("global");
+    ok("chmod", &["-R", "a+rwX", s(&repo)]);
+    let data_dir = repo.join("data").join(&secret_hash[..2]);
+    fs::create_dir_all(&data_dir).unwrap();
+    std::os::unix::fs::symlink(&secret, data_dir.join(&secret_hash)).unwrap();
+    std::os::unix::fs::symlink(&secret_meta, repo.join("meta/sneaky@0")).unwrap();
+    // A data/XX directory that is a symlink to outside, holding the "layer".
+    let outside = site.work().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let other_hash = format!("ff{}", &secret_hash[2..]);
+    fs::copy(&secret, outside.join(&other_hash)).unwrap();
+    std::os::unix::fs::symlink(&outside, repo.join("data/ff")).unwrap();
+    fs::write(
+        repo.join("meta/viadir@0"),
+        format!(
+            "{{\"name\": \"viadir\", \"revision\": 0, \"kind\": \"vm\", \"owner\": \"root\", \"timestamp\": 1.0, \"data_blobs\": [\"{secret_hash}\"], \"custom_meta\": {{}}}}"
+        ),
+    )
+    .unwrap();
+    fs::write(
+        repo.join("meta/viasub@0"),
+        format!(
+            "{{\"name\": \"viasub\", \"revision\": 0, \"kind\": \"vm\", \"owner\": \"root\", \"timestamp\": 1.0, \"data_blobs\": [\"{other_hash}\"], \"custom_meta\": {{}}}}"
+        ),
+    )
+    .unwrap();
+    let secret_sum = sha256_file(&secret_raw);
+    for name in ["sneaky", "viadir", "viasub"] {
+        for view in ["disk.raw", "disk.qcow2"] {
+            let p = site.at(0, &format!("global/{name}/@0/{view}"));
+            for who in ["nobody", "root"] {
+                let out = if who == "root" {
+                    run("sha256sum", &[s(&p)])
+                } else {
+                    as_nobody(&[], &["sha256sum", s(&p)])
+                };
+                let leaked = String::from_utf8_lossy(&out.stdout).starts_with(&secret_sum)
+                    || String::from_utf8_lossy(&out.stdout).starts_with(&secret_hash);
+                assert!(!leaked, "{who} read the secret through {}", p.display());
+            }
+        }
+    }
+    // The daemon keeps serving the rest of the repository.
+    let src = site.source_raw("src.raw", "8M", 5);
+    ok("cp", &[s(&src), s(&site.at(0, "global/fine.raw"))]);
+    assert_eq!(
+        sha256_file(&site.at(0, "global/fine/@0/disk.raw")),
+        sha256_file(&src)
+    );
+}

@@ -4,8 +4,12 @@
 //! than a grace period, and upgrades a version 1 repository as pcocc's gc does. Losing
 //! data is the worst bug, so it errs towards keeping: when a metadata file cannot be
 //! read, no layer is removed; layers added within the grace period are kept (an import
-//! may be about to publish the metadata that references them); and the references are
-//! read twice, before choosing and again right before removing.
+//! may be about to publish the metadata that references them); the references are read
+//! twice, before choosing and again right before removing; and a layer's age is looked
+//! at again just before it is removed, since an import reusing an existing layer marks
+//! it (see `refresh_ctime` in layers.rs) before publishing its metadata. What remains
+//! is an import reusing the layer between that last look and the unlink, a window of
+//! microseconds that no lock-free scheme over a shared filesystem closes.
 
 use std::collections::HashSet;
 use std::fs;
@@ -122,6 +126,17 @@ impl Store {
                 Some(refs) => {
                     for (hash, path) in candidates {
                         if refs.contains(&hash) {
+                            continue;
+                        }
+                        // An import that found this layer already present marked it
+                        // (ctime) and is about to publish metadata the second scan
+                        // could not see yet: the mark is looked at again, last thing
+                        // before the removal.
+                        let reused = fs::symlink_metadata(&path)
+                            .map(|m| !older_than_grace(ctime(&m)))
+                            .unwrap_or(true);
+                        if reused {
+                            report.layers_kept_fresh.push(hash);
                             continue;
                         }
                         match fs::remove_file(&path) {

@@ -591,3 +591,41 @@ fn layer_names_accept_a_sha256_prefix_and_nothing_else() {
     assert!(parse_blob("../../etc/passwd").is_err());
     assert!(parse_blob(&HASH_A[1..]).is_err());
 }
+
+#[test]
+fn a_layer_or_layer_directory_symlinked_outside_data_is_refused() {
+    let (dir, store) = new_repo();
+    let good = add(&store, b"inside");
+    assert_eq!(
+        store.layer_file(&good).unwrap(),
+        store.layer_path(&good).canonicalize().unwrap()
+    );
+    let secret = dir.path().join("secret");
+    fs::write(&secret, b"secret").unwrap();
+    let h = sha(b"secret");
+    fs::create_dir_all(store.layer_path(&h).parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&secret, store.layer_path(&h)).unwrap();
+    let err = store.layer_file(&h).unwrap_err().to_string();
+    assert!(err.contains("outside the repository's data/"), "{err}");
+    // A whole data/XX/ directory pointing elsewhere.
+    let outside = dir.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let h2 = format!("ee{}", &h[2..]);
+    fs::write(outside.join(&h2), b"x").unwrap();
+    std::os::unix::fs::symlink(&outside, store.data_dir().join("ee")).unwrap();
+    assert!(store.layer_file(&h2).is_err());
+    // A symlink from another repository is not linked or copied in either.
+    let (_d2, other) = new_repo();
+    assert!(other.import_layer_from(&store, &h).is_err());
+    assert!(!other.has_layer(&h));
+}
+
+#[test]
+fn metadata_that_is_a_symlink_is_not_followed() {
+    let (dir, store) = new_repo();
+    let h = add(&store, b"layer");
+    let elsewhere = dir.path().join("elsewhere");
+    fs::write(&elsewhere, meta("x", 0, &[&h]).to_json()).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, store.meta_path("x", 0)).unwrap();
+    assert!(store.read_meta("x", 0).is_err());
+}

@@ -323,6 +323,16 @@ fn daemon_pid(mnt: &Path) -> Option<i32> {
     None
 }
 
+/// A child process killed (SIGKILL) and reaped when the test ends, even by a panic.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Polls `cond` every 20 ms until it holds or `limit` passes; true if it held.
 fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -359,12 +369,15 @@ fn a_daemon_killed_during_an_import_leaves_no_partial_image_and_gc_empties_tmp()
         }
         f.sync_all()
     });
-    assert!(
-        eventually(Duration::from_secs(10), || !site
-            .tmp_entries("user")
-            .is_empty()),
-        "the import never started writing under .tmp/"
-    );
+    eventually(Duration::from_secs(10), || {
+        !site.tmp_entries("user").is_empty() || writer.is_finished()
+    });
+    if writer.is_finished() || site.tmp_entries("user").is_empty() {
+        panic!(
+            "the import never started writing under .tmp/ (writer: {:?})",
+            writer.is_finished().then(|| writer.join())
+        );
+    }
     std::thread::sleep(Duration::from_millis(300));
     let pid = daemon_pid(&site.mounts[0]).expect("daemon pid");
     // SAFETY: killing the daemon this test started.
@@ -406,20 +419,21 @@ fn a_cli_import_killed_midway_leaves_no_partial_image_and_gc_empties_tmp() {
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x77 0 256M", s(&big)],
     );
-    let mut child = site
-        .pcocc(&["image", "import", s(&big), "user:big"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn pcocc import");
+    let mut child = KillOnDrop(
+        site.pcocc(&["image", "import", s(&big), "user:big"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn pcocc import"),
+    );
     // Killed as soon as its scratch layer holds data.
     let started = eventually(Duration::from_secs(30), || {
         site.tmp_entries("user")
             .iter()
             .any(|p| fs::metadata(p).is_ok_and(|m| m.len() > 0))
     });
-    child.kill().expect("SIGKILL the import");
-    let status = child.wait().unwrap();
+    child.0.kill().expect("SIGKILL the import");
+    let status = child.0.wait().unwrap();
     assert!(started, "the import never wrote under .tmp/");
     assert_eq!(
         status.signal(),
@@ -439,6 +453,59 @@ fn a_cli_import_killed_midway_leaves_no_partial_image_and_gc_empties_tmp() {
     assert_eq!(site.assert_every_revision_sound("user"), 1);
     // And the image imports fine afterwards.
     site.pcocc_ok(&["image", "import", s(&kept), "user:again"]);
+}
+
+#[test]
+fn a_writer_killed_mid_import_publishes_nothing_and_its_children_closing_publish_nothing() {
+    let Some(site) = Site::start() else { return };
+    let dest = site.at(0, "user/killed.raw");
+    // The shell opens the file and keeps it; each `head` inherits it, writes 64 KiB and
+    // exits (closing its copy, which must not publish the file).
+    let script = format!(
+        "exec 3>'{}'; while :; do head -c 65536 /dev/zero | tr '\\0' x >&3; sleep 0.02; done",
+        s(&dest)
+    );
+    let mut sh = KillOnDrop(
+        Command::new("sh")
+            .args(["-c", &script])
+            .spawn()
+            .expect("spawn sh"),
+    );
+    let tmp_grows = eventually(Duration::from_secs(10), || {
+        site.tmp_entries("user")
+            .iter()
+            .any(|p| fs::metadata(p).is_ok_and(|m| m.len() >= 4 * 65536))
+    });
+    assert!(tmp_grows, "the writer never wrote");
+    assert_eq!(site.meta_names("user"), Vec::<String>::new());
+    sh.0.kill().expect("SIGKILL the writer");
+    sh.0.wait().unwrap();
+    // The last copy closed, the scratch file goes; no image appears.
+    assert!(
+        eventually(Duration::from_secs(5), || site
+            .tmp_entries("user")
+            .is_empty()),
+        "the killed writer's scratch file stays: {:?}",
+        site.tmp_entries("user")
+    );
+    assert_eq!(site.meta_names("user"), Vec::<String>::new());
+    assert!(!site.at(0, "user/killed").exists());
+    // A writer that forks children while writing publishes once, complete, at its close.
+    let mut f = fs::File::create(site.at(0, "user/forked.raw")).unwrap();
+    f.write_all(&[0x42; 1 << 20]).unwrap();
+    ok("true", &[]);
+    assert_eq!(site.meta_names("user"), Vec::<String>::new());
+    f.seek(SeekFrom::Start(8 << 20)).unwrap();
+    f.write_all(&[0x43; 1 << 20]).unwrap();
+    drop(f);
+    assert_eq!(site.meta_names("user"), ["forked@0"]);
+    let mut expected = vec![0x42; 1 << 20];
+    expected.resize(8 << 20, 0);
+    expected.extend_from_slice(&[0x43; 1 << 20]);
+    assert_eq!(
+        sha256_file(&site.at(0, "user/forked/@0/disk.raw")),
+        hex(&expected)
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ pub struct ImageFs {
     tree: Arc<Tree>,
     settings: FsSettings,
     inodes: Inodes,
-    handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    /// Open files, each with the process that opened it (see `flush`).
+    handles: Mutex<HashMap<u64, (Arc<OpenFile>, u32)>>,
     next_fh: AtomicU64,
     invalidator: Arc<Invalidator>,
 }
@@ -173,15 +174,22 @@ impl ImageFs {
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
         let h = self.handles.lock().unwrap_or_else(|e| e.into_inner());
-        h.get(&fh.0).cloned().ok_or(Errno::EBADF)
+        h.get(&fh.0).map(|(f, _)| f.clone()).ok_or(Errno::EBADF)
     }
 
-    fn add_handle(&self, f: Arc<OpenFile>) -> FileHandle {
+    /// The process that opened `fh`.
+    fn opener(&self, fh: FileHandle) -> Option<u32> {
+        let h = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        h.get(&fh.0).map(|(_, pid)| *pid)
+    }
+
+    fn add_handle(&self, f: Arc<OpenFile>, req: &Request) -> FileHandle {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let opener = caller::process_of(req.pid());
         self.handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(fh, f);
+            .insert(fh, (f, opener));
         FileHandle(fh)
     }
 
@@ -447,7 +455,7 @@ impl Filesystem for ImageFs {
                 } else {
                     FopenFlags::empty()
                 };
-                reply.opened(self.add_handle(f), keep)
+                reply.opened(self.add_handle(f, req), keep)
             }
             Err(e) => reply.error(self.fail("open", Some(&node), &e)),
         }
@@ -473,7 +481,7 @@ impl Filesystem for ImageFs {
         match r {
             Ok((node, attr, f)) => {
                 let ino = self.inodes.remember(&node);
-                let fh = self.add_handle(f);
+                let fh = self.add_handle(f, req);
                 // TTL 0: once published, this name is an image directory.
                 reply.created(
                     &Duration::ZERO,
@@ -533,7 +541,7 @@ impl Filesystem for ImageFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
@@ -544,6 +552,20 @@ impl Filesystem for ImageFs {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
+        // Every close of every copy of the descriptor flushes, but only the writer's
+        // own close means "the file is complete". A copy inherited across fork() and
+        // closed by exec() or exit in another process publishes nothing; nor does the
+        // close the kernel makes for a writer killed by a signal (its file is
+        // incomplete: it is dropped when the last copy is released).
+        let closer = caller::process_of(req.pid());
+        if self.opener(fh).is_some_and(|o| o != closer) {
+            log::debug!("flush by process {closer}, not the opener: nothing published");
+            return reply.ok();
+        }
+        if caller::killed_by_signal(req.pid()) {
+            log::warn!("process {closer} was killed while writing: its file is not published");
+            return reply.ok();
+        }
         match f.flush() {
             Ok(changes) => {
                 self.invalidate(&changes);
@@ -568,7 +590,7 @@ impl Filesystem for ImageFs {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&fh.0);
-        if let Some(f) = f {
+        if let Some((f, _)) = f {
             f.release();
         }
         reply.ok();

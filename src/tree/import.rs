@@ -254,6 +254,14 @@ impl Tree {
             .pending
             .find(node, caller, true)
             .ok_or_else(|| Error::NoEntry(display(node)))?;
+        // An import has one writer at a time: a second open for writing while the file
+        // is open means two imports of one name racing (two `cp` by one user), which
+        // would mix their bytes and see the file published under them. The newcomer
+        // is told the name is taken, as a second create(2) would be. (The kernel
+        // truncates for O_TRUNC after this open, so this also protects the bytes.)
+        if write && imp.opens.load(Ordering::Acquire) > 0 {
+            return Err(Error::Exists(display(node)));
+        }
         if truncate {
             imp.set_size(0)?;
         }

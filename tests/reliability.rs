@@ -508,6 +508,47 @@ fn a_writer_killed_mid_import_publishes_nothing_and_its_children_closing_publish
     );
 }
 
+/// A directory with a small tmpfs mounted on it, unmounted when dropped.
+struct SmallFs(PathBuf);
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = run("umount", &[s(&self.0)]);
+    }
+}
+
+#[test]
+fn a_write_that_fails_for_lack_of_space_fails_the_import_and_publishes_nothing() {
+    let Some(mut site) = Site::new() else { return };
+    // The repository `global` on a 1 MiB filesystem, laid out as pcocc does.
+    let repo = site.repo("global");
+    ok(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=1M,mode=0755", "tmpfs", s(&repo)],
+    );
+    let _small = SmallFs(repo.clone());
+    for d in ["data", "meta", ".tmp"] {
+        fs::create_dir(repo.join(d)).unwrap();
+    }
+    fs::write(repo.join(".config"), "version: 2\n").unwrap();
+    site.add_mount(&["-o", "refresh=0"]);
+    let src = site.source_raw("src.raw", "8M", 6);
+    let out = run("cp", &[s(&src), s(&site.at(0, "global/full.raw"))]);
+    assert!(!out.status.success(), "cp into a full repository must fail");
+    assert!(stderr(&out).contains("No space left"), "{}", stderr(&out));
+    assert_eq!(site.meta_names("global"), Vec::<String>::new());
+    assert!(!site.at(0, "global/full").exists());
+    assert!(
+        eventually(Duration::from_secs(5), || site
+            .tmp_entries("global")
+            .is_empty()),
+        "the failed import's scratch file stays"
+    );
+    // The other repository is untouched and still imports.
+    ok("cp", &[s(&src), s(&site.at(0, "user/fine.raw"))]);
+    assert_eq!(site.meta_names("user"), ["fine@0"]);
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. Concurrent hosts
 // ---------------------------------------------------------------------------------------

@@ -105,12 +105,19 @@ impl ImportHandle {
         let mut st = self.import.lock();
         match &mut *st {
             State::Writing { tmp, size } => {
-                tmp.file().write_all_at(data, offset).map_err(|source| {
-                    Error::Store(crate::store::Error::Io {
+                if let Err(source) = tmp.file().write_all_at(data, offset) {
+                    let e = Error::Store(crate::store::Error::Io {
                         path: tmp.path().to_path_buf(),
                         source,
-                    })
-                })?;
+                    });
+                    // A file missing some of its bytes (a full disk, an I/O error) must
+                    // never be published by the close that follows: the import fails
+                    // now, its scratch file goes, and the close repeats the reason.
+                    log::warn!("import of {} failed: {e}", display(&self.import.node()));
+                    self.import.writing.store(false, Ordering::Release);
+                    *st = State::Failed(e.to_string());
+                    return Err(e);
+                }
                 *size = (*size).max(offset + data.len() as u64);
                 Ok(data.len())
             }

@@ -639,6 +639,30 @@ fn ln_copies_share_layers_and_mv_and_rm_work_like_pcocc() {
 }
 
 #[test]
+fn cp_of_a_view_into_another_repository_shares_the_layer() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "8M");
+    ok("cp", &[s(&src), s(&m.at("user/"))]);
+    ok(
+        "cp",
+        &[
+            s(&m.at("user/src/@0/disk.vdi")),
+            s(&m.at("global/copied.vdi")),
+        ],
+    );
+    let (user, global) = (m.layer_files("user"), m.layer_files("global"));
+    assert_eq!((user.len(), global.len()), (1, 1));
+    let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+    assert_eq!(
+        ino(&global[0]),
+        ino(&user[0]),
+        "the layer must be shared, not copied"
+    );
+    assert_view_is(&m.at("global/copied/@0/disk.raw"), "raw", &src);
+    assert_eq!(m.tmp_entries("global"), 0);
+}
+
+#[test]
 fn revisions_cannot_be_changed() {
     let Some(m) = Mounted::start() else { return };
     let src = m.source_raw("src.raw", "8M");

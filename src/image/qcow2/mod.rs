@@ -11,10 +11,16 @@
 //! Limits enforced before allocating (see [`header`]): cluster bits 9..=21; L1 table at
 //! most 32 MiB, large enough for the virtual size, cluster-aligned and inside the file
 //! (only the entries covering the virtual size are loaded); refcount table within
-//! qemu's 8 MiB; virtual size at most `i64::MAX`; backing name at most 1023 bytes. L2
-//! tables must be cluster-aligned and inside the file; compressed clusters must start
-//! inside the file; data clusters must be cluster-aligned (reading one past the end of
-//! the file fails that read, as in qemu).
+//! qemu's 8 MiB; virtual size at most `i64::MAX`; backing name at most 1023 bytes; no
+//! two L1 entries may name the same L2 table. L2 tables must be cluster-aligned and
+//! inside the file; compressed clusters must start inside the file and after the header
+//! cluster; data clusters must be cluster-aligned (so never in the header cluster), and
+//! reading one past the end of the file fails that read, as in qemu.
+//!
+//! Guest data that points at other metadata (an L2 entry naming the L1 table or a
+//! refcount block) is read as stored, as qemu reads it: it leaks nothing from outside
+//! the file, and telling metadata apart would need the refcounts, which reading does
+//! not otherwise load.
 //!
 //! `map` merges neighbouring clusters of one L2 table that share a kind (unallocated,
 //! zero, or data at contiguous host offsets), and runs of empty L1 entries, so a large
@@ -100,6 +106,7 @@ impl Qcow2Layer {
             .chunks_exact(8)
             .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
             .collect();
+        check_l1_tables_distinct(&l1, path)?;
         let cluster_size = header.cluster_size() as usize;
         let tables = (L2_CACHE_BYTES / cluster_size).max(MIN_L2_CACHE_TABLES);
         Ok(Qcow2Layer {
@@ -201,10 +208,16 @@ impl Qcow2Layer {
             let host = entry & ((1u64 << x) - 1);
             let sectors = ((entry >> x) & ((1u64 << (h.cluster_bits - 8)) - 1)) + 1;
             let stored = sectors * COMPRESSED_SECTOR - (host % COMPRESSED_SECTOR);
-            if host == 0 || host >= self.file_len {
+            if host >= self.file_len {
                 return Err(bad(format!(
                     "compressed cluster at {host:#x} is outside the file ({} bytes)",
                     self.file_len
+                )));
+            }
+            // The first cluster is the header; no guest data lives there.
+            if host < h.cluster_size() {
+                return Err(bad(format!(
+                    "compressed cluster at {host:#x} is inside the header cluster"
                 )));
             }
             return Ok(Unit::Compressed(host, stored));
@@ -240,6 +253,29 @@ impl Qcow2Layer {
         } else {
             Unit::Data(host)
         })
+    }
+}
+
+/// Refuses an L1 table that names one L2 table twice. Every L2 table of the active L1
+/// maps one place of the disk (qemu-img check reports a shared one as a refcount
+/// error); a table named by every L1 entry would let a small file describe a disk of
+/// petabytes of data, and make a layout or a conversion of it run without end.
+fn check_l1_tables_distinct(l1: &[u64], path: &Path) -> Result<()> {
+    let mut offsets: Vec<u64> = l1
+        .iter()
+        .map(|e| e & OFFSET_MASK)
+        .filter(|&o| o != 0)
+        .collect();
+    offsets.sort_unstable();
+    match offsets.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(invalid(
+            path,
+            format!(
+                "the L2 table at offset {:#x} is named by more than one L1 entry",
+                w[0]
+            ),
+        )),
+        None => Ok(()),
     }
 }
 

@@ -16,6 +16,7 @@ pub mod chain;
 pub mod compressed;
 pub mod convert;
 pub mod detect;
+mod file;
 pub mod qcow2;
 pub mod qcow2_layout;
 pub mod qed;

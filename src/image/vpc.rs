@@ -17,12 +17,11 @@
 //! The BAT (4 bytes per 2 MiB block by default) is bounded by the file size, so it is read
 //! whole at open and every entry is checked to lie inside the file; reads take no lock.
 
+use super::file::{LayerFile, map_end};
 use super::tables::{BlockTable, MAX_LOADED_TABLE_BYTES, be_u16, be_u32, be_u64, read_u32_table};
 use super::{Error, Extent, Format, Layer, Mapping, Result, read_exact_at};
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 const SECTOR: u64 = 512;
 /// The footer (spec: "Hard Disk Footer Format"), 512 bytes, at the end of every VHD and
@@ -60,9 +59,7 @@ enum Kind {
 
 #[derive(Debug)]
 pub struct VpcLayer {
-    file: Arc<File>,
-    path: Arc<PathBuf>,
-    allocated: u64,
+    src: LayerFile,
     size: u64,
     kind: Kind,
 }
@@ -167,9 +164,7 @@ impl VpcLayer {
             t => return Err(invalid(format!("unknown disk type {t}"))),
         };
         Ok(VpcLayer {
-            file: Arc::new(file),
-            path: Arc::new(path.to_path_buf()),
-            allocated: meta.blocks() * 512,
+            src: LayerFile::new(file, path, &meta),
             size,
             kind,
         })
@@ -272,7 +267,7 @@ impl Layer for VpcLayer {
     }
 
     fn path(&self) -> &Path {
-        &self.path
+        &self.src.path
     }
 
     fn virtual_size(&self) -> u64 {
@@ -280,23 +275,12 @@ impl Layer for VpcLayer {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.allocated
+        self.src.allocated
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        if offset >= self.size || max_len == 0 {
-            return Err(Error::OutOfRange {
-                path: self.path.to_path_buf(),
-                offset,
-                size: self.size,
-            });
-        }
-        let end = offset.saturating_add(max_len).min(self.size);
-        let data = |at: u64| Mapping::Data {
-            file: self.file.clone(),
-            path: self.path.clone(),
-            offset: at,
-        };
+        let end = map_end(&self.src.path, offset, max_len, self.size)?;
+        let data = |at: u64| self.src.data(at);
         match &self.kind {
             // Like qemu, the stored bytes are the guest's, holes included.
             Kind::Fixed => Ok(Extent {
@@ -338,6 +322,8 @@ mod tests {
     use crate::image::Disk;
     use crate::image::tables::test_support::*;
     use crate::testutil::{have_qemu, qemu_img, qemu_io};
+    use std::path::PathBuf;
+    use std::sync::Arc;
 
     fn create(dir: &Path, name: &str, size: &str, opts: &str) -> PathBuf {
         let p = dir.join(name);

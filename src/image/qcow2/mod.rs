@@ -34,11 +34,11 @@ mod tests;
 pub use header::BackingRef;
 
 use super::cache::LruCache;
+use super::file::{LayerFile, map_end};
 use super::{CompressedCluster, Compression, Error, Extent, Format, Layer, Mapping, Result};
 use header::{Header, OFFSET_MASK, invalid};
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// L2 entry bit 62: the cluster is compressed (spec).
@@ -58,10 +58,7 @@ const MIN_L2_CACHE_TABLES: usize = 16;
 
 /// A qcow2 image file, immutable after open, shared by any number of reading threads.
 pub struct Qcow2Layer {
-    file: Arc<File>,
-    path: Arc<PathBuf>,
-    file_len: u64,
-    allocated: u64,
+    src: LayerFile,
     header: Header,
     l1: Box<[u64]>,
     l2_cache: LruCache<u64, Arc<[u64]>>,
@@ -70,7 +67,7 @@ pub struct Qcow2Layer {
 impl std::fmt::Debug for Qcow2Layer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Layer")
-            .field("path", &self.path)
+            .field("path", &self.src.path)
             .field("header", &self.header)
             .finish_non_exhaustive()
     }
@@ -110,10 +107,7 @@ impl Qcow2Layer {
         let cluster_size = header.cluster_size() as usize;
         let tables = (L2_CACHE_BYTES / cluster_size).max(MIN_L2_CACHE_TABLES);
         Ok(Qcow2Layer {
-            file: Arc::new(file),
-            path: Arc::new(path.to_path_buf()),
-            file_len,
-            allocated: meta.blocks() * 512,
+            src: LayerFile::new(file, path, &meta),
             l1,
             l2_cache: LruCache::new(tables * cluster_size),
             header,
@@ -156,21 +150,21 @@ impl Qcow2Layer {
         let cs = self.header.cluster_size();
         if offset % cs != 0 {
             return Err(invalid(
-                &self.path,
+                &self.src.path,
                 format!("L2 table offset {offset:#x} is not cluster-aligned"),
             ));
         }
-        if offset.checked_add(cs).is_none_or(|e| e > self.file_len) {
+        if offset.checked_add(cs).is_none_or(|e| e > self.src.len) {
             return Err(invalid(
-                &self.path,
+                &self.src.path,
                 format!(
                     "L2 table at offset {offset:#x} is past the end of the file ({} bytes)",
-                    self.file_len
+                    self.src.len
                 ),
             ));
         }
         let mut raw = vec![0u8; cs as usize];
-        super::read_exact_at(&self.file, &self.path, &mut raw, offset)?;
+        super::read_exact_at(&self.src.file, &self.src.path, &mut raw, offset)?;
         let table: Arc<[u64]> = raw
             .chunks_exact(8)
             .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
@@ -197,7 +191,7 @@ impl Qcow2Layer {
         let entry = table[index * stride];
         let bad = |what: String| {
             invalid(
-                &self.path,
+                &self.src.path,
                 format!("L2 entry {entry:#018x} for guest offset {pos}: {what}"),
             )
         };
@@ -208,10 +202,10 @@ impl Qcow2Layer {
             let host = entry & ((1u64 << x) - 1);
             let sectors = ((entry >> x) & ((1u64 << (h.cluster_bits - 8)) - 1)) + 1;
             let stored = sectors * COMPRESSED_SECTOR - (host % COMPRESSED_SECTOR);
-            if host >= self.file_len {
+            if host >= self.src.len {
                 return Err(bad(format!(
                     "compressed cluster at {host:#x} is outside the file ({} bytes)",
-                    self.file_len
+                    self.src.len
                 )));
             }
             // The first cluster is the header; no guest data lives there.
@@ -285,7 +279,7 @@ impl Layer for Qcow2Layer {
     }
 
     fn path(&self) -> &Path {
-        &self.path
+        &self.src.path
     }
 
     fn virtual_size(&self) -> u64 {
@@ -293,19 +287,11 @@ impl Layer for Qcow2Layer {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.allocated
+        self.src.allocated
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let size = self.header.size;
-        if offset >= size || max_len == 0 {
-            return Err(Error::OutOfRange {
-                path: self.path.to_path_buf(),
-                offset,
-                size,
-            });
-        }
-        let end = offset.saturating_add(max_len).min(size);
+        let end = map_end(&self.src.path, offset, max_len, self.header.size)?;
         let span = self.l2_span();
         let l1_index = offset / span;
         let l2_offset = |i: u64| self.l1.get(i as usize).map_or(0, |e| e & OFFSET_MASK);
@@ -333,8 +319,8 @@ impl Layer for Qcow2Layer {
             return Ok(Extent {
                 len: cluster_end.min(end) - offset,
                 mapping: Mapping::Compressed(CompressedCluster {
-                    file: self.file.clone(),
-                    path: self.path.clone(),
+                    file: self.src.file.clone(),
+                    path: self.src.path.clone(),
                     offset: host,
                     stored_len: stored,
                     cluster_len: self.header.cluster_size(),
@@ -363,11 +349,7 @@ impl Layer for Qcow2Layer {
         }
         let len = stop.min(end) - offset;
         let mapping = match (first, base) {
-            (Unit::Data(_), Some(host)) => Mapping::Data {
-                file: self.file.clone(),
-                path: self.path.clone(),
-                offset: host,
-            },
+            (Unit::Data(_), Some(host)) => self.src.data(host),
             (Unit::Zero, _) => Mapping::Zero,
             _ => Mapping::Unallocated,
         };

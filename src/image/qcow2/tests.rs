@@ -631,6 +631,25 @@ fn refcount_table_sized_for_terabytes_is_refused_without_allocating() {
 }
 
 #[test]
+fn sizes_near_u64_max_are_refused() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = valid_image(dir.path());
+    let good = fs::read(&p).unwrap();
+    for size in [u64::MAX, u64::MAX - 511, 1 << 63, i64::MAX as u64, 1 << 62] {
+        fs::write(&p, &good).unwrap();
+        patch(&p, 24, &size.to_be_bytes());
+        let msg = open_err(&p);
+        assert!(
+            msg.contains("virtual size") || msg.contains("L1 table"),
+            "size {size}: {msg}"
+        );
+    }
+}
+
+#[test]
 fn l2_entries_pointing_into_the_header_are_refused() {
     if !have_qemu() {
         return;

@@ -1168,3 +1168,132 @@ fn truncated_files_of_every_format_give_errors_or_consistent_data() {
     eprintln!("hostile: {ran} truncations");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+fn le32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())
+}
+
+fn le64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+fn be32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap())
+}
+
+/// Opens `p` as `format` under the guards and expects a refusal whose message holds
+/// `want`.
+fn assert_refused_at_open(name: &str, format: Format, p: PathBuf, want: &'static str) {
+    let root = p.parent().unwrap().to_path_buf();
+    guarded(name, move || match open_disk(format, &p, &root) {
+        Ok(_) => Err("opened".into()),
+        Err(e) if e.to_string().contains(want) => Ok(()),
+        Err(e) => Err(format!("refused for another reason: {e}")),
+    });
+}
+
+#[test]
+fn regression_qed_l1_naming_one_l2_table_everywhere_is_refused() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("shared.qed");
+    let ps = p.to_str().unwrap();
+    run("qemu-img", &["create", "-q", "-f", "qed", ps, "1T"]);
+    run("qemu-io", &["-f", "qed", "-c", "write -P 1 0 64k", ps]);
+    let mut bytes = std::fs::read(&p).unwrap();
+    let cluster = le32_at(&bytes, 4) as u64;
+    let table_bytes = cluster * u64::from(le32_at(&bytes, 8));
+    let l1 = le64_at(&bytes, 40) as usize;
+    let first = le64_at(&bytes, l1);
+    assert_ne!(first, 0, "the write allocated an L2 table");
+    let used = (1u64 << 40).div_ceil(cluster * (table_bytes / 8)) as usize;
+    for i in 0..used {
+        bytes[l1 + i * 8..l1 + i * 8 + 8].copy_from_slice(&first.to_le_bytes());
+    }
+    std::fs::write(&p, bytes).unwrap();
+    // Room (sparse) for as many tables as are named, so the duplicate itself is found.
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(1 << 30).unwrap();
+    assert_refused_at_open("QED shared L2 table", Format::Qed, p, "more than one L1");
+}
+
+#[test]
+fn regression_vmdk_grain_directory_naming_one_grain_table_everywhere_is_refused() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("shared.vmdk");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "vmdk", p.to_str().unwrap(), "64G"],
+    );
+    let mut bytes = std::fs::read(&p).unwrap();
+    let capacity = le64_at(&bytes, 12);
+    let grain = le64_at(&bytes, 20);
+    let gtes = u64::from(le32_at(&bytes, 44));
+    let gd = (le64_at(&bytes, 56) * 512) as usize;
+    let entries = capacity.div_ceil(grain * gtes) as usize;
+    let first = le32_at(&bytes, gd);
+    assert_ne!(first, 0, "qemu-img preallocates grain tables");
+    for i in 0..entries {
+        bytes[gd + i * 4..gd + i * 4 + 4].copy_from_slice(&first.to_le_bytes());
+    }
+    std::fs::write(&p, bytes).unwrap();
+    assert_refused_at_open(
+        "VMDK shared grain table",
+        Format::Vmdk,
+        p,
+        "more than one grain directory entry",
+    );
+}
+
+#[test]
+fn regression_vhd_block_table_naming_one_block_everywhere_is_refused() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("shared.vpc");
+    let ps = p.to_str().unwrap();
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vpc",
+            "-o",
+            "force_size=on",
+            ps,
+            "100G",
+        ],
+    );
+    run("qemu-io", &["-f", "vpc", "-c", "write -P 1 0 64k", ps]);
+    let good = std::fs::read(&p).unwrap();
+    let header = u64::from_be_bytes(good[16..24].try_into().unwrap()) as usize;
+    let bat = u64::from_be_bytes(good[header + 16..header + 24].try_into().unwrap()) as usize;
+    let first = be32_at(&good, bat);
+    assert_ne!(first, u32::MAX, "the write allocated a block");
+    // Every entry names the one block; then only the second names it (a plain
+    // duplicate); then the second starts one sector into the first (an overlap).
+    for (name, entries, value) in [
+        ("every entry", 50usize, first),
+        ("one duplicate", 2, first),
+        ("one overlap", 2, first + 1),
+    ] {
+        let mut bytes = good.clone();
+        for i in 1..entries {
+            bytes[bat + i * 4..bat + i * 4 + 4].copy_from_slice(&value.to_be_bytes());
+        }
+        let q = dir.path().join(format!("{}.vpc", name.replace(' ', "-")));
+        // Room for the overlapping block, so only the overlap is wrong.
+        let len = bytes.len() + (4 << 20);
+        bytes.resize(len, 0);
+        std::fs::write(&q, bytes).unwrap();
+        let want = if entries > 2 { "shared" } else { "overlap" };
+        assert_refused_at_open(&format!("VHD block table, {name}"), Format::Vpc, q, want);
+    }
+}

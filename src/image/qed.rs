@@ -10,13 +10,14 @@
 //! Limits enforced before anything is followed: the header fields are within the spec's
 //! ranges; the L1 table and every L2 table lie inside the file after the header; data
 //! cluster offsets are cluster-aligned, after the header and start inside the file; the
-//! image size is a multiple of 512 within what the tables can address. A backing file is
+//! image size is a multiple of 512 within what the tables can address; no two L1 entries
+//! name the same L2 table (checked at open, in bounded chunks). A backing file is
 //! refused: an import is one standalone file and must not open others. The "needs
 //! check" feature (set by a writer that crashed) is accepted, because every entry is
 //! checked as it is used and nothing is written.
 
 use super::file::{LayerFile, map_end};
-use super::tables::{Page, PageCache, le_u32, le_u64};
+use super::tables::{Page, PageCache, TableOfTables, le_u32, le_u64};
 use super::{Error, Extent, Format, Layer, Mapping, Result, read_exact_at};
 use std::fs::File;
 use std::path::Path;
@@ -154,6 +155,21 @@ impl QedLayer {
                 "image size {size} is not a multiple of {SECTOR} within the {max_size} bytes the tables can address"
             )));
         }
+        // Only the L1 entries that cover the image size are ever used.
+        let l1_used = size.div_ceil(cluster_size).div_ceil(table_entries);
+        TableOfTables {
+            file: &file,
+            path,
+            format: Format::Qed,
+            offset: l1_offset,
+            count: l1_used,
+            entry_len: 8,
+            unit: 1,
+            table_bytes,
+            file_len,
+            what: "L1",
+        }
+        .check_distinct()?;
         let src = LayerFile::new(file, path, &meta);
         let cache = PageCache::new(
             src.file.clone(),

@@ -8,8 +8,9 @@
 //! [`Layer::map`] walks GD and GT entries grain by grain, merging runs of unallocated or
 //! zero grains and of verbatim grains contiguous in the file; a compressed grain is one
 //! [`Mapping::Compressed`] extent whose stored length comes from its marker. GD and GT
-//! entries are read through a bounded [`PageCache`]; only the header, the descriptor and
-//! the footer are read at open. The redundant GD is ignored, as qemu does.
+//! entries are read through a bounded [`PageCache`]; only the header, the descriptor, the
+//! footer and (in bounded chunks, to check that no two entries name the same GT) the GD
+//! are read at open. The redundant GD is ignored, as qemu does.
 //!
 //! A VMDK can name other files: a text descriptor lists extents by path (any host file,
 //! `/etc/passwd` included), and a descriptor may name a parent disk. None of that is
@@ -21,7 +22,7 @@
 //! (qemu's read buffer).
 
 use super::file::{LayerFile, map_end};
-use super::tables::{Page, PageCache, le_u16, le_u32, le_u64, read_upto_at};
+use super::tables::{Page, PageCache, TableOfTables, le_u16, le_u32, le_u64, read_upto_at};
 use super::{
     CompressedCluster, Compression, Error, Extent, Format, Layer, Mapping, Result, read_exact_at,
 };
@@ -318,6 +319,20 @@ impl VmdkLayer {
             let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
             check_descriptor(&String::from_utf8_lossy(&text[..end])).map_err(unsupported)?;
         }
+
+        TableOfTables {
+            file: &file,
+            path,
+            format: Format::Vmdk,
+            offset: gd_offset,
+            count: gd_entries,
+            entry_len: 4,
+            unit: SECTOR,
+            table_bytes: hdr.gtes_per_gt * 4,
+            file_len,
+            what: "grain directory",
+        }
+        .check_distinct()?;
 
         let src = LayerFile::new(file, path, &meta);
         let cache = PageCache::new(

@@ -15,7 +15,8 @@
 //! only matters for differencing disks, which are refused: they name a parent file).
 //!
 //! The BAT (4 bytes per 2 MiB block by default) is bounded by the file size, so it is read
-//! whole at open and every entry is checked to lie inside the file; reads take no lock.
+//! whole at open and every entry is checked to lie inside the file, with no two blocks
+//! overlapping; reads take no lock.
 
 use super::file::{LayerFile, map_end};
 use super::tables::{BlockTable, MAX_LOADED_TABLE_BYTES, be_u16, be_u32, be_u64, read_u32_table};
@@ -246,11 +247,48 @@ impl VpcLayer {
                 )));
             }
         }
+        check_blocks_distinct(&bat, (bitmap_len + block_size) / SECTOR, file_len)?;
         Ok(Kind::Dynamic {
             block_size,
             bitmap_len,
             bat: BlockTable(bat.into_boxed_slice()),
         })
+    }
+}
+
+/// Refuses a BAT whose allocated entries name overlapping blocks (of `block_sectors`
+/// sectors, bitmap included). Each block holds one part of the disk; a block named by
+/// every entry would let a small file describe terabytes of data (and make a
+/// conversion read them all). Allocated blocks must all fit in the file, which bounds
+/// the sorted copy before it is made.
+fn check_blocks_distinct(bat: &[u32], block_sectors: u64, file_len: u64) -> Result<(), Reason> {
+    let allocated = bat.iter().filter(|&&e| e != BAT_UNALLOCATED).count() as u64;
+    // The last block may be cut short by the disk's end: count the others in full.
+    if allocated
+        .saturating_sub(1)
+        .saturating_mul(block_sectors * SECTOR)
+        > file_len
+    {
+        return Err(Reason::Invalid(format!(
+            "the block table names {allocated} blocks, more than the {file_len}-byte file \
+             holds, so some are shared"
+        )));
+    }
+    let mut starts: Vec<u32> = bat
+        .iter()
+        .copied()
+        .filter(|&e| e != BAT_UNALLOCATED)
+        .collect();
+    starts.sort_unstable();
+    match starts
+        .windows(2)
+        .find(|w| u64::from(w[1]) - u64::from(w[0]) < block_sectors)
+    {
+        Some(w) => Err(Reason::Invalid(format!(
+            "the blocks at sectors {} and {} of the block table overlap",
+            w[0], w[1]
+        ))),
+        None => Ok(()),
     }
 }
 

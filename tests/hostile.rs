@@ -731,6 +731,42 @@ fn check_convert(disk: &Disk, dir: &Path, data: &[(u64, u64)]) -> Result<bool, S
     Ok(true)
 }
 
+/// When both this crate and `qemu-img convert` read the whole (small) disk without an
+/// error, they must read the same bytes. Opt-in (`PCOCC_IMAGEFS_FUZZ_QEMU=1`): a qemu-img
+/// run per case is slow, and qemu accepts some damage this crate refuses.
+fn compare_with_qemu(disk: &Disk, format: Format, top: &Path, dir: &Path) -> Result<(), String> {
+    let size = disk.virtual_size();
+    if size > READ_BUDGET {
+        return Ok(());
+    }
+    let mut ours = vec![0u8; size as usize];
+    if disk.read_at(&mut ours, 0).is_err() {
+        return Ok(());
+    }
+    let out = dir.join("qemu.raw");
+    let status = Command::new("qemu-img")
+        .args(["convert", "-f", format.name(), "-O", "raw"])
+        .arg(top)
+        .arg(&out)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !status.status.success() {
+        return Ok(());
+    }
+    let theirs = std::fs::read(&out).map_err(|e| e.to_string())?;
+    if theirs.len() != ours.len() {
+        return Err(format!(
+            "qemu reads {} bytes, this crate {}",
+            theirs.len(),
+            ours.len()
+        ));
+    }
+    match ours.iter().zip(&theirs).position(|(a, b)| a != b) {
+        Some(at) => Err(format!("qemu reads other bytes from guest offset {at}")),
+        None => Ok(()),
+    }
+}
+
 /// How far a case got: it opened, so many views were made, the conversion worked.
 #[derive(Clone, Copy, Debug, Default)]
 struct Reached {
@@ -758,6 +794,9 @@ fn feed(format: Format, top: &Path, dir: &Path, seed: u64) -> Result<Reached, St
         check_disk_reads(&disk, &mut rng, start, len)?;
     }
     let _ = disk.data_extents(0, disk.virtual_size().min(READ_BUDGET));
+    if std::env::var_os("PCOCC_IMAGEFS_FUZZ_QEMU").is_some() {
+        compare_with_qemu(&disk, format, top, dir)?;
+    }
     for f in Format::ALL {
         if let Ok(view) = View::new(disk.clone(), f, ViewId([7; 32])) {
             reached.views += 1;
@@ -1296,4 +1335,149 @@ fn regression_vhd_block_table_naming_one_block_everywhere_is_refused() {
         let want = if entries > 2 { "shared" } else { "overlap" };
         assert_refused_at_open(&format!("VHD block table, {name}"), Format::Vpc, q, want);
     }
+}
+
+/// The VHD footer checksum (one's complement of the byte sum, its own field as zero).
+fn fix_vhd_checksum(footer: &mut [u8]) {
+    footer[64..68].fill(0);
+    let sum = footer
+        .iter()
+        .fold(0u32, |s, &b| s.wrapping_add(u32::from(b)));
+    footer[64..68].copy_from_slice(&(!sum).to_be_bytes());
+}
+
+/// Writes `size` into the size field of a copy of a seed file (`bytes`, of `name`).
+fn with_size(name: &str, bytes: &[u8], size: u64) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    match name {
+        n if n.starts_with("qcow2") || n == "top.qcow2" || n == "base.qcow2" => {
+            b[24..32].copy_from_slice(&size.to_be_bytes())
+        }
+        n if n.starts_with("qed") => b[48..56].copy_from_slice(&size.to_le_bytes()),
+        n if n.starts_with("vdi") => b[368..376].copy_from_slice(&size.to_le_bytes()),
+        n if n.starts_with("vmdk") => b[12..20].copy_from_slice(&(size / 512).to_le_bytes()),
+        n if n.starts_with("vpc") => {
+            let len = b.len();
+            let mut at = vec![len - 512];
+            if b.starts_with(b"conectix") {
+                at.push(0);
+            }
+            for a in at {
+                b[a + 40..a + 48].copy_from_slice(&size.to_be_bytes());
+                b[a + 48..a + 56].copy_from_slice(&size.to_be_bytes());
+                fix_vhd_checksum(&mut b[a..a + 512]);
+            }
+        }
+        other => panic!("no size field known for {other}"),
+    }
+    b
+}
+
+/// Images at (or near) the largest size of their format, with data at both ends: a
+/// patched size near these can pass the reader's checks, and then the views and the
+/// converter face a disk of tens of terabytes.
+fn big_seeds(dir: &Path) -> Vec<Seed> {
+    let big = |name: &'static str, format: Format, size: &str, opts: &[&str]| {
+        let p = dir.join(name);
+        let mut args = vec!["create", "-q", "-f", format.name()];
+        args.extend_from_slice(opts);
+        args.extend([p.to_str().unwrap(), size]);
+        run("qemu-img", &args);
+        let last = format!("write -P 9 {} 64k", parse_size(size) - (64 << 10));
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                format.name(),
+                "-c",
+                "write -P 8 0 64k",
+                "-c",
+                &last,
+                p.to_str().unwrap(),
+            ],
+        );
+        Seed {
+            name,
+            format,
+            files: vec![p],
+        }
+    };
+    vec![
+        big("qcow2-64t", Format::Qcow2, "64T", &[]),
+        big("qed-64t", Format::Qed, "64T", &[]),
+        big("vdi-4t", Format::Vdi, "4T", &[]),
+        big("vpc-2040g", Format::Vpc, "2040G", &["-o", "force_size=on"]),
+    ]
+}
+
+fn parse_size(s: &str) -> u64 {
+    let (n, unit) = s.split_at(s.len() - 1);
+    let shift = match unit {
+        "G" => 30,
+        "T" => 40,
+        other => panic!("unit {other}"),
+    };
+    n.parse::<u64>().unwrap() << shift
+}
+
+#[test]
+fn sizes_near_u64_max_in_every_format_give_errors_or_consistent_data() {
+    if !have_qemu() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let sizes = [
+        u64::MAX,
+        u64::MAX - 511,
+        i64::MAX as u64,
+        (i64::MAX as u64) - 511,
+        1 << 62,
+        1 << 55,
+        1 << 50,
+        (64 << 40) + 512,
+        64 << 40,
+        (64 << 40) - 512,
+        (4 << 40) + 512,
+        (4 << 40) - 512,
+        (2040 << 30) + 512,
+        2040 << 30,
+        SEED_SIZE + 512,
+        512,
+        0,
+    ];
+    let mut ran = 0;
+    let mut opened = Vec::new();
+    let mut seeds: Vec<Seed> = ["qcow2", "qed", "vdi", "vpc", "vmdk"]
+        .into_iter()
+        .flat_map(|prefix| make_seeds(work.path(), prefix))
+        .collect();
+    seeds.extend(big_seeds(work.path()));
+    {
+        for seed in seeds {
+            let top = &seed.files[0];
+            let original = std::fs::read(top).unwrap();
+            for size in sizes {
+                ran += 1;
+                let case_dir = tempfile::tempdir_in(work.path()).unwrap();
+                for f in &seed.files[1..] {
+                    std::fs::copy(f, case_dir.path().join(f.file_name().unwrap())).unwrap();
+                }
+                let p = case_dir.path().join(top.file_name().unwrap());
+                std::fs::write(&p, with_size(seed.name, &original, size)).unwrap();
+                let (format, dir) = (seed.format, case_dir.path().to_path_buf());
+                let (tx, rx) = mpsc::channel();
+                guarded(&format!("{} with size {size}", seed.name), move || {
+                    let r = feed(format, &p, &dir, size)?;
+                    let _ = tx.send(r);
+                    Ok(())
+                });
+                if let Ok(r) = rx.recv() {
+                    if r.opened {
+                        opened.push(format!("{}@{size}: {} views", seed.name, r.views));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("hostile: {ran} sizes, opened: {}", opened.join(", "));
 }

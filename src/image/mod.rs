@@ -9,7 +9,12 @@
 //! read is positioned, so one reader serves many threads at once.
 //!
 //! Every image is untrusted input: each format module documents the limits it enforces
-//! before it allocates or follows anything.
+//! before it allocates or follows anything, and refuses tables shared between entries
+//! (one L2 table named by every L1 entry would make a small file describe petabytes).
+//! Whatever walks a whole disk's map (view layouts, the converter) goes through
+//! [`Disk::walk`], whose extents and kept data runs are bounded by what the layers
+//! store ([`Disk::walk_limits`]). `tests/hostile.rs` feeds mutated images of every
+//! format to all of it.
 
 mod cache;
 pub mod chain;

@@ -650,6 +650,27 @@ fn sizes_near_u64_max_are_refused() {
 }
 
 #[test]
+fn regression_size_not_a_whole_sector_is_cut_to_sectors_as_qemu_does() {
+    if !have_qemu() {
+        return;
+    }
+    // Found by tests/hostile.rs: a header size of 344065 read as 344065 bytes here and
+    // as 344064 by qemu (qemu-img itself only writes whole sectors).
+    let dir = tempfile::tempdir().unwrap();
+    let p = valid_image(dir.path());
+    for size in [344_065u64, 1_000_000, 131_071] {
+        patch(&p, 24, &size.to_be_bytes());
+        let info = qemu_img(&["info", "--output=json", s(&p)]);
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let qemu = v["virtual-size"].as_u64().unwrap();
+        assert_eq!(qemu, size / 512 * 512);
+        let disk = open(&p, None);
+        assert_eq!(disk.virtual_size(), qemu, "header size {size}");
+        assert_reads_like_qemu(&p, &disk);
+    }
+}
+
+#[test]
 fn l2_entries_pointing_into_the_header_are_refused() {
     if !have_qemu() {
         return;

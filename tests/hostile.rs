@@ -20,9 +20,16 @@
 //! process-wide cap makes an unbounded allocation fail the run at once (naming the case)
 //! rather than exhaust the machine.
 //!
+//! Besides the random cases: every seed cut at each header sector and metadata edge;
+//! every seed (and images at each format's largest size) with its size field set near
+//! `u64::MAX` and the formats' limits; and named `regression_*` tests for the bugs these
+//! found (tables shared between entries, sizes qemu cuts to whole sectors).
+//!
 //! `PCOCC_IMAGEFS_FUZZ_CASES=N` runs N cases per seed image (default [`DEFAULT_CASES`]);
 //! `PCOCC_IMAGEFS_FUZZ_SEED=S` changes the base seed; `PCOCC_IMAGEFS_FUZZ_REPLAY=NAME:SEED`
-//! runs the one case a failure printed.
+//! runs the one case a failure printed; `PCOCC_IMAGEFS_FUZZ_QEMU=1` also compares every
+//! small disk that reads without error with what `qemu-img convert` reads (when qemu
+//! reads it too).
 
 use pcocc_imagefs::image::chain::{WithinDir, open_chain};
 use pcocc_imagefs::image::{Disk, Format, Layer, Mapping, convert, detect, qed, vdi, vmdk, vpc};

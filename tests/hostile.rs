@@ -60,6 +60,16 @@ static CASE_TEXT: [AtomicU8; 256] = [const { AtomicU8::new(0) }; 256];
 struct Counting;
 
 impl Counting {
+    /// Takes back the count of a failed system allocation.
+    fn undo_if_null(ptr: *mut u8, size: usize) -> *mut u8 {
+        if ptr.is_null() {
+            LIVE.fetch_sub(size, Ordering::Relaxed);
+        }
+        ptr
+    }
+
+    /// Counts `size` more live bytes, or refuses past [`HARD_HEAP_CAP`] after naming the
+    /// case on stderr.
     fn grow(size: usize) -> bool {
         let now = LIVE.fetch_add(size, Ordering::Relaxed) + size;
         if now > HARD_HEAP_CAP {
@@ -90,7 +100,7 @@ unsafe impl GlobalAlloc for Counting {
             return std::ptr::null_mut();
         }
         // SAFETY: same layout as the caller's.
-        unsafe { System.alloc(layout) }
+        Counting::undo_if_null(unsafe { System.alloc(layout) }, layout.size())
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
@@ -98,7 +108,7 @@ unsafe impl GlobalAlloc for Counting {
             return std::ptr::null_mut();
         }
         // SAFETY: same layout as the caller's.
-        unsafe { System.alloc_zeroed(layout) }
+        Counting::undo_if_null(unsafe { System.alloc_zeroed(layout) }, layout.size())
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -116,7 +126,16 @@ unsafe impl GlobalAlloc for Counting {
             LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
         }
         // SAFETY: forwarded unchanged.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        let out = unsafe { System.realloc(ptr, layout, new_size) };
+        if out.is_null() {
+            // The old block stays allocated: count it as before.
+            if new_size > layout.size() {
+                LIVE.fetch_sub(new_size - layout.size(), Ordering::Relaxed);
+            } else {
+                LIVE.fetch_add(layout.size() - new_size, Ordering::Relaxed);
+            }
+        }
+        out
     }
 }
 

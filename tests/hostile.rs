@@ -142,6 +142,7 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
+/// Records the case being run for the allocator's failure message.
 fn set_case_text(text: &str) {
     let bytes = text.as_bytes();
     for (i, slot) in CASE_TEXT.iter().enumerate() {
@@ -163,6 +164,7 @@ const READ_BUDGET: u64 = 24 << 20;
 /// Extents walked per whole-disk map at most (a healthy 2 MiB seed has a handful).
 const MAX_EXTENTS: u64 = 1 << 20;
 
+/// An environment variable as a number (decimal, or hex with `0x`).
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
     let v = v.trim();
@@ -200,6 +202,7 @@ impl Rng {
 
 // ---- seed images ----
 
+/// True when qemu-img can run; otherwise prints why the calling test is skipped.
 fn have_qemu() -> bool {
     let ok = Command::new("qemu-img")
         .arg("--version")
@@ -212,6 +215,7 @@ fn have_qemu() -> bool {
     ok
 }
 
+/// Runs `prog args…`, panicking with its stderr when it fails.
 fn run(prog: &str, args: &[&str]) {
     let out = Command::new(prog)
         .args(args)
@@ -445,6 +449,8 @@ fn metadata_ranges(seed: &Seed, file: &Path, len: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// Values that break size and offset arithmetic: zero, one, the ends of the signed and
+/// unsigned ranges, single high bits, 32-bit edges and common unit sizes.
 const INTERESTING: [u64; 12] = [
     0,
     1,
@@ -460,6 +466,8 @@ const INTERESTING: [u64; 12] = [
     65536,
 ];
 
+/// One to four edits of a `len`-byte file, most of them inside `meta` (its metadata),
+/// some in its first or last 4 KiB (headers, footers), the rest anywhere.
 fn draw_edits(rng: &mut Rng, len: u64, meta: &[(u64, u64)]) -> Vec<Edit> {
     let pick_offset = |rng: &mut Rng| -> u64 {
         if len == 0 {
@@ -580,6 +588,8 @@ fn write_mutated(original: &[u8], edits: &[Edit], path: &Path) {
 
 // ---- feeding a case to everything ----
 
+/// Opens `path` as `format`: qcow2 with its backing chain inside `root`, the other
+/// formats as one layer.
 fn open_disk(format: Format, path: &Path, root: &Path) -> pcocc_imagefs::image::Result<Disk> {
     let file = || File::open(path).map_err(|e| pcocc_imagefs::image::Error::io(path, e));
     let layer: Arc<dyn Layer> = match format {
@@ -684,6 +694,8 @@ fn check_disk_reads(disk: &Disk, rng: &mut Rng, start: u64, len: u64) -> Result<
     Ok(())
 }
 
+/// Reads the view (all of it, or sampled windows when large) in uneven chunks: every
+/// read inside the view returns its full length or an error; seeks answer.
 fn check_view(view: &View, rng: &mut Rng) -> Result<(), String> {
     let size = view.size();
     let extents = match view.data_extents() {
@@ -1009,6 +1021,7 @@ fn fuzz(prefix: &str) {
     );
 }
 
+/// FNV-1a of a seed image's name, so each image gets its own case seeds.
 fn hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
@@ -1042,8 +1055,22 @@ fn mutated_vmdk_images_give_errors_or_consistent_data() {
 
 // ---- named regressions ----
 
+// Header fields of seed images, read to build hostile variants.
+
 fn be64_at(bytes: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+fn le32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())
+}
+
+fn le64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
+}
+
+fn be32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap())
 }
 
 /// A 256 GiB qcow2 (64 KiB clusters) whose first `tables` L1 entries name L2 tables
@@ -1236,18 +1263,6 @@ fn truncated_files_of_every_format_give_errors_or_consistent_data() {
     }
     eprintln!("hostile: {ran} truncations");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-}
-
-fn le32_at(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap())
-}
-
-fn le64_at(bytes: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap())
-}
-
-fn be32_at(bytes: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap())
 }
 
 /// Opens `p` as `format` under the guards and expects a refusal whose message holds

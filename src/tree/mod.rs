@@ -45,6 +45,7 @@ mod views;
 
 pub use extras::{StatFs, parent};
 pub use import::{SetAttr, is_staging};
+pub use nodes::display;
 pub use open::{Changes, OpenFile};
 pub use publish::split_suffix;
 pub use uri::{Uri, UriError};

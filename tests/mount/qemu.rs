@@ -294,3 +294,106 @@ fn direct_io_reads_of_every_view_return_the_buffered_bytes_and_keep_the_page_cac
         ],
     );
 }
+
+/// Whether some process holds a lock on `path` that would conflict with a write lock on
+/// bytes `start..start + len` (F_OFD_GETLK, which works on a read-only descriptor).
+fn conflicting_lock(path: &Path, start: i64, len: i64) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(path).unwrap();
+    // SAFETY: flock is plain data; zeroed is a valid starting value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = start;
+    fl.l_len = len;
+    // SAFETY: F_OFD_GETLK reads and writes the flock we pass, on a descriptor we own.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(rc, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+    fl.l_type != libc::F_UNLCK as i16
+}
+
+/// qemu's image-locking byte range (block/file-posix.c: permission bytes from 100,
+/// "shared" bytes from 200).
+const QEMU_LOCK_START: i64 = 100;
+const QEMU_LOCK_LEN: i64 = 200;
+
+#[test]
+fn read_only_qemus_share_a_view_and_a_read_write_open_fails_with_erofs() {
+    use std::process::Stdio;
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "8M");
+    let qcow = m.source_as(&src, "qcow2", "img.qcow2");
+    ok("cp", &[s(&qcow), s(&m.at("user/"))]);
+    let view = m.at("user/img/@0/disk.qcow2");
+    // An interactive qemu-io keeps the view open (and locked) until its stdin closes.
+    let mut holder = Command::new("qemu-io")
+        .args(["-r", "-f", "qcow2", s(&view)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run qemu-io");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !conflicting_lock(&view, QEMU_LOCK_START, QEMU_LOCK_LEN) {
+        assert!(
+            Instant::now() < deadline,
+            "qemu-io -r took no lock on the view (locks must work on the mount)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Read-only openers share it, with locking on (the default).
+    ok(
+        "qemu-io",
+        &["-r", "-f", "qcow2", "-c", "read -P 0x22 3M 64k", s(&view)],
+    );
+    ok("qemu-img", &["info", s(&view)]);
+    ok(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", s(&view), s(&src)],
+    );
+    // A read-write open is refused at once with EROFS (timeout guards against a hang).
+    let rw = run(
+        "timeout",
+        &["30", "qemu-io", "-f", "qcow2", "-c", "read 0 512", s(&view)],
+    );
+    let err = String::from_utf8_lossy(&rw.stderr);
+    assert!(
+        !rw.status.success() && rw.status.code() != Some(124),
+        "{rw:?}"
+    );
+    assert!(err.contains("Read-only file system"), "{err}");
+    if have("qemu-system-x86_64") {
+        let sys = run(
+            "timeout",
+            &[
+                "30",
+                "qemu-system-x86_64",
+                "-display",
+                "none",
+                "-S",
+                "-monitor",
+                "none",
+                "-serial",
+                "none",
+                "-drive",
+                &format!("file={},if=virtio", s(&view)),
+            ],
+        );
+        let err = String::from_utf8_lossy(&sys.stderr);
+        assert!(
+            !sys.status.success() && sys.status.code() != Some(124),
+            "{sys:?}"
+        );
+        assert!(err.contains("Read-only file system"), "{err}");
+    } else {
+        eprintln!("qemu-system-x86_64 missing: read-write guest start not checked");
+    }
+    drop(holder.stdin.take());
+    let out = holder.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!conflicting_lock(&view, QEMU_LOCK_START, QEMU_LOCK_LEN));
+}

@@ -397,3 +397,93 @@ fn read_only_qemus_share_a_view_and_a_read_write_open_fails_with_erofs() {
     );
     assert!(!conflicting_lock(&view, QEMU_LOCK_START, QEMU_LOCK_LEN));
 }
+
+#[test]
+fn a_local_overlay_backed_by_a_view_reads_through_and_keeps_its_writes() {
+    let Some(m) = Mounted::start() else { return };
+    m.layered_image("user", "chain");
+    let reference = m.reference_raw("user", "chain");
+    for (file, fmt) in [
+        ("disk.qcow2", "qcow2"),
+        ("disk.raw", "raw"),
+        ("disk.vmdk", "vmdk"),
+    ] {
+        let view = m.at(&format!("user/chain/@0/{file}"));
+        let before = sha256_file(&view);
+        let overlay = m.work().join(format!("vm-{fmt}.qcow2"));
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                s(&view),
+                "-F",
+                fmt,
+                s(&overlay),
+            ],
+        );
+        let cmp = ok(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                s(&overlay),
+                s(&reference),
+            ],
+        );
+        assert!(cmp.contains("Images are identical"), "{fmt}: {cmp}");
+        // Reads through the overlay with O_DIRECT on the whole chain, as a guest with
+        // cache=none does.
+        ok(
+            "qemu-io",
+            &[
+                "-t",
+                "none",
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0x42 1M 1M",
+                "-c",
+                "write -P 0x77 4M 64k",
+                "-c",
+                "read -P 0x77 4M 64k",
+                s(&overlay),
+            ],
+        );
+        // The write landed in the overlay; the view is unchanged.
+        let cmp = run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                s(&overlay),
+                s(&reference),
+            ],
+        );
+        assert_eq!(
+            cmp.status.code(),
+            Some(1),
+            "{fmt}: overlay write not seen: {cmp:?}"
+        );
+        assert_eq!(sha256_file(&view), before, "{fmt}: view changed");
+        let map = ok("qemu-img", &["map", "--output=json", s(&overlay)]);
+        let v: serde_json::Value = serde_json::from_str(&map).unwrap();
+        let in_overlay = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["depth"] == 0 && e["data"] == true)
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum::<u64>();
+        assert_eq!(in_overlay, 64 << 10, "{fmt}: {map}");
+    }
+}

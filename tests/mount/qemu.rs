@@ -261,6 +261,42 @@ fn direct_io_reads_of_every_view_return_the_buffered_bytes_and_keep_the_page_cac
                     "{image}/{file} aio={aio}: {text}"
                 );
             }
+            // qemu-io -n (O_DIRECT) reads of random aligned ranges through the format
+            // driver return the guest bytes of the reference.
+            let guest = fs::read(&reference).unwrap();
+            let sectors = guest.len() as u64 / SECTOR;
+            let mut args = vec!["-r".to_string(), "-n".into(), "-f".into(), fmt.into()];
+            let mut ranges = Vec::new();
+            for _ in 0..8 {
+                let off = rng.below(sectors) * SECTOR;
+                let len = ((1 + rng.below(8)) * SECTOR).min(guest.len() as u64 - off);
+                args.extend(["-c".to_string(), format!("read -v {off} {len}")]);
+                ranges.push((off, len));
+            }
+            args.push(s(&view).to_string());
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            let dump = ok("qemu-io", &argv);
+            let mut seen = 0u64;
+            for line in dump.lines() {
+                let Some((addr, rest)) = line.split_once(":  ") else {
+                    continue;
+                };
+                let Ok(addr) = u64::from_str_radix(addr, 16) else {
+                    continue;
+                };
+                let bytes: Vec<u8> = rest
+                    .split_whitespace()
+                    .take(16)
+                    .map_while(|h| u8::from_str_radix(h, 16).ok())
+                    .collect();
+                let at = addr as usize;
+                assert!(
+                    guest[at..at + bytes.len()] == bytes[..],
+                    "{image}/{file}: qemu-io -n read at {addr:#x} differs"
+                );
+                seen += bytes.len() as u64;
+            }
+            assert_eq!(seen, ranges.iter().map(|r| r.1).sum::<u64>(), "{dump}");
             // The page cache of buffered readers survives O_DIRECT reads and new opens
             // (FOPEN_KEEP_CACHE on immutable files): fincore opens the file anew, which
             // would drop its pages otherwise. Memory reclaim on a busy machine can drop

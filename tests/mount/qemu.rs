@@ -885,3 +885,37 @@ fn guests_boot_from_every_view_and_read_the_disk_qemu_img_reads() {
     assert_eq!(sha256_file(&view), view_sha, "the view changed");
     assert_eq!(raw_sha256(&m, &view, "view"), single_sha);
 }
+
+#[test]
+fn sigterm_while_a_vm_holds_a_view_detaches_and_serves_it_until_closed() {
+    use std::os::unix::fs::FileExt;
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "8M");
+    ok("cp", &[s(&src), s(&m.at("user/"))]);
+    let held = fs::File::open(m.at("user/src/@0/disk.raw")).unwrap();
+    let pid = daemon_pid(&m.mnt).expect("daemon pid");
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.is_mounted() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !m.is_mounted(),
+        "SIGTERM with a file open must detach the mount"
+    );
+    // The open file is still served.
+    let mut buf = vec![0u8; 64 << 10];
+    held.read_exact_at(&mut buf, 3 << 20).unwrap();
+    assert!(buf.iter().all(|b| *b == 0x22));
+    drop(held);
+    let alive = || Path::new(&format!("/proc/{pid}")).exists();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !alive(),
+        "the daemon must exit once the last file is closed"
+    );
+}

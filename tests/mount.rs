@@ -642,6 +642,30 @@ fn ln_copies_share_layers_and_mv_and_rm_work_like_pcocc() {
 }
 
 #[test]
+fn cp_of_a_view_into_another_repository_shares_the_layer() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "8M");
+    ok("cp", &[s(&src), s(&m.at("user/"))]);
+    ok(
+        "cp",
+        &[
+            s(&m.at("user/src/@0/disk.vdi")),
+            s(&m.at("global/copied.vdi")),
+        ],
+    );
+    let (user, global) = (m.layer_files("user"), m.layer_files("global"));
+    assert_eq!((user.len(), global.len()), (1, 1));
+    let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+    assert_eq!(
+        ino(&global[0]),
+        ino(&user[0]),
+        "the layer must be shared, not copied"
+    );
+    assert_view_is(&m.at("global/copied/@0/disk.raw"), "raw", &src);
+    assert_eq!(m.tmp_entries("global"), 0);
+}
+
+#[test]
 fn revisions_cannot_be_changed() {
     let Some(m) = Mounted::start() else { return };
     let src = m.source_raw("src.raw", "8M");
@@ -878,6 +902,50 @@ fn the_mount_helper_accepts_fstab_options() {
         String::from_utf8_lossy(&bad.stderr).contains("unknown mount option 'nosuchoption'"),
         "{bad:?}"
     );
+}
+
+#[test]
+fn a_damaged_layer_gives_eio_on_read_and_the_rest_keeps_being_served() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "8M");
+    ok("cp", &[s(&src), s(&m.at("user/good.raw"))]);
+    ok("cp", &[s(&src), s(&m.at("user/bad.raw"))]);
+    // Both images share one layer; give `bad` a layer of its own and cut its data off.
+    let meta_path = m.repo("user").join("meta/bad@0");
+    let layer = m.layer_files("user").remove(0);
+    let mut bytes = fs::read(&layer).unwrap();
+    let map = ok(
+        "qemu-img",
+        &["map", "--output=json", "-f", "qcow2", s(&layer)],
+    );
+    let v: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let first_data = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|e| e["offset"].as_u64())
+        .expect("a data cluster");
+    bytes.truncate(first_data as usize + 65536);
+    let hash: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let damaged = m.repo("user").join("data").join(&hash[..2]).join(&hash);
+    fs::create_dir_all(damaged.parent().unwrap()).unwrap();
+    fs::write(&damaged, &bytes).unwrap();
+    let old = fs::read_to_string(&meta_path).unwrap();
+    let good_hash = layer.file_name().unwrap().to_str().unwrap();
+    fs::remove_file(&meta_path).unwrap();
+    fs::write(&meta_path, old.replace(good_hash, &hash)).unwrap();
+    // The whole read fails with EIO: the data past the cut is gone.
+    let err = fs::read(m.at("user/bad/@0/disk.raw")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Everything else is still served, byte for byte.
+    assert_eq!(
+        sha256_file(&m.at("user/good/@0/disk.raw")),
+        sha256_file(&src)
+    );
+    assert_view_is(&m.at("user/good/@0/disk.vmdk"), "vmdk", &src);
 }
 
 /// The pid of the pcocc-imagefs process serving `mnt` (from its command line).

@@ -192,13 +192,13 @@ impl ImageFs {
     }
 
     fn fail(&self, what: &str, node: Option<&Node>, e: &tree::Error) -> Errno {
-        let n = errno(e);
+        let path = node.map(tree::display).unwrap_or_default();
         if e.errno() == libc::ENOENT {
-            log::debug!("{what} {node:?}: {e}");
+            log::debug!("{what} {path}: {e}");
         } else {
-            log::warn!("{what} {node:?}: {e} (errno {})", e.errno());
+            log::warn!("{what} {path}: {e} (errno {})", e.errno());
         }
-        n
+        errno(e)
     }
 
     fn deny_if_read_only(&self) -> Result<(), Errno> {
@@ -495,7 +495,7 @@ impl Filesystem for ImageFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -510,14 +510,14 @@ impl Filesystem for ImageFs {
         let mut buf = vec![0u8; size.min(MAX_IO) as usize];
         match f.read(&mut buf, offset) {
             Ok(n) => reply.data(&buf[..n]),
-            Err(e) => reply.error(self.fail("read", None, &e)),
+            Err(e) => reply.error(self.fail("read", self.inodes.node(ino.0).as_ref(), &e)),
         }
     }
 
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -532,14 +532,14 @@ impl Filesystem for ImageFs {
         };
         match f.write(data, offset) {
             Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(self.fail("write", None, &e)),
+            Err(e) => reply.error(self.fail("write", self.inodes.node(ino.0).as_ref(), &e)),
         }
     }
 
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
@@ -554,7 +554,7 @@ impl Filesystem for ImageFs {
                 self.invalidate(&changes);
                 reply.ok()
             }
-            Err(e) => reply.error(self.fail("import", None, &e)),
+            Err(e) => reply.error(self.fail("import", self.inodes.node(ino.0).as_ref(), &e)),
         }
     }
 

@@ -9,13 +9,19 @@
 //! read is positioned, so one reader serves many threads at once.
 //!
 //! Every image is untrusted input: each format module documents the limits it enforces
-//! before it allocates or follows anything.
+//! before it allocates or follows anything, and refuses tables shared between entries
+//! (one L2 table named by every L1 entry would make a small file describe petabytes).
+//! Whatever walks a whole disk's map (view layouts, the converter) goes through
+//! [`Disk::walk`], whose extents and kept data runs are bounded by what the layers
+//! store ([`Disk::walk_limits`]). `tests/hostile.rs` feeds mutated images of every
+//! format to all of it.
 
 mod cache;
 pub mod chain;
 pub mod compressed;
 pub mod convert;
 pub mod detect;
+mod file;
 pub mod qcow2;
 pub mod qcow2_layout;
 pub mod qed;
@@ -261,8 +267,19 @@ impl Disk {
                     mapping: Mapping::Zero,
                 });
             }
-            let ext = layer.map(offset, len.min(layer.virtual_size() - offset))?;
-            debug_assert!(ext.len > 0 && ext.len <= len);
+            let asked = len.min(layer.virtual_size() - offset);
+            let ext = layer.map(offset, asked)?;
+            if ext.len == 0 || ext.len > asked {
+                // Every loop over extents relies on this: an empty answer would spin.
+                return Err(Error::Invalid {
+                    path: layer.path().to_path_buf(),
+                    format: layer.format(),
+                    reason: format!(
+                        "its tables map {} bytes at guest offset {offset} ({asked} asked)",
+                        ext.len
+                    ),
+                });
+            }
             match ext.mapping {
                 Mapping::Unallocated => len = ext.len.min(len),
                 _ => return Ok(ext),
@@ -305,23 +322,101 @@ impl Disk {
 
     /// The runs of guest data in `[offset, offset + len)`, merged: each item is
     /// `(start, length)` of bytes that some layer stores (everything else reads zero).
+    /// At most [`Disk::walk_limits`]`.runs` runs are kept.
     pub fn data_extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
         let end = offset.saturating_add(len).min(self.virtual_size());
+        let max_runs = self.walk_limits().runs;
         let mut out: Vec<(u64, u64)> = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let ext = self.map(pos, end - pos)?;
+        self.walk(offset, end, |pos, ext| {
             if ext.mapping.is_data() {
+                let kept = out.len() as u64;
                 match out.last_mut() {
                     Some((s, l)) if *s + *l == pos => *l += ext.len,
+                    _ if kept >= max_runs => return Err(self.too_fragmented()),
                     _ => out.push((pos, ext.len)),
                 }
             }
-            pos += ext.len;
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
+
+    /// How far a walk over this disk's map may go. A real image needs stored bytes for
+    /// every change of mapping (a table entry at least) and for every run of data (a
+    /// cluster at least), so the limits grow with what the layers store; a hostile image
+    /// whose tables are shared or repeated (one L2 table named by every L1 entry) cannot
+    /// make a small file describe billions of runs and hold a layout's memory or a
+    /// conversion's time without bound.
+    pub fn walk_limits(&self) -> WalkLimits {
+        let stored: u64 = self.layers.iter().map(|l| l.allocated_bytes()).sum();
+        WalkLimits {
+            extents: MIN_WALK_EXTENTS.max(stored / STORED_BYTES_PER_EXTENT),
+            runs: MIN_WALK_RUNS.max(stored / STORED_BYTES_PER_RUN),
+        }
+    }
+
+    /// Calls `f(offset, extent)` for the extents covering `[start, end)`, in order. Fails
+    /// once more than [`Disk::walk_limits`]`.extents` extents were visited.
+    pub fn walk(
+        &self,
+        start: u64,
+        end: u64,
+        mut f: impl FnMut(u64, &Extent) -> Result<()>,
+    ) -> Result<()> {
+        let end = end.min(self.virtual_size());
+        let max_extents = self.walk_limits().extents;
+        let mut visited = 0u64;
+        let mut pos = start;
+        while pos < end {
+            // Never empty nor past `end`: `map` checks every layer's answer.
+            let ext = self.map(pos, end - pos)?;
+            visited += 1;
+            if visited > max_extents {
+                return Err(self.too_fragmented());
+            }
+            f(pos, &ext)?;
+            pos += ext.len;
+        }
+        Ok(())
+    }
+
+    /// The error of a walk past [`Disk::walk_limits`].
+    pub fn too_fragmented(&self) -> Error {
+        let limits = self.walk_limits();
+        Error::Unsupported {
+            path: self.top().path().to_path_buf(),
+            format: self.top().format(),
+            reason: format!(
+                "its tables describe more than {} extents or {} runs of data, more than \
+                 the {} bytes its files store can hold (shared or repeated tables?)",
+                limits.extents,
+                limits.runs,
+                self.layers.iter().map(|l| l.allocated_bytes()).sum::<u64>()
+            ),
+        }
+    }
 }
+
+/// The most a walk over a disk's whole map may visit and keep: see [`Disk::walk_limits`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalkLimits {
+    /// Extents visited (each one `map` call).
+    pub extents: u64,
+    /// Runs of data kept (by a layout, a conversion, [`Disk::data_extents`]).
+    pub runs: u64,
+}
+
+/// Floors of [`WalkLimits`], whatever the layers store: 16 Mi extents take seconds to
+/// walk, 1 Mi runs take tens of MiB to keep.
+pub const MIN_WALK_EXTENTS: u64 = 1 << 24;
+pub const MIN_WALK_RUNS: u64 = 1 << 20;
+/// A change of mapping costs a real image at least one stored table entry (4 bytes: a
+/// VMDK grain table entry, a VDI block map entry, a VHD BAT entry).
+const STORED_BYTES_PER_EXTENT: u64 = 4;
+/// A run of data costs a real image at least one stored cluster or block; the smallest
+/// are 512 bytes (qcow2, VMDK), and compressed clusters can be smaller, so this is
+/// generous to real images and still far below what shared tables claim.
+const STORED_BYTES_PER_RUN: u64 = 512;
 
 /// `pread` that fills `buf` completely; reading past the end of the file is an error
 /// (a table that points past the end of its file is a corrupt image).

@@ -68,29 +68,21 @@ pub fn align_up(n: u64, align: u64) -> u64 {
 /// sorted, merged `(first cluster, count)`. Built from the disk's tables only (never its
 /// data), one extent at a time, so memory follows the number of runs.
 pub fn allocated_clusters(disk: &Disk, cluster_size: u64) -> Result<Vec<(u64, u64)>> {
-    let size = disk.virtual_size();
+    let max_runs = disk.walk_limits().runs;
     let mut runs: Vec<(u64, u64)> = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        let ext = disk.map(pos, size - pos)?;
-        if ext.len == 0 || ext.len > size - pos {
-            // A reader that answers nothing (or too much) would loop or overflow here.
-            return Err(Error::Invalid {
-                path: disk.top().path().to_path_buf(),
-                format: disk.top().format(),
-                reason: format!("the image maps {} bytes at guest offset {pos}", ext.len),
-            });
-        }
+    disk.walk(0, disk.virtual_size(), |pos, ext| {
         if ext.mapping.is_data() {
             let first = pos / cluster_size;
             let end = (pos + ext.len).div_ceil(cluster_size);
+            let kept = runs.len() as u64;
             match runs.last_mut() {
                 Some((s, n)) if *s + *n >= first => *n = end.max(*s + *n) - *s,
+                _ if kept >= max_runs => return Err(disk.too_fragmented()),
                 _ => runs.push((first, end - first)),
             }
         }
-        pos += ext.len;
-    }
+        Ok(())
+    })?;
     Ok(runs)
 }
 

@@ -10,17 +10,17 @@
 //! Limits enforced before anything is followed: the header fields are within the spec's
 //! ranges; the L1 table and every L2 table lie inside the file after the header; data
 //! cluster offsets are cluster-aligned, after the header and start inside the file; the
-//! image size is a multiple of 512 within what the tables can address. A backing file is
+//! image size is a multiple of 512 within what the tables can address; no two L1 entries
+//! name the same L2 table (checked at open, in bounded chunks). A backing file is
 //! refused: an import is one standalone file and must not open others. The "needs
 //! check" feature (set by a writer that crashed) is accepted, because every entry is
 //! checked as it is used and nothing is written.
 
-use super::tables::{Page, PageCache, le_u32, le_u64};
+use super::file::{LayerFile, map_end};
+use super::tables::{Page, PageCache, TableOfTables, le_u32, le_u64};
 use super::{Error, Extent, Format, Layer, Mapping, Result, read_exact_at};
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 /// `QED\0` read as a little-endian u32 (spec: "magic").
 const QED_MAGIC: u32 = 0x0044_4551;
@@ -57,10 +57,7 @@ enum Cluster {
 
 #[derive(Debug)]
 pub struct QedLayer {
-    file: Arc<File>,
-    path: Arc<PathBuf>,
-    file_len: u64,
-    allocated: u64,
+    src: LayerFile,
     cluster_bits: u32,
     /// Entries (u64) per L1 or L2 table.
     table_entries: u64,
@@ -158,20 +155,31 @@ impl QedLayer {
                 "image size {size} is not a multiple of {SECTOR} within the {max_size} bytes the tables can address"
             )));
         }
-        let file = Arc::new(file);
-        let path = Arc::new(path.to_path_buf());
-        let cache = PageCache::new(
-            file.clone(),
-            path.clone(),
-            Format::Qed,
+        // Only the L1 entries that cover the image size are ever used.
+        let l1_used = size.div_ceil(cluster_size).div_ceil(table_entries);
+        TableOfTables {
+            file: &file,
+            path,
+            format: Format::Qed,
+            offset: l1_offset,
+            count: l1_used,
+            entry_len: 8,
+            unit: 1,
+            table_bytes,
             file_len,
+            what: "L1",
+        }
+        .check_distinct()?;
+        let src = LayerFile::new(file, path, &meta);
+        let cache = PageCache::new(
+            src.file.clone(),
+            src.path.clone(),
+            Format::Qed,
+            src.len,
             CACHE_PAGES,
         );
         Ok(QedLayer {
-            file,
-            path,
-            file_len,
-            allocated: meta.blocks() * 512,
+            src,
             cluster_bits: cluster_size.trailing_zeros(),
             table_entries,
             table_bytes,
@@ -188,7 +196,7 @@ impl QedLayer {
 
     fn invalid(&self, reason: String) -> Error {
         Error::Invalid {
-            path: self.path.to_path_buf(),
+            path: self.src.path.to_path_buf(),
             format: Format::Qed,
             reason,
         }
@@ -205,7 +213,7 @@ impl QedLayer {
             || entry < self.header_end
             || entry
                 .checked_add(self.table_bytes)
-                .is_none_or(|end| end > self.file_len)
+                .is_none_or(|end| end > self.src.len)
         {
             return Err(self.invalid(format!(
                 "L1 entry {i} points to {entry}, not a cluster-aligned L2 table inside the file"
@@ -220,7 +228,7 @@ impl QedLayer {
             ENTRY_ZERO => Ok(Cluster::Zero),
             off if off % self.cluster_size() == 0
                 && off >= self.header_end
-                && off < self.file_len =>
+                && off < self.src.len =>
             {
                 Ok(Cluster::Data(off))
             }
@@ -239,7 +247,7 @@ impl Layer for QedLayer {
     }
 
     fn path(&self) -> &Path {
-        &self.path
+        &self.src.path
     }
 
     fn virtual_size(&self) -> u64 {
@@ -247,18 +255,11 @@ impl Layer for QedLayer {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.allocated
+        self.src.allocated
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        if offset >= self.size || max_len == 0 {
-            return Err(Error::OutOfRange {
-                path: self.path.to_path_buf(),
-                offset,
-                size: self.size,
-            });
-        }
-        let end = offset.saturating_add(max_len).min(self.size);
+        let end = map_end(&self.src.path, offset, max_len, self.size)?;
         let cs = self.cluster_size();
         let mut cluster = offset >> self.cluster_bits;
         let mut first: Option<Cluster> = None;
@@ -307,11 +308,7 @@ impl Layer for QedLayer {
         }
         let len = run_end.min(end) - offset;
         let mapping = match first {
-            Some(Cluster::Data(host)) => Mapping::Data {
-                file: self.file.clone(),
-                path: self.path.clone(),
-                offset: host + (offset & (cs - 1)),
-            },
+            Some(Cluster::Data(host)) => self.src.data(host + (offset & (cs - 1))),
             Some(Cluster::Zero) => Mapping::Zero,
             _ => Mapping::Unallocated,
         };
@@ -325,6 +322,8 @@ mod tests {
     use crate::image::Disk;
     use crate::image::tables::test_support::*;
     use crate::testutil::{have_qemu, qemu_img, qemu_io};
+    use std::path::PathBuf;
+    use std::sync::Arc;
 
     fn create(dir: &Path, name: &str, size: &str) -> PathBuf {
         let p = dir.join(name);

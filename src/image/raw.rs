@@ -2,18 +2,15 @@
 //! `SEEK_DATA`/`SEEK_HOLE`) read as zeroes and are reported as [`Mapping::Zero`], so a
 //! sparse raw file stays sparse through every view and conversion.
 
+use super::file::{LayerFile, map_end};
 use super::{Error, Extent, Format, Layer, Mapping, Result};
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 #[derive(Debug)]
 pub struct RawLayer {
-    file: Arc<File>,
-    path: Arc<PathBuf>,
-    size: u64,
-    allocated: u64,
+    src: LayerFile,
 }
 
 impl RawLayer {
@@ -21,10 +18,7 @@ impl RawLayer {
     pub fn new(file: File, path: &Path) -> Result<RawLayer> {
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         Ok(RawLayer {
-            file: Arc::new(file),
-            path: Arc::new(path.to_path_buf()),
-            size: meta.len(),
-            allocated: std::os::unix::fs::MetadataExt::blocks(&meta) * 512,
+            src: LayerFile::new(file, path, &meta),
         })
     }
 
@@ -39,7 +33,7 @@ impl RawLayer {
         let off = i64::try_from(offset).ok()?;
         // SAFETY: lseek on a file descriptor we own; it only moves the (unused) file
         // position, every read of this layer is positioned.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        let r = unsafe { libc::lseek(self.src.file.as_raw_fd(), off, whence) };
         (r >= 0).then_some(r as u64)
     }
 }
@@ -50,26 +44,20 @@ impl Layer for RawLayer {
     }
 
     fn path(&self) -> &Path {
-        &self.path
+        &self.src.path
     }
 
+    /// The file's length when opened.
     fn virtual_size(&self) -> u64 {
-        self.size
+        self.src.len
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.allocated
+        self.src.allocated
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let end = offset.saturating_add(max_len).min(self.size);
-        if offset >= end {
-            return Err(Error::OutOfRange {
-                path: self.path.to_path_buf(),
-                offset,
-                size: self.size,
-            });
-        }
+        let end = map_end(&self.src.path, offset, max_len, self.src.len)?;
         let data = match self.seek(offset, libc::SEEK_DATA) {
             Some(d) => d,
             // No data at or after `offset` (ENXIO), or no hole support: decide below.
@@ -90,11 +78,7 @@ impl Layer for RawLayer {
         let hole = self.seek(offset, libc::SEEK_HOLE).unwrap_or(end);
         Ok(Extent {
             len: hole.clamp(offset + 1, end) - offset,
-            mapping: Mapping::Data {
-                file: self.file.clone(),
-                path: self.path.clone(),
-                offset,
-            },
+            mapping: self.src.data(offset),
         })
     }
 }

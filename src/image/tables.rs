@@ -125,6 +125,85 @@ pub fn read_u32_table(
     Ok(out)
 }
 
+/// Where a table of second-level tables (QED L1, VMDK grain directory) lives and how
+/// its entries read.
+pub struct TableOfTables<'a> {
+    pub file: &'a File,
+    pub path: &'a Path,
+    pub format: Format,
+    /// File offset and number of entries of the table.
+    pub offset: u64,
+    pub count: u64,
+    /// Bytes per entry (4 or 8, little-endian) and the file bytes one entry stands for
+    /// (an entry's value times this is the named table's offset).
+    pub entry_len: usize,
+    pub unit: u64,
+    /// Bytes of each named table, and the file length they must fit in.
+    pub table_bytes: u64,
+    pub file_len: u64,
+    pub what: &'a str,
+}
+
+impl TableOfTables<'_> {
+    /// Reads the table in bounded chunks and checks that no two entries name the same
+    /// second-level table. Each table maps its own part of the disk; one named by every
+    /// entry would let a small file describe a disk of terabytes of data (and make a
+    /// conversion read it all). Memory: one `u64` per named table, and there cannot be
+    /// more distinct ones than fit in the file.
+    pub fn check_distinct(&self) -> Result<()> {
+        const CHUNK: usize = 64 << 10;
+        let most = self.file_len / self.table_bytes.max(1) + 1;
+        let mut named: Vec<u64> = Vec::new();
+        let mut buf = vec![0u8; CHUNK];
+        let end = self.offset + self.count * self.entry_len as u64;
+        let mut pos = self.offset;
+        while pos < end {
+            let n = (CHUNK as u64).min(end - pos) as usize;
+            let got = read_upto_at(self.file, self.path, &mut buf[..n], pos)?;
+            for e in buf[..got].chunks_exact(self.entry_len) {
+                let v = if self.entry_len == 8 {
+                    le_u64(e, 0)
+                } else {
+                    u64::from(le_u32(e, 0))
+                };
+                if v != 0 {
+                    named.push(v);
+                }
+            }
+            if named.len() as u64 > most {
+                return Err(self.shared(None));
+            }
+            if got < n {
+                break; // the rest is past the end: the reader reports it when used
+            }
+            pos += n as u64;
+        }
+        named.sort_unstable();
+        match named.windows(2).find(|w| w[0] == w[1]) {
+            Some(w) => Err(self.shared(Some(w[0].saturating_mul(self.unit)))),
+            None => Ok(()),
+        }
+    }
+
+    fn shared(&self, at: Option<u64>) -> Error {
+        let reason = match at {
+            Some(at) => format!(
+                "the table at offset {at} is named by more than one {} entry",
+                self.what
+            ),
+            None => format!(
+                "the {} names more tables than the {}-byte file can hold, so some are shared",
+                self.what, self.file_len
+            ),
+        };
+        Error::Invalid {
+            path: self.path.to_path_buf(),
+            format: self.format,
+            reason,
+        }
+    }
+}
+
 /// One cached page: the bytes of the file from `start`, possibly fewer than
 /// [`PAGE_SIZE`] at the end of the file.
 #[derive(Debug, Clone)]

@@ -14,12 +14,11 @@
 //! the same as in qemu: version 1.1, 512-byte sectors, 1 MiB blocks, no per-block extra
 //! data, no parent or link UUID (differencing images are refused).
 
+use super::file::{LayerFile, map_end};
 use super::tables::{BlockTable, MAX_LOADED_TABLE_BYTES, le_u32, le_u64, read_u32_table};
 use super::{Error, Extent, Format, Layer, Mapping, Result, read_exact_at};
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 /// Bytes of the VDI 1.1 header (pre-header text, signature, version, then the fields up
 /// to the unused tail).
@@ -45,9 +44,7 @@ const BLOCK_ZERO: u32 = 0xffff_fffe;
 
 #[derive(Debug)]
 pub struct VdiLayer {
-    file: Arc<File>,
-    path: Arc<PathBuf>,
-    allocated: u64,
+    src: LayerFile,
     size: u64,
     data_offset: u64,
     /// One entry per block of the guest disk.
@@ -213,9 +210,7 @@ impl VdiLayer {
         let mut bmap = all;
         bmap.truncate(guest_blocks as usize);
         Ok(VdiLayer {
-            file: Arc::new(file),
-            path: Arc::new(path.to_path_buf()),
-            allocated: meta.blocks() * 512,
+            src: LayerFile::new(file, path, &meta),
             size,
             data_offset: offset_data,
             bmap: BlockTable(bmap.into_boxed_slice()),
@@ -237,7 +232,7 @@ impl Layer for VdiLayer {
     }
 
     fn path(&self) -> &Path {
-        &self.path
+        &self.src.path
     }
 
     fn virtual_size(&self) -> u64 {
@@ -245,18 +240,11 @@ impl Layer for VdiLayer {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.allocated
+        self.src.allocated
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        if offset >= self.size || max_len == 0 {
-            return Err(Error::OutOfRange {
-                path: self.path.to_path_buf(),
-                offset,
-                size: self.size,
-            });
-        }
-        let end = offset.saturating_add(max_len).min(self.size);
+        let end = map_end(&self.src.path, offset, max_len, self.size)?;
         let first = offset / BLOCK_SIZE;
         let entry = self.bmap[first as usize];
         let mut next = first + 1;
@@ -267,11 +255,9 @@ impl Layer for VdiLayer {
         let mapping = match entry {
             BLOCK_UNALLOCATED => Mapping::Unallocated,
             BLOCK_ZERO => Mapping::Zero,
-            e => Mapping::Data {
-                file: self.file.clone(),
-                path: self.path.clone(),
-                offset: self.data_offset + u64::from(e) * BLOCK_SIZE + offset % BLOCK_SIZE,
-            },
+            e => self
+                .src
+                .data(self.data_offset + u64::from(e) * BLOCK_SIZE + offset % BLOCK_SIZE),
         };
         Ok(Extent { len, mapping })
     }
@@ -283,6 +269,8 @@ mod tests {
     use crate::image::Disk;
     use crate::image::tables::test_support::*;
     use crate::testutil::{have_qemu, qemu_img, qemu_io};
+    use std::path::PathBuf;
+    use std::sync::Arc;
 
     fn create(dir: &Path, name: &str, size: &str, opts: &[&str]) -> PathBuf {
         let p = dir.join(name);

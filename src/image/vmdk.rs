@@ -8,8 +8,9 @@
 //! [`Layer::map`] walks GD and GT entries grain by grain, merging runs of unallocated or
 //! zero grains and of verbatim grains contiguous in the file; a compressed grain is one
 //! [`Mapping::Compressed`] extent whose stored length comes from its marker. GD and GT
-//! entries are read through a bounded [`PageCache`]; only the header, the descriptor and
-//! the footer are read at open. The redundant GD is ignored, as qemu does.
+//! entries are read through a bounded [`PageCache`]; only the header, the descriptor, the
+//! footer and (in bounded chunks, to check that no two entries name the same GT) the GD
+//! are read at open. The redundant GD is ignored, as qemu does.
 //!
 //! A VMDK can name other files: a text descriptor lists extents by path (any host file,
 //! `/etc/passwd` included), and a descriptor may name a parent disk. None of that is
@@ -20,14 +21,13 @@
 //! marker naming its own guest sector and a stored length of at most twice the grain
 //! (qemu's read buffer).
 
-use super::tables::{Page, PageCache, le_u16, le_u32, le_u64, read_upto_at};
+use super::file::{LayerFile, map_end};
+use super::tables::{Page, PageCache, TableOfTables, le_u16, le_u32, le_u64, read_upto_at};
 use super::{
     CompressedCluster, Compression, Error, Extent, Format, Layer, Mapping, Result, read_exact_at,
 };
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 const SECTOR: u64 = 512;
 /// "KDMV": the sparse extent magic (spec: SPARSE_MAGICNUMBER 0x564d444b, little-endian).
@@ -81,10 +81,7 @@ enum Grain {
 
 #[derive(Debug)]
 pub struct VmdkLayer {
-    file: Arc<File>,
-    path: Arc<PathBuf>,
-    file_len: u64,
-    allocated: u64,
+    src: LayerFile,
     size: u64,
     grain_bits: u32,
     gtes_per_gt: u64,
@@ -323,20 +320,30 @@ impl VmdkLayer {
             check_descriptor(&String::from_utf8_lossy(&text[..end])).map_err(unsupported)?;
         }
 
-        let file = Arc::new(file);
-        let path = Arc::new(path.to_path_buf());
-        let cache = PageCache::new(
-            file.clone(),
-            path.clone(),
-            Format::Vmdk,
+        TableOfTables {
+            file: &file,
+            path,
+            format: Format::Vmdk,
+            offset: gd_offset,
+            count: gd_entries,
+            entry_len: 4,
+            unit: SECTOR,
+            table_bytes: hdr.gtes_per_gt * 4,
             file_len,
+            what: "grain directory",
+        }
+        .check_distinct()?;
+
+        let src = LayerFile::new(file, path, &meta);
+        let cache = PageCache::new(
+            src.file.clone(),
+            src.path.clone(),
+            Format::Vmdk,
+            src.len,
             CACHE_PAGES,
         );
         Ok(VmdkLayer {
-            file,
-            path,
-            file_len,
-            allocated: meta.blocks() * 512,
+            src,
             size,
             grain_bits: grain_bytes.trailing_zeros(),
             gtes_per_gt: hdr.gtes_per_gt,
@@ -388,7 +395,7 @@ impl VmdkLayer {
 
     fn invalid(&self, reason: String) -> Error {
         Error::Invalid {
-            path: self.path.to_path_buf(),
+            path: self.src.path.to_path_buf(),
             format: Format::Vmdk,
             reason,
         }
@@ -407,7 +414,7 @@ impl VmdkLayer {
             return Ok(None);
         }
         let off = sector * SECTOR;
-        if off + self.gtes_per_gt * 4 > self.file_len {
+        if off + self.gtes_per_gt * 4 > self.src.len {
             return Err(self.invalid(format!(
                 "grain directory entry {i} points to sector {sector}, past the end of the file"
             )));
@@ -421,7 +428,7 @@ impl VmdkLayer {
             GTE_ZERO if self.zeroed_grains => Ok(Grain::Zero),
             sector => {
                 let off = u64::from(sector) * SECTOR;
-                if off >= self.file_len {
+                if off >= self.src.len {
                     return Err(self.invalid(format!(
                         "the grain of guest offset {} is at sector {sector}, past the end of the file",
                         grain << self.grain_bits
@@ -436,7 +443,7 @@ impl VmdkLayer {
     /// starting at `offset`.
     fn compressed_grain(&self, grain: u64, marker: u64, offset: u64) -> Result<CompressedCluster> {
         let mut m = [0u8; GRAIN_MARKER_LEN as usize];
-        read_exact_at(&self.file, &self.path, &mut m, marker)?;
+        read_exact_at(&self.src.file, &self.src.path, &mut m, marker)?;
         let lba = le_u64(&m, 0);
         let stored_len = u64::from(le_u32(&m, 8));
         let grain_start = grain << self.grain_bits;
@@ -449,7 +456,7 @@ impl VmdkLayer {
         }
         if stored_len == 0
             || stored_len > 2 * self.grain_bytes()
-            || marker + GRAIN_MARKER_LEN + stored_len > self.file_len
+            || marker + GRAIN_MARKER_LEN + stored_len > self.src.len
         {
             return Err(self.invalid(format!(
                 "the compressed grain at {marker} claims {stored_len} bytes, beyond twice the \
@@ -457,8 +464,8 @@ impl VmdkLayer {
             )));
         }
         Ok(CompressedCluster {
-            file: self.file.clone(),
-            path: self.path.clone(),
+            file: self.src.file.clone(),
+            path: self.src.path.clone(),
             offset: marker + GRAIN_MARKER_LEN,
             stored_len,
             cluster_len: self.grain_bytes().min(self.size - grain_start),
@@ -474,7 +481,7 @@ impl Layer for VmdkLayer {
     }
 
     fn path(&self) -> &Path {
-        &self.path
+        &self.src.path
     }
 
     fn virtual_size(&self) -> u64 {
@@ -482,18 +489,11 @@ impl Layer for VmdkLayer {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.allocated
+        self.src.allocated
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        if offset >= self.size || max_len == 0 {
-            return Err(Error::OutOfRange {
-                path: self.path.to_path_buf(),
-                offset,
-                size: self.size,
-            });
-        }
-        let end = offset.saturating_add(max_len).min(self.size);
+        let end = map_end(&self.src.path, offset, max_len, self.size)?;
         let gb = self.grain_bytes();
         let first_grain = offset >> self.grain_bits;
         let mut grain = first_grain;
@@ -543,11 +543,7 @@ impl Layer for VmdkLayer {
             Some(Grain::Stored(host)) if self.compressed => {
                 Mapping::Compressed(self.compressed_grain(first_grain, host, offset)?)
             }
-            Some(Grain::Stored(host)) => Mapping::Data {
-                file: self.file.clone(),
-                path: self.path.clone(),
-                offset: host + (offset & (gb - 1)),
-            },
+            Some(Grain::Stored(host)) => self.src.data(host + (offset & (gb - 1))),
             Some(Grain::Zero) => Mapping::Zero,
             _ => Mapping::Unallocated,
         };
@@ -561,6 +557,8 @@ mod tests {
     use crate::image::Disk;
     use crate::image::tables::test_support::*;
     use crate::testutil::{have_qemu, qemu_img, qemu_io};
+    use std::path::PathBuf;
+    use std::sync::Arc;
 
     fn create(dir: &Path, name: &str, size: &str, opts: &str) -> PathBuf {
         let p = dir.join(name);

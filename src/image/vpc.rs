@@ -15,14 +15,14 @@
 //! only matters for differencing disks, which are refused: they name a parent file).
 //!
 //! The BAT (4 bytes per 2 MiB block by default) is bounded by the file size, so it is read
-//! whole at open and every entry is checked to lie inside the file; reads take no lock.
+//! whole at open and every entry is checked to lie inside the file, with no two blocks
+//! overlapping; reads take no lock.
 
+use super::file::{LayerFile, map_end};
 use super::tables::{BlockTable, MAX_LOADED_TABLE_BYTES, be_u16, be_u32, be_u64, read_u32_table};
 use super::{Error, Extent, Format, Layer, Mapping, Result, read_exact_at};
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
 const SECTOR: u64 = 512;
 /// The footer (spec: "Hard Disk Footer Format"), 512 bytes, at the end of every VHD and
@@ -60,9 +60,7 @@ enum Kind {
 
 #[derive(Debug)]
 pub struct VpcLayer {
-    file: Arc<File>,
-    path: Arc<PathBuf>,
-    allocated: u64,
+    src: LayerFile,
     size: u64,
     kind: Kind,
 }
@@ -167,9 +165,7 @@ impl VpcLayer {
             t => return Err(invalid(format!("unknown disk type {t}"))),
         };
         Ok(VpcLayer {
-            file: Arc::new(file),
-            path: Arc::new(path.to_path_buf()),
-            allocated: meta.blocks() * 512,
+            src: LayerFile::new(file, path, &meta),
             size,
             kind,
         })
@@ -251,11 +247,48 @@ impl VpcLayer {
                 )));
             }
         }
+        check_blocks_distinct(&bat, (bitmap_len + block_size) / SECTOR, file_len)?;
         Ok(Kind::Dynamic {
             block_size,
             bitmap_len,
             bat: BlockTable(bat.into_boxed_slice()),
         })
+    }
+}
+
+/// Refuses a BAT whose allocated entries name overlapping blocks (of `block_sectors`
+/// sectors, bitmap included). Each block holds one part of the disk; a block named by
+/// every entry would let a small file describe terabytes of data (and make a
+/// conversion read them all). Allocated blocks must all fit in the file, which bounds
+/// the sorted copy before it is made.
+fn check_blocks_distinct(bat: &[u32], block_sectors: u64, file_len: u64) -> Result<(), Reason> {
+    let allocated = bat.iter().filter(|&&e| e != BAT_UNALLOCATED).count() as u64;
+    // The last block may be cut short by the disk's end: count the others in full.
+    if allocated
+        .saturating_sub(1)
+        .saturating_mul(block_sectors * SECTOR)
+        > file_len
+    {
+        return Err(Reason::Invalid(format!(
+            "the block table names {allocated} blocks, more than the {file_len}-byte file \
+             holds, so some are shared"
+        )));
+    }
+    let mut starts: Vec<u32> = bat
+        .iter()
+        .copied()
+        .filter(|&e| e != BAT_UNALLOCATED)
+        .collect();
+    starts.sort_unstable();
+    match starts
+        .windows(2)
+        .find(|w| u64::from(w[1]) - u64::from(w[0]) < block_sectors)
+    {
+        Some(w) => Err(Reason::Invalid(format!(
+            "the blocks at sectors {} and {} of the block table overlap",
+            w[0], w[1]
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -272,7 +305,7 @@ impl Layer for VpcLayer {
     }
 
     fn path(&self) -> &Path {
-        &self.path
+        &self.src.path
     }
 
     fn virtual_size(&self) -> u64 {
@@ -280,23 +313,12 @@ impl Layer for VpcLayer {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.allocated
+        self.src.allocated
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        if offset >= self.size || max_len == 0 {
-            return Err(Error::OutOfRange {
-                path: self.path.to_path_buf(),
-                offset,
-                size: self.size,
-            });
-        }
-        let end = offset.saturating_add(max_len).min(self.size);
-        let data = |at: u64| Mapping::Data {
-            file: self.file.clone(),
-            path: self.path.clone(),
-            offset: at,
-        };
+        let end = map_end(&self.src.path, offset, max_len, self.size)?;
+        let data = |at: u64| self.src.data(at);
         match &self.kind {
             // Like qemu, the stored bytes are the guest's, holes included.
             Kind::Fixed => Ok(Extent {
@@ -338,6 +360,8 @@ mod tests {
     use crate::image::Disk;
     use crate::image::tables::test_support::*;
     use crate::testutil::{have_qemu, qemu_img, qemu_io};
+    use std::path::PathBuf;
+    use std::sync::Arc;
 
     fn create(dir: &Path, name: &str, size: &str, opts: &str) -> PathBuf {
         let p = dir.join(name);

@@ -130,30 +130,12 @@ impl Store {
         if !is_hash(hash) {
             return Err(Error::BadHash(hash.to_string()));
         }
-        let dest = self.layer_path(hash);
-        if fs::symlink_metadata(&dest).is_ok() {
-            refresh_ctime(&dest);
-            return Ok(LayerTransfer::Present);
-        }
         let from = src.layer_path(hash);
-        if fs::symlink_metadata(&from).is_err() {
+        if fs::symlink_metadata(&from).is_err() && !self.has_layer(hash) {
             return Err(Error::NotFound { path: from });
         }
-        self.ensure_prefix_dir(&dest)?;
-        match fs::hard_link(&from, &dest) {
-            Ok(()) => {
-                fsutil::sync_dir(dest.parent().unwrap_or(&self.data_dir()))?;
-                return Ok(LayerTransfer::Linked);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Ok(LayerTransfer::Present);
-            }
-            // Other filesystem, or fs.protected_hardlinks refusing a layer owned by
-            // someone else: copy instead.
-            Err(e) if fsutil::link_unsupported(&e) => {
-                log::debug!("cannot link {} here ({e}): copying", from.display());
-            }
-            Err(e) => return Err(io_err(&dest, e)),
+        if let Some(done) = self.link_layer_from(src, hash)? {
+            return Ok(done);
         }
         let tmp = self.tmp_file()?;
         let actual = sparse_copy_hashing(&from, tmp.file(), tmp.path())?;
@@ -162,6 +144,37 @@ impl Store {
         }
         self.add_layer(tmp.path(), Some(hash))?;
         Ok(LayerTransfer::Copied)
+    }
+
+    /// Makes layer `hash` of `src` present here without copying data: `Present` if it is
+    /// already here, `Linked` after a hard link; `None` when `src` lacks it or a link is
+    /// impossible (another filesystem, `fs.protected_hardlinks`).
+    pub fn link_layer_from(&self, src: &Store, hash: &str) -> Result<Option<LayerTransfer>, Error> {
+        if !is_hash(hash) {
+            return Err(Error::BadHash(hash.to_string()));
+        }
+        let dest = self.layer_path(hash);
+        if fs::symlink_metadata(&dest).is_ok() {
+            refresh_ctime(&dest);
+            return Ok(Some(LayerTransfer::Present));
+        }
+        let from = src.layer_path(hash);
+        if fs::symlink_metadata(&from).is_err() {
+            return Ok(None);
+        }
+        self.ensure_prefix_dir(&dest)?;
+        match fs::hard_link(&from, &dest) {
+            Ok(()) => {
+                fsutil::sync_dir(dest.parent().unwrap_or(&self.data_dir()))?;
+                Ok(Some(LayerTransfer::Linked))
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Some(LayerTransfer::Present)),
+            Err(e) if fsutil::link_unsupported(&e) => {
+                log::debug!("cannot link {} here ({e})", from.display());
+                Ok(None)
+            }
+            Err(e) => Err(io_err(&dest, e)),
+        }
     }
 
     /// Creates `data/XX/` for `dest` if needed, syncing `data/` when it did.

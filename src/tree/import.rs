@@ -220,6 +220,7 @@ impl Tree {
         let imp = Arc::new(Import {
             node: Mutex::new(node.clone()),
             store,
+            siblings: self.repos.clone(),
             writer: caller.clone(),
             target,
             hint,

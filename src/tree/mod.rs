@@ -48,6 +48,7 @@ pub use extras::{
     XATTR_REVISION, XATTR_VIRTUAL_SIZE, parent,
 };
 pub use import::{SetAttr, is_staging};
+pub use nodes::display;
 pub use open::{Changes, OpenFile};
 pub use publish::split_suffix;
 pub use uri::{Uri, UriError};

@@ -64,7 +64,7 @@ fn ctime(m: &std::fs::Metadata) -> SystemTime {
 }
 
 /// A human path for messages: `repo/image/@N/file`.
-pub(super) fn display(node: &Node) -> String {
+pub fn display(node: &Node) -> String {
     match node {
         Node::Root => "/".to_string(),
         Node::Repo { repo } => repo.clone(),

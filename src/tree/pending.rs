@@ -45,6 +45,8 @@ pub(super) struct Import {
     /// Where it is; a staging file renamed to another staging name moves.
     pub(super) node: Mutex<Node>,
     pub(super) store: Arc<Store>,
+    /// Every repository of the tree, whose layers a publish may share.
+    pub(super) siblings: Vec<Arc<Store>>,
     pub(super) writer: Caller,
     /// `None` for a staging file: its target is decided by `rename`.
     pub(super) target: Option<Target>,
@@ -267,6 +269,7 @@ impl Import {
             let owner = access::user_name(self.writer.uid);
             publish::publish(
                 &self.store,
+                &self.siblings,
                 &owner,
                 publish::FileOwner::for_caller(&self.writer, &self.store),
                 tmp.path(),

@@ -108,8 +108,10 @@ pub fn check_target(store: &Store, target: &Target) -> Result<(), Error> {
 /// Publishes `source` (read as `format`) into `store` as `target`, owned by `owner`:
 /// convert to a standalone qcow2 layer, add it, write the metadata exclusively. Returns
 /// the new revision's metadata.
+#[allow(clippy::too_many_arguments)]
 pub fn publish(
     store: &Store,
+    siblings: &[std::sync::Arc<Store>],
     owner: &str,
     file_owner: Option<FileOwner>,
     source: &Path,
@@ -131,9 +133,21 @@ pub fn publish(
     if let Some(o) = file_owner {
         std::os::unix::fs::fchown(out.file(), Some(o.uid), Some(o.gid)).map_err(io)?;
     }
-    let hash = store.add_layer(out.path(), Some(&converted.sha256))?;
-    // The scratch file is now the layer (or was removed as a duplicate).
-    out.keep();
+    // Another repository may hold the very same layer (a view copied between
+    // repositories with `cp`): share it by a hard link rather than keep a second copy.
+    let shared = siblings
+        .iter()
+        .filter(|s| s.name() != store.name())
+        .find_map(|s| store.link_layer_from(s, &converted.sha256).ok().flatten());
+    let hash = match shared {
+        Some(_) => converted.sha256,
+        None => {
+            let hash = store.add_layer(out.path(), Some(&converted.sha256))?;
+            // The scratch file is now the layer (or was removed as a duplicate).
+            out.keep();
+            hash
+        }
+    };
     let meta = write_meta(store, owner, &hash, target)?;
     if let Some(o) = file_owner {
         let path = store.meta_path(&meta.name, meta.revision);

@@ -46,7 +46,16 @@ impl Tree {
         let file = File::open(src).map_err(|e| io_error(src, e))?;
         let format = choose_format(format, detect::format_from_suffix(src), src, &file)?;
         let owner = access::user_name(caller.uid);
-        let meta = publish::publish(&store, &owner, None, src, format, &target, progress)?;
+        let meta = publish::publish(
+            &store,
+            &self.repos,
+            &owner,
+            None,
+            src,
+            format,
+            &target,
+            progress,
+        )?;
         self.pending.remove_empty_dir(store.name(), &meta.name);
         Ok(Resolved {
             repo: store.name().to_string(),

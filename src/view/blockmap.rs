@@ -47,15 +47,16 @@ impl BlockMap {
     /// the format describes, so the block count covers the padding of the last sector.
     pub fn of_disk(disk: &Disk, span: u64, block_size: u64) -> Result<BlockMap> {
         let mut map = BlockMap::empty(span, block_size);
-        let size = disk.virtual_size();
-        let mut pos = 0;
-        while pos < size {
-            let ext = disk.map(pos, size - pos)?;
+        let max_runs = disk.walk_limits().runs as usize;
+        disk.walk(0, disk.virtual_size(), |pos, ext| {
             if ext.mapping.is_data() {
                 map.add(pos, ext.len);
+                if map.runs.len() > max_runs {
+                    return Err(disk.too_fragmented());
+                }
             }
-            pos += ext.len;
-        }
+            Ok(())
+        })?;
         Ok(map)
     }
 

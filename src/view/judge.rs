@@ -473,3 +473,58 @@ pub fn judge_wide_sparse_case(format: Format) {
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
     judge_raw_case(format, 4 << 40, &cmds);
 }
+
+/// Declares `mod source_matrix`: one test per qcow2 source shape of [`Source`], each
+/// judging the view of `$format` with [`judge_source`]. The qcow2 and QED views run the
+/// same matrix; the test names read as the source they judge.
+macro_rules! source_matrix {
+    ($format:expr) => {
+        mod source_matrix {
+            use crate::image::Format;
+            use crate::view::judge::{Source, judge_source};
+
+            const FORMAT: Format = $format;
+
+            #[test]
+            fn plain_qcow2_with_zero_writes_and_discards() {
+                judge_source(FORMAT, Source::Plain);
+            }
+
+            #[test]
+            fn zlib_compressed_qcow2() {
+                judge_source(FORMAT, Source::Zlib);
+            }
+
+            #[test]
+            fn zstd_compressed_qcow2() {
+                judge_source(FORMAT, Source::Zstd);
+            }
+
+            #[test]
+            fn three_layer_chain_is_flattened() {
+                judge_source(FORMAT, Source::Chain);
+            }
+
+            #[test]
+            fn empty_qcow2() {
+                judge_source(FORMAT, Source::Empty);
+            }
+
+            #[test]
+            fn qcow2_one_byte_past_a_cluster() {
+                judge_source(FORMAT, Source::OneBytePastCluster);
+            }
+
+            #[test]
+            fn five_gib_sparse_qcow2() {
+                judge_source(FORMAT, Source::Sparse5G);
+            }
+
+            #[test]
+            fn qcow2_with_2_mib_clusters() {
+                judge_source(FORMAT, Source::Cluster2M);
+            }
+        }
+    };
+}
+pub(crate) use source_matrix;

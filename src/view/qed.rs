@@ -225,53 +225,9 @@ mod wide {
     }
 }
 
+// One test per qcow2 source shape of the judge, each named for its source.
 #[cfg(test)]
-mod source_matrix {
-    use crate::image::Format;
-    use crate::view::judge::{Source, judge_source};
-
-    const FORMAT: Format = Format::Qed;
-
-    #[test]
-    fn plain_qcow2_with_zero_writes_and_discards() {
-        judge_source(FORMAT, Source::Plain);
-    }
-
-    #[test]
-    fn zlib_compressed_qcow2() {
-        judge_source(FORMAT, Source::Zlib);
-    }
-
-    #[test]
-    fn zstd_compressed_qcow2() {
-        judge_source(FORMAT, Source::Zstd);
-    }
-
-    #[test]
-    fn three_layer_chain_is_flattened() {
-        judge_source(FORMAT, Source::Chain);
-    }
-
-    #[test]
-    fn empty_qcow2() {
-        judge_source(FORMAT, Source::Empty);
-    }
-
-    #[test]
-    fn qcow2_one_byte_past_a_cluster() {
-        judge_source(FORMAT, Source::OneBytePastCluster);
-    }
-
-    #[test]
-    fn five_gib_sparse_qcow2() {
-        judge_source(FORMAT, Source::Sparse5G);
-    }
-
-    #[test]
-    fn qcow2_with_2_mib_clusters() {
-        judge_source(FORMAT, Source::Cluster2M);
-    }
-}
+crate::view::judge::source_matrix!(Format::Qed);
 
 #[cfg(test)]
 mod read_back {

@@ -15,10 +15,16 @@ impl RawLayout {
     pub fn new(disk: Arc<Disk>) -> RawLayout {
         // Counting allocated bytes walks the tables once; raw views are opened once per
         // revision and kept, so this is paid once.
-        let allocated = disk
-            .data_extents(0, disk.virtual_size())
-            .map(|v| v.iter().map(|(_, l)| l).sum())
-            .unwrap_or(0);
+        // A disk whose map cannot be walked (corrupt, or too fragmented to be real)
+        // reports nothing allocated; its reads report the error.
+        let mut allocated = 0;
+        let walked = disk.walk(0, disk.virtual_size(), |_, ext| {
+            if ext.mapping.is_data() {
+                allocated += ext.len;
+            }
+            Ok(())
+        });
+        let allocated = if walked.is_ok() { allocated } else { 0 };
         RawLayout { disk, allocated }
     }
 }

@@ -33,6 +33,8 @@ pub const MAX_SNAPSHOTS: u32 = 65536;
 pub const MAX_BACKING_NAME_LEN: u64 = 1023;
 /// `refcount_order` "may not exceed 6" (spec).
 pub const MAX_REFCOUNT_ORDER: u32 = 6;
+/// qemu's block layer counts disks in 512-byte sectors (`BDRV_SECTOR_SIZE`).
+const SECTOR_SIZE: u64 = 512;
 /// Virtual sizes are `int64_t` in qemu's block layer.
 pub const MAX_VIRTUAL_SIZE: u64 = i64::MAX as u64;
 
@@ -321,6 +323,10 @@ pub fn parse(file: &File, path: &Path, file_len: u64) -> Result<Header> {
             format!("virtual size {size} exceeds qemu's limit of {MAX_VIRTUAL_SIZE} bytes"),
         ));
     }
+    // qemu keeps whole sectors of the header's size (`total_sectors = size / 512` in its
+    // qcow2 driver), so a size that is not a multiple of 512 reads, and is reported by
+    // qemu-img info, cut down to one. Readers of the same file must agree on its length.
+    let size = size / SECTOR_SIZE * SECTOR_SIZE;
     let l1_size = u64::from(be32(&fixed, 36));
     let l1_offset = be64(&fixed, 40);
     let entry_bytes = if extended_l2 { 16 } else { 8 };

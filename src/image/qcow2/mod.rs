@@ -11,10 +11,16 @@
 //! Limits enforced before allocating (see [`header`]): cluster bits 9..=21; L1 table at
 //! most 32 MiB, large enough for the virtual size, cluster-aligned and inside the file
 //! (only the entries covering the virtual size are loaded); refcount table within
-//! qemu's 8 MiB; virtual size at most `i64::MAX`; backing name at most 1023 bytes. L2
-//! tables must be cluster-aligned and inside the file; compressed clusters must start
-//! inside the file; data clusters must be cluster-aligned (reading one past the end of
-//! the file fails that read, as in qemu).
+//! qemu's 8 MiB; virtual size at most `i64::MAX`; backing name at most 1023 bytes; no
+//! two L1 entries may name the same L2 table. L2 tables must be cluster-aligned and
+//! inside the file; compressed clusters must start inside the file and after the header
+//! cluster; data clusters must be cluster-aligned (so never in the header cluster), and
+//! reading one past the end of the file fails that read, as in qemu.
+//!
+//! Guest data that points at other metadata (an L2 entry naming the L1 table or a
+//! refcount block) is read as stored, as qemu reads it: it leaks nothing from outside
+//! the file, and telling metadata apart would need the refcounts, which reading does
+//! not otherwise load.
 //!
 //! `map` merges neighbouring clusters of one L2 table that share a kind (unallocated,
 //! zero, or data at contiguous host offsets), and runs of empty L1 entries, so a large
@@ -28,11 +34,11 @@ mod tests;
 pub use header::BackingRef;
 
 use super::cache::LruCache;
+use super::file::{LayerFile, map_end};
 use super::{CompressedCluster, Compression, Error, Extent, Format, Layer, Mapping, Result};
 use header::{Header, OFFSET_MASK, invalid};
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// L2 entry bit 62: the cluster is compressed (spec).
@@ -52,10 +58,7 @@ const MIN_L2_CACHE_TABLES: usize = 16;
 
 /// A qcow2 image file, immutable after open, shared by any number of reading threads.
 pub struct Qcow2Layer {
-    file: Arc<File>,
-    path: Arc<PathBuf>,
-    file_len: u64,
-    allocated: u64,
+    src: LayerFile,
     header: Header,
     l1: Box<[u64]>,
     l2_cache: LruCache<u64, Arc<[u64]>>,
@@ -64,7 +67,7 @@ pub struct Qcow2Layer {
 impl std::fmt::Debug for Qcow2Layer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Layer")
-            .field("path", &self.path)
+            .field("path", &self.src.path)
             .field("header", &self.header)
             .finish_non_exhaustive()
     }
@@ -100,13 +103,11 @@ impl Qcow2Layer {
             .chunks_exact(8)
             .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
             .collect();
+        check_l1_tables_distinct(&l1, path)?;
         let cluster_size = header.cluster_size() as usize;
         let tables = (L2_CACHE_BYTES / cluster_size).max(MIN_L2_CACHE_TABLES);
         Ok(Qcow2Layer {
-            file: Arc::new(file),
-            path: Arc::new(path.to_path_buf()),
-            file_len,
-            allocated: meta.blocks() * 512,
+            src: LayerFile::new(file, path, &meta),
             l1,
             l2_cache: LruCache::new(tables * cluster_size),
             header,
@@ -149,21 +150,21 @@ impl Qcow2Layer {
         let cs = self.header.cluster_size();
         if offset % cs != 0 {
             return Err(invalid(
-                &self.path,
+                &self.src.path,
                 format!("L2 table offset {offset:#x} is not cluster-aligned"),
             ));
         }
-        if offset.checked_add(cs).is_none_or(|e| e > self.file_len) {
+        if offset.checked_add(cs).is_none_or(|e| e > self.src.len) {
             return Err(invalid(
-                &self.path,
+                &self.src.path,
                 format!(
                     "L2 table at offset {offset:#x} is past the end of the file ({} bytes)",
-                    self.file_len
+                    self.src.len
                 ),
             ));
         }
         let mut raw = vec![0u8; cs as usize];
-        super::read_exact_at(&self.file, &self.path, &mut raw, offset)?;
+        super::read_exact_at(&self.src.file, &self.src.path, &mut raw, offset)?;
         let table: Arc<[u64]> = raw
             .chunks_exact(8)
             .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
@@ -190,7 +191,7 @@ impl Qcow2Layer {
         let entry = table[index * stride];
         let bad = |what: String| {
             invalid(
-                &self.path,
+                &self.src.path,
                 format!("L2 entry {entry:#018x} for guest offset {pos}: {what}"),
             )
         };
@@ -201,10 +202,16 @@ impl Qcow2Layer {
             let host = entry & ((1u64 << x) - 1);
             let sectors = ((entry >> x) & ((1u64 << (h.cluster_bits - 8)) - 1)) + 1;
             let stored = sectors * COMPRESSED_SECTOR - (host % COMPRESSED_SECTOR);
-            if host == 0 || host >= self.file_len {
+            if host >= self.src.len {
                 return Err(bad(format!(
                     "compressed cluster at {host:#x} is outside the file ({} bytes)",
-                    self.file_len
+                    self.src.len
+                )));
+            }
+            // The first cluster is the header; no guest data lives there.
+            if host < h.cluster_size() {
+                return Err(bad(format!(
+                    "compressed cluster at {host:#x} is inside the header cluster"
                 )));
             }
             return Ok(Unit::Compressed(host, stored));
@@ -243,13 +250,36 @@ impl Qcow2Layer {
     }
 }
 
+/// Refuses an L1 table that names one L2 table twice. Every L2 table of the active L1
+/// maps one place of the disk (qemu-img check reports a shared one as a refcount
+/// error); a table named by every L1 entry would let a small file describe a disk of
+/// petabytes of data, and make a layout or a conversion of it run without end.
+fn check_l1_tables_distinct(l1: &[u64], path: &Path) -> Result<()> {
+    let mut offsets: Vec<u64> = l1
+        .iter()
+        .map(|e| e & OFFSET_MASK)
+        .filter(|&o| o != 0)
+        .collect();
+    offsets.sort_unstable();
+    match offsets.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(invalid(
+            path,
+            format!(
+                "the L2 table at offset {:#x} is named by more than one L1 entry",
+                w[0]
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 impl Layer for Qcow2Layer {
     fn format(&self) -> Format {
         Format::Qcow2
     }
 
     fn path(&self) -> &Path {
-        &self.path
+        &self.src.path
     }
 
     fn virtual_size(&self) -> u64 {
@@ -257,19 +287,11 @@ impl Layer for Qcow2Layer {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.allocated
+        self.src.allocated
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        let size = self.header.size;
-        if offset >= size || max_len == 0 {
-            return Err(Error::OutOfRange {
-                path: self.path.to_path_buf(),
-                offset,
-                size,
-            });
-        }
-        let end = offset.saturating_add(max_len).min(size);
+        let end = map_end(&self.src.path, offset, max_len, self.header.size)?;
         let span = self.l2_span();
         let l1_index = offset / span;
         let l2_offset = |i: u64| self.l1.get(i as usize).map_or(0, |e| e & OFFSET_MASK);
@@ -297,8 +319,8 @@ impl Layer for Qcow2Layer {
             return Ok(Extent {
                 len: cluster_end.min(end) - offset,
                 mapping: Mapping::Compressed(CompressedCluster {
-                    file: self.file.clone(),
-                    path: self.path.clone(),
+                    file: self.src.file.clone(),
+                    path: self.src.path.clone(),
                     offset: host,
                     stored_len: stored,
                     cluster_len: self.header.cluster_size(),
@@ -327,11 +349,7 @@ impl Layer for Qcow2Layer {
         }
         let len = stop.min(end) - offset;
         let mapping = match (first, base) {
-            (Unit::Data(_), Some(host)) => Mapping::Data {
-                file: self.file.clone(),
-                path: self.path.clone(),
-                offset: host,
-            },
+            (Unit::Data(_), Some(host)) => self.src.data(host),
             (Unit::Zero, _) => Mapping::Zero,
             _ => Mapping::Unallocated,
         };

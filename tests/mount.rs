@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+#[path = "mount/qemu.rs"]
+mod qemu;
+
 const DAEMON: &str = env!("CARGO_BIN_EXE_pcocc-imagefs");
 
 fn can_mount() -> bool {

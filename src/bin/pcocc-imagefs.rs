@@ -174,13 +174,23 @@ fn serve(
         .map_err(|e| format!("cannot mount on {}: {e}", mountpoint.display()))?;
     invalidator.start(session.notifier());
     let mut unmounter = session.unmount_callable();
+    let detach_point = mountpoint.to_path_buf();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let sig = daemon::wait_for_signal();
             log::info!("signal {sig}: unmounting");
-            if let Err(e) = unmounter.unmount() {
-                log::warn!("unmount after signal {sig} failed: {e}");
+            match unmounter.unmount() {
+                Ok(()) => {}
+                // A file is still open (a VM running from a view): detach now, serve
+                // the open files until they close, then the session ends.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    log::info!("mount busy after signal {sig}: detaching lazily");
+                    if let Err(e) = daemon::detach(&detach_point) {
+                        log::warn!("lazy unmount after signal {sig} failed: {e}");
+                    }
+                }
+                Err(e) => log::warn!("unmount after signal {sig} failed: {e}"),
             }
         })
         .map_err(|e| e.to_string())?;

@@ -450,6 +450,11 @@ impl Filesystem for ImageFs {
         let truncate = flags.0 & libc::O_TRUNC != 0;
         match self.tree.open(&Self::caller(req), &node, write, truncate) {
             Ok(f) => {
+                // Never FOPEN_DIRECT_IO: without it the kernel serves an O_DIRECT open
+                // (qemu's cache=none, aio=native/io_uring) by sending its reads straight
+                // through at the caller's offsets and lengths, bypassing the page cache
+                // for that descriptor only, while buffered readers of the same
+                // immutable file keep the cached pages FOPEN_KEEP_CACHE preserves.
                 let keep = if f.immutable() {
                     FopenFlags::FOPEN_KEEP_CACHE
                 } else {

@@ -1,10 +1,40 @@
 //! The small questions a filesystem must answer besides reading and writing: the parent
-//! of a node (`..`), `statfs`, `access(2)` and extended attributes.
+//! of a node (`..`), `statfs`, `access(2)` and extended attributes (the self-description
+//! of revision directories and views, `user.pcocc.*`).
 
 use std::ffi::{CString, OsStr};
 
 use super::nodes::display;
-use super::{Caller, Error, Node, NodeType, Tree};
+use super::{Caller, Error, FileKind, Node, NodeType, Tree, metajson};
+
+/// The namespace of the attributes revision directories and views carry (`user.` so
+/// that unprivileged `getfattr` lists them).
+pub const XATTR_PREFIX: &str = "user.pcocc.";
+/// The image name (pcocc's `name`).
+pub const XATTR_NAME: &str = "user.pcocc.name";
+/// The revision number, decimal.
+pub const XATTR_REVISION: &str = "user.pcocc.revision";
+/// The user who published the revision (pcocc's `owner`).
+pub const XATTR_OWNER: &str = "user.pcocc.owner";
+/// The layer hashes (sha256, hex, without pcocc's `sha256:` prefix), base first, joined
+/// by [`LAYERS_SEPARATOR`].
+pub const XATTR_LAYERS: &str = "user.pcocc.layers";
+/// The virtual disk size in bytes, decimal (the guest's disk size, the same for every
+/// view of the revision).
+pub const XATTR_VIRTUAL_SIZE: &str = "user.pcocc.virtual_size";
+/// On views only: the view's disk format as qemu names it (`raw`, `qcow2`, …).
+pub const XATTR_FORMAT: &str = "user.pcocc.format";
+/// Separates layer hashes in [`XATTR_LAYERS`]: a comma keeps the value on one line in
+/// `getfattr -d` (which escapes a newline as `\012`) and never occurs in a hash.
+pub const LAYERS_SEPARATOR: &str = ",";
+/// The attributes both revision directories and views carry, in listing order.
+const XATTR_NAMES: [&str; 5] = [
+    XATTR_NAME,
+    XATTR_REVISION,
+    XATTR_OWNER,
+    XATTR_LAYERS,
+    XATTR_VIRTUAL_SIZE,
+];
 
 /// The directory that holds `node` (its `..`); `None` for the root.
 pub fn parent(node: &Node) -> Option<Node> {
@@ -118,18 +148,82 @@ impl Tree {
         }
     }
 
-    /// Extended attributes: none yet (the kernel probes `security.*` on every file).
+    /// Extended attributes: revision directories and views describe themselves with
+    /// the `user.pcocc.*` names of [`XATTR_NAMES`] (views also with
+    /// [`XATTR_FORMAT`]), so `getfattr -d` on a file handed to qemu tells where it comes
+    /// from. Anything else (the kernel probes `security.*` on every file) has none, and
+    /// is answered without touching the repository.
     pub fn getxattr(
         &self,
-        _caller: &Caller,
-        _node: &Node,
-        _name: &OsStr,
+        caller: &Caller,
+        node: &Node,
+        name: &OsStr,
     ) -> Result<Option<Vec<u8>>, Error> {
-        Ok(None)
+        let Some(name) = name.to_str().filter(|n| n.starts_with(XATTR_PREFIX)) else {
+            return Ok(None);
+        };
+        if !self.listxattr(caller, node)?.iter().any(|n| n == name) {
+            return Ok(None);
+        }
+        let (repo, image, rev, format) = match node {
+            Node::Revision { repo, image, rev } => (repo, image, *rev, None),
+            Node::File {
+                repo,
+                image,
+                rev,
+                file: FileKind::View(format),
+            } => (repo, image, *rev, Some(*format)),
+            _ => return Ok(None),
+        };
+        let (store, meta) = self.revision_meta(caller, repo, image, rev, node)?;
+        let hashes = meta.layer_hashes().unwrap_or_default();
+        let value = match name {
+            XATTR_NAME => meta.name.clone(),
+            XATTR_REVISION => meta.revision.to_string(),
+            XATTR_OWNER => meta.owner.clone(),
+            XATTR_LAYERS => hashes.join(LAYERS_SEPARATOR),
+            XATTR_VIRTUAL_SIZE => {
+                match hashes
+                    .last()
+                    .and_then(|h| metajson::qcow2_virtual_size(&store.layer_path(h)))
+                {
+                    Some(size) => size.to_string(),
+                    None => return Ok(None),
+                }
+            }
+            XATTR_FORMAT => match format {
+                Some(f) => f.name().to_string(),
+                None => return Ok(None),
+            },
+            _ => return Ok(None),
+        };
+        Ok(Some(value.into_bytes()))
     }
 
-    /// The names of the extended attributes of `node`: none yet.
-    pub fn listxattr(&self, _caller: &Caller, _node: &Node) -> Result<Vec<String>, Error> {
-        Ok(Vec::new())
+    /// The names of the extended attributes of `node`: the `user.pcocc.*` set on
+    /// revision directories and views (after checking `caller` may read the revision),
+    /// none elsewhere.
+    pub fn listxattr(&self, caller: &Caller, node: &Node) -> Result<Vec<String>, Error> {
+        let with_format = match node {
+            Node::Revision { .. } => false,
+            Node::File {
+                file: FileKind::View(_),
+                ..
+            } => true,
+            _ => return Ok(Vec::new()),
+        };
+        // Reading the revision's metadata proves it exists and is readable.
+        if let Node::Revision { repo, image, rev }
+        | Node::File {
+            repo, image, rev, ..
+        } = node
+        {
+            self.revision_meta(caller, repo, image, *rev, node)?;
+        }
+        let mut names: Vec<String> = XATTR_NAMES.iter().map(|n| n.to_string()).collect();
+        if with_format {
+            names.push(XATTR_FORMAT.to_string());
+        }
+        Ok(names)
     }
 }

@@ -43,7 +43,10 @@ mod transfer;
 mod uri;
 mod views;
 
-pub use extras::{StatFs, parent};
+pub use extras::{
+    LAYERS_SEPARATOR, StatFs, XATTR_FORMAT, XATTR_LAYERS, XATTR_NAME, XATTR_OWNER, XATTR_PREFIX,
+    XATTR_REVISION, XATTR_VIRTUAL_SIZE, parent,
+};
 pub use import::{SetAttr, is_staging};
 pub use nodes::display;
 pub use open::{Changes, OpenFile};

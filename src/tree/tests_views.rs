@@ -211,3 +211,65 @@ fn disk_vpc_is_absent_where_vhd_cannot_hold_the_disk() {
     let raw = f.tree.lookup(&f.me, &rev, "disk.raw").unwrap();
     assert_eq!(f.tree.getattr(&f.me, &raw).unwrap().size, 3 << 40);
 }
+
+#[test]
+fn revision_directories_and_views_describe_themselves_in_user_pcocc_xattrs() {
+    let Some((f, base, top)) = Fixture::standard() else {
+        return;
+    };
+    let get = |node: &Node, name: &str| {
+        f.tree
+            .getxattr(&f.me, node, std::ffi::OsStr::new(name))
+            .unwrap()
+            .map(|v| String::from_utf8(v).unwrap())
+    };
+    let rev = node_rev("user", "img1", 1);
+    let mut names = f.tree.listxattr(&f.me, &rev).unwrap();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            XATTR_LAYERS,
+            XATTR_NAME,
+            XATTR_OWNER,
+            XATTR_REVISION,
+            XATTR_VIRTUAL_SIZE
+        ]
+    );
+    assert_eq!(get(&rev, XATTR_NAME).as_deref(), Some("img1"));
+    assert_eq!(get(&rev, XATTR_REVISION).as_deref(), Some("1"));
+    assert_eq!(get(&rev, XATTR_OWNER).as_deref(), Some("root"));
+    assert_eq!(
+        get(&rev, XATTR_LAYERS),
+        Some(format!("{base}{LAYERS_SEPARATOR}{top}"))
+    );
+    assert_eq!(get(&rev, XATTR_VIRTUAL_SIZE).as_deref(), Some("67108864"));
+    assert_eq!(get(&rev, XATTR_FORMAT), None, "directories have no format");
+    for format in Format::ALL {
+        let view = file_node(0, FileKind::View(format));
+        assert!(
+            f.tree
+                .listxattr(&f.me, &view)
+                .unwrap()
+                .contains(&XATTR_FORMAT.to_string())
+        );
+        assert_eq!(get(&view, XATTR_FORMAT).as_deref(), Some(format.name()));
+        assert_eq!(get(&view, XATTR_LAYERS), Some(base.clone()));
+        assert_eq!(get(&view, XATTR_REVISION).as_deref(), Some("0"));
+    }
+    // Other names, and other nodes, have none.
+    assert_eq!(get(&rev, "user.pcocc.nosuch"), None);
+    assert_eq!(get(&rev, "security.selinux"), None);
+    let image = Node::Image {
+        repo: "user".into(),
+        image: "img1".into(),
+    };
+    assert!(f.tree.listxattr(&f.me, &image).unwrap().is_empty());
+    assert_eq!(get(&image, XATTR_NAME), None);
+    // A revision that is gone answers ENOENT, not an empty list.
+    let gone = node_rev("user", "img1", 7);
+    assert_eq!(
+        f.tree.listxattr(&f.me, &gone).unwrap_err().errno(),
+        libc::ENOENT
+    );
+}

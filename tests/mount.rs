@@ -948,6 +948,39 @@ fn a_damaged_layer_gives_eio_on_read_and_the_rest_keeps_being_served() {
     assert_view_is(&m.at("user/good/@0/disk.vmdk"), "vmdk", &src);
 }
 
+#[test]
+fn ten_thousand_opens_and_closes_leak_no_descriptor_in_the_daemon() {
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "8M");
+    ok("cp", &[s(&src), s(&m.at("user/"))]);
+    let pid = daemon_pid(&m.mnt).expect("daemon pid");
+    let fds = || fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    // Warm up: the first opens build the revision's views (and open its layer once).
+    let views: Vec<PathBuf> = VIEWS
+        .iter()
+        .map(|(f, _)| m.at(&format!("user/src/@0/{f}")))
+        .collect();
+    for v in &views {
+        fs::File::open(v).unwrap();
+    }
+    let before = fds();
+    let mut buf = [0u8; 512];
+    for i in 0..10_000 {
+        let f = fs::File::open(&views[i % views.len()]).unwrap();
+        std::os::unix::fs::FileExt::read_at(&f, &mut buf, 0).unwrap();
+    }
+    // Releases are asynchronous: give the last ones a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fds() > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        fds(),
+        before,
+        "the daemon's descriptors grew over 10,000 open/close cycles"
+    );
+}
+
 /// The pid of the pcocc-imagefs process serving `mnt` (from its command line).
 fn daemon_pid(mnt: &Path) -> Option<i32> {
     for e in fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {

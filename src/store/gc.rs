@@ -224,6 +224,7 @@ impl Store {
     /// kept as `meta.old/`, and `.config` says `version: 2`. The new `meta/` is built
     /// complete under `.tmp/` and swapped in by two renames.
     pub fn upgrade(&self) -> Result<(), Error> {
+        let _changing = self.changing_meta();
         if self.version() != VERSION_LEGACY {
             return Ok(());
         }

@@ -28,7 +28,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use fsutil::{io_err, py_os_error};
 
@@ -171,7 +173,37 @@ pub struct Store {
     root: PathBuf,
     /// 1 or 2; becomes 2 when this process upgrades the repository.
     version: AtomicU32,
+    /// The last listing of `meta/`, reused while that directory is unchanged.
+    listing: Mutex<Option<CachedListing>>,
 }
+
+/// A listing of `meta/` and what `meta/` looked like when it was made.
+#[derive(Debug)]
+struct CachedListing {
+    /// `meta/`'s modification and change times: any entry added, removed or renamed
+    /// changes them.
+    stamp: (SystemTime, SystemTime),
+    /// When it was made: even an unchanged stamp is trusted only this long, for
+    /// filesystems whose directory times are coarse (NFS servers with second
+    /// granularity).
+    made: Instant,
+    listing: Listing,
+}
+
+/// Drops the cached listing when created and again when dropped: held by every method
+/// that changes `meta/`, so this process always sees its own changes at once.
+pub(crate) struct ChangingMeta<'a>(&'a Mutex<Option<CachedListing>>);
+
+impl Drop for ChangingMeta<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// How long a listing of `meta/` may be reused while `meta/` looks unchanged. Listing
+/// every revision of a repository for each image (`ls -l` of a repository calls getattr
+/// on each) would make listings quadratic.
+const LISTING_REUSE: Duration = Duration::from_millis(500);
 
 impl Store {
     /// Opens the repository `name` at `root`, creating it (with `data/`, `meta/`, `.tmp/`
@@ -209,6 +241,7 @@ impl Store {
             name: name.to_string(),
             root: root.to_path_buf(),
             version: AtomicU32::new(version),
+            listing: Mutex::new(None),
         };
         // A repository copied without its empty directories still works; a read-only
         // one must still open, so failures here are not errors.
@@ -300,6 +333,41 @@ impl Store {
     /// Every image and its revisions. For version 2 this reads only file names in
     /// `meta/`; a file whose name is not `NAME@REV` is skipped with a warning.
     pub fn list(&self) -> Result<Listing, Error> {
+        let dir = self.meta_dir();
+        let stamp = fs::metadata(&dir).ok().and_then(|m| {
+            Some((m.modified().ok()?, {
+                use std::os::unix::fs::MetadataExt;
+                SystemTime::UNIX_EPOCH
+                    + Duration::new(
+                        m.ctime().max(0) as u64,
+                        m.ctime_nsec().clamp(0, 999_999_999) as u32,
+                    )
+            }))
+        });
+        let mut cache = self.listing.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(c), Some(stamp)) = (cache.as_ref(), stamp)
+            && c.stamp == stamp
+            && c.made.elapsed() < LISTING_REUSE
+        {
+            return Ok(c.listing.clone());
+        }
+        let listing = self.list_uncached()?;
+        *cache = stamp.map(|stamp| CachedListing {
+            stamp,
+            made: Instant::now(),
+            listing: listing.clone(),
+        });
+        Ok(listing)
+    }
+
+    /// Marks the start of a change to `meta/` (see [`ChangingMeta`]).
+    pub(crate) fn changing_meta(&self) -> ChangingMeta<'_> {
+        *self.listing.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        ChangingMeta(&self.listing)
+    }
+
+    /// Reads `meta/` (every file, for version 1).
+    fn list_uncached(&self) -> Result<Listing, Error> {
         if self.version() == VERSION_LEGACY {
             return Ok(v1::read_all(&self.meta_dir())?
                 .into_iter()
@@ -386,6 +454,7 @@ impl Store {
     /// the name exists, also when another process or host races for it (the classic
     /// NFS-safe exclusive create). A version 1 repository is upgraded first.
     pub fn put_meta(&self, meta: &Meta) -> Result<(), Error> {
+        let _changing = self.changing_meta();
         if !is_valid_name(&meta.name) {
             return Err(Error::BadMeta {
                 name: meta.name.clone(),
@@ -405,6 +474,7 @@ impl Store {
 
     /// Removes the metadata of `name@rev` (never a layer).
     pub fn delete_revision(&self, name: &str, rev: u64) -> Result<(), Error> {
+        let _changing = self.changing_meta();
         let path = self.meta_path(name, rev);
         if !is_valid_name(name) {
             return Err(Error::NotFound { path });
@@ -425,6 +495,7 @@ impl Store {
     /// Removes every revision of `name`; returns the revisions removed (empty when the
     /// image did not exist). A revision already removed by someone else is not an error.
     pub fn delete_image(&self, name: &str) -> Result<Vec<u64>, Error> {
+        let _changing = self.changing_meta();
         let mut done = Vec::new();
         for rev in self.revisions(name)? {
             match self.delete_revision(name, rev) {
@@ -441,6 +512,7 @@ impl Store {
     /// if `new` exists (or appears meanwhile), nothing changes and the error is
     /// [`Error::AlreadyExists`].
     pub fn rename_image(&self, old: &str, new: &str) -> Result<(), Error> {
+        let _changing = self.changing_meta();
         let revs = self.revisions(old)?;
         if revs.is_empty() {
             return Err(Error::NotFound {

@@ -43,6 +43,14 @@ pub fn py_os_error(e: &io::Error, path: &Path) -> String {
 }
 
 /// fsync of a directory, so that entries created, renamed or removed in it are durable.
+/// The status-change time of `m` (the moment a file was last created, renamed, linked or
+/// chmod'ed), as a `SystemTime`.
+pub fn ctime(m: &fs::Metadata) -> std::time::SystemTime {
+    let secs = m.ctime().max(0) as u64;
+    let nanos = m.ctime_nsec().clamp(0, 999_999_999) as u32;
+    std::time::SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos)
+}
+
 pub fn sync_dir(dir: &Path) -> Result<(), Error> {
     File::open(dir)
         .and_then(|d| d.sync_all())

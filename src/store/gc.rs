@@ -107,7 +107,7 @@ impl Store {
                         continue;
                     }
                     let fresh = fs::symlink_metadata(&path)
-                        .map(|m| !older_than_grace(ctime(&m)))
+                        .map(|m| !older_than_grace(fsutil::ctime(&m)))
                         .unwrap_or(true);
                     if fresh {
                         report.layers_kept_fresh.push(hash);
@@ -133,7 +133,7 @@ impl Store {
                         // could not see yet: the mark is looked at again, last thing
                         // before the removal.
                         let reused = fs::symlink_metadata(&path)
-                            .map(|m| !older_than_grace(ctime(&m)))
+                            .map(|m| !older_than_grace(fsutil::ctime(&m)))
                             .unwrap_or(true);
                         if reused {
                             report.layers_kept_fresh.push(hash);
@@ -279,11 +279,4 @@ fn write_config_v2(root: &Path) -> Result<(), Error> {
         return Err(io_err(&config, e));
     }
     Ok(())
-}
-
-fn ctime(m: &fs::Metadata) -> SystemTime {
-    use std::os::unix::fs::MetadataExt;
-    let secs = m.ctime().max(0) as u64;
-    let nanos = m.ctime_nsec().clamp(0, 999_999_999) as u32;
-    SystemTime::UNIX_EPOCH + Duration::new(secs, nanos)
 }

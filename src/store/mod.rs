@@ -14,7 +14,7 @@
 //! knows nothing of disk formats beyond "a layer is a file"; naming rules, URIs and
 //! authorization live in [`crate::tree`].
 
-mod fsutil;
+pub(crate) mod fsutil;
 mod gc;
 mod json;
 mod layers;
@@ -334,16 +334,9 @@ impl Store {
     /// `meta/`; a file whose name is not `NAME@REV` is skipped with a warning.
     pub fn list(&self) -> Result<Listing, Error> {
         let dir = self.meta_dir();
-        let stamp = fs::metadata(&dir).ok().and_then(|m| {
-            Some((m.modified().ok()?, {
-                use std::os::unix::fs::MetadataExt;
-                SystemTime::UNIX_EPOCH
-                    + Duration::new(
-                        m.ctime().max(0) as u64,
-                        m.ctime_nsec().clamp(0, 999_999_999) as u32,
-                    )
-            }))
-        });
+        let stamp = fs::metadata(&dir)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, fsutil::ctime(&m))));
         let mut cache = self.listing.lock().unwrap_or_else(|e| e.into_inner());
         if let (Some(c), Some(stamp)) = (cache.as_ref(), stamp)
             && c.stamp == stamp

@@ -8,6 +8,7 @@ use super::access::{self, R, X};
 use super::{
     Attr, Caller, Deleted, DirEntry, Error, FileKind, Node, NodeType, Tree, Uri, metajson,
 };
+use crate::store::fsutil::ctime;
 use crate::store::{self, Meta, Store};
 
 /// `st_size` reported for directories (what ext4 shows for a small one).
@@ -53,14 +54,6 @@ fn to_time(ts: f64) -> SystemTime {
 
 fn mtime(m: &std::fs::Metadata) -> SystemTime {
     m.modified().unwrap_or(SystemTime::UNIX_EPOCH)
-}
-
-fn ctime(m: &std::fs::Metadata) -> SystemTime {
-    let secs = Duration::new(
-        m.ctime().max(0) as u64,
-        m.ctime_nsec().clamp(0, 999_999_999) as u32,
-    );
-    SystemTime::UNIX_EPOCH + secs
 }
 
 /// A human path for messages: `repo/image/@N/file`.

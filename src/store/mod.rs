@@ -28,8 +28,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use fsutil::{io_err, py_os_error};
@@ -187,7 +187,7 @@ struct CachedListing {
     /// filesystems whose directory times are coarse (NFS servers with second
     /// granularity).
     made: Instant,
-    listing: Listing,
+    listing: Arc<Listing>,
 }
 
 /// Drops the cached listing when created and again when dropped: held by every method
@@ -333,6 +333,12 @@ impl Store {
     /// Every image and its revisions. For version 2 this reads only file names in
     /// `meta/`; a file whose name is not `NAME@REV` is skipped with a warning.
     pub fn list(&self) -> Result<Listing, Error> {
+        Ok(Listing::clone(&*self.shared_listing()?))
+    }
+
+    /// The listing of `meta/`, shared with the cache rather than copied: lookups of one
+    /// image's revisions must not copy every image's.
+    fn shared_listing(&self) -> Result<Arc<Listing>, Error> {
         let dir = self.meta_dir();
         let stamp = fs::metadata(&dir)
             .ok()
@@ -344,7 +350,7 @@ impl Store {
         {
             return Ok(c.listing.clone());
         }
-        let listing = self.list_uncached()?;
+        let listing = Arc::new(self.list_uncached()?);
         *cache = stamp.map(|stamp| CachedListing {
             stamp,
             made: Instant::now(),
@@ -403,7 +409,11 @@ impl Store {
         }
         // Revision numbers are only known from file names, so this reads the directory
         // (pcocc globs it too); version 1 has to parse every file.
-        Ok(self.list()?.remove(name).unwrap_or_default())
+        Ok(self
+            .shared_listing()?
+            .get(name)
+            .cloned()
+            .unwrap_or_default())
     }
 
     /// The metadata of `name@rev`: `Ok(None)` when it does not exist, an error naming

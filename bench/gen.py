@@ -18,6 +18,7 @@
       repository REPO, the way pcocc keeps one: each layer named by its sha256 under
       data/XX/, backing names rewritten to the relative ../../data/XX/HASH (qemu-img
       rebase -u, same content), metadata JSON in meta/NAME@0. Prints the layer paths.
+      The base layer is hard-linked from its source when both sit on one filesystem.
 
   gen.py many REPO NAME COUNT LAYER_HASH
       COUNT revisions NAME@0..COUNT-1 all pointing at one stored layer (metadata only).
@@ -138,7 +139,16 @@ def store(repo, name, layers):
     hashes = []
     for src in layers:
         tmp = os.path.join(repo, ".tmp", "bench-layer")
-        shutil.copyfile(src, tmp)
+        if hashes:
+            # An overlay's backing name is rewritten below: it needs a copy of its own.
+            shutil.copyfile(src, tmp)
+        else:
+            # A base layer is stored as is: a hard link saves copying GiBs on every run
+            # (a copy when the image sits on another filesystem).
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
         if hashes:
             below = hashes[-1]
             subprocess.run(

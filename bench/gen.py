@@ -130,6 +130,24 @@ def sha256(path):
             h.update(b)
 
 
+def cached_sha256(path):
+    """sha256 of path, remembered in path.sha256 while its size and mtime stay the same."""
+    st = os.stat(path)
+    key = f"{st.st_size} {st.st_mtime_ns}"
+    cache = path + ".sha256"
+    try:
+        with open(cache) as f:
+            k, h = f.read().rsplit(" ", 1)
+        if k == key:
+            return h.strip()
+    except (OSError, ValueError):
+        pass
+    h = sha256(path)
+    with open(cache, "w") as f:
+        f.write(f"{key} {h}\n")
+    return h
+
+
 def store(repo, name, layers):
     for d in ("data", "meta", ".tmp"):
         os.makedirs(os.path.join(repo, d), exist_ok=True)
@@ -140,23 +158,24 @@ def store(repo, name, layers):
     for src in layers:
         tmp = os.path.join(repo, ".tmp", "bench-layer")
         if hashes:
-            # An overlay's backing name is rewritten below: it needs a copy of its own.
+            # An overlay's backing name is rewritten: it needs a copy of its own.
             shutil.copyfile(src, tmp)
-        else:
-            # A base layer is stored as is: a hard link saves copying GiBs on every run
-            # (a copy when the image sits on another filesystem).
-            try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copyfile(src, tmp)
-        if hashes:
             below = hashes[-1]
             subprocess.run(
                 ["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "qcow2",
                  "-b", f"../../data/{below[:2]}/{below}", tmp],
                 check=True,
             )
-        h = sha256(tmp)
+            h = sha256(tmp)
+        else:
+            # A base layer is stored as is: a hard link saves copying GiBs on every run
+            # (a copy when the image sits on another filesystem), and its hash is the
+            # source's, computed once.
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
+            h = cached_sha256(src)
         dst = os.path.join(repo, "data", h[:2], h)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if os.path.exists(dst):

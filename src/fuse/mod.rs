@@ -116,10 +116,13 @@ impl Invalidator {
 /// quadratic. A new `opendir` (the next `ls`) or a rewind lists afresh, so changes show.
 #[derive(Default)]
 struct DirHandle {
-    listing: Mutex<Option<Arc<Vec<Listed>>>>,
+    listing: Mutex<Option<Listing>>,
     /// Whether the metadata of this listing's entries is being read ahead already.
     prefetched: AtomicBool,
 }
+
+/// A directory's entries as the adapter sends them, `.` and `..` first.
+type Listing = Arc<Vec<Listed>>;
 
 /// One entry of a listing as the adapter sends it; `node` is `None` for `.` and `..`,
 /// which the kernel never counts as lookups.
@@ -282,7 +285,7 @@ impl ImageFs {
         node: &Node,
         fh: FileHandle,
         offset: u64,
-    ) -> Result<(Arc<Vec<Listed>>, Option<Arc<DirHandle>>), Errno> {
+    ) -> Result<(Listing, Option<Arc<DirHandle>>), Errno> {
         let handle = self
             .dirs
             .lock()
@@ -312,7 +315,7 @@ impl ImageFs {
             kind: FileType::Directory,
             name: n.to_string(),
         });
-        let listing: Arc<Vec<Listed>> = Arc::new(
+        let listing: Listing = Arc::new(
             dots.into_iter()
                 .chain(entries.into_iter().map(|e| Listed {
                     ino: None,

@@ -41,6 +41,10 @@ const IMMUTABLE_TTL: Duration = Duration::from_secs(3600);
 /// names, see [`tree::XATTR_PREFIX`]); xattr(7).
 const USER_XATTR_NAMESPACE: &str = "user.";
 
+/// Entries of a first `readdirplus` reply whose metadata is read ahead: `ls` reads
+/// with a 32 KiB buffer and an entry with attributes takes ~160 bytes of it.
+const FIRST_REPLY_ENTRIES: usize = 256;
+
 /// Largest read or write the daemon accepts in one request (the kernel's FUSE maximum,
 /// `max_pages_limit` 256 × 4 KiB).
 const MAX_IO: u32 = 1 << 20;
@@ -117,7 +121,7 @@ impl Invalidator {
 #[derive(Default)]
 struct DirHandle {
     listing: Mutex<Option<Listing>>,
-    /// Whether the metadata of this listing's entries is being read ahead already.
+    /// Whether the metadata of the rest of this listing is being read ahead already.
     prefetched: AtomicBool,
 }
 
@@ -807,13 +811,21 @@ impl Filesystem for ImageFs {
             Err(e) => return reply.error(e),
         };
         let caller = Self::caller(req);
-        // The kernel asks for attributes past the first request only when the reader
-        // stats what it lists (`ls -l`): read the rest of the listing's metadata ahead.
-        if offset > 0
-            && let Some(h) = &handle
-            && !h.prefetched.swap(true, Ordering::Relaxed)
+        // Read ahead the metadata the attributes are made of: at the start, what one
+        // reply holds; past the first request (the kernel asks for attributes then only
+        // when the reader stats what it lists, as `ls -l` does), the whole rest, once.
+        let ahead = if offset == 0 {
+            Some(FIRST_REPLY_ENTRIES)
+        } else if handle
+            .as_ref()
+            .is_some_and(|h| !h.prefetched.swap(true, Ordering::Relaxed))
         {
-            let rest: Vec<tree::DirEntry> = listing
+            Some(usize::MAX)
+        } else {
+            None
+        };
+        if let Some(count) = ahead {
+            let entries: Vec<tree::DirEntry> = listing
                 .iter()
                 .skip(offset as usize)
                 .filter_map(|e| {
@@ -823,8 +835,9 @@ impl Filesystem for ImageFs {
                         kind: node_type(e.kind),
                     })
                 })
+                .take(count)
                 .collect();
-            self.tree.prefetch_attrs(&caller, &node, &rest);
+            self.tree.prefetch_attrs(&caller, &node, &entries);
         }
         for (i, e) in listing.iter().enumerate().skip(offset as usize) {
             let off = (i + 1) as u64;

@@ -458,27 +458,33 @@ impl Store {
 
     /// Starts reading the metadata of `revs` into the cache in the background, several
     /// files at once (see `metacache`), so that a listing's attributes do not wait for
-    /// one disk round trip per revision. Returns at once; a no-op for what is cached,
-    /// and while another read-ahead of this repository runs.
-    pub fn prefetch_meta(self: &Arc<Self>, revs: Vec<(String, u64)>) {
+    /// one disk round trip per revision. Returns at once, with the threads started
+    /// (join them to wait; dropping them lets them run on). A no-op for what is cached;
+    /// fewer threads, or none, while other read-aheads of this repository run.
+    pub fn prefetch_meta(
+        self: &Arc<Self>,
+        revs: Vec<(String, u64)>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
         let mut todo: Vec<(String, u64)> = revs
             .into_iter()
             .filter(|(n, r)| is_valid_name(n) && !self.metas.contains(n, *r))
             .collect();
         todo.truncate(metacache::MAX_PREFETCH);
+        let mut started = Vec::new();
         if todo.len() < 2 {
-            return;
+            return started;
         }
-        let Some(guard) = self.metas.begin_prefetch() else {
-            return;
-        };
-        let (todo, guard) = (Arc::new(todo), Arc::new(guard));
-        for t in 0..metacache::PREFETCH_THREADS.min(todo.len()) {
-            let (store, todo, guard) = (self.clone(), todo.clone(), guard.clone());
+        let slots = self
+            .metas
+            .claim_prefetch_threads(metacache::PREFETCH_THREADS.min(todo.len()));
+        let threads = slots.len();
+        let todo = Arc::new(todo);
+        for (t, slot) in slots.into_iter().enumerate() {
+            let (store, todo) = (self.clone(), todo.clone());
             let spawned = std::thread::Builder::new()
                 .name("meta-prefetch".into())
                 .spawn(move || {
-                    let share = || todo.iter().skip(t).step_by(metacache::PREFETCH_THREADS);
+                    let share = || todo.iter().skip(t).step_by(threads);
                     // Queue every read first, so the disk sees them together; then parse.
                     for (name, rev) in share() {
                         metacache::advise(&store.meta_path(name, *rev));
@@ -487,15 +493,17 @@ impl Store {
                         // Errors are reported to whoever asks for that revision.
                         let _ = store.read_meta_cached(name, *rev);
                     }
-                    drop(guard);
+                    drop(slot);
                 });
-            if let Err(e) = spawned {
-                log::warn!(
+            match spawned {
+                Ok(h) => started.push(h),
+                Err(e) => log::warn!(
                     "repository {}: cannot start a metadata read-ahead thread: {e}",
                     self.name
-                );
+                ),
             }
         }
+        started
     }
 
     /// Reads and parses the metadata file of `name@rev`, with the identity of the file

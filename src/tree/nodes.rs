@@ -323,7 +323,8 @@ impl Tree {
                 _ => None,
             })
             .collect();
-        store.prefetch_meta(revs);
+        // Detached: the listing goes on while the threads read.
+        drop(store.prefetch_meta(revs));
     }
 
     /// Metadata files opened and parsed so far by every repository of this tree (reads

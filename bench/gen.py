@@ -22,6 +22,10 @@
 
   gen.py many REPO NAME COUNT LAYER_HASH
       COUNT revisions NAME@0..COUNT-1 all pointing at one stored layer (metadata only).
+
+  gen.py wide REPO PREFIX COUNT LAYER_HASH
+      COUNT images PREFIX0..PREFIX{COUNT-1}, each with one revision @0 pointing at one
+      stored layer (metadata only).
 """
 
 import hashlib
@@ -202,6 +206,11 @@ def many(repo, name, count, layer):
         write_meta(repo, name, rev, [layer])
 
 
+def wide(repo, prefix, count, layer):
+    for i in range(count):
+        write_meta(repo, f"{prefix}{i}", 0, [layer])
+
+
 def main(argv):
     cmd = argv[1] if len(argv) > 1 else ""
     if cmd == "disk" and len(argv) == 6:
@@ -212,6 +221,8 @@ def main(argv):
         store(argv[2], argv[3], argv[4:])
     elif cmd == "many" and len(argv) == 6:
         many(argv[2], argv[3], int(argv[4]), argv[5])
+    elif cmd == "wide" and len(argv) == 6:
+        wide(argv[2], argv[3], int(argv[4]), argv[5])
     else:
         sys.exit(__doc__)
 

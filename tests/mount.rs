@@ -998,3 +998,128 @@ fn daemon_pid(mnt: &Path) -> Option<i32> {
     }
     None
 }
+
+/// Counts the files opened inside one directory (inotify `IN_OPEN`), to tell how often
+/// the daemon reads metadata files without instrumenting it.
+struct OpenWatch {
+    fd: i32,
+}
+
+impl OpenWatch {
+    fn new(dir: &Path) -> OpenWatch {
+        // SAFETY: plain syscalls on a descriptor this struct owns; the path is a valid
+        // NUL-terminated string for the call.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(
+            fd >= 0,
+            "inotify_init1: {}",
+            std::io::Error::last_os_error()
+        );
+        let c = std::ffi::CString::new(s(dir)).unwrap();
+        let wd = unsafe { libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_OPEN) };
+        assert!(
+            wd >= 0,
+            "inotify_add_watch: {}",
+            std::io::Error::last_os_error()
+        );
+        OpenWatch { fd }
+    }
+
+    /// Opens of each file name since the last call, once nothing has been opened for a
+    /// second (read-ahead threads may still be finishing).
+    fn settle(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, 1000) } <= 0 {
+                return counts;
+            }
+            // SAFETY: reads into a buffer of the length given.
+            let n = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
+            let mut at = 0;
+            let header = std::mem::size_of::<libc::inotify_event>();
+            while n > 0 && at + header <= n as usize {
+                let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+                let name = &buf[at + header..at + header + len];
+                let name = String::from_utf8_lossy(name)
+                    .trim_end_matches('\0')
+                    .to_string();
+                // The directory's own opens (its listing) carry no name.
+                if !name.is_empty() {
+                    *counts.entry(name).or_insert(0) += 1;
+                }
+                at += header + len;
+            }
+        }
+    }
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        // SAFETY: closes the descriptor this struct owns.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+#[test]
+fn ls_l_of_many_revisions_shows_each_owner_and_time_and_again_reads_no_metadata() {
+    let Some(m) = Mounted::start() else { return };
+    let nobody: u32 = ok("id", &["-u", "nobody"]).trim().parse().unwrap();
+    let hash = "d843d202b62d2e6d2dbb89a84afa9498b7d2702076c730219ed86b5cde20c490";
+    // More revisions than one readdirplus reply holds (~200 with `ls`'s 32 KiB buffer).
+    let revs: u64 = 500;
+    let meta_dir = m.repo("user").join("meta");
+    let ts = |rev: u64| 1_500_000_000 + rev * 60;
+    for rev in 0..revs {
+        let owner = if rev % 2 == 0 { "root" } else { "nobody" };
+        let text = format!(
+            r#"{{"name": "many", "revision": {rev}, "kind": "vm", "owner": "{owner}", "timestamp": {}.25, "data_blobs": ["{hash}"], "custom_meta": {{}}}}"#,
+            ts(rev)
+        );
+        fs::write(meta_dir.join(format!("many@{rev}")), text).unwrap();
+    }
+    let watch = OpenWatch::new(&meta_dir);
+    let dir = m.at("user/many");
+    let listing = || ok("ls", &["-ln", "--time-style=+%s", s(&dir)]);
+    let first = listing();
+    let mut seen = 0;
+    for line in first.lines().filter(|l| l.starts_with('d')) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let rev: u64 = f[6].strip_prefix('@').unwrap().parse().unwrap();
+        let uid: u32 = f[2].parse().unwrap();
+        assert_eq!(uid, if rev % 2 == 0 { 0 } else { nobody }, "{line}");
+        assert_eq!(f[5], ts(rev).to_string(), "{line}");
+        assert_eq!(f[0], "dr-xr-xr-x", "{line}");
+        seen += 1;
+    }
+    assert_eq!(seen, revs, "{first}");
+    assert!(
+        first.contains(&format!("latest -> @{}", revs - 1)),
+        "{first}"
+    );
+    // Each metadata file is read a bounded number of times (read ahead, then parsed),
+    // not once per request.
+    let opens = watch.settle();
+    assert!(opens.values().all(|&n| n <= 3), "{opens:?}");
+
+    // Listed again: the same, and parsed metadata is reused (checked by lstat only).
+    assert_eq!(listing(), first);
+    assert_eq!(watch.settle(), Default::default());
+
+    // A revision published meanwhile (here by hand, as another host would) shows at
+    // once with this mount's refresh time of 0.
+    fs::copy(
+        meta_dir.join("many@0"),
+        meta_dir.join(format!("many@{revs}")),
+    )
+    .unwrap();
+    let after = listing();
+    assert!(after.contains(&format!(" @{revs}\n")), "{after}");
+    assert!(after.contains(&format!("latest -> @{revs}")), "{after}");
+}

@@ -21,20 +21,29 @@ pub mod options;
 use crate::tree::{self, Attr, Changes, Node, NodeType, OpenFile, SetAttr, Tree};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 use inodes::{Inodes, ROOT_INO};
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// How long the kernel may cache what never changes (revision directories and files).
 const IMMUTABLE_TTL: Duration = Duration::from_secs(3600);
+
+/// The only extended attribute namespace this filesystem has (its `user.pcocc.*`
+/// names, see [`tree::XATTR_PREFIX`]); xattr(7).
+const USER_XATTR_NAMESPACE: &str = "user.";
+
+/// Entries of a first `readdirplus` reply whose metadata is read ahead: `ls` reads
+/// with a 32 KiB buffer and an entry with attributes takes ~160 bytes of it.
+const FIRST_REPLY_ENTRIES: usize = 256;
 
 /// Largest read or write the daemon accepts in one request (the kernel's FUSE maximum,
 /// `max_pages_limit` 256 × 4 KiB).
@@ -65,6 +74,8 @@ pub struct ImageFs {
     inodes: Inodes,
     /// Open files, each with the process that opened it (see `flush`).
     handles: Mutex<HashMap<u64, (Arc<OpenFile>, u32)>>,
+    /// Open directories (numbered from the same counter as files).
+    dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     invalidator: Arc<Invalidator>,
 }
@@ -100,6 +111,56 @@ impl Invalidator {
             let tx = tx.lock().unwrap_or_else(|e| e.into_inner());
             let _ = tx.send((parent, name.to_string()));
         }
+    }
+}
+
+/// One open directory. Its listing is made when reading starts (offset 0) and kept for
+/// the reads that continue it: the kernel reads a directory a few dozen entries per
+/// request, and listing the whole directory again for each would make reading it
+/// quadratic. A new `opendir` (the next `ls`) or a rewind lists afresh, so changes show.
+#[derive(Default)]
+struct DirHandle {
+    listing: Mutex<Option<Listing>>,
+    /// Whether the metadata of the rest of this listing is being read ahead already.
+    prefetched: AtomicBool,
+}
+
+/// A directory's entries as the adapter sends them, `.` and `..` first.
+type Listing = Arc<Vec<Listed>>;
+
+/// One entry of a listing as the adapter sends it; `node` is `None` for `.` and `..`,
+/// which the kernel never counts as lookups.
+struct Listed {
+    ino: Option<u64>,
+    node: Option<Node>,
+    kind: FileType,
+    name: String,
+}
+
+/// The attributes sent with a `readdirplus` entry whose own attributes could not be
+/// had (gone meanwhile, unreadable): valid for no time, so that the kernel asks again
+/// with a lookup, which reports the error.
+fn placeholder_attr(kind: NodeType) -> Attr {
+    let t = std::time::SystemTime::UNIX_EPOCH;
+    Attr {
+        kind,
+        perm: 0,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        blocks: 0,
+        atime: t,
+        mtime: t,
+        ctime: t,
+    }
+}
+
+fn node_type(kind: FileType) -> NodeType {
+    match kind {
+        FileType::Directory => NodeType::Directory,
+        FileType::Symlink => NodeType::Symlink,
+        _ => NodeType::RegularFile,
     }
 }
 
@@ -147,6 +208,7 @@ impl ImageFs {
             settings,
             inodes: Inodes::new(),
             handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             invalidator: Arc::default(),
         }
@@ -217,6 +279,63 @@ impl ImageFs {
         }
     }
 
+    /// The listing of directory `node` for a read at `offset` through handle `fh`: the
+    /// handle's own when reading continues, a fresh one when it starts (see
+    /// [`DirHandle`]).
+    fn listing(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        node: &Node,
+        fh: FileHandle,
+        offset: u64,
+    ) -> Result<(Listing, Option<Arc<DirHandle>>), Errno> {
+        let handle = self
+            .dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fh.0)
+            .cloned();
+        let kept = handle.as_ref().filter(|_| offset > 0).and_then(|h| {
+            let l = h.listing.lock().unwrap_or_else(|e| e.into_inner());
+            l.clone()
+        });
+        if let Some(l) = kept {
+            return Ok((l, handle));
+        }
+        let entries = self
+            .tree
+            .readdir(&Self::caller(req), node)
+            .map_err(|e| self.fail("readdir", Some(node), &e))?;
+        let parent_ino = match node {
+            Node::Root => ROOT_INO,
+            other => tree::parent(other)
+                .map(|p| self.inodes.peek(&p))
+                .unwrap_or(ROOT_INO),
+        };
+        let dots = [(ino.0, "."), (parent_ino, "..")].map(|(i, n)| Listed {
+            ino: Some(i),
+            node: None,
+            kind: FileType::Directory,
+            name: n.to_string(),
+        });
+        let listing: Listing = Arc::new(
+            dots.into_iter()
+                .chain(entries.into_iter().map(|e| Listed {
+                    ino: None,
+                    kind: file_type(e.kind),
+                    node: Some(e.node),
+                    name: e.name,
+                }))
+                .collect(),
+        );
+        if let Some(h) = &handle {
+            *h.listing.lock().unwrap_or_else(|e| e.into_inner()) = Some(listing.clone());
+            h.prefetched.store(false, Ordering::Relaxed);
+        }
+        Ok((listing, handle))
+    }
+
     fn reply_entry(&self, node: &Node, attr: &Attr, ttl: Duration, reply: ReplyEntry) {
         let ino = self.inodes.remember(node);
         reply.entry(&ttl, &fuse_attr(ino, attr), Generation(0));
@@ -246,6 +365,14 @@ impl ImageFs {
 impl Filesystem for ImageFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
+        // readdirplus answers a listing with every entry's attributes, so `ls -l` needs
+        // no lookup per entry; "auto" lets the kernel use it only when the reader also
+        // stats the entries (plain `ls` gets plain readdir after the first request).
+        if let Err(missing) = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO)
+        {
+            log::debug!("the kernel lacks readdirplus capabilities {missing:?}");
+        }
         Ok(())
     }
 
@@ -613,11 +740,35 @@ impl Filesystem for ImageFs {
         reply.ok();
     }
 
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, Arc::default());
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh.0);
+        reply.ok();
+    }
+
     fn readdir(
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
@@ -625,32 +776,110 @@ impl Filesystem for ImageFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let entries = match self.tree.readdir(&Self::caller(req), &node) {
-            Ok(e) => e,
-            Err(e) => return reply.error(self.fail("readdir", Some(&node), &e)),
+        let listing = match self.listing(req, ino, &node, fh, offset) {
+            Ok((l, _)) => l,
+            Err(e) => return reply.error(e),
         };
-        // `.` and `..`, then the tree's entries; offsets are positions in that list, which
-        // is stable enough between calls (sorted by the tree).
-        let parent_ino = match &node {
-            Node::Root => ROOT_INO,
-            other => tree::parent(other)
-                .map(|p| self.inodes.peek(&p))
-                .unwrap_or(ROOT_INO),
+        // Offsets are positions in the listing, which stays the same while it is read.
+        for (i, e) in listing.iter().enumerate().skip(offset as usize) {
+            let child = match (&e.ino, &e.node) {
+                (Some(i), _) => *i,
+                (None, Some(n)) => self.inodes.peek(n),
+                (None, None) => continue,
+            };
+            if reply.add(INodeNo(child), (i + 1) as u64, e.kind, &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
         };
-        let dots = [
-            (ino.0, FileType::Directory, "."),
-            (parent_ino, FileType::Directory, ".."),
-        ];
-        let all = dots
-            .into_iter()
-            .map(|(i, k, n)| (i, k, n.to_string()))
-            .chain(
-                entries
-                    .into_iter()
-                    .map(|e| (self.inodes.peek(&e.node), file_type(e.kind), e.name)),
-            );
-        for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
+        let (listing, handle) = match self.listing(req, ino, &node, fh, offset) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
+        let caller = Self::caller(req);
+        // Read ahead the metadata the attributes are made of: at the start, what one
+        // reply holds; past the first request (the kernel asks for attributes then only
+        // when the reader stats what it lists, as `ls -l` does), the whole rest, once.
+        let ahead = if offset == 0 {
+            Some(FIRST_REPLY_ENTRIES)
+        } else if handle
+            .as_ref()
+            .is_some_and(|h| !h.prefetched.swap(true, Ordering::Relaxed))
+        {
+            Some(usize::MAX)
+        } else {
+            None
+        };
+        if let Some(count) = ahead {
+            let entries: Vec<tree::DirEntry> = listing
+                .iter()
+                .skip(offset as usize)
+                .filter_map(|e| {
+                    Some(tree::DirEntry {
+                        name: e.name.clone(),
+                        node: e.node.clone()?,
+                        kind: node_type(e.kind),
+                    })
+                })
+                .take(count)
+                .collect();
+            self.tree.prefetch_attrs(&caller, &node, &entries);
+        }
+        for (i, e) in listing.iter().enumerate().skip(offset as usize) {
+            let off = (i + 1) as u64;
+            let Some(child) = &e.node else {
+                // `.` and `..`: the kernel takes neither attributes nor a lookup from them.
+                let ino = e.ino.unwrap_or(ROOT_INO);
+                let attr = fuse_attr(ino, &placeholder_attr(NodeType::Directory));
+                if reply.add(
+                    INodeNo(ino),
+                    off,
+                    &e.name,
+                    &Duration::ZERO,
+                    &attr,
+                    Generation(0),
+                ) {
+                    break;
+                }
+                continue;
+            };
+            let (attr, ttl) = match self.tree.getattr(&caller, child) {
+                // Files being imported become image directories when published: never
+                // cached, as in `create`.
+                Ok(a) if matches!(child, Node::Import { .. }) => (a, Duration::ZERO),
+                Ok(a) => (a, self.ttl(child)),
+                Err(err) => {
+                    log::debug!("readdirplus {}: {err}", tree::display(child));
+                    (placeholder_attr(node_type(e.kind)), Duration::ZERO)
+                }
+            };
+            // Every entry sent counts as one lookup of its inode; one that does not fit
+            // in the reply is not sent, so its count is given back.
+            let child_ino = self.inodes.remember(child);
+            let fattr = fuse_attr(child_ino, &attr);
+            if reply.add(
+                INodeNo(child_ino),
+                off,
+                &e.name,
+                &ttl,
+                &fattr,
+                Generation(0),
+            ) {
+                self.inodes.forget(child_ino, 1);
                 break;
             }
         }
@@ -672,6 +901,20 @@ impl Filesystem for ImageFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
+        // `ls -l` asks for security.selinux and the POSIX ACLs of every entry, and the
+        // kernel caches no answer. Only `user.pcocc.*` names exist here, so the rest is
+        // answered at once, without the caller's identity or the repository: in the
+        // `user.` namespace "no such attribute"; any other namespace (security.,
+        // system., trusted.) is not supported at all, which is what the kernel itself
+        // answers for a namespace a filesystem lacks, and what tells `ls` (coreutils
+        // caches it per device) to stop asking for every entry.
+        match name.to_str() {
+            Some(n) if n.starts_with(tree::XATTR_PREFIX) => {}
+            Some(n) if n.starts_with(USER_XATTR_NAMESPACE) => {
+                return reply.error(Errno::NO_XATTR);
+            }
+            _ => return reply.error(Errno::EOPNOTSUPP),
+        }
         match self.tree.getxattr(&Self::caller(req), &node, name) {
             Ok(Some(v)) if size == 0 => reply.size(v.len() as u32),
             Ok(Some(v)) if v.len() <= size as usize => reply.data(&v),

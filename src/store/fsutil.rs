@@ -206,12 +206,19 @@ fn write_excl(dest: &Path, bytes: &[u8]) -> Result<(), Error> {
 /// it (metadata and configuration files are untrusted input), and refusing a symlink:
 /// whoever may write to a repository could otherwise make a root daemon read any file.
 pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    read_bounded_with_metadata(path, max).map(|(_, bytes)| bytes)
+}
+
+/// [`read_bounded`], with the metadata of the file read (from the open descriptor, so it
+/// is the file whose bytes these are, even if the name is replaced meanwhile).
+pub fn read_bounded_with_metadata(path: &Path, max: u64) -> io::Result<(fs::Metadata, Vec<u8>)> {
     use std::io::Read;
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
-    let len = f.metadata()?.len();
+    let m = f.metadata()?;
+    let len = m.len();
     if len > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -227,7 +234,7 @@ pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
             format!("file grew beyond the {max} bytes allowed"),
         ));
     }
-    Ok(buf)
+    Ok((m, buf))
 }
 
 /// [`read_bounded`] as UTF-8 text.

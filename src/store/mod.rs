@@ -18,6 +18,7 @@ pub(crate) mod fsutil;
 mod gc;
 mod json;
 mod layers;
+mod metacache;
 mod v1;
 
 pub use gc::GcReport;
@@ -175,6 +176,8 @@ pub struct Store {
     version: AtomicU32,
     /// The last listing of `meta/`, reused while that directory is unchanged.
     listing: Mutex<Option<CachedListing>>,
+    /// Parsed metadata, checked against its file on each use.
+    metas: metacache::MetaCache,
 }
 
 /// A listing of `meta/` and what `meta/` looked like when it was made.
@@ -242,6 +245,7 @@ impl Store {
             root: root.to_path_buf(),
             version: AtomicU32::new(version),
             listing: Mutex::new(None),
+            metas: metacache::MetaCache::default(),
         };
         // A repository copied without its empty directories still works; a read-only
         // one must still open, so failures here are not errors.
@@ -420,15 +424,101 @@ impl Store {
     /// the file when it exists but is not valid metadata (bad JSON/YAML, a missing key,
     /// a layer name that is not a sha256).
     pub fn read_meta(&self, name: &str, rev: u64) -> Result<Option<Meta>, Error> {
+        Ok(self.load_meta(name, rev)?.map(|(_, meta)| meta))
+    }
+
+    /// [`Store::read_meta`] through the cache of parsed metadata: a file parsed before
+    /// and unchanged since (same inode, size and times, checked by one `lstat`) is not
+    /// read again. For the filesystem's attribute paths, which ask for the same
+    /// revisions over and over; gc and the CLI read files afresh.
+    pub fn read_meta_cached(&self, name: &str, rev: u64) -> Result<Option<Arc<Meta>>, Error> {
         if !is_valid_name(name) {
             return Ok(None);
         }
         let path = self.meta_path(name, rev);
-        let bytes = match fsutil::read_bounded(&path, MAX_META_BYTES) {
-            Ok(b) => b,
+        match self.metas.get(name, rev, &path) {
+            Ok(Some(meta)) => return Ok(Some(meta)),
+            Ok(None) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path, e)),
+        }
+        let Some((id, meta)) = self.load_meta(name, rev)? else {
+            return Ok(None);
+        };
+        let meta = Arc::new(meta);
+        self.metas.insert(name, rev, id, meta.clone());
+        Ok(Some(meta))
+    }
+
+    /// Metadata files this store has opened and parsed (each [`Store::read_meta`], and
+    /// each [`Store::read_meta_cached`] that missed), for tests and statistics.
+    pub fn meta_files_read(&self) -> u64 {
+        self.metas.files_read()
+    }
+
+    /// Starts reading the metadata of `revs` into the cache in the background, several
+    /// files at once (see `metacache`), so that a listing's attributes do not wait for
+    /// one disk round trip per revision. Returns at once, with the threads started
+    /// (join them to wait; dropping them lets them run on). A no-op for what is cached;
+    /// fewer threads, or none, while other read-aheads of this repository run.
+    pub fn prefetch_meta(
+        self: &Arc<Self>,
+        revs: Vec<(String, u64)>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
+        let mut todo: Vec<(String, u64)> = revs
+            .into_iter()
+            .filter(|(n, r)| is_valid_name(n) && !self.metas.contains(n, *r))
+            .collect();
+        todo.truncate(metacache::MAX_PREFETCH);
+        let mut started = Vec::new();
+        if todo.len() < 2 {
+            return started;
+        }
+        let slots = self
+            .metas
+            .claim_prefetch_threads(metacache::PREFETCH_THREADS.min(todo.len()));
+        let threads = slots.len();
+        let todo = Arc::new(todo);
+        for (t, slot) in slots.into_iter().enumerate() {
+            let (store, todo) = (self.clone(), todo.clone());
+            let spawned = std::thread::Builder::new()
+                .name("meta-prefetch".into())
+                .spawn(move || {
+                    let share = || todo.iter().skip(t).step_by(threads);
+                    // Queue every read first, so the disk sees them together; then parse.
+                    for (name, rev) in share() {
+                        metacache::advise(&store.meta_path(name, *rev));
+                    }
+                    for (name, rev) in share() {
+                        // Errors are reported to whoever asks for that revision.
+                        let _ = store.read_meta_cached(name, *rev);
+                    }
+                    drop(slot);
+                });
+            match spawned {
+                Ok(h) => started.push(h),
+                Err(e) => log::warn!(
+                    "repository {}: cannot start a metadata read-ahead thread: {e}",
+                    self.name
+                ),
+            }
+        }
+        started
+    }
+
+    /// Reads and parses the metadata file of `name@rev`, with the identity of the file
+    /// read.
+    fn load_meta(&self, name: &str, rev: u64) -> Result<Option<(metacache::FileId, Meta)>, Error> {
+        if !is_valid_name(name) {
+            return Ok(None);
+        }
+        let path = self.meta_path(name, rev);
+        let (id, bytes) = match fsutil::read_bounded_with_metadata(&path, MAX_META_BYTES) {
+            Ok((m, bytes)) => (metacache::FileId::of(&m), bytes),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&path, e)),
         };
+        self.metas.count_read();
         let parsed = if self.version() == VERSION_LEGACY {
             v1::parse(&bytes)
         } else {
@@ -449,7 +539,12 @@ impl Store {
                 meta.revision
             );
         }
-        Ok(Some(meta))
+        Ok(Some((id, meta)))
+    }
+
+    /// Number of images (names with at least one revision), from the shared listing.
+    pub fn image_count(&self) -> Result<usize, Error> {
+        Ok(self.shared_listing()?.len())
     }
 
     /// Publishes `meta` as `meta.name@meta.revision`, exclusively: the file is written and

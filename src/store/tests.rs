@@ -629,3 +629,94 @@ fn metadata_that_is_a_symlink_is_not_followed() {
     std::os::unix::fs::symlink(&elsewhere, store.meta_path("x", 0)).unwrap();
     assert!(store.read_meta("x", 0).is_err());
 }
+
+/// Publishes `name@rev` owned by `owner` at `ts`, as another host or pcocc would.
+fn publish(store: &Store, name: &str, rev: u64, owner: &str, ts: f64) {
+    let mut m = meta(name, rev, &[HASH_A]);
+    m.owner = owner.to_string();
+    m.timestamp = ts;
+    store.put_meta(&m).unwrap();
+}
+
+#[test]
+fn parsed_metadata_is_reused_while_its_file_is_unchanged() {
+    let (_d, store) = new_repo();
+    for rev in 0..3 {
+        publish(&store, "img", rev, "root", 1500000000.0 + rev as f64);
+    }
+    for _ in 0..3 {
+        for rev in 0..3 {
+            let cached = store.read_meta_cached("img", rev).unwrap().unwrap();
+            assert_eq!(
+                Some(&*cached),
+                store.read_meta("img", rev).unwrap().as_ref()
+            );
+        }
+    }
+    // Three uncached reads per round above, and each file parsed once for the cache.
+    assert_eq!(store.meta_files_read(), 3 * 3 + 3);
+    assert_eq!(store.read_meta_cached("img", 7).unwrap(), None);
+    assert_eq!(store.read_meta_cached("no/such", 0).unwrap(), None);
+}
+
+#[test]
+fn a_revision_deleted_and_published_again_under_its_name_is_read_afresh() {
+    let (_d, store) = new_repo();
+    publish(&store, "img", 0, "root", 1500000000.0);
+    assert_eq!(
+        store.read_meta_cached("img", 0).unwrap().unwrap().owner,
+        "root"
+    );
+    store.delete_revision("img", 0).unwrap();
+    assert_eq!(store.read_meta_cached("img", 0).unwrap(), None);
+    publish(&store, "img", 0, "alice", 1600000000.0);
+    let m = store.read_meta_cached("img", 0).unwrap().unwrap();
+    assert_eq!((m.owner.as_str(), m.timestamp), ("alice", 1600000000.0));
+
+    // Replaced in one step by another host (a new file renamed over the name).
+    let path = store.meta_path("img", 0);
+    let mut other = meta("img", 0, &[HASH_A]);
+    other.owner = "bob".to_string();
+    let tmp = store.tmp_dir().join("other");
+    std::fs::write(&tmp, other.to_json()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    assert_eq!(
+        store.read_meta_cached("img", 0).unwrap().unwrap().owner,
+        "bob"
+    );
+}
+
+#[test]
+fn corrupt_metadata_is_an_error_through_the_cache_too_and_stays_one() {
+    let (_d, store) = new_repo();
+    std::fs::write(store.meta_path("img", 0), b"{not json").unwrap();
+    for _ in 0..2 {
+        let err = store.read_meta_cached("img", 0).unwrap_err();
+        assert!(err.to_string().contains("img@0"), "{err}");
+    }
+    assert_eq!(store.meta_files_read(), 2);
+}
+
+#[test]
+fn reading_ahead_parses_each_listed_revision_once_and_fills_the_cache() {
+    let (_d, store) = new_repo();
+    let store = Arc::new(store);
+    let count = 50;
+    for rev in 0..count {
+        publish(&store, "img", rev, "root", 1500000000.0 + rev as f64);
+    }
+    let revs: Vec<(String, u64)> = (0..count).map(|r| ("img".to_string(), r)).collect();
+    let threads = store.prefetch_meta(revs.clone());
+    assert!(!threads.is_empty());
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(store.meta_files_read(), count);
+    for rev in 0..count {
+        let m = store.read_meta_cached("img", rev).unwrap().unwrap();
+        assert_eq!((m.revision, m.timestamp), (rev, 1500000000.0 + rev as f64));
+    }
+    // Nothing left to read: neither the listing nor a second read-ahead opens a file.
+    assert!(store.prefetch_meta(revs).is_empty());
+    assert_eq!(store.meta_files_read(), count);
+}

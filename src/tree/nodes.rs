@@ -2,6 +2,7 @@
 //! getattr, read, readlink, and the metadata operations expressed on nodes.
 
 use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::access::{self, R, X};
@@ -102,7 +103,8 @@ impl Tree {
         Ok(store)
     }
 
-    /// The metadata of a revision node, or `NoEntry` when it is gone.
+    /// The metadata of a revision node, or `NoEntry` when it is gone. Served from the
+    /// store's cache of parsed metadata: listings ask for every revision's attributes.
     pub(super) fn revision_meta(
         &self,
         caller: &Caller,
@@ -110,10 +112,10 @@ impl Tree {
         image: &str,
         rev: u64,
         node: &Node,
-    ) -> Result<(&Store, Meta), Error> {
+    ) -> Result<(&Store, Arc<Meta>), Error> {
         let store = self.readable_store(caller, repo)?;
         let meta = store
-            .read_meta(image, rev)?
+            .read_meta_cached(image, rev)?
             .ok_or_else(|| Error::NoEntry(display(node)))?;
         Ok((store, meta))
     }
@@ -294,6 +296,43 @@ impl Tree {
         }
     }
 
+    /// Starts reading ahead, in the background, the metadata that the attributes of
+    /// `entries` (a listing of `dir`) are made of: each revision's for an image
+    /// directory, each image's latest for a repository. `ls -l` then finds them parsed
+    /// instead of waiting for one file after the other. Nothing happens unless `caller`
+    /// may read the repository; nothing is shown to anyone by this call.
+    pub fn prefetch_attrs(&self, caller: &Caller, dir: &Node, entries: &[DirEntry]) {
+        let (Node::Repo { repo } | Node::Image { repo, .. }) = dir else {
+            return;
+        };
+        if self.readable_store(caller, repo).is_err() {
+            return;
+        }
+        let Some(store) = self.repos.iter().find(|s| s.name() == repo) else {
+            return;
+        };
+        let revs = entries
+            .iter()
+            .filter_map(|e| match &e.node {
+                Node::Revision { image, rev, .. } => Some((image.clone(), *rev)),
+                Node::Image { image, .. } => store
+                    .revisions(image)
+                    .ok()?
+                    .last()
+                    .map(|&rev| (image.clone(), rev)),
+                _ => None,
+            })
+            .collect();
+        // Detached: the listing goes on while the threads read.
+        drop(store.prefetch_meta(revs));
+    }
+
+    /// Metadata files opened and parsed so far by every repository of this tree (reads
+    /// the metadata cache did not spare), for tests and statistics.
+    pub fn meta_files_read(&self) -> u64 {
+        self.repos.iter().map(|s| s.meta_files_read()).sum()
+    }
+
     /// The files `caller` is importing into a directory, as entries.
     fn pending_entries(&self, repo: &str, image: Option<&str>, caller: &Caller) -> Vec<DirEntry> {
         self.pending
@@ -331,7 +370,7 @@ impl Tree {
             Node::Repo { repo } => {
                 let store = self.readable_store(caller, repo)?;
                 let m = stat(&store.meta_dir())?;
-                let images = store.list()?.len() as u32;
+                let images = u32::try_from(store.image_count()?).unwrap_or(u32::MAX);
                 Ok(dir_attr_like(&m, 2 + images, mtime(&m), ctime(&m)))
             }
             Node::Image { repo, image } => {
@@ -430,7 +469,7 @@ impl Tree {
     fn latest_time(&self, store: &Store, image: &str, revs: &[u64]) -> Option<SystemTime> {
         revs.iter()
             .rev()
-            .find_map(|&r| store.read_meta(image, r).ok().flatten())
+            .find_map(|&r| store.read_meta_cached(image, r).ok().flatten())
             .map(|m| to_time(m.timestamp))
     }
 

@@ -819,3 +819,40 @@ fn a_corrupt_newest_revision_is_skipped_when_no_revision_is_named() {
         .collect();
     assert_eq!(revs, [0, 1]);
 }
+
+#[test]
+fn listing_an_image_parses_each_revision_metadata_once_and_sees_it_published_again() {
+    let f = Fixture::new();
+    let hash = "d843d202b62d2e6d2dbb89a84afa9498b7d2702076c730219ed86b5cde20c490";
+    let revs = 20;
+    for rev in 0..revs {
+        let ts = format!("{}.5", 1_500_000_000 + rev);
+        f.meta("user", "many", rev, "root", &ts, &[hash]);
+    }
+    let image = node_image("user", "many");
+    let before = f.tree.meta_files_read();
+    for _ in 0..3 {
+        // What `ls -l` asks: the listing, then every entry's attributes.
+        f.tree.getattr(&f.me, &image).unwrap();
+        for e in f.tree.readdir(&f.me, &image).unwrap() {
+            let a = f.tree.getattr(&f.me, &e.node).unwrap();
+            if let Node::Revision { rev, .. } = e.node {
+                let want = Duration::from_millis((1_500_000_000 + rev) * 1000 + 500);
+                assert_eq!(a.mtime, SystemTime::UNIX_EPOCH + want, "@{rev}");
+            }
+        }
+    }
+    assert_eq!(f.tree.meta_files_read() - before, revs);
+
+    // Deleted and published again under the same name, as another host may: the new
+    // metadata is what shows.
+    let path = f.repo("user").join("meta/many@3");
+    std::fs::remove_file(&path).unwrap();
+    f.meta("user", "many", 3, "nosuchuser", "1700000000.0", &[hash]);
+    let a = f.tree.getattr(&f.me, &node_rev("user", "many", 3)).unwrap();
+    assert_eq!(
+        a.mtime,
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    );
+    assert_eq!(a.uid, std::fs::metadata(&path).unwrap().uid());
+}

@@ -49,6 +49,12 @@ const FIRST_REPLY_ENTRIES: usize = 256;
 /// `max_pages_limit` 256 × 4 KiB).
 const MAX_IO: u32 = 1 << 20;
 
+/// The `st_blksize` every file reports: tools size their buffers from it (GNU `cp`
+/// uses the larger of 128 KiB and the destination's `st_blksize`), and each write(2)
+/// of a file being imported is one request here. One request of the kernel's maximum
+/// instead of eight of 128 KiB halved the time of writing 2 GiB into the mount.
+const PREFERRED_IO: u32 = MAX_IO;
+
 /// Settings of one mount.
 #[derive(Clone, Debug)]
 pub struct FsSettings {
@@ -191,7 +197,7 @@ fn fuse_attr(ino: u64, a: &Attr) -> FileAttr {
         uid: a.uid,
         gid: a.gid,
         rdev: 0,
-        blksize: 4096,
+        blksize: PREFERRED_IO,
         flags: 0,
     }
 }

@@ -3,20 +3,31 @@
 //!
 //! Two passes, both streaming. The first reads only the clusters the source stores and
 //! keeps the runs of 64 KiB clusters that hold a non-zero byte (a compact run list, never
-//! a bitmap of the disk). The second writes the file front to back in the arrangement of
-//! [`Qcow2Layout`] (the same one `disk.qcow2` serves), hashing every byte with sha256 as
-//! it goes. Zero blocks of the output, in tables or data, are not written, so they stay
-//! holes in the layer file but are hashed as the zeroes they read as. The output depends
-//! only on the disk's content: the same content gives the same bytes and the same hash,
-//! whatever the source format or its allocation.
+//! a bitmap of the disk); a caller that already knows them (an import that watched its
+//! bytes arrive, [`Options::nonzero`]) skips it. The second writes the file front to back
+//! in the arrangement of [`Qcow2Layout`] (the same one `disk.qcow2` serves), hashing every
+//! byte with sha256 as it goes. Zero blocks of the output, in tables or data, are not
+//! written, so they stay holes in the layer file but are hashed as the zeroes they read
+//! as. The output depends only on the disk's content: the same content gives the same
+//! bytes and the same hash, whatever the source format or its allocation.
+//!
+//! The layer is synced by the caller, and a multi-GiB file synced at the end would keep
+//! the disk idle while the conversion computes, then the caller waiting while it writes.
+//! So the second pass starts the write-back of what it has written every
+//! [`WRITEBACK_WINDOW`] bytes and waits for the write-back [`WRITEBACK_LAG`] behind: the
+//! disk works while the conversion does, the final sync finds little left to write, and
+//! the layer never holds more than a few windows of dirty pages (which would otherwise
+//! make the kernel throttle this writer, and every other one, for all of them at once).
 
 use super::qcow2_layout::{CLUSTER_SIZE, Part, Qcow2Layout, ZERO_BLOCK, allocated_clusters};
 use super::{Disk, Error, Result};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::mpsc;
+use std::time::Instant;
 
 /// Bytes read or written per call: large enough to amortise calls and table lookups,
 /// small enough to stay in cache (a multiple of the cluster size).
@@ -27,6 +38,39 @@ const BLOCK: usize = ZERO_BLOCK as usize;
 /// Buffers in flight between the writer and the hashing thread: one being filled, one
 /// being hashed, one queued.
 const BUFFERS: usize = 3;
+/// Written bytes whose write-back is started at once (`sync_file_range`): big enough
+/// for large disk requests, small next to the page cache.
+const WRITEBACK_WINDOW: u64 = 16 << 20;
+/// How far behind the writer the write-back is waited for: the layer's dirty and
+/// in-flight pages stay below this plus one window.
+const WRITEBACK_LAG: u64 = 64 << 20;
+
+/// What a conversion may use or do besides the disk and the output.
+pub struct Options<'a> {
+    /// Called with (bytes done, bytes to do) as the passes advance; the total may shrink
+    /// once the first pass knows how much data is zero.
+    pub progress: &'a mut dyn FnMut(u64, u64),
+    /// The sorted, merged runs `(first cluster, count)` of 64 KiB guest clusters holding
+    /// a non-zero byte, when the caller knows them exactly: the first pass is skipped.
+    /// A wrong list gives a wrong layer; only exact knowledge may be passed.
+    pub nonzero: Option<Vec<(u64, u64)>>,
+    /// Called with a guest offset below which the conversion will read nothing more, in
+    /// increasing order (the second pass reads guest data front to back). A caller whose
+    /// source is a scratch copy of a raw disk can drop what was read (its dirty pages
+    /// then never reach the disk). An error stops the conversion.
+    pub consumed: Option<&'a mut dyn FnMut(u64) -> Result<()>>,
+}
+
+impl<'a> Options<'a> {
+    /// Progress reporting only.
+    pub fn new(progress: &'a mut dyn FnMut(u64, u64)) -> Options<'a> {
+        Options {
+            progress,
+            nonzero: None,
+            consumed: None,
+        }
+    }
+}
 
 /// The layer that was written.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,47 +91,36 @@ pub fn to_qcow2_layer(
     out_path: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Converted> {
+    convert(disk, out, out_path, Options::new(progress))
+}
+
+/// [`to_qcow2_layer`] with [`Options`].
+pub fn convert(disk: &Disk, out: &File, out_path: &Path, opts: Options) -> Result<Converted> {
+    let Options {
+        progress,
+        nonzero,
+        mut consumed,
+    } = opts;
     let size = disk.virtual_size();
     // Refuse a disk too big for the format before reading any of it.
     Qcow2Layout::new(disk.top().path(), size, &[])?;
-    let allocated = allocated_clusters(disk, CLUSTER_SIZE)?;
-    let scan_bytes: u64 = allocated
-        .iter()
-        .map(|&(first, count)| clip(first, count, size))
-        .sum();
+    let started = Instant::now();
     let mut done = 0u64;
     let mut buf = vec![0u8; CHUNK];
-
-    // Pass 1: which stored clusters hold anything but zeroes.
-    let mut kept: Vec<(u64, u64)> = Vec::new();
-    let per_chunk = CHUNK as u64 / CLUSTER_SIZE;
-    for &(first, count) in &allocated {
-        let mut c = first;
-        while c < first + count {
-            let n = per_chunk.min(first + count - c);
-            let start = c * CLUSTER_SIZE;
-            let len = clip(c, n, size) as usize;
-            disk.read_at(&mut buf[..len], start)?;
-            for (i, cluster) in buf[..len].chunks(CLUSTER_SIZE as usize).enumerate() {
-                if !is_zero(cluster) {
-                    let at = c + i as u64;
-                    match kept.last_mut() {
-                        Some((s, k)) if *s + *k == at => *k += 1,
-                        _ => kept.push((at, 1)),
-                    }
-                }
-            }
-            c += n;
-            done += len as u64;
-            progress(done, scan_bytes * 2);
+    let (kept, scan_bytes) = match nonzero {
+        Some(kept) => (kept, 0),
+        None => {
+            let kept = nonzero_runs(disk, &mut buf, &mut done, progress)?;
+            (kept, done)
         }
-    }
+    };
     let data_bytes: u64 = kept
         .iter()
         .map(|&(first, count)| clip(first, count, size))
         .sum();
     let total = scan_bytes + data_bytes;
     progress(done, total);
+    let scanned = Instant::now();
 
     // Pass 2: the file, front to back. Hashing runs on a second thread, fed the
     // buffers just written, so it overlaps the next read and write instead of adding to
@@ -110,6 +143,7 @@ pub fn to_qcow2_layer(
         let mut spare = Some(buf);
         let mut made = 1;
         let mut pos = 0u64;
+        let mut writeback = Writeback::new(out);
         while pos < file_size {
             let mut buf = match spare.take() {
                 Some(b) => b,
@@ -132,12 +166,16 @@ pub fn to_qcow2_layer(
                     let real = size.saturating_sub(guest).min(n as u64) as usize;
                     disk.read_at(&mut chunk[..real], guest)?;
                     chunk[real..].fill(0);
+                    if let Some(consumed) = consumed.as_mut() {
+                        consumed(guest + real as u64)?;
+                    }
                     done += real as u64;
                     progress(done, total);
                 }
             }
             write_sparse(out, out_path, chunk, pos)?;
             pos += n as u64;
+            writeback.advance(pos);
             if to_hash.send((buf, n)).is_err() {
                 break; // the hasher is gone: its join below reports why
             }
@@ -151,10 +189,121 @@ pub fn to_qcow2_layer(
         })
     })?;
     out.set_len(file_size).map_err(|e| Error::io(out_path, e))?;
+    log::debug!(
+        "{}: {} bytes of data scanned in {:.2?}, layer of {file_size} bytes written in {:.2?}",
+        disk.top().path().display(),
+        scan_bytes,
+        scanned - started,
+        scanned.elapsed()
+    );
     Ok(Converted {
         sha256,
         len: file_size,
     })
+}
+
+/// Pass 1: the runs of stored clusters of `disk` that hold anything but zeroes, read
+/// through `buf`; `done` counts the bytes read.
+fn nonzero_runs(
+    disk: &Disk,
+    buf: &mut [u8],
+    done: &mut u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<(u64, u64)>> {
+    let size = disk.virtual_size();
+    let allocated = allocated_clusters(disk, CLUSTER_SIZE)?;
+    let scan_bytes: u64 = allocated
+        .iter()
+        .map(|&(first, count)| clip(first, count, size))
+        .sum();
+    let mut kept: Vec<(u64, u64)> = Vec::new();
+    let per_chunk = buf.len() as u64 / CLUSTER_SIZE;
+    for &(first, count) in &allocated {
+        let mut c = first;
+        while c < first + count {
+            let n = per_chunk.min(first + count - c);
+            let start = c * CLUSTER_SIZE;
+            let len = clip(c, n, size) as usize;
+            disk.read_at(&mut buf[..len], start)?;
+            for (i, cluster) in buf[..len].chunks(CLUSTER_SIZE as usize).enumerate() {
+                if !is_zero(cluster) {
+                    push_run(&mut kept, c + i as u64);
+                }
+            }
+            c += n;
+            *done += len as u64;
+            progress(*done, scan_bytes * 2);
+        }
+    }
+    Ok(kept)
+}
+
+/// Adds cluster `at` (not below the last one) to the sorted, merged runs `runs`.
+pub fn push_run(runs: &mut Vec<(u64, u64)>, at: u64) {
+    match runs.last_mut() {
+        Some((s, k)) if *s + *k == at => *k += 1,
+        Some((s, k)) if at < *s + *k => {}
+        _ => runs.push((at, 1)),
+    }
+}
+
+/// Starts and paces the write-back of the layer being written (see the module text).
+/// Only a hint to the kernel: the caller's sync is what makes the file durable, so a
+/// filesystem without `sync_file_range` just skips it.
+struct Writeback<'f> {
+    out: &'f File,
+    /// Write-back started for `[0, started)`.
+    started: u64,
+    /// Write-back waited for on `[0, waited)`.
+    waited: u64,
+    enabled: bool,
+}
+
+impl<'f> Writeback<'f> {
+    fn new(out: &'f File) -> Writeback<'f> {
+        Writeback {
+            out,
+            started: 0,
+            waited: 0,
+            enabled: true,
+        }
+    }
+
+    /// Everything below `written` has been written.
+    fn advance(&mut self, written: u64) {
+        if !self.enabled || written < self.started + WRITEBACK_WINDOW {
+            return;
+        }
+        self.range(self.started, written, libc::SYNC_FILE_RANGE_WRITE);
+        self.started = written;
+        let behind = written.saturating_sub(WRITEBACK_LAG);
+        if behind > self.waited {
+            self.range(
+                self.waited,
+                behind,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            );
+            self.waited = behind;
+        }
+    }
+
+    fn range(&mut self, from: u64, to: u64, flags: libc::c_uint) {
+        let (Ok(off), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) else {
+            self.enabled = false;
+            return;
+        };
+        // SAFETY: sync_file_range on a descriptor `out` owns; no memory is touched.
+        let r = unsafe { libc::sync_file_range(self.out.as_raw_fd(), off, len, flags) };
+        if r != 0 {
+            log::debug!(
+                "no paced write-back ({}): the final sync writes it all",
+                std::io::Error::last_os_error()
+            );
+            self.enabled = false;
+        }
+    }
 }
 
 /// Guest bytes of `count` clusters from cluster `first`, cut at the disk's end.
@@ -164,7 +313,7 @@ fn clip(first: u64, count: u64, size: u64) -> u64 {
 
 /// True when `buf` holds only zeroes. Folds fixed blocks without branching (the compiler
 /// vectorises the fold) and stops at the first block with a non-zero byte.
-fn is_zero(buf: &[u8]) -> bool {
+pub fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(512)
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }

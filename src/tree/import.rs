@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use super::access::{self, W, X};
+use super::arrival::Arrival;
 use super::nodes::display;
 use super::open::{Changes, OpenFile, seek_file};
 use super::pending::{Import, Pending, State, publish_changes};
@@ -72,7 +73,7 @@ impl ImportHandle {
 
     pub(super) fn read(&self, buf: &mut [u8], offset: u64) -> Result<usize, Error> {
         let st = self.import.lock();
-        let State::Writing { tmp, size } = &*st else {
+        let State::Writing { tmp, size, .. } = &*st else {
             return Err(self.import.gone());
         };
         let end = (*size).min(offset.saturating_add(buf.len() as u64));
@@ -104,7 +105,7 @@ impl ImportHandle {
     pub(super) fn write(&self, data: &[u8], offset: u64) -> Result<usize, Error> {
         let mut st = self.import.lock();
         match &mut *st {
-            State::Writing { tmp, size } => {
+            State::Writing { tmp, size, arrival } => {
                 if let Err(source) = tmp.file().write_all_at(data, offset) {
                     let e = Error::Store(crate::store::Error::Io {
                         path: tmp.path().to_path_buf(),
@@ -119,6 +120,7 @@ impl ImportHandle {
                     return Err(e);
                 }
                 *size = (*size).max(offset + data.len() as u64);
+                arrival.write(offset, data);
                 Ok(data.len())
             }
             State::Published(_) => Err(Error::ReadOnly(display(&self.import.node()))),
@@ -128,7 +130,7 @@ impl ImportHandle {
 
     pub(super) fn seek(&self, offset: u64, whence: i32) -> Result<Option<u64>, Error> {
         let st = self.import.lock();
-        let State::Writing { tmp, size } = &*st else {
+        let State::Writing { tmp, size, .. } = &*st else {
             return Err(self.import.gone());
         };
         if offset >= *size {
@@ -233,7 +235,11 @@ impl Tree {
             hint,
             created: SystemTime::now(),
             perm: Mutex::new(perm),
-            state: Mutex::new(State::Writing { tmp, size: 0 }),
+            state: Mutex::new(State::Writing {
+                tmp,
+                size: 0,
+                arrival: Arrival::new(),
+            }),
             writing: AtomicBool::new(true),
             opens: AtomicUsize::new(0),
             published: Mutex::new(None),

@@ -30,6 +30,7 @@
 //! access, xattrs), `access` (permission checks), `metajson`, `uri`.
 
 mod access;
+mod arrival;
 mod entries;
 mod extras;
 mod import;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 pub(super) const PUBLISHED_GRACE: Duration = Duration::from_secs(5);
 
 use super::access;
+use super::arrival::Arrival;
 use super::nodes::{display, revision_dir_name};
 use super::open::Changes;
 use super::publish::{self, Target, choose_format};
@@ -30,8 +31,12 @@ use crate::store::{Store, TmpFile};
 const LATEST: &str = super::nodes::LATEST;
 
 pub(super) enum State {
-    /// Being written: the scratch file and its current length.
-    Writing { tmp: TmpFile, size: u64 },
+    /// Being written: the scratch file, its current length and what its writes showed.
+    Writing {
+        tmp: TmpFile,
+        size: u64,
+        arrival: Arrival,
+    },
     /// Published; the attributes it had, for handles still open.
     Published(Attr),
     /// The publish failed (the scratch file is gone); flush repeats the reason.
@@ -207,7 +212,7 @@ impl Import {
 
     pub(super) fn attr_of(&self, st: &State) -> Result<Attr, Error> {
         let (size, blocks) = match st {
-            State::Writing { tmp, size } => {
+            State::Writing { tmp, size, .. } => {
                 let blocks = tmp.file().metadata().map(|m| m.blocks()).unwrap_or(0);
                 (*size, blocks)
             }
@@ -237,7 +242,7 @@ impl Import {
     pub(super) fn set_size(&self, len: u64) -> Result<(), Error> {
         let mut st = self.lock();
         match &mut *st {
-            State::Writing { tmp, size } => {
+            State::Writing { tmp, size, arrival } => {
                 tmp.file().set_len(len).map_err(|source| {
                     Error::Store(crate::store::Error::Io {
                         path: tmp.path().to_path_buf(),
@@ -245,6 +250,7 @@ impl Import {
                     })
                 })?;
                 *size = len;
+                arrival.set_len(len);
                 Ok(())
             }
             State::Published(_) => Err(Error::ReadOnly(display(&self.node()))),
@@ -261,26 +267,42 @@ impl Import {
         pending: &Pending,
     ) -> Result<crate::store::Meta, Error> {
         let mut st = self.lock();
-        let State::Writing { tmp, .. } = &*st else {
+        let State::Writing { tmp, arrival, .. } = &*st else {
             return Err(self.gone());
         };
+        // Taken now: a created file's scratch copy is consumed by its publish.
+        let attr = self.attr_of(&st)?;
+        log::debug!(
+            "publishing {}: {} bytes received in {:.2?}",
+            display(&self.node()),
+            attr.size,
+            self.created.elapsed().unwrap_or_default()
+        );
         let result = (|| {
             let format = choose_format(None, hint.or(self.hint), tmp.path(), tmp.file())?;
             let owner = access::user_name(self.writer.uid);
+            // A staging file that fails to publish stays for its writer to fix, so only
+            // a created file's bytes may be dropped as they are converted.
+            let scratch = publish::Scratch {
+                nonzero: arrival.nonzero(),
+                consume: !self.is_staging(),
+            };
             publish::publish(
                 &self.store,
                 &self.siblings,
                 &owner,
                 publish::FileOwner::for_caller(&self.writer, &self.store),
-                tmp.path(),
-                format,
+                publish::Source {
+                    path: tmp.path(),
+                    format,
+                    scratch: Some(scratch),
+                },
                 target,
                 &mut |_, _| {},
             )
         })();
         match result {
             Ok(meta) => {
-                let attr = self.attr_of(&st)?;
                 self.writing.store(false, Ordering::Release);
                 *st = State::Published(attr);
                 *self.published.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());

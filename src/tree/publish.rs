@@ -105,29 +105,72 @@ pub fn check_target(store: &Store, target: &Target) -> Result<(), Error> {
     Ok(())
 }
 
-/// Publishes `source` (read as `format`) into `store` as `target`, owned by `owner`:
-/// convert to a standalone qcow2 layer, add it, write the metadata exclusively. Returns
-/// the new revision's metadata.
-#[allow(clippy::too_many_arguments)]
+/// What an import publishes.
+pub struct Source<'a> {
+    /// The file.
+    pub path: &'a Path,
+    /// The format to read it as.
+    pub format: Format,
+    /// Set when the file is the daemon's own scratch copy of what a writer sent.
+    pub scratch: Option<Scratch>,
+}
+
+/// What is known of a scratch copy, and what may be done to it.
+#[derive(Clone, Debug, Default)]
+pub struct Scratch {
+    /// Its non-zero 64 KiB clusters, seen while its bytes arrived (used for raw only,
+    /// where clusters of the file are clusters of the disk).
+    pub nonzero: Option<Vec<(u64, u64)>>,
+    /// Its bytes may be dropped as soon as they are converted: nothing needs the file
+    /// after this publish, successful or not.
+    pub consume: bool,
+}
+
+/// Bytes of a consumed raw scratch file dropped at a time: few calls, and little left of
+/// it in the page cache (where it would be written back to the disk for nothing).
+const CONSUME_STEP: u64 = 32 << 20;
+
+/// Publishes `source` into `store` as `target`, owned by `owner`: convert to a
+/// standalone qcow2 layer, add it, write the metadata exclusively. Returns the new
+/// revision's metadata.
 pub fn publish(
     store: &Store,
     siblings: &[std::sync::Arc<Store>],
     owner: &str,
     file_owner: Option<FileOwner>,
-    source: &Path,
-    format: Format,
+    source: Source,
     target: &Target,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Meta, Error> {
     check_target(store, target)?;
-    let disk = open_standalone(source, format)?;
+    let started = std::time::Instant::now();
+    let disk = open_standalone(source.path, source.format)?;
     let out = store.tmp_file()?;
-    let converted = convert::to_qcow2_layer(&disk, out.file(), out.path(), progress)?;
+    let raw_scratch = source.scratch.filter(|_| source.format == Format::Raw);
+    let mut opts = convert::Options::new(progress);
+    opts.nonzero = raw_scratch.as_ref().and_then(|s| s.nonzero.clone());
+    // Raw clusters are read front to back: what was converted can go.
+    let mut dropper = match &raw_scratch {
+        Some(s) if s.consume => Some(Dropper::open(source.path)?),
+        _ => None,
+    };
+    let mut drop_hook = |upto: u64| dropper.as_mut().map_or(Ok(()), |d| d.drop_below(upto));
+    if raw_scratch.as_ref().is_some_and(|s| s.consume) {
+        opts.consumed = Some(&mut drop_hook);
+    }
+    let converted = convert::convert(&disk, out.file(), out.path(), opts)?;
+    let converted_at = std::time::Instant::now();
     let io = |source| store::Error::Io {
         path: out.path().to_path_buf(),
         source,
     };
     out.file().sync_all().map_err(io)?;
+    log::debug!(
+        "{}: converted in {:.2?}, synced in {:.2?}",
+        source.path.display(),
+        converted_at - started,
+        converted_at.elapsed()
+    );
     // A new layer belongs to its importer, as with pcocc (which runs as the user); a
     // layer that already exists keeps its owner, since this scratch file is then dropped.
     if let Some(o) = file_owner {
@@ -157,6 +200,64 @@ pub fn publish(
             .map_err(|source| store::Error::Io { path, source })?;
     }
     Ok(meta)
+}
+
+/// Drops the converted part of a raw scratch file by punching it out: its dirty pages
+/// then leave the page cache without being written to the disk.
+struct Dropper {
+    file: File,
+    path: std::path::PathBuf,
+    /// Everything below was dropped.
+    dropped: u64,
+}
+
+impl Dropper {
+    fn open(path: &Path) -> Result<Dropper, Error> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| image::Error::io(path, e))?;
+        Ok(Dropper {
+            file,
+            path: path.to_path_buf(),
+            dropped: 0,
+        })
+    }
+
+    fn drop_below(&mut self, upto: u64) -> image::Result<()> {
+        if upto < self.dropped.saturating_add(CONSUME_STEP) {
+            return Ok(());
+        }
+        let (Ok(off), Ok(len)) = (
+            libc::off_t::try_from(self.dropped),
+            libc::off_t::try_from(upto - self.dropped),
+        ) else {
+            return Ok(());
+        };
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: fallocate on a descriptor this value owns; no memory is touched.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // A filesystem without hole punching keeps the bytes: only slower.
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                    self.dropped = u64::MAX;
+                    return Ok(());
+                }
+                _ => return Err(image::Error::io(&self.path, e)),
+            }
+        }
+        self.dropped = upto;
+        Ok(())
+    }
 }
 
 /// Who the files of an import made by a root daemon for another user belong to.

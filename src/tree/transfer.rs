@@ -51,8 +51,11 @@ impl Tree {
             &self.repos,
             &owner,
             None,
-            src,
-            format,
+            publish::Source {
+                path: src,
+                format,
+                scratch: None,
+            },
             &target,
             progress,
         )?;

@@ -261,3 +261,64 @@ impl ReadAhead {
 
 /// Re-exported so generators can name the image error kinds without a second import.
 pub use image::Error as ViewError;
+
+#[cfg(test)]
+mod read_ahead_tests {
+    use super::*;
+    use crate::image::raw::RawLayer;
+    use std::sync::atomic::Ordering;
+
+    fn raw_view(size: u64) -> (tempfile::TempDir, View) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 4096], 0).unwrap();
+        let layer: Arc<dyn image::Layer> = Arc::new(RawLayer::open(&path).unwrap());
+        let disk = Arc::new(Disk::new(vec![layer]));
+        let view = View::new(disk, Format::Raw, ViewId([0; 32])).unwrap();
+        (dir, view)
+    }
+
+    #[test]
+    fn sequential_large_reads_move_the_window_ahead_of_the_reader() {
+        let (_dir, view) = raw_view(256 << 20);
+        let ahead = ReadAhead::default();
+        ahead.on_read(&view, 0, 1 << 20);
+        assert_eq!(
+            ahead.mark.load(Ordering::Relaxed),
+            (1 << 20) + READ_AHEAD_WINDOW
+        );
+        // The next reads stay inside the window until a whole step is due.
+        ahead.on_read(&view, 1 << 20, 1 << 20);
+        assert_eq!(
+            ahead.mark.load(Ordering::Relaxed),
+            (1 << 20) + READ_AHEAD_WINDOW
+        );
+        for i in 2..6u64 {
+            ahead.on_read(&view, i << 20, 1 << 20);
+        }
+        // Moved once, by the read ending 4 MiB (one step) after the first one.
+        assert_eq!(
+            ahead.mark.load(Ordering::Relaxed),
+            (5 << 20) + READ_AHEAD_WINDOW
+        );
+        // The window never passes the end of the view.
+        ahead.on_read(&view, 6 << 20, 250 << 20);
+        assert_eq!(ahead.mark.load(Ordering::Relaxed), 256 << 20);
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(view.read_at(&mut buf, 0).unwrap(), 4096);
+        assert!(buf.iter().all(|&b| b == 7), "prefetching changes no byte");
+    }
+
+    #[test]
+    fn small_reads_and_far_jumps_prefetch_nothing() {
+        let (_dir, view) = raw_view(1 << 30);
+        let ahead = ReadAhead::default();
+        ahead.on_read(&view, 0, 4096);
+        ahead.on_read(&view, 4096, 4096);
+        assert_eq!(ahead.mark.load(Ordering::Relaxed), 0, "small reads");
+        ahead.on_read(&view, 512 << 20, 1 << 20);
+        assert_eq!(ahead.mark.load(Ordering::Relaxed), 0, "a random large read");
+    }
+}

@@ -1123,3 +1123,52 @@ fn ls_l_of_many_revisions_shows_each_owner_and_time_and_again_reads_no_metadata(
     assert!(after.contains(&format!(" @{revs}\n")), "{after}");
     assert!(after.contains(&format!("latest -> @{revs}")), "{after}");
 }
+
+#[test]
+fn a_stored_layer_opened_several_times_at_once_and_again_later_reads_as_the_layer_itself() {
+    use std::io::Read;
+    let Some(m) = Mounted::start() else { return };
+    let src = m.source_raw("src.raw", "12M");
+    let qcow = m.source_as(&src, "qcow2", "single.qcow2");
+    ok("cp", &[s(&qcow), s(&m.at("user/"))]);
+    let layers = m.layer_files("user");
+    assert_eq!(layers.len(), 1, "{layers:?}");
+    let layer = fs::read(&layers[0]).unwrap();
+    let view = m.at("user/single/@0/disk.qcow2");
+    // With FUSE passthrough (as root) these opens share one backing file in the kernel.
+    let mut files: Vec<fs::File> = (0..3).map(|_| fs::File::open(&view).unwrap()).collect();
+    for f in &mut files {
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).unwrap();
+        assert!(bytes == layer, "disk.qcow2 differs from its layer file");
+    }
+    drop(files);
+    // The last close gave the backing file up; a new open registers it again.
+    assert!(
+        fs::read(&view).unwrap() == layer,
+        "disk.qcow2 differs from its layer file when reopened"
+    );
+}
+
+#[test]
+fn the_mount_reads_ahead_by_the_window_asked_for() {
+    let Some(m) = Mounted::start_with(&["-o", "readahead=2048"]) else {
+        return;
+    };
+    // Only root may change a device's read-ahead; other daemons keep the kernel's.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let src = m.source_raw("src.raw", "8M");
+    ok("cp", &[s(&src), s(&m.at("user/"))]);
+    // An open waits until the window is set, so after it the setting is visible.
+    drop(fs::File::open(m.at("user/src/@0/disk.raw")).unwrap());
+    let dev = fs::metadata(&m.mnt).unwrap().dev();
+    let file = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    assert_eq!(fs::read_to_string(&file).unwrap().trim(), "2048", "{file}");
+}

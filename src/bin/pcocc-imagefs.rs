@@ -4,6 +4,7 @@ use clap::Parser;
 use pcocc_imagefs::config::Config;
 use pcocc_imagefs::fuse::daemon::{self, Readiness};
 use pcocc_imagefs::fuse::options::{MountSettings, check_threads};
+use pcocc_imagefs::fuse::readahead;
 use pcocc_imagefs::fuse::{FsSettings, ImageFs};
 use pcocc_imagefs::tree::Tree;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,10 @@ struct Args {
     /// Threads serving requests
     #[arg(long, value_name = "N", value_parser = parse_threads)]
     threads: Option<usize>,
+    /// Read-ahead window of the mount in KiB, set after mounting (root only; 0 keeps the
+    /// kernel's 128 KiB)
+    #[arg(long, value_name = "KIB", value_parser = parse_readahead)]
+    readahead: Option<u32>,
     /// Log file of a background daemon (default: no log)
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
@@ -37,6 +42,13 @@ struct Args {
 fn parse_threads(s: &str) -> Result<usize, String> {
     let n: usize = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     check_threads(n)
+}
+
+fn parse_readahead(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of KiB"))?;
+    readahead::check_readahead(n)
 }
 
 /// Request threads when nothing says otherwise: measured gains stop at about two per core.
@@ -78,6 +90,7 @@ fn run(args: Args) -> Result<(), String> {
         .threads
         .or(settings.threads)
         .unwrap_or_else(default_threads);
+    settings.readahead_kib = args.readahead.or(settings.readahead_kib);
     let mountpoint = absolute(&args.mountpoint)?;
 
     // Checks that can fail are done before going to the background, so their message
@@ -170,9 +183,38 @@ fn serve(
     cfg.clone_fd = threads > 1;
 
     let invalidator = fs.invalidator();
+    let readahead_kib = settings
+        .readahead_kib
+        .unwrap_or(readahead::DEFAULT_READAHEAD_KIB);
+    let gate = fs.open_gate();
+    if readahead_kib > 0 {
+        gate.hold();
+    }
     let mut session = fuser::Session::new(fs, mountpoint, &cfg)
         .map_err(|e| format!("cannot mount on {}: {e}", mountpoint.display()))?;
     invalidator.start(session.notifier());
+    if readahead_kib > 0 {
+        // Set from its own thread: the stat it needs is answered by the session loop.
+        let at = mountpoint.to_path_buf();
+        let g = gate.clone();
+        let spawned = std::thread::Builder::new()
+            .name("readahead".into())
+            .spawn(move || {
+                match readahead::apply(&at, readahead_kib) {
+                    Ok(()) => log::debug!(
+                        "read-ahead window of {} set to {readahead_kib} KiB",
+                        at.display()
+                    ),
+                    // An unprivileged daemon cannot write sysfs: the kernel's window stays.
+                    Err(e) => log::info!("read-ahead window left as the kernel set it: {e}"),
+                }
+                g.release();
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start the read-ahead thread: {e}");
+            gate.release();
+        }
+    }
     let mut unmounter = session.unmount_callable();
     let detach_point = mountpoint.to_path_buf();
     std::thread::Builder::new()

@@ -17,12 +17,14 @@ pub mod caller;
 pub mod daemon;
 pub mod inodes;
 pub mod options;
+pub mod readahead;
 
 use crate::tree::{self, Attr, Changes, Node, NodeType, OpenFile, SetAttr, Tree};
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry,
     ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
     WriteFlags,
 };
@@ -49,11 +51,16 @@ const FIRST_REPLY_ENTRIES: usize = 256;
 /// `max_pages_limit` 256 × 4 KiB).
 const MAX_IO: u32 = 1 << 20;
 
-/// The `st_blksize` every file reports: tools size their buffers from it (GNU `cp`
-/// uses the larger of 128 KiB and the destination's `st_blksize`), and each write(2)
-/// of a file being imported is one request here. One request of the kernel's maximum
-/// instead of eight of 128 KiB halved the time of writing 2 GiB into the mount.
-const PREFERRED_IO: u32 = MAX_IO;
+thread_local! {
+    /// The read buffer of one request thread (see `read`).
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `st_blksize` of regular files: GNU `cp`, `cat` and most tools size their buffer from
+/// it (at least 128 KiB), so one of their reads becomes one largest FUSE request instead
+/// of eight (reads of views, and writes of imports: writing 2 GiB into the mount took
+/// half the time with 1 MiB requests).
+const FILE_BLKSIZE: u32 = MAX_IO;
 
 /// Settings of one mount.
 #[derive(Clone, Debug)]
@@ -84,6 +91,22 @@ pub struct ImageFs {
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     invalidator: Arc<Invalidator>,
+    /// Opens wait here until the mount's read-ahead window is set (see [`readahead`]).
+    open_gate: Arc<readahead::OpenGate>,
+    /// Whether the kernel agreed to FUSE passthrough (decided in `init`).
+    passthrough: bool,
+    /// Backing files registered with the kernel for passthrough opens.
+    backings: Mutex<Backings>,
+}
+
+/// The kernel accepts only one backing file per inode at a time, so every passthrough
+/// open of an inode shares one backing id, closed when the last of them is released.
+#[derive(Default)]
+struct Backings {
+    /// Inode → (backing id, open handles using it).
+    by_inode: HashMap<u64, (Arc<BackingId>, usize)>,
+    /// Handle → inode, for `release`.
+    by_handle: HashMap<u64, u64>,
 }
 
 /// Forwards "drop this cached name" messages to the kernel from its own thread, once the
@@ -197,7 +220,11 @@ fn fuse_attr(ino: u64, a: &Attr) -> FileAttr {
         uid: a.uid,
         gid: a.gid,
         rdev: 0,
-        blksize: PREFERRED_IO,
+        blksize: if a.kind == NodeType::RegularFile {
+            FILE_BLKSIZE
+        } else {
+            4096
+        },
         flags: 0,
     }
 }
@@ -217,7 +244,15 @@ impl ImageFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             invalidator: Arc::default(),
+            open_gate: Arc::default(),
+            passthrough: false,
+            backings: Mutex::default(),
         }
+    }
+
+    /// The gate opens wait at until the read-ahead window is set (open unless held).
+    pub fn open_gate(&self) -> Arc<readahead::OpenGate> {
+        self.open_gate.clone()
     }
 
     /// The invalidation forwarder, to start once the session is mounted.
@@ -342,6 +377,52 @@ impl ImageFs {
         Ok((listing, handle))
     }
 
+    fn lock_backings(&self) -> std::sync::MutexGuard<'_, Backings> {
+        self.backings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The backing id the kernel reads inode `ino` through, registering `file` when no
+    /// open of the inode holds one; counted as one more user. `None` (serve the reads
+    /// ourselves) when the kernel refuses, for example without `CAP_SYS_ADMIN`.
+    fn backing_for(
+        &self,
+        ino: u64,
+        file: &std::fs::File,
+        reply: &ReplyOpen,
+    ) -> Option<Arc<BackingId>> {
+        let mut b = self.lock_backings();
+        if let Some((id, users)) = b.by_inode.get_mut(&ino) {
+            *users += 1;
+            return Some(id.clone());
+        }
+        match reply.open_backing(file) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                b.by_inode.insert(ino, (id.clone(), 1));
+                Some(id)
+            }
+            Err(e) => {
+                log::debug!("passthrough refused, serving reads: {e}");
+                None
+            }
+        }
+    }
+
+    /// Handle `fh` is released: one user less of its inode's backing id, which is closed
+    /// with the last.
+    fn drop_backing(&self, fh: u64) {
+        let mut b = self.lock_backings();
+        let Some(ino) = b.by_handle.remove(&fh) else {
+            return;
+        };
+        if let Some((_, users)) = b.by_inode.get_mut(&ino) {
+            *users -= 1;
+            if *users == 0 {
+                b.by_inode.remove(&ino);
+            }
+        }
+    }
+
     fn reply_entry(&self, node: &Node, attr: &Attr, ttl: Duration, reply: ReplyEntry) {
         let ino = self.inodes.remember(node);
         reply.entry(&ttl, &fuse_attr(ino, attr), Generation(0));
@@ -378,6 +459,15 @@ impl Filesystem for ImageFs {
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO)
         {
             log::debug!("the kernel lacks readdirplus capabilities {missing:?}");
+        }
+        // Passthrough lets the kernel read a stored layer served verbatim straight from
+        // its file. Stack depth 1: backing files on a plain filesystem, and this mount
+        // may still sit under an overlay.
+        if config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+            && config.set_max_stack_depth(1).is_ok()
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+        {
+            self.passthrough = true;
         }
         Ok(())
     }
@@ -571,6 +661,8 @@ impl Filesystem for ImageFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // The kernel copies the read-ahead window into the file when this reply arrives.
+        self.open_gate.wait(readahead::GATE_MAX_WAIT);
         let node = match self.node(ino) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
@@ -593,7 +685,18 @@ impl Filesystem for ImageFs {
                 } else {
                     FopenFlags::empty()
                 };
-                reply.opened(self.add_handle(f, req), keep)
+                let backing = match f.stored_file() {
+                    Some(file) if self.passthrough => self.backing_for(ino.0, file, &reply),
+                    _ => None,
+                };
+                let fh = self.add_handle(f.clone(), req);
+                match backing {
+                    Some(id) => {
+                        self.lock_backings().by_handle.insert(fh.0, ino.0);
+                        reply.opened_passthrough(fh, FopenFlags::empty(), &id);
+                    }
+                    None => reply.opened(fh, keep),
+                }
             }
             Err(e) => reply.error(self.fail("open", Some(&node), &e)),
         }
@@ -648,11 +751,20 @@ impl Filesystem for ImageFs {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        let mut buf = vec![0u8; size.min(MAX_IO) as usize];
-        match f.read(&mut buf, offset) {
-            Ok(n) => reply.data(&buf[..n]),
-            Err(e) => reply.error(self.fail("read", self.inodes.node(ino.0).as_ref(), &e)),
-        }
+        // Each request thread keeps one buffer of the largest request and reuses it: a
+        // fresh zeroed megabyte per request costs a page-fault storm and a memset for
+        // every read. Stale bytes never leave: every reader fills exactly the count it
+        // returns, and only that prefix is replied.
+        READ_BUF.with_borrow_mut(|buf| {
+            if buf.len() < MAX_IO as usize {
+                buf.resize(MAX_IO as usize, 0);
+            }
+            let buf = &mut buf[..size.min(MAX_IO) as usize];
+            match f.read(buf, offset) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(self.fail("read", self.inodes.node(ino.0).as_ref(), &e)),
+            }
+        })
     }
 
     fn write(
@@ -731,6 +843,7 @@ impl Filesystem for ImageFs {
         if let Some((f, _)) = f {
             f.release();
         }
+        self.drop_backing(fh.0);
         reply.ok();
     }
 

@@ -3,7 +3,7 @@
 //!
 //! Three kinds of option arrive in one list: FUSE/kernel options (`allow_other`, `ro`,
 //! `nosuid`, …) that go to the mount; options of this daemon (`config=`, `threads=`,
-//! `log=`, `refresh=`) that are the same as its command-line flags, so an fstab line can
+//! `log=`, `refresh=`, `readahead=`) that are the same as its command-line flags, so an fstab line can
 //! say everything; and options meant for `mount(8)` or systemd alone (`defaults`,
 //! `nofail`, `_netdev`, `x-systemd.*`, …) which are accepted and dropped. Anything else
 //! is an error that names the option, so a typo never mounts something unexpected.
@@ -34,6 +34,8 @@ pub struct MountSettings {
     pub log_file: Option<PathBuf>,
     /// `refresh=SECS`: how long repository and image listings may be cached.
     pub refresh: Option<Duration>,
+    /// `readahead=KIB`: the mount's read-ahead window (0: the kernel's own).
+    pub readahead_kib: Option<u32>,
 }
 
 /// Options `mount(8)`, fstab and systemd use for themselves; a FUSE daemon receives them
@@ -105,6 +107,17 @@ impl MountSettings {
                     reason,
                 })?);
             }
+            "readahead" => {
+                let v = value.ok_or_else(missing)?;
+                let bad = |reason: String| OptionError::BadValue {
+                    option: key.into(),
+                    reason,
+                };
+                let kib: u32 = v
+                    .parse()
+                    .map_err(|_| bad(format!("'{v}' is not a number of KiB")))?;
+                self.readahead_kib = Some(super::readahead::check_readahead(kib).map_err(bad)?);
+            }
             "refresh" => {
                 let v = value.ok_or_else(missing)?;
                 let secs: f64 = v
@@ -164,8 +177,9 @@ mod tests {
 
     #[test]
     fn fuse_options_and_daemon_settings_are_understood() {
-        let s = parse("allow_other,ro,nosuid,nodev,config=/etc/pcocc/repos.yaml,threads=4,refresh=2.5,log=/var/log/x")
+        let s = parse("allow_other,ro,nosuid,nodev,config=/etc/pcocc/repos.yaml,threads=4,refresh=2.5,log=/var/log/x,readahead=8192")
             .unwrap();
+        assert_eq!(s.readahead_kib, Some(8192));
         assert!(s.allow_other && s.read_only);
         assert_eq!(s.kernel_flags, vec!["nosuid", "nodev"]);
         assert_eq!(s.config, Some(PathBuf::from("/etc/pcocc/repos.yaml")));
@@ -199,6 +213,14 @@ mod tests {
         ));
         assert!(matches!(
             parse("threads=lots"),
+            Err(OptionError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse("readahead=1G"),
+            Err(OptionError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse("readahead=999999"),
             Err(OptionError::BadValue { .. })
         ));
         assert!(matches!(

@@ -320,6 +320,50 @@ impl Disk {
         Ok(())
     }
 
+    /// Asks the kernel to start reading, in the background, the stored bytes behind
+    /// guest `[offset, offset + len)` (`POSIX_FADV_WILLNEED` on each run of data, runs
+    /// adjacent in one file merged into one call). A sequential reader of a chain
+    /// needs this: an overlay's clusters sit in the order they were written, so a
+    /// guest-order read of them is a series of small random reads, each of which the
+    /// kernel's own read-ahead leaves alone and which would otherwise wait on the disk
+    /// one at a time. Advice only: errors (a corrupt map, a refused call) are ignored,
+    /// the read that follows reports them.
+    pub fn prefetch(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len).min(self.virtual_size());
+        // (file, host start, host end) of the run being gathered.
+        let mut run: Option<(Arc<File>, u64, u64)> = None;
+        let mut pos = offset;
+        while pos < end {
+            let Ok(ext) = self.map(pos, end - pos) else {
+                break;
+            };
+            let stored = match &ext.mapping {
+                Mapping::Data { file, offset, .. } => Some((file, *offset, ext.len)),
+                Mapping::Compressed(c) => Some((&c.file, c.offset, c.stored_len)),
+                Mapping::Zero | Mapping::Unallocated => None,
+            };
+            if let Some((file, host, n)) = stored {
+                match &mut run {
+                    Some((f, _, e)) if Arc::ptr_eq(f, file) && *e == host => *e = host + n,
+                    // A compressed cluster read again for its next guest extent.
+                    Some((f, s, e)) if Arc::ptr_eq(f, file) && (*s..*e).contains(&host) => {
+                        *e = (*e).max(host + n)
+                    }
+                    _ => {
+                        if let Some((f, s, e)) = run.take() {
+                            advise_willneed(&f, s, e - s);
+                        }
+                        run = Some((file.clone(), host, host + n));
+                    }
+                }
+            }
+            pos += ext.len;
+        }
+        if let Some((f, s, e)) = run {
+            advise_willneed(&f, s, e - s);
+        }
+    }
+
     /// The runs of guest data in `[offset, offset + len)`, merged: each item is
     /// `(start, length)` of bytes that some layer stores (everything else reads zero).
     /// At most [`Disk::walk_limits`]`.runs` runs are kept.
@@ -417,6 +461,17 @@ const STORED_BYTES_PER_EXTENT: u64 = 4;
 /// are 512 bytes (qcow2, VMDK), and compressed clusters can be smaller, so this is
 /// generous to real images and still far below what shared tables claim.
 const STORED_BYTES_PER_RUN: u64 = 512;
+
+/// `posix_fadvise(WILLNEED)` of `len` bytes at `offset` of `file`: the kernel queues
+/// the reads and returns without waiting for them.
+fn advise_willneed(file: &File, offset: u64, len: u64) {
+    use std::os::unix::io::AsRawFd;
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: advice on a descriptor `file` owns; no memory is passed.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+}
 
 /// `pread` that fills `buf` completely; reading past the end of the file is an error
 /// (a table that points past the end of its file is a corrupt image).

@@ -17,7 +17,7 @@ use super::access::{self, R};
 use super::import::ImportHandle;
 use super::views::Content;
 use super::{Attr, Caller, Error, FileKind, Node, Tree, metajson};
-use crate::view::View;
+use crate::view::{ReadAhead, View};
 
 /// Directory entries whose kernel cache must be dropped after a change: (parent node,
 /// name).
@@ -43,8 +43,12 @@ enum Inner {
         path: PathBuf,
         attr: Attr,
     },
-    /// A generated view.
-    View { view: View, attr: Attr },
+    /// A generated view, and its read-ahead for sequential readers.
+    View {
+        view: View,
+        attr: Attr,
+        ahead: ReadAhead,
+    },
     /// A file being imported or a staging file.
     Import(ImportHandle),
 }
@@ -100,7 +104,10 @@ impl OpenFile {
                 Ok(n)
             }
             Inner::Stored { file, path, .. } => read_full(file, path, buf, offset),
-            Inner::View { view, .. } => Ok(view.read_at(buf, offset)?),
+            Inner::View { view, ahead, .. } => {
+                ahead.on_read(view, offset, buf.len() as u64);
+                Ok(view.read_at(buf, offset)?)
+            }
             Inner::Import(h) => h.read(buf, offset),
         }
     }
@@ -134,6 +141,15 @@ impl OpenFile {
             Inner::Stored { file, path, .. } => seek_file(file, path, offset, libc::SEEK_HOLE),
             Inner::View { view, .. } => Ok(view.next_hole(offset)?),
             Inner::Import(h) => h.seek(offset, libc::SEEK_HOLE),
+        }
+    }
+
+    /// The stored file this open file reads verbatim, when it is one (`disk.qcow2` of a
+    /// single-layer revision): the kernel may then read it directly (FUSE passthrough).
+    pub fn stored_file(&self) -> Option<&File> {
+        match &self.inner {
+            Inner::Stored { file, .. } => Some(file),
+            _ => None,
         }
     }
 
@@ -236,7 +252,11 @@ impl Tree {
                                 path,
                                 attr,
                             },
-                            Content::View(view) => Inner::View { view, attr },
+                            Content::View(view) => Inner::View {
+                                view,
+                                attr,
+                                ahead: ReadAhead::default(),
+                            },
                         }
                     }
                 };

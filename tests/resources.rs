@@ -21,7 +21,6 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -298,32 +297,31 @@ fn daemon_pid(mnt: &Path) -> Option<i32> {
     None
 }
 
-/// Runs `cmd` to its end with its output in `out` and returns its peak resident set in
-/// MiB, from the kernel's accounting of that one child (`wait4`).
+/// Runs `cmd` to its end with its standard output in `out` (and its standard error
+/// beside it) and returns its peak resident set in MiB, from the kernel's accounting of
+/// that one child (`wait4`).
 #[track_caller]
+// The child is reaped by wait4, which std's `Child::wait` cannot do while returning the
+// child's own rusage.
+#[allow(clippy::zombie_processes)]
 fn peak_rss_of_command(cmd: &mut Command, out: &Path) -> f64 {
-    let file = fs::File::create(out).unwrap();
+    let err_path = out.with_extension("stderr");
     let child = cmd
-        .stdout(file)
-        .stderr(Stdio::piped())
+        .stdout(fs::File::create(out).unwrap())
+        .stderr(fs::File::create(&err_path).unwrap())
         .stdin(Stdio::null())
-        .process_group(0)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let mut status = 0;
     // SAFETY: a zeroed rusage is a valid value for the kernel to fill in.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: wait4 on our own child's pid, with pointers to live locals. Reaping it here
-    // leaves `child` unwaited, which std allows (dropping a Child never waits).
+    // SAFETY: wait4 on our own child's pid, with pointers to live locals.
     let got = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
     assert_eq!(got, child.id() as i32, "wait4 {cmd:?}");
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr {
-        let _ = e.read_to_string(&mut err);
-    }
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{cmd:?} failed (wait status {status}): {err}"
+        "{cmd:?} failed (wait status {status}): {}",
+        fs::read_to_string(&err_path).unwrap_or_default()
     );
     // ru_maxrss is in KiB on Linux.
     usage.ru_maxrss as f64 / 1024.0

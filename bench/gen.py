@@ -23,9 +23,20 @@
   gen.py many REPO NAME COUNT LAYER_HASH
       COUNT revisions NAME@0..COUNT-1 all pointing at one stored layer (metadata only).
 
-  gen.py wide REPO PREFIX COUNT LAYER_HASH
-      COUNT images PREFIX0..PREFIX{COUNT-1}, each with one revision @0 pointing at one
-      stored layer (metadata only).
+  gen.py images REPO PREFIX COUNT LAYER_HASH
+      COUNT images PREFIX00000@0, PREFIX00001@0, ... all pointing at one stored layer
+      (metadata only): a repository with many images, as pcocc's copy makes them.
+
+  gen.py sparse SIZE COUNT SEED
+      qemu-io commands (one per line) that write COUNT extents of 4 KiB..256 KiB
+      (log-uniform, 4 KiB aligned), one at a seeded place in each of COUNT equal slots of
+      a SIZE disk, the last one ending at the disk's end: a little data spread over the
+      whole range, so that every qcow2 L2 table of a huge sparse disk is in use.
+
+  gen.py full OUT SIZE SEED
+      A raw disk of SIZE bytes with every byte written, in 1 MiB chunks that cycle
+      through random bytes, "text" and "binary" (as in `disk`): real, partly
+      compressible data with no hole and no zero run.
 """
 
 import hashlib
@@ -206,9 +217,38 @@ def many(repo, name, count, layer):
         write_meta(repo, name, rev, [layer])
 
 
-def wide(repo, prefix, count, layer):
+def images(repo, prefix, count, layer):
     for i in range(count):
-        write_meta(repo, f"{prefix}{i}", 0, [layer])
+        write_meta(repo, f"{prefix}{i:05d}", 0, [layer])
+
+
+def sparse(size, count, seed):
+    rng = random.Random(seed)
+    slot = size // count
+    for i in range(count):
+        n = log_uniform(rng, 4 * KIB, 256 * KIB)
+        if i == count - 1:
+            off = size - n
+        else:
+            off = i * slot + rng.randrange(0, (slot - n) // BLOCK) * BLOCK
+        print(f"write -q -P {rng.randrange(1, 256)} {off} {n}")
+
+
+def full(out, size, seed):
+    rng = random.Random(seed)
+    text = text_block(rng, 8 * MIB)
+    binary = binary_block(rng, 8 * MIB)
+    chunk = 1 * MIB
+    with open(out, "wb") as f:
+        for i in range(size // chunk):
+            kind = i % 3
+            if kind == 0:
+                f.write(rng.randbytes(chunk))
+            else:
+                src = text if kind == 1 else binary
+                s = rng.randrange(0, len(src) - chunk + 1)
+                f.write(src[s : s + chunk])
+        f.write(rng.randbytes(size % chunk))
 
 
 def main(argv):
@@ -221,8 +261,12 @@ def main(argv):
         store(argv[2], argv[3], argv[4:])
     elif cmd == "many" and len(argv) == 6:
         many(argv[2], argv[3], int(argv[4]), argv[5])
-    elif cmd == "wide" and len(argv) == 6:
-        wide(argv[2], argv[3], int(argv[4]), argv[5])
+    elif cmd == "images" and len(argv) == 6:
+        images(argv[2], argv[3], int(argv[4]), argv[5])
+    elif cmd == "sparse" and len(argv) == 5:
+        sparse(int(argv[2]), int(argv[3]), int(argv[4]))
+    elif cmd == "full" and len(argv) == 5:
+        full(argv[2], int(argv[3]), int(argv[4]))
     else:
         sys.exit(__doc__)
 

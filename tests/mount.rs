@@ -3,58 +3,19 @@
 //! left on disk. Needs root, `/dev/fuse` and qemu-img (CI has all three); without them each
 //! test prints why and returns.
 
+mod common;
+use common::{daemon_pid, ok, run, s};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[path = "mount/qemu.rs"]
 mod qemu;
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_pcocc-imagefs");
-
-fn can_mount() -> bool {
-    // SAFETY: geteuid only reads the process credentials.
-    let root = unsafe { libc::geteuid() } == 0;
-    let fuse = Path::new("/dev/fuse").exists();
-    let qemu = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !(root && fuse && qemu) {
-        eprintln!(
-            "SKIPPED: mount tests need root ({root}), /dev/fuse ({fuse}) and qemu-img ({qemu})"
-        );
-    }
-    root && fuse && qemu
-}
-
-#[track_caller]
-fn run(prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
-}
-
-#[track_caller]
-fn ok(prog: &str, args: &[&str]) -> String {
-    let out = run(prog, args);
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 test path")
-}
 
 fn sha256_file(p: &Path) -> String {
     let bytes = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
@@ -77,7 +38,7 @@ impl Mounted {
     }
 
     fn start_with(extra: &[&str]) -> Option<Mounted> {
-        if !can_mount() {
+        if !common::can_mount("mount", &["qemu-img"]) {
             return None;
         }
         let dir = tempfile::Builder::new()
@@ -979,24 +940,6 @@ fn ten_thousand_opens_and_closes_leak_no_descriptor_in_the_daemon() {
         before,
         "the daemon's descriptors grew over 10,000 open/close cycles"
     );
-}
-
-/// The pid of the pcocc-imagefs process serving `mnt` (from its command line).
-fn daemon_pid(mnt: &Path) -> Option<i32> {
-    for e in fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"pcocc-imagefs"));
-        if is_daemon && args.contains(&mnt.as_os_str().as_encoded_bytes()) {
-            return Some(pid);
-        }
-    }
-    None
 }
 
 /// Counts the files opened inside one directory (inotify `IN_OPEN`), to tell how often

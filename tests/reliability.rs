@@ -6,6 +6,8 @@
 //! Needs root, `/dev/fuse`, qemu-img and setpriv (CI has all of them); without them each
 //! test prints why and returns.
 
+mod common;
+use common::{daemon_pid, ok, run, s};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -24,49 +26,6 @@ const NOBODY: u32 = 65534;
 const TEAM_GID: u32 = 4242;
 /// How many imports race each other in the concurrency tests.
 const RACERS: usize = 6;
-
-fn can_mount() -> bool {
-    // SAFETY: geteuid only reads the process credentials.
-    let root = unsafe { libc::geteuid() } == 0;
-    let fuse = Path::new("/dev/fuse").exists();
-    let tools = ["qemu-img", "setpriv"].iter().all(|t| {
-        Command::new(t)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !(root && fuse && tools) {
-        eprintln!(
-            "SKIPPED: reliability tests need root ({root}), /dev/fuse ({fuse}), qemu-img and setpriv ({tools})"
-        );
-    }
-    root && fuse && tools
-}
-
-#[track_caller]
-fn run(prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
-}
-
-#[track_caller]
-fn ok(prog: &str, args: &[&str]) -> String {
-    let out = run(prog, args);
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 test path")
-}
 
 fn sha256_file(p: &Path) -> String {
     let bytes = fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
@@ -120,7 +79,7 @@ impl Site {
     }
 
     fn new() -> Option<Site> {
-        if !can_mount() {
+        if !common::can_mount("reliability", &["qemu-img", "setpriv"]) {
             return None;
         }
         let dir = tempfile::Builder::new()
@@ -303,24 +262,6 @@ fn unmount(mnt: &Path) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// The pid of the pcocc-imagefs process serving `mnt` (from its command line).
-fn daemon_pid(mnt: &Path) -> Option<i32> {
-    for e in fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"pcocc-imagefs"));
-        if is_daemon && args.contains(&mnt.as_os_str().as_encoded_bytes()) {
-            return Some(pid);
-        }
-    }
-    None
 }
 
 /// A child process killed (SIGKILL) and reaped when the test ends, even by a panic.

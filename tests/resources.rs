@@ -17,13 +17,15 @@
 //! root, `/dev/fuse`, qemu-img and qemu-io (CI has all of them); without them each test
 //! prints why and returns.
 
+mod common;
+use common::{daemon_pid, ok, run, s};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_pcocc-imagefs");
@@ -69,51 +71,8 @@ const IMPORT_EXTENT: u64 = 4 * MIB;
 /// Read and write buffer of the tests.
 const BUF: usize = MIB as usize;
 
-fn can_mount() -> bool {
-    // SAFETY: geteuid only reads the process credentials.
-    let root = unsafe { libc::geteuid() } == 0;
-    let fuse = Path::new("/dev/fuse").exists();
-    let tools = ["qemu-img", "qemu-io"].iter().all(|t| {
-        Command::new(t)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !(root && fuse && tools) {
-        eprintln!(
-            "SKIPPED: resource tests need root ({root}), /dev/fuse ({fuse}), qemu-img and qemu-io ({tools})"
-        );
-    }
-    root && fuse && tools
-}
-
 fn slow() -> bool {
     std::env::var("PCOCC_IMAGEFS_SLOW").as_deref() == Ok("1")
-}
-
-#[track_caller]
-fn run(prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
-}
-
-#[track_caller]
-fn ok(prog: &str, args: &[&str]) -> String {
-    let out = run(prog, args);
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 test path")
 }
 
 /// A small deterministic generator (splitmix64): the same images on every run.
@@ -151,7 +110,7 @@ impl Mounted {
     /// A scratch directory with an empty repository `r`, not mounted yet: the test fills
     /// the repository, then calls [`Mounted::mount`].
     fn prepare() -> Option<Mounted> {
-        if !can_mount() {
+        if !common::can_mount("resource", &["qemu-img", "qemu-io"]) {
             return None;
         }
         let dir = tempfile::Builder::new()
@@ -281,24 +240,6 @@ impl Drop for Mounted {
 fn vm_hwm_kib(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// The pid of the pcocc-imagefs process serving `mnt` (from its command line).
-fn daemon_pid(mnt: &Path) -> Option<i32> {
-    for e in fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"pcocc-imagefs"));
-        if is_daemon && args.contains(&mnt.as_os_str().as_encoded_bytes()) {
-            return Some(pid);
-        }
-    }
-    None
 }
 
 /// Runs `cmd` to its end with its standard output in `out` (and its standard error
@@ -618,19 +559,7 @@ fn importing_a_4_gib_image_keeps_the_daemon_and_the_cli_under_their_rss_bound() 
         "cp of a 4 GiB image ({}) into the mount: daemon peak RSS {peak:.1} MiB",
         if full { "all data" } else { "sparse" }
     );
-    let cmp = ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "qcow2",
-            s(&src),
-            s(&m.layer_of("big")),
-        ],
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    assert_stored_as(&m, "big", &src);
     assert!(
         peak < IMPORT_PEAK_RSS_MIB as f64,
         "the daemon's peak RSS reached {peak:.1} MiB importing a 4 GiB image (bound {IMPORT_PEAK_RSS_MIB} MiB)"
@@ -654,21 +583,20 @@ fn importing_a_4_gib_image_keeps_the_daemon_and_the_cli_under_their_rss_bound() 
         &m.work().join("import.txt"),
     );
     eprintln!("pcocc image import of a 4 GiB image: peak RSS {cli:.1} MiB");
-    let cmp = ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "qcow2",
-            s(&src),
-            s(&m.layer_of("viacli")),
-        ],
-    );
-    assert!(cmp.contains("Images are identical"), "{cmp}");
+    assert_stored_as(&m, "viacli", &src);
     assert!(
         cli < IMPORT_PEAK_RSS_MIB as f64,
         "pcocc image import reached {cli:.1} MiB importing a 4 GiB image (bound {IMPORT_PEAK_RSS_MIB} MiB)"
     );
+}
+
+/// Asserts that image `name` of repository `r` holds exactly the raw disk `src`.
+#[track_caller]
+fn assert_stored_as(m: &Mounted, name: &str, src: &Path) {
+    let layer = m.layer_of(name);
+    let cmp = ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", s(src), s(&layer)],
+    );
+    assert!(cmp.contains("Images are identical"), "{name}: {cmp}");
 }

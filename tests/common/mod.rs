@@ -1,0 +1,75 @@
+//! Helpers shared by the integration tests that run the binaries and the qemu tools
+//! (`tests/mount.rs`, `tests/reliability.rs`, `tests/resources.rs`). Each test crate
+//! includes this module and uses part of it.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs `prog` with `args` and returns what it did, panicking only if it cannot start.
+#[track_caller]
+pub fn run(prog: &str, args: &[&str]) -> Output {
+    Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
+}
+
+/// Runs `prog` with `args`, asserts it succeeded and returns its standard output.
+#[track_caller]
+pub fn ok(prog: &str, args: &[&str]) -> String {
+    let out = run(prog, args);
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A test path as the `&str` an argument list wants.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 test path")
+}
+
+/// Whether this process can mount the daemon and run `tools`: root, `/dev/fuse`, and each
+/// tool answering `--version`. When not, says why (naming `suite`) so that a skipped test
+/// never passes silently.
+pub fn can_mount(suite: &str, tools: &[&str]) -> bool {
+    // SAFETY: geteuid only reads the process credentials.
+    let root = unsafe { libc::geteuid() } == 0;
+    let fuse = Path::new("/dev/fuse").exists();
+    let have = tools.iter().all(|t| {
+        Command::new(t)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !(root && fuse && have) {
+        eprintln!(
+            "SKIPPED: {suite} tests need root ({root}), /dev/fuse ({fuse}) and {} ({have})",
+            tools.join(", ")
+        );
+    }
+    root && fuse && have
+}
+
+/// The pid of the pcocc-imagefs process serving `mnt` (from its command line).
+pub fn daemon_pid(mnt: &Path) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let is_daemon = args.first().is_some_and(|a| a.ends_with(b"pcocc-imagefs"));
+        if is_daemon && args.contains(&mnt.as_os_str().as_encoded_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}

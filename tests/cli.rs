@@ -7,6 +7,8 @@
 //! Every test builds its own repositories and runs with `TZ=UTC`, so dates are stable;
 //! tests that need qemu-img return early, saying so, where it is missing.
 
+mod common;
+use common::{Run, have_qemu};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -22,49 +24,6 @@ const T_IMG1_2: (&str, &str) = ("1795749454.9273655", "2026-11-27 03:17:34");
 const T_DISKIMG: (&str, &str) = ("1795749388.9076195", "2026-11-27 03:16:28");
 const T_VMDKIMG: (&str, &str) = ("1795749386.0579588", "2026-11-27 03:16:26");
 const T_RAWIMG: (&str, &str) = ("1795749383.6878085", "2026-11-27 03:16:23");
-
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipped: qemu-img is not installed");
-    }
-    ok
-}
-
-/// What one run of the binary printed and returned.
-#[derive(Debug)]
-struct Run {
-    stdout: String,
-    stderr: String,
-    code: i32,
-}
-
-impl Run {
-    /// Asserts the whole output and the exit status.
-    #[track_caller]
-    fn expect(&self, stdout: &str, stderr: &str, code: i32) {
-        assert_eq!(
-            self.stdout, stdout,
-            "stdout differs; stderr was {:?}",
-            self.stderr
-        );
-        assert_eq!(
-            self.stderr, stderr,
-            "stderr differs; stdout was {:?}",
-            self.stdout
-        );
-        assert_eq!(self.code, code, "exit status differs: {self:?}");
-    }
-
-    /// Asserts a pcocc error: nothing on stdout, `message` on stderr, exit 255.
-    #[track_caller]
-    fn expect_error(&self, message: &str) {
-        self.expect("", &format!("{message}\n"), 255);
-    }
-}
 
 /// A scratch directory with a system `repos.yaml` naming `user` (the default) and
 /// `global`, an empty user configuration directory and a `$HOME`.

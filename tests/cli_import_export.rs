@@ -8,6 +8,8 @@
 //! test, whose 1 GiB disk is almost all holes. Tests return early where qemu-img is
 //! missing.
 
+mod common;
+use common::{Run, have_qemu};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -20,42 +22,6 @@ const COPYING: &str = "Copying image...\n";
 const CONVERTING: &str = "Converting image...\n";
 /// pcocc's warning (through Python's logging) for a file of unknown content.
 const ASSUMING_RAW: &str = "WARNING:root:Could not detect image format, assuming raw VM\n";
-
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipped: qemu-img is not installed");
-    }
-    ok
-}
-
-/// What one run of a program printed and returned.
-#[derive(Debug)]
-struct Run {
-    stdout: String,
-    stderr: String,
-    code: i32,
-}
-
-impl Run {
-    #[track_caller]
-    fn expect(&self, stdout: &str, stderr: &str, code: i32) {
-        assert_eq!(
-            (self.stdout.as_str(), self.stderr.as_str(), self.code),
-            (stdout, stderr, code),
-            "unexpected outcome"
-        );
-    }
-
-    /// A pcocc error before anything is printed: `message` on stderr, exit 255.
-    #[track_caller]
-    fn expect_error(&self, message: &str) {
-        self.expect("", &format!("{message}\n"), 255);
-    }
-}
 
 /// A scratch directory with repositories `user` (the default) and `global` and a work
 /// directory where the commands run.

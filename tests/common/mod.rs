@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests that run the binaries and the qemu tools
-//! (`tests/mount.rs`, `tests/reliability.rs`, `tests/resources.rs`). Each test crate
-//! includes this module and uses part of it.
+//! (`tests/cli.rs`, `tests/cli_import_export.rs`, `tests/mount.rs`,
+//! `tests/reliability.rs`, `tests/resources.rs`). Each test crate includes this module
+//! and uses part of it.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -72,4 +73,48 @@ pub fn daemon_pid(mnt: &Path) -> Option<i32> {
         }
     }
     None
+}
+
+/// Whether qemu-img runs here; when not, says that the test is skipped.
+pub fn have_qemu() -> bool {
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipped: qemu-img is not installed");
+    }
+    ok
+}
+
+/// What one run of a program printed and returned.
+#[derive(Debug)]
+pub struct Run {
+    pub stdout: String,
+    pub stderr: String,
+    pub code: i32,
+}
+
+impl Run {
+    /// Asserts the whole output and the exit status.
+    #[track_caller]
+    pub fn expect(&self, stdout: &str, stderr: &str, code: i32) {
+        assert_eq!(
+            self.stdout, stdout,
+            "stdout differs; stderr was {:?}",
+            self.stderr
+        );
+        assert_eq!(
+            self.stderr, stderr,
+            "stderr differs; stdout was {:?}",
+            self.stdout
+        );
+        assert_eq!(self.code, code, "exit status differs: {self:?}");
+    }
+
+    /// Asserts a pcocc error: nothing on stdout, `message` on stderr, exit 255.
+    #[track_caller]
+    pub fn expect_error(&self, message: &str) {
+        self.expect("", &format!("{message}\n"), 255);
+    }
 }

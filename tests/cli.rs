@@ -211,22 +211,7 @@ impl Fixture {
 
     /// Runs `program ARGS` in this fixture's environment.
     fn run_with_env(&self, program: &str, args: &[&str]) -> Run {
-        let output = Command::new(program)
-            .args(args)
-            .current_dir(self.root().join("work"))
-            .env("TZ", "UTC")
-            .env("HOME", self.root().join("home"))
-            .env("PCOCC_USER_CONF_DIR", self.root().join("user-conf"))
-            .env("PCOCC_SYSTEM_CONF_DIR", self.root().join("etc"))
-            .env_remove("RUST_LOG")
-            .env_remove("NO_COLOR")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-        Run {
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-            code: output.status.code().unwrap_or(-1),
-        }
+        common::run_in_fixture(self.root(), program, args)
     }
 }
 

@@ -178,15 +178,7 @@ impl Site {
     }
 
     fn meta_names(&self, repo: &str) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(self.repo(repo).join("meta"))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        common::sorted_names(&self.repo(repo).join("meta"))
     }
 
     fn tmp_entries(&self, repo: &str) -> Vec<PathBuf> {

@@ -118,3 +118,38 @@ impl Run {
         self.expect("", &format!("{message}\n"), 255);
     }
 }
+
+/// Runs `program ARGS` the way a user of a test fixture rooted at `root` would: in
+/// `root/work`, with `TZ=UTC`, `HOME=root/home` and pcocc's configuration directories
+/// `root/user-conf` and `root/etc`, and no logging or colour settings of the caller.
+pub fn run_in_fixture(root: &Path, program: &str, args: &[&str]) -> Run {
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(root.join("work"))
+        .env("TZ", "UTC")
+        .env("HOME", root.join("home"))
+        .env("PCOCC_USER_CONF_DIR", root.join("user-conf"))
+        .env("PCOCC_SYSTEM_CONF_DIR", root.join("etc"))
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    Run {
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        code: output.status.code().unwrap_or(-1),
+    }
+}
+
+/// The names in directory `dir`, sorted (none when it cannot be read).
+pub fn sorted_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}

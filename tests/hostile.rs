@@ -31,6 +31,8 @@
 //! small disk that reads without error with what `qemu-img convert` reads (when qemu
 //! reads it too).
 
+mod common;
+use common::ok;
 use pcocc_imagefs::image::chain::{WithinDir, open_chain};
 use pcocc_imagefs::image::{Disk, Format, Layer, Mapping, convert, detect, qed, vdi, vmdk, vpc};
 use pcocc_imagefs::view::{View, ViewId};
@@ -215,19 +217,6 @@ fn have_qemu() -> bool {
     ok
 }
 
-/// Runs `prog args…`, panicking with its stderr when it fails.
-fn run(prog: &str, args: &[&str]) {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Guest size of every seed: small, so a case reads all of it in milliseconds, yet
 /// large enough for several tables with the small cluster sizes used below.
 const SEED_SIZE: u64 = 2 << 20;
@@ -268,7 +257,7 @@ fn convert_seed(raw: &Path, dir: &Path, name: &str, fmt: &str, opts: &[&str]) ->
     let mut args = vec!["convert", "-q", "-f", "raw", "-O", fmt];
     args.extend_from_slice(opts);
     args.extend([raw.to_str().unwrap(), out.to_str().unwrap()]);
-    run("qemu-img", &args);
+    ok("qemu-img", &args);
     out
 }
 
@@ -328,7 +317,7 @@ fn make_seeds(dir: &Path, prefix: &str) -> Vec<Seed> {
     }
     // Zero clusters and a discard in the v3 image, which convert alone never makes.
     let v3 = &seeds[0].files[0];
-    run(
+    ok(
         "qemu-io",
         &[
             "-f",
@@ -351,7 +340,7 @@ fn make_seeds(dir: &Path, prefix: &str) -> Vec<Seed> {
         &["-o", "cluster_size=4096"],
     );
     let top = dir.join("top.qcow2");
-    run(
+    ok(
         "qemu-img",
         &[
             "create",
@@ -363,7 +352,7 @@ fn make_seeds(dir: &Path, prefix: &str) -> Vec<Seed> {
             top.to_str().unwrap(),
         ],
     );
-    run(
+    ok(
         "qemu-io",
         &[
             "-f",
@@ -1080,7 +1069,7 @@ fn be32_at(bytes: &[u8], at: usize) -> u32 {
 /// table). With `shared`, every L1 entry names one and the same L2 table.
 fn shared_l2_image(dir: &Path, tables: usize, alternate: bool, shared: bool) -> PathBuf {
     let p = dir.join("shared.qcow2");
-    run(
+    ok(
         "qemu-img",
         &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "256G"],
     );
@@ -1284,8 +1273,8 @@ fn regression_qed_l1_naming_one_l2_table_everywhere_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("shared.qed");
     let ps = p.to_str().unwrap();
-    run("qemu-img", &["create", "-q", "-f", "qed", ps, "1T"]);
-    run("qemu-io", &["-f", "qed", "-c", "write -P 1 0 64k", ps]);
+    ok("qemu-img", &["create", "-q", "-f", "qed", ps, "1T"]);
+    ok("qemu-io", &["-f", "qed", "-c", "write -P 1 0 64k", ps]);
     let mut bytes = std::fs::read(&p).unwrap();
     let cluster = le32_at(&bytes, 4) as u64;
     let table_bytes = cluster * u64::from(le32_at(&bytes, 8));
@@ -1310,7 +1299,7 @@ fn regression_vmdk_grain_directory_naming_one_grain_table_everywhere_is_refused(
     }
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("shared.vmdk");
-    run(
+    ok(
         "qemu-img",
         &["create", "-q", "-f", "vmdk", p.to_str().unwrap(), "64G"],
     );
@@ -1342,7 +1331,7 @@ fn regression_vhd_block_table_naming_one_block_everywhere_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("shared.vpc");
     let ps = p.to_str().unwrap();
-    run(
+    ok(
         "qemu-img",
         &[
             "create",
@@ -1355,7 +1344,7 @@ fn regression_vhd_block_table_naming_one_block_everywhere_is_refused() {
             "100G",
         ],
     );
-    run("qemu-io", &["-f", "vpc", "-c", "write -P 1 0 64k", ps]);
+    ok("qemu-io", &["-f", "vpc", "-c", "write -P 1 0 64k", ps]);
     let good = std::fs::read(&p).unwrap();
     let header = u64::from_be_bytes(good[16..24].try_into().unwrap()) as usize;
     let bat = u64::from_be_bytes(good[header + 16..header + 24].try_into().unwrap()) as usize;
@@ -1427,9 +1416,9 @@ fn big_seeds(dir: &Path) -> Vec<Seed> {
         let mut args = vec!["create", "-q", "-f", format.name()];
         args.extend_from_slice(opts);
         args.extend([p.to_str().unwrap(), size]);
-        run("qemu-img", &args);
+        ok("qemu-img", &args);
         let last = format!("write -P 9 {} 64k", parse_size(size) - (64 << 10));
-        run(
+        ok(
             "qemu-io",
             &[
                 "-f",

@@ -9,34 +9,18 @@
 //! writes nothing). Every input is read once first, so all figures are from the page
 //! cache. Run with `cargo run --release --example formats_read_bench`.
 
+#[path = "shared.rs"]
+mod shared;
 use pcocc_imagefs::image::{Disk, Layer, qed, vdi, vmdk, vpc};
+use shared::{run, s};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SIZE: u64 = 256 << 20;
 const CHUNK: usize = 1 << 20;
-
-fn run(prog: &str, args: &[&str]) -> Duration {
-    let t = Instant::now();
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    t.elapsed()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 fn write_source(path: &Path) {
     let mut w = BufWriter::with_capacity(CHUNK, File::create(path).expect("create source"));

@@ -19,12 +19,14 @@
 //! Run with `cargo run --release --example read_bench` (needs qemu-img and qemu-io);
 //! `READ_BENCH_MIB=256` shrinks the data for a quick look.
 
+#[path = "shared.rs"]
+mod shared;
 use pcocc_imagefs::image::Disk;
 use pcocc_imagefs::image::chain::{NoBacking, WithinDir, open_chain};
+use shared::{run, s};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Bytes of data per input: 1 GiB, or `READ_BENCH_MIB` MiB for a quick look.
@@ -67,24 +69,6 @@ fn measure(who: libc::c_int, f: impl FnOnce()) -> Cost {
 fn best(mut f: impl FnMut() -> Cost) -> Cost {
     let (a, b) = (f(), f());
     if a.wall <= b.wall { a } else { b }
-}
-
-fn run(prog: &str, args: &[&str]) -> Duration {
-    let t = Instant::now();
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    t.elapsed()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 /// 1 GiB of data whose compressibility resembles a system disk: a quarter noise, half

@@ -161,7 +161,7 @@ type Listing = Arc<Vec<Listed>>;
 struct Listed {
     ino: Option<u64>,
     node: Option<Node>,
-    kind: FileType,
+    kind: NodeType,
     name: String,
 }
 
@@ -181,14 +181,6 @@ fn placeholder_attr(kind: NodeType) -> Attr {
         atime: t,
         mtime: t,
         ctime: t,
-    }
-}
-
-fn node_type(kind: FileType) -> NodeType {
-    match kind {
-        FileType::Directory => NodeType::Directory,
-        FileType::Symlink => NodeType::Symlink,
-        _ => NodeType::RegularFile,
     }
 }
 
@@ -356,14 +348,14 @@ impl ImageFs {
         let dots = [(ino.0, "."), (parent_ino, "..")].map(|(i, n)| Listed {
             ino: Some(i),
             node: None,
-            kind: FileType::Directory,
+            kind: NodeType::Directory,
             name: n.to_string(),
         });
         let listing: Listing = Arc::new(
             dots.into_iter()
                 .chain(entries.into_iter().map(|e| Listed {
                     ino: None,
-                    kind: file_type(e.kind),
+                    kind: e.kind,
                     node: Some(e.node),
                     name: e.name,
                 }))
@@ -905,7 +897,7 @@ impl Filesystem for ImageFs {
                 (None, Some(n)) => self.inodes.peek(n),
                 (None, None) => continue,
             };
-            if reply.add(INodeNo(child), (i + 1) as u64, e.kind, &e.name) {
+            if reply.add(INodeNo(child), (i + 1) as u64, file_type(e.kind), &e.name) {
                 break;
             }
         }
@@ -950,7 +942,7 @@ impl Filesystem for ImageFs {
                     Some(tree::DirEntry {
                         name: e.name.clone(),
                         node: e.node.clone()?,
-                        kind: node_type(e.kind),
+                        kind: e.kind,
                     })
                 })
                 .take(count)
@@ -982,7 +974,7 @@ impl Filesystem for ImageFs {
                 Ok(a) => (a, self.ttl(child)),
                 Err(err) => {
                     log::debug!("readdirplus {}: {err}", tree::display(child));
-                    (placeholder_attr(node_type(e.kind)), Duration::ZERO)
+                    (placeholder_attr(e.kind), Duration::ZERO)
                 }
             };
             // Every entry sent counts as one lookup of its inode; one that does not fit

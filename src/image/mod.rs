@@ -462,9 +462,9 @@ const STORED_BYTES_PER_EXTENT: u64 = 4;
 /// generous to real images and still far below what shared tables claim.
 const STORED_BYTES_PER_RUN: u64 = 512;
 
-/// `posix_fadvise(WILLNEED)` of `len` bytes at `offset` of `file`: the kernel queues
-/// the reads and returns without waiting for them.
-fn advise_willneed(file: &File, offset: u64, len: u64) {
+/// `posix_fadvise(WILLNEED)` of `len` bytes at `offset` of `file` (`len` 0: to the
+/// end): the kernel queues the reads and returns without waiting for them.
+pub(crate) fn advise_willneed(file: &File, offset: u64, len: u64) {
     use std::os::unix::io::AsRawFd;
     let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
         return;

@@ -23,7 +23,6 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::{Metadata, OpenOptions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -231,8 +230,5 @@ pub fn advise(path: &Path) {
     else {
         return;
     };
-    // SAFETY: a valid open descriptor; the advice only schedules reads.
-    unsafe {
-        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
-    }
+    crate::image::advise_willneed(&f, 0, 0);
 }

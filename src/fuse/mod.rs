@@ -55,12 +55,6 @@ thread_local! {
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `st_blksize` of regular files: GNU `cp`, `cat` and most tools size their buffer from
-/// it (at least 128 KiB), so one of their reads becomes one largest FUSE request instead
-/// of eight (reads of views, and writes of imports: writing 2 GiB into the mount took
-/// half the time with 1 MiB requests).
-const FILE_BLKSIZE: u32 = MAX_IO;
-
 /// Settings of one mount.
 #[derive(Clone, Debug)]
 pub struct FsSettings {
@@ -181,6 +175,7 @@ fn placeholder_attr(kind: NodeType) -> Attr {
         atime: t,
         mtime: t,
         ctime: t,
+        blksize: tree::DIR_BLKSIZE,
     }
 }
 
@@ -211,11 +206,7 @@ fn fuse_attr(ino: u64, a: &Attr) -> FileAttr {
         uid: a.uid,
         gid: a.gid,
         rdev: 0,
-        blksize: if a.kind == NodeType::RegularFile {
-            FILE_BLKSIZE
-        } else {
-            4096
-        },
+        blksize: a.blksize,
         flags: 0,
     }
 }

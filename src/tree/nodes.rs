@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use super::access::{self, R, X};
 use super::{
-    Attr, Caller, Deleted, DirEntry, Error, FileKind, Node, NodeType, Tree, Uri, metajson,
+    Attr, Caller, DIR_BLKSIZE, Deleted, DirEntry, Error, FileKind, Node, NodeType, READ_BLKSIZE,
+    Tree, Uri, metajson,
 };
 use crate::store::fsutil::ctime;
 use crate::store::{self, Meta, Store};
@@ -365,6 +366,7 @@ impl Tree {
                     atime: self.opened,
                     mtime: self.opened,
                     ctime: self.opened,
+                    blksize: DIR_BLKSIZE,
                 })
             }
             Node::Repo { repo } => {
@@ -405,6 +407,7 @@ impl Tree {
                     atime: t,
                     mtime: t,
                     ctime: t,
+                    blksize: DIR_BLKSIZE,
                 })
             }
             Node::Revision { repo, image, rev } => {
@@ -422,6 +425,7 @@ impl Tree {
                     atime: t,
                     mtime: t,
                     ctime: t,
+                    blksize: DIR_BLKSIZE,
                 })
             }
             Node::File {
@@ -453,6 +457,7 @@ impl Tree {
                     atime: t,
                     mtime: t,
                     ctime: t,
+                    blksize: READ_BLKSIZE,
                 })
             }
             Node::Import { repo, .. } => {
@@ -653,5 +658,6 @@ fn dir_attr_like(
         atime: mtime,
         mtime,
         ctime,
+        blksize: DIR_BLKSIZE,
     }
 }

@@ -24,7 +24,7 @@ use super::arrival::Arrival;
 use super::nodes::{display, revision_dir_name};
 use super::open::Changes;
 use super::publish::{self, Target, choose_format};
-use super::{Attr, Caller, Error, Format, Node, NodeType};
+use super::{Attr, Caller, Error, Format, IMPORT_BLKSIZE, Node, NodeType};
 use crate::store::{Store, TmpFile};
 
 /// Name of the symlink to the highest revision (see [`super::nodes::LATEST`]).
@@ -232,6 +232,7 @@ impl Import {
             atime: self.created,
             mtime: self.created,
             ctime: self.created,
+            blksize: IMPORT_BLKSIZE,
         })
     }
 

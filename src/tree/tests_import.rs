@@ -231,6 +231,8 @@ fn a_file_written_into_a_repository_becomes_a_new_image_at_close() {
             .create(&f.me, &node_repo("user"), &file, 0o644)
             .unwrap();
         assert_eq!((attr.size, attr.kind), (0, NodeType::RegularFile));
+        // cp writes into it in pieces of the largest FUSE request.
+        assert_eq!(attr.blksize, crate::tree::IMPORT_BLKSIZE);
         // Only the writer sees the file being imported.
         assert_eq!(
             f.tree.lookup(&f.me, &node_repo("user"), &file).unwrap(),

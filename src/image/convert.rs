@@ -318,9 +318,10 @@ pub fn is_zero(buf: &[u8]) -> bool {
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
-/// Writes `buf` at `offset` (block-aligned: the layout is made of whole clusters),
-/// leaving its all-zero blocks unwritten so they stay holes in the fresh file.
-fn write_sparse(out: &File, path: &Path, buf: &[u8], offset: u64) -> Result<()> {
+/// Writes `buf` at `offset` into a fresh file, leaving its all-zero 4 KiB blocks
+/// (counted from `offset`, which a layout's whole clusters keep block-aligned) unwritten
+/// so they stay holes.
+pub(crate) fn write_sparse(out: &File, path: &Path, buf: &[u8], offset: u64) -> Result<()> {
     let block_end = |at: usize| (at + BLOCK).min(buf.len());
     let mut i = 0usize;
     while i < buf.len() {

@@ -4,12 +4,12 @@
 //! extent by data extent, so holes stay holes.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::access;
 use super::publish::{self, Target, choose_format};
 use super::{Caller, Error, FileKind, Format, Node, Resolved, Tree, Uri};
+use crate::image::convert::write_sparse;
 use crate::image::detect;
 
 /// Bytes copied per read/write during an export.
@@ -134,8 +134,9 @@ fn copy_sparse(
                     dest.display()
                 )));
             }
-            out.write_all_at(&buf[..n], off)
-                .map_err(|e| io_error(dest, e))?;
+            // Runs of zeroes inside an extent (a view reports only long holes) stay
+            // holes too.
+            write_sparse(out, dest, &buf[..n], off)?;
             off += n as u64;
             progress(off, size);
         }

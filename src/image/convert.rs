@@ -318,6 +318,12 @@ pub fn is_zero(buf: &[u8]) -> bool {
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
+/// Largest write into a new file's page cache: the kernel sizes the page-cache folios
+/// of a buffered write from its length, and higher-order folios cost up to 4× more to
+/// fill on a virtual machine that returns free memory to its host (measured: 2.3 GB
+/// written in 1 MiB pieces 0.5–2.8 s, in 128 KiB pieces 0.64–0.78 s).
+pub const WRITE_PIECE: usize = 128 << 10;
+
 /// Writes `buf` at `offset` into a fresh file, leaving its all-zero 4 KiB blocks
 /// (counted from `offset`, which a layout's whole clusters keep block-aligned) unwritten
 /// so they stay holes.
@@ -329,9 +335,10 @@ pub(crate) fn write_sparse(out: &File, path: &Path, buf: &[u8], offset: u64) -> 
             i = block_end(i);
             continue;
         }
-        // Write the whole run of non-zero blocks that starts here in one call.
+        // Write the run of non-zero blocks that starts here in one call, up to
+        // WRITE_PIECE bytes.
         let mut j = block_end(i);
-        while j < buf.len() && !is_zero(&buf[j..block_end(j)]) {
+        while j < buf.len() && j - i < WRITE_PIECE && !is_zero(&buf[j..block_end(j)]) {
             j = block_end(j);
         }
         out.write_all_at(&buf[i..j], offset + i as u64)

@@ -22,6 +22,7 @@ use super::open::{Changes, OpenFile, seek_file};
 use super::pending::{Import, Pending, State, publish_changes};
 use super::publish::{self, Target, split_suffix};
 use super::{Attr, Caller, Error, Node, Tree};
+use crate::image::convert::WRITE_PIECE;
 use crate::store::Store;
 
 /// Permission bits of a file being imported when the creator gives none.
@@ -106,7 +107,15 @@ impl ImportHandle {
         let mut st = self.import.lock();
         match &mut *st {
             State::Writing { tmp, size, arrival } => {
-                if let Err(source) = tmp.file().write_all_at(data, offset) {
+                // In pieces, for smaller page-cache folios (see convert::WRITE_PIECE).
+                let written = data
+                    .chunks(WRITE_PIECE)
+                    .enumerate()
+                    .try_for_each(|(i, piece)| {
+                        tmp.file()
+                            .write_all_at(piece, offset + (i * WRITE_PIECE) as u64)
+                    });
+                if let Err(source) = written {
                     let e = Error::Store(crate::store::Error::Io {
                         path: tmp.path().to_path_buf(),
                         source,

@@ -32,7 +32,7 @@
 //! reads it too).
 
 mod common;
-use common::ok;
+use common::{have_qemu, ok};
 use pcocc_imagefs::image::chain::{WithinDir, open_chain};
 use pcocc_imagefs::image::{Disk, Format, Layer, Mapping, convert, detect, qed, vdi, vmdk, vpc};
 use pcocc_imagefs::view::{View, ViewId};
@@ -203,19 +203,6 @@ impl Rng {
 }
 
 // ---- seed images ----
-
-/// True when qemu-img can run; otherwise prints why the calling test is skipped.
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("SKIPPED: qemu-img not found (install Debian's qemu-utils)");
-    }
-    ok
-}
 
 /// Guest size of every seed: small, so a case reads all of it in milliseconds, yet
 /// large enough for several tables with the small cluster sizes used below.

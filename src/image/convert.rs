@@ -321,7 +321,7 @@ pub fn is_zero(buf: &[u8]) -> bool {
 /// Largest write into a new file's page cache: the kernel sizes the page-cache folios
 /// of a buffered write from its length, and higher-order folios cost up to 4× more to
 /// fill on a virtual machine that returns free memory to its host (measured: 2.3 GB
-/// written in 1 MiB pieces 0.5–2.8 s, in 128 KiB pieces 0.64–0.78 s).
+/// written in 1 MiB pieces 0.5–2.8 s, in 128 KiB pieces 0.64–1.0 s).
 pub const WRITE_PIECE: usize = 128 << 10;
 
 /// Writes `buf` at `offset` into a fresh file, leaving its all-zero 4 KiB blocks

@@ -212,7 +212,7 @@ pub const DIR_BLKSIZE: u32 = 4096;
 /// `cp` uses anyway. A larger one makes `cp` write its copy in larger pieces, and the
 /// page cache of the destination then takes larger (higher-order) folios, which on a
 /// virtual machine returning free memory to its host costs up to 4× more (measured: 2.3 GB
-/// copied with 1 MiB writes 0.5–2.8 s, with 128 KiB writes 0.64–0.78 s). What the mount
+/// copied with 1 MiB writes 0.5–2.8 s, with 128 KiB writes 0.64–1.0 s). What the mount
 /// reads at a time is the read-ahead's business, not the reader's buffer.
 pub const READ_BLKSIZE: u32 = 128 << 10;
 

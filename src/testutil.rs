@@ -2,7 +2,7 @@
 //! output with them. Tests that need qemu call [`have_qemu`] first and return early with
 //! a printed reason when it is missing.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// True when `qemu-img` and `qemu-io` can run; otherwise prints why the calling test is
@@ -40,6 +40,19 @@ pub fn run(prog: &str, args: &[&str]) -> String {
 
 pub fn qemu_img(args: &[&str]) -> String {
     run("qemu-img", args)
+}
+
+/// `qemu-img create -q -f FMT [-o OPTS] DIR/NAME SIZE` (no `-o` when `opts` is empty);
+/// returns the new file's path.
+pub fn qemu_create(dir: &Path, fmt: &str, name: &str, size: &str, opts: &str) -> PathBuf {
+    let p = dir.join(name);
+    let mut args = vec!["create", "-q", "-f", fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([p.to_str().expect("utf-8 test path"), size]);
+    qemu_img(&args);
+    p
 }
 
 /// `qemu-io -f FMT -c CMD… FILE` (each command a separate `-c`).

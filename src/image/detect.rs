@@ -189,15 +189,10 @@ pub fn resolve_format(forced: Option<Format>, path: &Path, file: &File) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{have_qemu, qemu_img};
+    use crate::testutil::{have_qemu, qemu_create};
 
-    fn create(dir: &Path, fmt: &str, opts: &[&str], name: &str) -> std::path::PathBuf {
-        let p = dir.join(name);
-        let mut args = vec!["create", "-q", "-f", fmt];
-        args.extend_from_slice(opts);
-        args.extend([p.to_str().unwrap(), "4M"]);
-        qemu_img(&args);
-        p
+    fn create(dir: &Path, fmt: &str, opts: &str, name: &str) -> std::path::PathBuf {
+        qemu_create(dir, fmt, name, "4M", opts)
     }
 
     fn detected(p: &Path) -> Option<Format> {
@@ -212,17 +207,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         // Names carry no suffix, so only the content can tell.
-        let cases: &[(&str, &[&str], Format)] = &[
-            ("qcow2", &["-o", "compat=1.1"], Format::Qcow2),
-            ("qcow2", &["-o", "compat=0.10"], Format::Qcow2),
-            ("qed", &[], Format::Qed),
-            ("vdi", &[], Format::Vdi),
-            ("vdi", &["-o", "static=on"], Format::Vdi),
-            ("vpc", &[], Format::Vpc),
-            ("vpc", &["-o", "subformat=fixed"], Format::Vpc),
-            ("vmdk", &[], Format::Vmdk),
-            ("vmdk", &["-o", "subformat=streamOptimized"], Format::Vmdk),
-            ("vmdk", &["-o", "subformat=monolithicFlat"], Format::Vmdk),
+        let cases: &[(&str, &str, Format)] = &[
+            ("qcow2", "compat=1.1", Format::Qcow2),
+            ("qcow2", "compat=0.10", Format::Qcow2),
+            ("qed", "", Format::Qed),
+            ("vdi", "", Format::Vdi),
+            ("vdi", "static=on", Format::Vdi),
+            ("vpc", "", Format::Vpc),
+            ("vpc", "subformat=fixed", Format::Vpc),
+            ("vmdk", "", Format::Vmdk),
+            ("vmdk", "subformat=streamOptimized", Format::Vmdk),
+            ("vmdk", "subformat=monolithicFlat", Format::Vmdk),
         ];
         for (i, (fmt, opts, want)) in cases.iter().enumerate() {
             let p = create(d, fmt, opts, &format!("img{i}"));
@@ -231,7 +226,7 @@ mod tests {
             assert_eq!(resolve_format(None, &p, &f).unwrap(), *want);
             assert_eq!(resolve_format(Some(*want), &p, &f).unwrap(), *want);
         }
-        let raw = create(d, "raw", &[], "plain");
+        let raw = create(d, "raw", "", "plain");
         assert_eq!(detected(&raw), None);
     }
 
@@ -241,7 +236,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let q = create(dir.path(), "qcow2", &[], "disk.qcow2");
+        let q = create(dir.path(), "qcow2", "", "disk.qcow2");
         let f = File::open(&q).unwrap();
         for forced in [Format::Raw, Format::Vmdk, Format::Qed] {
             let err = resolve_format(Some(forced), &q, &f).unwrap_err();
@@ -256,14 +251,14 @@ mod tests {
             );
         }
         // Raw content never contradicts: pcocc treats a raw detection as unknown.
-        let r = create(dir.path(), "raw", &[], "disk.raw");
+        let r = create(dir.path(), "raw", "", "disk.raw");
         let f = File::open(&r).unwrap();
         assert_eq!(
             resolve_format(Some(Format::Qcow2), &r, &f).unwrap(),
             Format::Qcow2
         );
         // A fixed VHD is raw to qemu's probe, so forcing raw is allowed.
-        let v = create(dir.path(), "vpc", &["-o", "subformat=fixed"], "fixed");
+        let v = create(dir.path(), "vpc", "subformat=fixed", "fixed");
         let f = File::open(&v).unwrap();
         assert_eq!(
             resolve_format(Some(Format::Raw), &v, &f).unwrap(),
@@ -277,13 +272,13 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let q = create(dir.path(), "qcow2", &[], "misnamed.vmdk");
+        let q = create(dir.path(), "qcow2", "", "misnamed.vmdk");
         let f = File::open(&q).unwrap();
         assert_eq!(resolve_format(None, &q, &f).unwrap(), Format::Qcow2);
-        let r = create(dir.path(), "raw", &[], "plain.qed");
+        let r = create(dir.path(), "raw", "", "plain.qed");
         let f = File::open(&r).unwrap();
         assert_eq!(resolve_format(None, &r, &f).unwrap(), Format::Qed);
-        let r = create(dir.path(), "raw", &[], "plain.img");
+        let r = create(dir.path(), "raw", "", "plain.img");
         let f = File::open(&r).unwrap();
         assert_eq!(resolve_format(None, &r, &f).unwrap(), Format::Raw);
     }

@@ -321,14 +321,12 @@ mod tests {
     use super::*;
     use crate::image::Disk;
     use crate::image::tables::test_support::*;
-    use crate::testutil::{have_qemu, qemu_img, qemu_io};
+    use crate::testutil::{have_qemu, qemu_create, qemu_img, qemu_io};
     use std::path::PathBuf;
     use std::sync::Arc;
 
     fn create(dir: &Path, name: &str, size: &str) -> PathBuf {
-        let p = dir.join(name);
-        qemu_img(&["create", "-f", "qed", p.to_str().unwrap(), size]);
-        p
+        qemu_create(dir, "qed", name, size, "")
     }
 
     fn open_path(p: &Path) -> Result<QedLayer> {

@@ -268,17 +268,12 @@ mod tests {
     use super::*;
     use crate::image::Disk;
     use crate::image::tables::test_support::*;
-    use crate::testutil::{have_qemu, qemu_img, qemu_io};
+    use crate::testutil::{have_qemu, qemu_create, qemu_io};
     use std::path::PathBuf;
     use std::sync::Arc;
 
-    fn create(dir: &Path, name: &str, size: &str, opts: &[&str]) -> PathBuf {
-        let p = dir.join(name);
-        let mut args = vec!["create", "-f", "vdi"];
-        args.extend_from_slice(opts);
-        args.extend([p.to_str().unwrap(), size]);
-        qemu_img(&args);
-        p
+    fn create(dir: &Path, name: &str, size: &str, opts: &str) -> PathBuf {
+        qemu_create(dir, "vdi", name, size, opts)
     }
 
     fn open_path(p: &Path) -> Result<VdiLayer> {
@@ -306,7 +301,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "d.vdi", "16M", &[]);
+        let p = create(dir.path(), "d.vdi", "16M", "");
         qemu_io("vdi", &p, SCATTERED);
         assert_layer_matches_qemu(Arc::new(open_path(&p).unwrap()), &p, "vdi");
     }
@@ -317,7 +312,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "s.vdi", "16M", &["-o", "static=on"]);
+        let p = create(dir.path(), "s.vdi", "16M", "static=on");
         qemu_io("vdi", &p, SCATTERED);
         let layer = open_path(&p).unwrap();
         let ext = layer.map(0, 16 << 20).unwrap();
@@ -332,7 +327,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "d.vdi", "4M", &[]);
+        let p = create(dir.path(), "d.vdi", "4M", "");
         qemu_io("vdi", &p, &["write -P 1 0 2M"]);
         let at = bmap_entry_at(&p, 1);
         let z = patched(&p, dir.path().join("z.vdi"), at, &BLOCK_ZERO.to_le_bytes());
@@ -349,7 +344,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         for (name, size) in [("empty.vdi", "10M"), ("zero.vdi", "0")] {
-            let p = create(dir.path(), name, size, &[]);
+            let p = create(dir.path(), name, size, "");
             assert_layer_matches_qemu(Arc::new(open_path(&p).unwrap()), &p, "vdi");
         }
     }
@@ -360,7 +355,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "odd.vdi", "1048577", &[]);
+        let p = create(dir.path(), "odd.vdi", "1048577", "");
         qemu_io("vdi", &p, &["write -P 0x77 1M 512", "write -P 0x78 0 512"]);
         let layer = open_path(&p).unwrap();
         assert_eq!(layer.virtual_size(), 1049088);
@@ -383,7 +378,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "big.vdi", "5G", &[]);
+        let p = create(dir.path(), "big.vdi", "5G", "");
         qemu_io(
             "vdi",
             &p,
@@ -406,7 +401,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "c.vdi", "16M", &[]);
+        let p = create(dir.path(), "c.vdi", "16M", "");
         qemu_io("vdi", &p, SCATTERED);
         let disk = Disk::new(vec![Arc::new(open_path(&p).unwrap())]);
         assert_concurrent_reads_match(&disk, &p, "vdi");
@@ -418,7 +413,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "t.vdi", "4M", &[]);
+        let p = create(dir.path(), "t.vdi", "4M", "");
         qemu_io("vdi", &p, &["write -P 1 1M 1M"]);
         let short = copy_truncated(&p, dir.path().join("h.vdi"), 300);
         assert!(
@@ -440,7 +435,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "r.vdi", "4M", &[]);
+        let p = create(dir.path(), "r.vdi", "4M", "");
         qemu_io("vdi", &p, &["write -P 1 0 1M"]);
         let bad = patched(
             &p,
@@ -467,7 +462,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "d.vdi", "4M", &[]);
+        let p = create(dir.path(), "d.vdi", "4M", "");
         qemu_io("vdi", &p, &["write -P 1 0 1M", "write -P 2 2M 1M"]);
         // Entry 2 names block 1; make entry 3 name it too.
         let bad = patched(
@@ -486,7 +481,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "m.vdi", "4M", &[]);
+        let p = create(dir.path(), "m.vdi", "4M", "");
         // The largest block count qemu allows, in a file of a few KiB.
         let bad = patched(
             &p,
@@ -504,7 +499,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "s.vdi", "4M", &[]);
+        let p = create(dir.path(), "s.vdi", "4M", "");
         for size in [u64::MAX, u64::MAX - 511, MAX_DISK_SIZE + 1, 5 << 20] {
             let bad = patched(&p, dir.path().join("s2.vdi"), 368, &size.to_le_bytes());
             assert!(open_path(&bad).is_err(), "size {size}");
@@ -517,7 +512,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "p.vdi", "4M", &[]);
+        let p = create(dir.path(), "p.vdi", "4M", "");
         let bad = patched(&p, dir.path().join("b.vdi"), 440, &[1u8; 16]);
         assert!(matches!(
             open_path(&bad).unwrap_err(),
@@ -536,7 +531,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "x.vdi", "8M", &[]);
+        let p = create(dir.path(), "x.vdi", "8M", "");
         qemu_io("vdi", &p, &["write -P 1 0 4k", "write -P 2 3M 4k"]);
         assert_corruption_never_panics(&p, |q| Ok(Arc::new(open_path(q)?)), 400);
     }
@@ -547,7 +542,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "h.vdi", "4M", &[]);
+        let p = create(dir.path(), "h.vdi", "4M", "");
         // 2 GiB of block map, with room made for it in a sparse 5 GiB file.
         let bad = patched(
             &p,
@@ -578,7 +573,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let p = create(dir.path(), "big.vdi", "5G", &[]);
+        let p = create(dir.path(), "big.vdi", "5G", "");
         let layer = open_path(&p).unwrap();
         let text = format!("{layer:?}");
         assert!(text.contains("BlockTable(5120 entries)"), "{text}");

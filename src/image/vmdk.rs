@@ -556,19 +556,12 @@ mod tests {
     use super::*;
     use crate::image::Disk;
     use crate::image::tables::test_support::*;
-    use crate::testutil::{have_qemu, qemu_img, qemu_io};
+    use crate::testutil::{have_qemu, qemu_create, qemu_img, qemu_io};
     use std::path::PathBuf;
     use std::sync::Arc;
 
     fn create(dir: &Path, name: &str, size: &str, opts: &str) -> PathBuf {
-        let p = dir.join(name);
-        let mut args = vec!["create", "-f", "vmdk"];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.extend([p.to_str().unwrap(), size]);
-        qemu_img(&args);
-        p
+        qemu_create(dir, "vmdk", name, size, opts)
     }
 
     /// A streamOptimized copy of `src`, as `qemu-img convert` writes it.

@@ -516,29 +516,45 @@ fn import_via(site: &Site, how: usize, src: &Path, name: &str) -> Result<(), Str
     }
 }
 
-#[test]
-fn parallel_imports_of_distinct_names_all_land_and_show_on_both_mounts() {
-    let Some(site) = two_hosts() else { return };
-    let sources: Vec<PathBuf> = (0..RACERS)
+/// One distinct 8 MiB raw source per racer.
+fn racer_sources(site: &Site) -> Vec<PathBuf> {
+    (0..RACERS)
         .map(|i| site.source_raw(&format!("s{i}.raw"), "8M", i as u8))
-        .collect();
-    // Both mounts have listed the repository before, so their caches must expire.
-    for m in 0..2 {
-        assert_eq!(fs::read_dir(site.at(m, "user")).unwrap().count(), 0);
-    }
+        .collect()
+}
+
+/// Imports every source at once, source `i` as `name(i)` by way `i` (see [`import_via`]);
+/// returns how each went, in the order of `sources`.
+fn race(site: &Site, sources: &[PathBuf], name: fn(usize) -> String) -> Vec<Result<(), String>> {
     std::thread::scope(|sc| {
         let handles: Vec<_> = sources
             .iter()
             .enumerate()
-            .map(|(i, src)| {
-                let site = &site;
-                sc.spawn(move || import_via(site, i, src, &format!("img{i}")))
-            })
+            .map(|(i, src)| sc.spawn(move || import_via(site, i, src, &name(i))))
             .collect();
-        for (i, h) in handles.into_iter().enumerate() {
-            assert_eq!(h.join().unwrap(), Ok(()), "import {i}");
-        }
-    });
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// [`race`] with distinct names `img{i}`, each import required to succeed.
+fn race_distinct(site: &Site, sources: &[PathBuf]) {
+    for (i, r) in race(site, sources, |i| format!("img{i}"))
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(r, Ok(()), "import {i}");
+    }
+}
+
+#[test]
+fn parallel_imports_of_distinct_names_all_land_and_show_on_both_mounts() {
+    let Some(site) = two_hosts() else { return };
+    let sources = racer_sources(&site);
+    // Both mounts have listed the repository before, so their caches must expire.
+    for m in 0..2 {
+        assert_eq!(fs::read_dir(site.at(m, "user")).unwrap().count(), 0);
+    }
+    race_distinct(&site, &sources);
     let expected: Vec<String> = (0..RACERS).map(|i| format!("img{i}@0")).collect();
     assert_eq!(site.meta_names("user"), expected);
     let limit = Duration::from_millis(REFRESH_SECS * 1000 + 500);
@@ -561,20 +577,8 @@ fn parallel_imports_of_distinct_names_all_land_and_show_on_both_mounts() {
 #[test]
 fn parallel_imports_of_one_name_give_one_image_and_clear_errors() {
     let Some(site) = two_hosts() else { return };
-    let sources: Vec<PathBuf> = (0..RACERS)
-        .map(|i| site.source_raw(&format!("s{i}.raw"), "8M", i as u8))
-        .collect();
-    let results: Vec<Result<(), String>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = sources
-            .iter()
-            .enumerate()
-            .map(|(i, src)| {
-                let site = &site;
-                sc.spawn(move || import_via(site, i, src, "same"))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let sources = racer_sources(&site);
+    let results = race(&site, &sources, |_| "same".to_string());
     let winners: Vec<usize> = (0..RACERS).filter(|&i| results[i].is_ok()).collect();
     assert_eq!(winners.len(), 1, "exactly one import wins: {results:?}");
     for e in results.iter().filter_map(|r| r.as_ref().err()) {
@@ -622,9 +626,7 @@ fn a_revision_deleted_on_one_host_keeps_reading_on_the_other_until_closed() {
 #[test]
 fn gc_running_during_imports_never_removes_a_layer_in_use() {
     let Some(site) = two_hosts() else { return };
-    let sources: Vec<PathBuf> = (0..RACERS)
-        .map(|i| site.source_raw(&format!("s{i}.raw"), "8M", i as u8))
-        .collect();
+    let sources = racer_sources(&site);
     // One layer shared by a revision being deleted and an import of the same content,
     // the case where "layer just added (already there)" meets "meta not yet written".
     ok("cp", &[s(&sources[0]), s(&site.at(0, "user/old.raw"))]);
@@ -642,17 +644,7 @@ fn gc_running_during_imports_never_removes_a_layer_in_use() {
             std::thread::sleep(Duration::from_millis(50));
             ok("rm", &["-r", s(&site.at(1, "user/old"))]);
         });
-        let handles: Vec<_> = sources
-            .iter()
-            .enumerate()
-            .map(|(i, src)| {
-                let site = &site;
-                sc.spawn(move || import_via(site, i, src, &format!("img{i}")))
-            })
-            .collect();
-        for (i, h) in handles.into_iter().enumerate() {
-            assert_eq!(h.join().unwrap(), Ok(()), "import {i}");
-        }
+        race_distinct(&site, &sources);
         deleter.join().unwrap();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(gc.join().unwrap() > 0);

@@ -62,6 +62,25 @@ fn layer_hashes(m: &Mounted, repo: &str, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// A local qcow2 `overlay` backed by `base`, read as `base_fmt` (what a VM of its own is
+/// started on).
+fn overlay_on(base: &Path, base_fmt: &str, overlay: &Path) {
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(base),
+            "-F",
+            base_fmt,
+            s(overlay),
+        ],
+    );
+}
+
 fn have(prog: &str) -> bool {
     Command::new(prog)
         .arg("--version")
@@ -461,20 +480,7 @@ fn a_local_overlay_backed_by_a_view_reads_through_and_keeps_its_writes() {
         let view = m.at(&format!("user/chain/@0/{file}"));
         let before = sha256_file(&view);
         let overlay = m.work().join(format!("vm-{fmt}.qcow2"));
-        ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                s(&view),
-                "-F",
-                fmt,
-                s(&overlay),
-            ],
-        );
+        overlay_on(&view, fmt, &overlay);
         let cmp = ok(
             "qemu-img",
             &[
@@ -855,20 +861,7 @@ fn guests_boot_from_every_view_and_read_the_disk_qemu_img_reads() {
     let view = m.at("user/disk/@0/disk.qcow2");
     let view_sha = sha256_file(&view);
     let overlay = m.work().join("vm.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&view),
-            "-F",
-            "qcow2",
-            s(&overlay),
-        ],
-    );
+    overlay_on(&view, "qcow2", &overlay);
     let mut expected = fs::read(&src).unwrap();
     let at = (WRITE_SECTOR * 512) as usize;
     expected[at..at + WRITE_MARK.len()].copy_from_slice(WRITE_MARK);

@@ -926,19 +926,11 @@ impl Filesystem for ImageFs {
             None
         };
         if let Some(count) = ahead {
-            let entries: Vec<tree::DirEntry> = listing
+            let nodes = listing
                 .iter()
                 .skip(offset as usize)
-                .filter_map(|e| {
-                    Some(tree::DirEntry {
-                        name: e.name.clone(),
-                        node: e.node.clone()?,
-                        kind: e.kind,
-                    })
-                })
-                .take(count)
-                .collect();
-            self.tree.prefetch_attrs(&caller, &node, &entries);
+                .filter_map(|e| e.node.as_ref());
+            self.tree.prefetch_attrs(&caller, &node, nodes.take(count));
         }
         for (i, e) in listing.iter().enumerate().skip(offset as usize) {
             let off = (i + 1) as u64;

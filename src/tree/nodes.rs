@@ -298,11 +298,16 @@ impl Tree {
     }
 
     /// Starts reading ahead, in the background, the metadata that the attributes of
-    /// `entries` (a listing of `dir`) are made of: each revision's for an image
+    /// `entries` (nodes listed in `dir`) are made of: each revision's for an image
     /// directory, each image's latest for a repository. `ls -l` then finds them parsed
     /// instead of waiting for one file after the other. Nothing happens unless `caller`
     /// may read the repository; nothing is shown to anyone by this call.
-    pub fn prefetch_attrs(&self, caller: &Caller, dir: &Node, entries: &[DirEntry]) {
+    pub fn prefetch_attrs<'a>(
+        &self,
+        caller: &Caller,
+        dir: &Node,
+        entries: impl IntoIterator<Item = &'a Node>,
+    ) {
         let (Node::Repo { repo } | Node::Image { repo, .. }) = dir else {
             return;
         };
@@ -313,8 +318,8 @@ impl Tree {
             return;
         };
         let revs = entries
-            .iter()
-            .filter_map(|e| match &e.node {
+            .into_iter()
+            .filter_map(|node| match node {
                 Node::Revision { image, rev, .. } => Some((image.clone(), *rev)),
                 Node::Image { image, .. } => store
                     .revisions(image)

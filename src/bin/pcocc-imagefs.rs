@@ -30,7 +30,7 @@ struct Args {
     threads: Option<usize>,
     /// Read-ahead window of the mount in KiB, set after mounting (root only; 0 keeps the
     /// kernel's 128 KiB)
-    #[arg(long, value_name = "KIB", value_parser = parse_readahead)]
+    #[arg(long, value_name = "KIB", value_parser = readahead::parse_readahead)]
     readahead: Option<u32>,
     /// Log file of a background daemon (default: no log)
     #[arg(long, value_name = "FILE")]
@@ -42,13 +42,6 @@ struct Args {
 fn parse_threads(s: &str) -> Result<usize, String> {
     let n: usize = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     check_threads(n)
-}
-
-fn parse_readahead(s: &str) -> Result<u32, String> {
-    let n: u32 = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number of KiB"))?;
-    readahead::check_readahead(n)
 }
 
 /// Request threads when nothing says otherwise: measured gains stop at about two per core.

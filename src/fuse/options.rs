@@ -109,14 +109,13 @@ impl MountSettings {
             }
             "readahead" => {
                 let v = value.ok_or_else(missing)?;
-                let bad = |reason: String| OptionError::BadValue {
-                    option: key.into(),
-                    reason,
-                };
-                let kib: u32 = v
-                    .parse()
-                    .map_err(|_| bad(format!("'{v}' is not a number of KiB")))?;
-                self.readahead_kib = Some(super::readahead::check_readahead(kib).map_err(bad)?);
+                let kib = super::readahead::parse_readahead(v).map_err(|reason| {
+                    OptionError::BadValue {
+                        option: key.into(),
+                        reason,
+                    }
+                })?;
+                self.readahead_kib = Some(kib);
             }
             "refresh" => {
                 let v = value.ok_or_else(missing)?;

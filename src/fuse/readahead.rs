@@ -35,9 +35,12 @@ pub const MAX_READAHEAD_KIB: u32 = 64 << 10;
 /// mountpoint and one write to sysfs: milliseconds, unless the session is stuck.
 pub const GATE_MAX_WAIT: Duration = Duration::from_secs(2);
 
-/// Checks a `readahead=` value: 0 (leave the kernel's window) up to
-/// [`MAX_READAHEAD_KIB`].
-pub fn check_readahead(kib: u32) -> Result<u32, String> {
+/// Reads a `readahead=` / `--readahead` value: a number of KiB from 0 (leave the
+/// kernel's window) up to [`MAX_READAHEAD_KIB`].
+pub fn parse_readahead(text: &str) -> Result<u32, String> {
+    let kib: u32 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of KiB"))?;
     if kib <= MAX_READAHEAD_KIB {
         Ok(kib)
     } else {
@@ -117,9 +120,10 @@ mod tests {
 
     #[test]
     fn windows_above_the_maximum_are_refused() {
-        assert_eq!(check_readahead(0), Ok(0));
-        assert_eq!(check_readahead(4096), Ok(4096));
-        assert!(check_readahead(MAX_READAHEAD_KIB + 1).is_err());
+        assert_eq!(parse_readahead("0"), Ok(0));
+        assert_eq!(parse_readahead("4096"), Ok(4096));
+        assert!(parse_readahead(&(MAX_READAHEAD_KIB + 1).to_string()).is_err());
+        assert!(parse_readahead("1G").is_err());
     }
 
     #[test]

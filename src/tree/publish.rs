@@ -148,15 +148,17 @@ pub fn publish(
     let out = store.tmp_file()?;
     let raw_scratch = source.scratch.filter(|_| source.format == Format::Raw);
     let mut opts = convert::Options::new(progress);
-    opts.nonzero = raw_scratch.as_ref().and_then(|s| s.nonzero.clone());
     // Raw clusters are read front to back: what was converted can go.
-    let mut dropper = match &raw_scratch {
-        Some(s) if s.consume => Some(Dropper::open(source.path)?),
-        _ => None,
+    let mut dropper = match raw_scratch {
+        Some(s) => {
+            opts.nonzero = s.nonzero;
+            s.consume.then(|| Dropper::open(source.path)).transpose()?
+        }
+        None => None,
     };
-    let mut drop_hook = |upto: u64| dropper.as_mut().map_or(Ok(()), |d| d.drop_below(upto));
-    if raw_scratch.as_ref().is_some_and(|s| s.consume) {
-        opts.consumed = Some(&mut drop_hook);
+    let mut drop_hook = dropper.as_mut().map(|d| move |upto| d.drop_below(upto));
+    if let Some(hook) = drop_hook.as_mut() {
+        opts.consumed = Some(hook);
     }
     let converted = convert::convert(&disk, out.file(), out.path(), opts)?;
     let converted_at = std::time::Instant::now();

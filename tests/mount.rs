@@ -38,13 +38,7 @@ impl Mounted {
     }
 
     fn start_with(extra: &[&str]) -> Option<Mounted> {
-        if !common::can_mount("mount", &["qemu-img"]) {
-            return None;
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("imagefs-test")
-            .tempdir_in("/var/tmp")
-            .expect("tempdir");
+        let dir = common::mount_scratch("mount", &["qemu-img"])?;
         let m = Mounted {
             mnt: dir.path().join("mnt"),
             dir,

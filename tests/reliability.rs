@@ -79,13 +79,7 @@ impl Site {
     }
 
     fn new() -> Option<Site> {
-        if !common::can_mount("reliability", &["qemu-img", "setpriv"]) {
-            return None;
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("imagefs-reliab")
-            .tempdir_in("/var/tmp")
-            .expect("tempdir");
+        let dir = common::mount_scratch("reliability", &["qemu-img", "setpriv"])?;
         let site = Site {
             dir,
             mounts: Vec::new(),

@@ -110,13 +110,7 @@ impl Mounted {
     /// A scratch directory with an empty repository `r`, not mounted yet: the test fills
     /// the repository, then calls [`Mounted::mount`].
     fn prepare() -> Option<Mounted> {
-        if !common::can_mount("resource", &["qemu-img", "qemu-io"]) {
-            return None;
-        }
-        let dir = tempfile::Builder::new()
-            .prefix("imagefs-res")
-            .tempdir_in("/var/tmp")
-            .expect("tempdir");
+        let dir = common::mount_scratch("resource", &["qemu-img", "qemu-io"])?;
         let m = Mounted {
             mnt: dir.path().join("mnt"),
             dir,

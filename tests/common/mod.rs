@@ -57,6 +57,20 @@ pub fn can_mount(suite: &str, tools: &[&str]) -> bool {
     root && fuse && have
 }
 
+/// A scratch directory for a test that mounts the daemon, when [`can_mount`] says it can
+/// (`suite` and `tools` as there). Under /var/tmp, a disk filesystem, where /tmp may be
+/// a small tmpfs: the tests write multi-GiB sparse sources and layers there.
+pub fn mount_scratch(suite: &str, tools: &[&str]) -> Option<tempfile::TempDir> {
+    if !can_mount(suite, tools) {
+        return None;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("imagefs-{suite}"))
+        .tempdir_in("/var/tmp")
+        .expect("a scratch directory in /var/tmp");
+    Some(dir)
+}
+
 /// The pid of the pcocc-imagefs process serving `mnt` (from its command line).
 pub fn daemon_pid(mnt: &Path) -> Option<i32> {
     for e in std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {

@@ -75,39 +75,15 @@ impl Mounted {
         let mut args = vec!["--config", s(&config), "-o", "allow_other,refresh=0"];
         args.extend_from_slice(extra);
         args.push(s(&self.mnt));
-        let out = Command::new(DAEMON)
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .output()
-            .expect("run pcocc-imagefs");
-        assert!(
-            out.status.success(),
-            "pcocc-imagefs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(self.is_mounted(), "mount not live when the daemon returned");
+        common::start_daemon(&args, &self.mnt, "info");
     }
 
     fn is_mounted(&self) -> bool {
-        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        mounts
-            .lines()
-            .any(|l| l.split(' ').nth(1) == Some(s(&self.mnt)))
+        common::is_mounted(&self.mnt)
     }
 
     fn unmount(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.is_mounted() {
-            let out = run("umount", &[s(&self.mnt)]);
-            if out.status.success() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = run("umount", &["-l", s(&self.mnt)]);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        common::unmount(&self.mnt);
     }
 
     fn repo(&self, name: &str) -> PathBuf {

@@ -7,7 +7,7 @@
 //! test prints why and returns.
 
 mod common;
-use common::{daemon_pid, ok, run, s};
+use common::{daemon_pid, ok, run, s, unmount};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_pcocc-imagefs");
 const PCOCC: &str = env!("CARGO_BIN_EXE_pcocc");
 /// The unprivileged user of the other-user tests (`nobody` on Debian-like systems).
 const NOBODY: u32 = 65534;
@@ -127,17 +126,7 @@ impl Site {
         let mut args = vec!["--config", s(&config), "-o", "allow_other"];
         args.extend_from_slice(extra);
         args.push(s(&self.mounts[i]));
-        let out = Command::new(DAEMON)
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .output()
-            .expect("run pcocc-imagefs");
-        assert!(
-            out.status.success(),
-            "pcocc-imagefs failed: {}",
-            stderr(&out)
-        );
-        assert!(is_mounted(&self.mounts[i]), "mount not live");
+        common::start_daemon(&args, &self.mounts[i], "info");
     }
 
     fn at(&self, i: usize, rel: &str) -> PathBuf {
@@ -228,25 +217,6 @@ impl Drop for Site {
         for m in &self.mounts {
             unmount(m);
         }
-    }
-}
-
-fn is_mounted(mnt: &Path) -> bool {
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    mounts.lines().any(|l| l.split(' ').nth(1) == Some(s(mnt)))
-}
-
-fn unmount(mnt: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while is_mounted(mnt) {
-        if run("umount", &[s(mnt)]).status.success() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = run("umount", &["-l", s(mnt)]);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

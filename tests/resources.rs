@@ -18,7 +18,7 @@
 //! prints why and returns.
 
 mod common;
-use common::{daemon_pid, ok, run, s};
+use common::{daemon_pid, ok, s};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::{Read, Write};
@@ -26,9 +26,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_pcocc-imagefs");
 const PCOCC: &str = env!("CARGO_BIN_EXE_pcocc");
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -148,25 +146,9 @@ impl Mounted {
 
     /// Starts the daemon; it returns once the mount is live.
     fn mount(&mut self) {
-        let out = Command::new(DAEMON)
-            .args(["--config", s(&self.config()), s(&self.mnt)])
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run pcocc-imagefs");
-        assert!(
-            out.status.success(),
-            "pcocc-imagefs failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(self.is_mounted(), "mount not live when the daemon returned");
+        let config = self.config();
+        common::start_daemon(&["--config", s(&config), s(&self.mnt)], &self.mnt, "warn");
         self.pid = daemon_pid(&self.mnt).expect("the daemon's pid");
-    }
-
-    fn is_mounted(&self) -> bool {
-        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        mounts
-            .lines()
-            .any(|l| l.split(' ').nth(1) == Some(s(&self.mnt)))
     }
 
     /// The daemon's peak resident set so far, in MiB.
@@ -216,17 +198,7 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.is_mounted() {
-            if run("umount", &[s(&self.mnt)]).status.success() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = run("umount", &["-l", s(&self.mnt)]);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        common::unmount(&self.mnt);
     }
 }
 

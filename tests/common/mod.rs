@@ -71,6 +71,45 @@ pub fn mount_scratch(suite: &str, tools: &[&str]) -> Option<tempfile::TempDir> {
     Some(dir)
 }
 
+/// Starts pcocc-imagefs with `args` (the mountpoint `mnt` last among them) and
+/// `RUST_LOG=log`; asserts it succeeded and that `mnt` is mounted when it returns (the
+/// daemon returns once its mount is live).
+#[track_caller]
+pub fn start_daemon(args: &[&str], mnt: &Path, log: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pcocc-imagefs"))
+        .args(args)
+        .env("RUST_LOG", log)
+        .output()
+        .expect("run pcocc-imagefs");
+    assert!(
+        out.status.success(),
+        "pcocc-imagefs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(is_mounted(mnt), "mount not live when the daemon returned");
+}
+
+/// Whether something is mounted on `mnt`.
+pub fn is_mounted(mnt: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(s(mnt)))
+}
+
+/// Unmounts `mnt`, retrying while it is busy, lazily after 10 s.
+pub fn unmount(mnt: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while is_mounted(mnt) {
+        if run("umount", &[s(mnt)]).status.success() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = run("umount", &["-l", s(mnt)]);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// The pid of the pcocc-imagefs process serving `mnt` (from its command line).
 pub fn daemon_pid(mnt: &Path) -> Option<i32> {
     for e in std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod fuse;
 pub mod image;
 pub mod store;
+pub mod sys;
 pub mod tree;
 pub mod view;
 

@@ -3,6 +3,31 @@
 
 use crate::tree::Caller;
 
+/// A request's caller, with the serving thread acting as them (see [`Caller::act`])
+/// until this value is dropped.
+pub struct Acting {
+    caller: Caller,
+    _guard: crate::sys::ActingAs,
+}
+
+impl Acting {
+    pub fn new(caller: Caller) -> Result<Acting, crate::tree::Error> {
+        let guard = caller.act()?;
+        Ok(Acting {
+            caller,
+            _guard: guard,
+        })
+    }
+}
+
+impl std::ops::Deref for Acting {
+    type Target = Caller;
+
+    fn deref(&self) -> &Caller {
+        &self.caller
+    }
+}
+
 /// The identity of the process that made a request. Root's supplementary groups are
 /// not read: every permission check passes root on its uid alone, and reading
 /// `/proc/PID/status` for each request was the largest cost of a request like

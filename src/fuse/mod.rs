@@ -14,6 +14,17 @@
 //! separate thread so that no request ever waits on its own notification.
 
 pub mod caller;
+
+/// The caller of request `$req` acting on this thread (see `ImageFs::acting`), or an
+/// error reply on `$reply` when the thread cannot take their identity.
+macro_rules! acting {
+    ($req:expr, $reply:expr) => {
+        match Self::acting($req) {
+            Ok(a) => a,
+            Err(e) => return $reply.error(e),
+        }
+    };
+}
 pub mod daemon;
 pub mod inodes;
 pub mod options;
@@ -242,8 +253,14 @@ impl ImageFs {
         self.invalidator.clone()
     }
 
-    fn caller(req: &Request) -> tree::Caller {
-        caller::from_request(req.uid(), req.gid(), req.pid())
+    /// The caller of `req`, with the serving thread acting as them until the value is
+    /// dropped: every repository access made for the request is judged by the kernel
+    /// with the caller's rights.
+    fn acting(req: &Request) -> Result<caller::Acting, Errno> {
+        caller::Acting::new(caller::from_request(req.uid(), req.gid(), req.pid())).map_err(|e| {
+            log::error!("request of uid {}: {e}", req.uid());
+            Errno::EPERM
+        })
     }
 
     fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
@@ -328,7 +345,7 @@ impl ImageFs {
         }
         let entries = self
             .tree
-            .readdir(&Self::caller(req), node)
+            .readdir(&*Self::acting(req)?, node)
             .map_err(|e| self.fail("readdir", Some(node), &e))?;
         let parent_ino = match node {
             Node::Root => ROOT_INO,
@@ -418,7 +435,7 @@ impl ImageFs {
     ) -> Result<(Node, Attr), Errno> {
         let parent = self.node(parent)?;
         let name = name_str(name)?;
-        let caller = Self::caller(req);
+        let caller = Self::acting(req)?;
         let node = self
             .tree
             .lookup(&caller, &parent, name)
@@ -476,7 +493,7 @@ impl Filesystem for ImageFs {
         // An open file being imported knows its own size; everything else asks the tree.
         let attr = match fh.and_then(|fh| self.handle(fh).ok()) {
             Some(h) => h.attr(),
-            None => self.tree.getattr(&Self::caller(req), &node),
+            None => self.tree.getattr(&*acting!(req, reply), &node),
         };
         match attr {
             Ok(a) => reply.attr(&self.ttl(&node), &fuse_attr(ino.0, &a)),
@@ -519,7 +536,7 @@ impl Filesystem for ImageFs {
         };
         match self
             .tree
-            .setattr(&Self::caller(req), &node, handle.as_deref(), &set)
+            .setattr(&*acting!(req, reply), &node, handle.as_deref(), &set)
         {
             Ok(a) => reply.attr(&self.ttl(&node), &fuse_attr(ino.0, &a)),
             Err(e) => reply.error(self.fail("setattr", Some(&node), &e)),
@@ -531,7 +548,7 @@ impl Filesystem for ImageFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        match self.tree.readlink(&Self::caller(req), &node) {
+        match self.tree.readlink(&*acting!(req, reply), &node) {
             Ok(t) => reply.data(t.as_bytes()),
             Err(e) => reply.error(self.fail("readlink", Some(&node), &e)),
         }
@@ -550,7 +567,7 @@ impl Filesystem for ImageFs {
             let parent = self.node(parent)?;
             let name = name_str(name)?;
             self.tree
-                .mkdir(&Self::caller(req), &parent, name)
+                .mkdir(&*Self::acting(req)?, &parent, name)
                 .map_err(|e| self.fail("mkdir", Some(&parent), &e))
         });
         match r {
@@ -564,7 +581,7 @@ impl Filesystem for ImageFs {
             let parent = self.node(parent)?;
             let name = name_str(name)?;
             self.tree
-                .unlink_entry(&Self::caller(req), &parent, name)
+                .unlink_entry(&*Self::acting(req)?, &parent, name)
                 .map_err(|e| self.fail("unlink", Some(&parent), &e))
         });
         match r {
@@ -578,7 +595,7 @@ impl Filesystem for ImageFs {
             let parent = self.node(parent)?;
             let name = name_str(name)?;
             self.tree
-                .rmdir_entry(&Self::caller(req), &parent, name)
+                .rmdir_entry(&*Self::acting(req)?, &parent, name)
                 .map_err(|e| self.fail("rmdir", Some(&parent), &e))
         });
         match r {
@@ -606,7 +623,7 @@ impl Filesystem for ImageFs {
             let to = self.node(newparent)?;
             let (name, newname) = (name_str(name)?, name_str(newname)?);
             self.tree
-                .rename_entry(&Self::caller(req), &from, name, &to, newname)
+                .rename_entry(&*Self::acting(req)?, &from, name, &to, newname)
                 .map_err(|e| self.fail("rename", Some(&from), &e))
         });
         match r {
@@ -628,7 +645,7 @@ impl Filesystem for ImageFs {
             let parent = self.node(newparent)?;
             let name = name_str(newname)?;
             self.tree
-                .link(&Self::caller(req), &src, &parent, name)
+                .link(&*Self::acting(req)?, &src, &parent, name)
                 .map_err(|e| self.fail("link", Some(&src), &e))
         });
         match r {
@@ -655,7 +672,10 @@ impl Filesystem for ImageFs {
             return reply.error(Errno::EROFS);
         }
         let truncate = flags.0 & libc::O_TRUNC != 0;
-        match self.tree.open(&Self::caller(req), &node, write, truncate) {
+        match self
+            .tree
+            .open(&*acting!(req, reply), &node, write, truncate)
+        {
             Ok(f) => {
                 // Never FOPEN_DIRECT_IO: without it the kernel serves an O_DIRECT open
                 // (qemu's cache=none, aio=native/io_uring) by sending its reads straight
@@ -698,7 +718,7 @@ impl Filesystem for ImageFs {
             let parent = self.node(parent)?;
             let name = name_str(name)?;
             self.tree
-                .create(&Self::caller(req), &parent, name, mode)
+                .create(&*Self::acting(req)?, &parent, name, mode)
                 .map_err(|e| self.fail("create", Some(&parent), &e))
         });
         match r {
@@ -911,7 +931,7 @@ impl Filesystem for ImageFs {
             Ok(l) => l,
             Err(e) => return reply.error(e),
         };
-        let caller = Self::caller(req);
+        let caller = acting!(req, reply);
         // Read ahead the metadata the attributes are made of: at the start, what one
         // reply holds; past the first request (the kernel asks for attributes then only
         // when the reader stats what it lists, as `ls -l` does), the whole rest, once.
@@ -1008,7 +1028,7 @@ impl Filesystem for ImageFs {
             }
             _ => return reply.error(Errno::EOPNOTSUPP),
         }
-        match self.tree.getxattr(&Self::caller(req), &node, name) {
+        match self.tree.getxattr(&*acting!(req, reply), &node, name) {
             Ok(Some(v)) if size == 0 => reply.size(v.len() as u32),
             Ok(Some(v)) if v.len() <= size as usize => reply.data(&v),
             Ok(Some(_)) => reply.error(Errno::ERANGE),
@@ -1022,7 +1042,7 @@ impl Filesystem for ImageFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let names = match self.tree.listxattr(&Self::caller(req), &node) {
+        let names = match self.tree.listxattr(&*acting!(req, reply), &node) {
             Ok(n) => n,
             Err(e) => return reply.error(self.fail("listxattr", Some(&node), &e)),
         };
@@ -1052,7 +1072,7 @@ impl Filesystem for ImageFs {
     ) {
         let r = self.node(ino).and_then(|node| {
             self.tree
-                .setxattr(&Self::caller(req), &node)
+                .setxattr(&*Self::acting(req)?, &node)
                 .map_err(|e| self.fail("setxattr", Some(&node), &e))
         });
         match r {
@@ -1069,7 +1089,7 @@ impl Filesystem for ImageFs {
         if mask.bits() & libc::W_OK != 0 && self.settings.read_only {
             return reply.error(Errno::EROFS);
         }
-        match self.tree.access(&Self::caller(req), &node, mask.bits()) {
+        match self.tree.access(&*acting!(req, reply), &node, mask.bits()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.fail("access", Some(&node), &e)),
         }

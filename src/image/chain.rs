@@ -2,24 +2,28 @@
 //!
 //! A backing file name inside an image is untrusted: it could name `/etc/shadow`, a
 //! device, or a file of another repository. So the caller passes a [`BackingPolicy`]
-//! that turns each name into a path it allows, or refuses it: imports use
-//! [`NoBacking`] (a standalone image is required), repository layers use [`WithinDir`]
-//! (names resolve relative to the layer's directory and must stay inside the
-//! repository's `data/`). The chain is at most [`MAX_CHAIN_DEPTH`] layers deep and a
-//! file met twice (compared by canonical path) is a loop, reported as such.
+//! that opens each name it allows, or refuses it: imports use [`NoBacking`] (a
+//! standalone image is required), repository layers use [`BeneathDir`] (names resolve
+//! relative to the layer's directory, must stay inside the repository's `data/`, and are
+//! opened from its descriptor without following any symlink). The chain is at most
+//! [`MAX_CHAIN_DEPTH`] layers deep and a file met twice (compared by device and inode)
+//! is a loop, reported as such.
 
 use super::qcow2::{BackingRef, Qcow2Layer};
 use super::raw::RawLayer;
 use super::{Disk, Error, Format, Layer, MAX_CHAIN_DEPTH, Result};
 use std::collections::HashSet;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-/// Decides which backing files may be opened.
+/// Decides which backing files may be opened, and opens them.
 pub trait BackingPolicy: Send + Sync {
-    /// The path to open for `backing`, named by the layer at `layer_path`; an error if
-    /// the name is not allowed.
-    fn resolve(&self, layer_path: &Path, backing: &BackingRef) -> Result<PathBuf>;
+    /// Opens the backing file `backing` named by the layer at `layer_path`: the path it
+    /// is known by and the open file; an error if the name is not allowed.
+    fn open(&self, layer_path: &Path, backing: &BackingRef) -> Result<(PathBuf, File)>;
 }
 
 /// Allows no backing file at all (imports must be standalone images).
@@ -27,7 +31,7 @@ pub trait BackingPolicy: Send + Sync {
 pub struct NoBacking;
 
 impl BackingPolicy for NoBacking {
-    fn resolve(&self, layer_path: &Path, backing: &BackingRef) -> Result<PathBuf> {
+    fn open(&self, layer_path: &Path, backing: &BackingRef) -> Result<(PathBuf, File)> {
         Err(Error::Unsupported {
             path: layer_path.to_path_buf(),
             format: Format::Qcow2,
@@ -40,14 +44,35 @@ impl BackingPolicy for NoBacking {
 }
 
 /// Allows relative backing names that, resolved against the naming layer's directory,
-/// land inside `root` (for a repository: its `data/` directory).
+/// land inside `root` (for a repository: its `data/` directory), opened without
+/// following any symlink. `root` is opened by its path at each use; see [`BeneathDir`]
+/// for a directory already held open.
 #[derive(Clone, Debug)]
 pub struct WithinDir {
     pub root: PathBuf,
 }
 
 impl BackingPolicy for WithinDir {
-    fn resolve(&self, layer_path: &Path, backing: &BackingRef) -> Result<PathBuf> {
+    fn open(&self, layer_path: &Path, backing: &BackingRef) -> Result<(PathBuf, File)> {
+        let dir = crate::sys::open_dir_path(&self.root).map_err(|e| Error::io(&self.root, e))?;
+        BeneathDir {
+            dir,
+            root: self.root.clone(),
+        }
+        .open(layer_path, backing)
+    }
+}
+
+/// [`WithinDir`] for a directory held open as `dir` (known as `root`): backing files are
+/// reached from that descriptor, whatever happens to the path meanwhile.
+#[derive(Debug)]
+pub struct BeneathDir {
+    pub dir: OwnedFd,
+    pub root: PathBuf,
+}
+
+impl BackingPolicy for BeneathDir {
+    fn open(&self, layer_path: &Path, backing: &BackingRef) -> Result<(PathBuf, File)> {
         let refuse = |why: &str| Error::Unsupported {
             path: layer_path.to_path_buf(),
             format: Format::Qcow2,
@@ -66,28 +91,62 @@ impl BackingPolicy for WithinDir {
             return Err(refuse("is a json: specification, not a file name"));
         }
         let dir = layer_path.parent().unwrap_or(Path::new("."));
-        let joined = dir.join(name);
-        let canonical = joined.canonicalize().map_err(|e| Error::io(&joined, e))?;
-        let root = self
-            .root
-            .canonicalize()
-            .map_err(|e| Error::io(&self.root, e))?;
-        if !canonical.starts_with(&root) {
+        // Symlinks are refused when opening, so the name resolves lexically.
+        let Some(rel) = normalize(&dir.join(name))
+            .strip_prefix(normalize(&self.root))
+            .ok()
+            .map(Path::to_path_buf)
+        else {
             return Err(refuse("resolves outside the allowed directory"));
-        }
-        if !canonical.is_file() {
+        };
+        let path = self.root.join(&rel);
+        let fd =
+            crate::sys::open_beneath(self.dir.as_fd(), &rel, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::ELOOP) => refuse("is or passes through a symbolic link"),
+                    Some(libc::EXDEV) => refuse("resolves outside the allowed directory"),
+                    _ => Error::io(&path, e),
+                })?;
+        let file = File::from(fd);
+        if !file.metadata().map_err(|e| Error::io(&path, e))?.is_file() {
             return Err(refuse("is not a regular file"));
         }
-        Ok(canonical)
+        Ok((path, file))
     }
+}
+
+/// `path` with `.` and `..` resolved lexically (`..` above the start is kept out).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Opens the qcow2 image at `path` and every backing file it names (as `policy`
 /// allows), top layer first.
 pub fn open_chain(path: &Path, policy: &dyn BackingPolicy) -> Result<Disk> {
-    let top = Qcow2Layer::open(path)?;
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    open_chain_file(file, path, policy)
+}
+
+/// [`open_chain`] for a top layer already open as `file` (known as `path`).
+pub fn open_chain_file(file: File, path: &Path, policy: &dyn BackingPolicy) -> Result<Disk> {
+    let identity = |f: &File, p: &Path| {
+        f.metadata()
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(|e| Error::io(p, e))
+    };
     let mut seen = HashSet::new();
-    seen.insert(path.canonicalize().map_err(|e| Error::io(path, e))?);
+    seen.insert(identity(&file, path)?);
+    let top = Qcow2Layer::new(file, path)?;
     let mut next = top.backing().cloned().map(|b| (path.to_path_buf(), b));
     let mut layers: Vec<Arc<dyn Layer>> = vec![Arc::new(top)];
     while let Some((from, backing)) = next.take() {
@@ -98,28 +157,25 @@ pub fn open_chain(path: &Path, policy: &dyn BackingPolicy) -> Result<Disk> {
                 reason: format!("its backing chain is deeper than {MAX_CHAIN_DEPTH} layers"),
             });
         }
-        let resolved = policy.resolve(&from, &backing)?;
-        let canonical = resolved
-            .canonicalize()
-            .map_err(|e| Error::io(&resolved, e))?;
-        if !seen.insert(canonical.clone()) {
+        let (resolved, file) = policy.open(&from, &backing)?;
+        if !seen.insert(identity(&file, &resolved)?) {
             return Err(Error::Invalid {
                 path: from,
                 format: Format::Qcow2,
                 reason: format!(
                     "backing chain loops: {} is already part of the chain",
-                    canonical.display()
+                    resolved.display()
                 ),
             });
         }
-        let format = backing_format(&from, &backing, &resolved)?;
+        let format = backing_format(&from, &backing, &file, &resolved)?;
         match format {
             Format::Qcow2 => {
-                let layer = Qcow2Layer::open(&resolved)?;
+                let layer = Qcow2Layer::new(file, &resolved)?;
                 next = layer.backing().cloned().map(|b| (resolved.clone(), b));
                 layers.push(Arc::new(layer));
             }
-            Format::Raw => layers.push(Arc::new(RawLayer::open(&resolved)?)),
+            Format::Raw => layers.push(Arc::new(RawLayer::new(file, &resolved)?)),
             other => {
                 return Err(Error::Unsupported {
                     path: from,
@@ -136,16 +192,18 @@ pub fn open_chain(path: &Path, policy: &dyn BackingPolicy) -> Result<Disk> {
 }
 
 /// The format of a backing file: its header extension if present, else its content.
-fn backing_format(from: &Path, backing: &BackingRef, resolved: &Path) -> Result<Format> {
+fn backing_format(
+    from: &Path,
+    backing: &BackingRef,
+    file: &File,
+    resolved: &Path,
+) -> Result<Format> {
     match &backing.format {
         Some(name) => Format::from_name(name).ok_or_else(|| Error::Unsupported {
             path: from.to_path_buf(),
             format: Format::Qcow2,
             reason: format!("backing format {name:?} of {:?} is unknown", backing.name),
         }),
-        None => {
-            let file = std::fs::File::open(resolved).map_err(|e| Error::io(resolved, e))?;
-            Ok(super::detect::detect_file(&file, resolved)?.unwrap_or(Format::Raw))
-        }
+        None => Ok(super::detect::detect_file(file, resolved)?.unwrap_or(Format::Raw)),
     }
 }

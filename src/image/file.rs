@@ -18,6 +18,8 @@ pub(crate) struct LayerFile {
     pub len: u64,
     /// Bytes it occupies on disk (`st_blocks` × 512), the layer's allocated size.
     pub allocated: u64,
+    /// Its device and inode.
+    pub id: (u64, u64),
 }
 
 impl LayerFile {
@@ -28,6 +30,7 @@ impl LayerFile {
             path: Arc::new(path.to_path_buf()),
             len: meta.len(),
             allocated: meta.blocks() * 512,
+            id: (meta.dev(), meta.ino()),
         }
     }
 

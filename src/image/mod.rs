@@ -212,6 +212,10 @@ pub trait Layer: Send + Sync + fmt::Debug {
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent>;
     /// Bytes this file really occupies on disk (its `st_blocks` × 512).
     fn allocated_bytes(&self) -> u64;
+    /// Device and inode of the file read, where the reader knows them.
+    fn file_id(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// Upper bound of a backing chain (qcow2 layers over their base). pcocc adds one layer

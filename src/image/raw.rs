@@ -43,6 +43,10 @@ impl Layer for RawLayer {
         Format::Raw
     }
 
+    fn file_id(&self) -> Option<(u64, u64)> {
+        Some(self.src.id)
+    }
+
     fn path(&self) -> &Path {
         &self.src.path
     }

@@ -2,15 +2,16 @@
 //! scratch files in `.tmp/`, and directory syncs. Kept apart so each rule is written
 //! once.
 
-use std::ffi::CString;
-use std::fs::{self, File, OpenOptions};
+use std::ffi::OsStr;
+use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::Error;
+use crate::sys;
 
 /// Mode of metadata and `.config` files before the umask (pcocc: 0644 under umask 022).
 const META_MODE: u32 = 0o644;
@@ -42,7 +43,6 @@ pub fn py_os_error(e: &io::Error, path: &Path) -> String {
     }
 }
 
-/// fsync of a directory, so that entries created, renamed or removed in it are durable.
 /// The status-change time of `m` (the moment a file was last created, renamed, linked or
 /// chmod'ed), as a `SystemTime`.
 pub fn ctime(m: &fs::Metadata) -> std::time::SystemTime {
@@ -51,10 +51,10 @@ pub fn ctime(m: &fs::Metadata) -> std::time::SystemTime {
     std::time::SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos)
 }
 
-pub fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err(dir, e))
+/// fsync of directory `dir` (a descriptor of it), so that entries created, renamed or
+/// removed in it are durable; `path` names it in errors.
+pub fn sync_dir(dir: BorrowedFd<'_>, path: &Path) -> Result<(), Error> {
+    sys::sync_dir(dir).map_err(|e| io_err(path, e))
 }
 
 /// A fresh name `tmpXXXXXXXX` (pcocc's mkstemp style), unique within this process and
@@ -80,55 +80,125 @@ fn tmp_name() -> String {
     name
 }
 
-/// Creates a new empty file in `dir` with O_EXCL under a fresh name and mode `mode`.
-pub fn create_tmp(dir: &Path, mode: u32) -> Result<(File, PathBuf), Error> {
+/// A directory of a repository, held open: the descriptor every name in it is resolved
+/// from, and its path for messages.
+#[derive(Debug)]
+pub struct Dir {
+    pub fd: OwnedFd,
+    pub path: PathBuf,
+}
+
+impl Dir {
+    /// The descriptor, to pass to `*at` calls.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The path of `name` inside this directory, for messages.
+    pub fn show(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// The directory `rel` below this one (no symlink on the way), as a handle.
+    pub fn subdir(&self, rel: impl AsRef<Path>) -> Result<Dir, Error> {
+        let rel = rel.as_ref();
+        let path = self.path.join(rel);
+        let fd = sys::open_beneath(self.fd(), rel, libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(|e| io_err(&path, e))?;
+        Ok(Dir { fd, path })
+    }
+
+    /// Opens `rel` below this directory read-only and checks it is a regular file
+    /// (`O_NONBLOCK`, so a FIFO placed there cannot block the open).
+    pub fn open_regular(&self, rel: impl AsRef<Path>) -> Result<(File, fs::Metadata), Error> {
+        let rel = rel.as_ref();
+        let path = self.path.join(rel);
+        let fd = sys::open_beneath(self.fd(), rel, libc::O_RDONLY | libc::O_NONBLOCK, 0)
+            .map_err(|e| io_err(&path, e))?;
+        let file = File::from(fd);
+        let m = file.metadata().map_err(|e| io_err(&path, e))?;
+        if !m.is_file() {
+            return Err(io_err(
+                &path,
+                io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+            ));
+        }
+        Ok((file, m))
+    }
+
+    /// Whether `rel` exists below this directory (as anything, a symlink included).
+    pub fn has(&self, rel: impl AsRef<Path>) -> bool {
+        match sys::open_beneath(self.fd(), rel.as_ref(), libc::O_PATH, 0) {
+            Ok(_) => true,
+            Err(e) => e.raw_os_error() == Some(libc::ELOOP),
+        }
+    }
+
+    /// The metadata of `rel` below this directory, not following a final symlink (a
+    /// symlink anywhere on the way is an error).
+    pub fn stat(&self, rel: impl AsRef<Path>) -> io::Result<fs::Metadata> {
+        let fd = sys::open_beneath(self.fd(), rel.as_ref(), libc::O_PATH, 0)?;
+        File::from(fd).metadata()
+    }
+
+    /// Removes `name` here and, if it is a directory, everything below it, never
+    /// following a symlink.
+    pub fn remove_tree(&self, name: &OsStr) -> io::Result<()> {
+        match sys::unlink_at(self.fd(), name, false) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EISDIR | libc::EPERM)) => {}
+            other => return other,
+        }
+        let sub = self
+            .subdir(Path::new(name))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        for (entry, _) in sys::read_dir(sub.fd())? {
+            sub.remove_tree(&entry)?;
+        }
+        sys::unlink_at(self.fd(), name, true)
+    }
+
+    /// Creates the directory `name` here unless it exists; true when it was created.
+    pub fn make_dir(&self, name: &str) -> Result<bool, Error> {
+        match sys::mkdir_at(self.fd(), OsStr::new(name), DIR_MODE) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(io_err(&self.show(name), e)),
+        }
+    }
+
+    /// Removes the file `name` here.
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        sys::unlink_at(self.fd(), OsStr::new(name), false)
+    }
+}
+
+/// Mode of directories the store creates, before the umask.
+pub const DIR_MODE: u32 = 0o777;
+
+/// A new empty file in `dir`, created with O_EXCL under a fresh name and mode `mode`.
+pub fn create_tmp(dir: &Dir, mode: u32) -> Result<(File, String), Error> {
     let mut last = None;
     for _ in 0..TMP_NAME_ATTEMPTS {
-        let path = dir.join(tmp_name());
-        match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&path)
-        {
-            Ok(f) => return Ok((f, path)),
+        let name = tmp_name();
+        match sys::open_beneath(
+            dir.fd(),
+            Path::new(&name),
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+            mode,
+        ) {
+            Ok(fd) => return Ok((File::from(fd), name)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
-            Err(e) => return Err(io_err(&path, e)),
+            Err(e) => return Err(io_err(&dir.show(&name), e)),
         }
     }
     Err(io_err(
-        dir,
+        &dir.path,
         last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EEXIST)),
     ))
 }
 
-pub fn create_scratch(dir: &Path) -> Result<(File, PathBuf), Error> {
+pub fn create_scratch(dir: &Dir) -> Result<(File, String), Error> {
     create_tmp(dir, TMP_MODE)
-}
-
-fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-/// `renameat2(from, to, RENAME_NOREPLACE)`: an atomic rename that fails if `to` exists.
-pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    let (f, t) = (cpath(from)?, cpath(to)?);
-    // SAFETY: both are valid NUL-terminated paths for the duration of the call.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// True for link(2) errors that mean "this filesystem or policy does not allow a hard
@@ -140,84 +210,75 @@ pub fn link_unsupported(e: &io::Error) -> bool {
     )
 }
 
-/// Writes `bytes` to `dest` so that `dest` appears complete or not at all and is never
-/// replaced: a scratch file in `tmp_dir` (same filesystem) is written and synced, then
-/// linked to `dest` (falling back to `renameat2(RENAME_NOREPLACE)`, then to an O_EXCL
+/// Writes `bytes` to `name` in `dest` so that it appears complete or not at all and is
+/// never replaced: a scratch file in `tmp` (same filesystem) is written and synced, then
+/// linked to `name` (falling back to `renameat2(RENAME_NOREPLACE)`, then to an O_EXCL
 /// create, where the filesystem refuses hard links); the directory is synced.
-pub fn publish_exclusive(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> Result<(), Error> {
+pub fn publish_exclusive(tmp: &Dir, dest: &Dir, name: &str, bytes: &[u8]) -> Result<(), Error> {
+    let dest_path = dest.show(name);
     let exists = || Error::AlreadyExists {
-        path: dest.to_path_buf(),
+        path: dest_path.clone(),
     };
-    let (mut f, tmp) = create_tmp(tmp_dir, META_MODE)?;
+    let (mut f, tmp_name) = create_tmp(tmp, META_MODE)?;
+    let tmp_path = tmp.show(&tmp_name);
+    let (from, to) = (OsStr::new(&tmp_name), OsStr::new(name));
     let result = (|| {
-        f.write_all(bytes).map_err(|e| io_err(&tmp, e))?;
-        f.sync_all().map_err(|e| io_err(&tmp, e))?;
-        match fs::hard_link(&tmp, dest) {
+        f.write_all(bytes).map_err(|e| io_err(&tmp_path, e))?;
+        f.sync_all().map_err(|e| io_err(&tmp_path, e))?;
+        match sys::link_at(tmp.fd(), from, dest.fd(), to) {
             Ok(()) => Ok(()),
             // Over NFS a retransmitted LINK can fail although the first one worked: the
             // scratch file's link count tells (the recipe of open(2)'s O_EXCL notes).
-            Err(_) if fs::metadata(&tmp).is_ok_and(|m| m.nlink() == 2) => Ok(()),
+            Err(_) if f.metadata().is_ok_and(|m| m.nlink() == 2) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(exists()),
-            Err(e) if link_unsupported(&e) => match rename_noreplace(&tmp, dest) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(exists()),
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
-                    write_excl(dest, bytes)
+            Err(e) if link_unsupported(&e) => {
+                match sys::rename_at(tmp.fd(), from, dest.fd(), to, true) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(exists()),
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
+                        write_excl(dest, name, bytes)
+                    }
+                    Err(e) => Err(io_err(&dest_path, e)),
                 }
-                Err(e) => Err(io_err(dest, e)),
-            },
-            Err(e) => Err(io_err(dest, e)),
+            }
+            Err(e) => Err(io_err(&dest_path, e)),
         }
     })();
-    let _ = fs::remove_file(&tmp);
+    let _ = tmp.remove(&tmp_name);
     result?;
-    if let Some(parent) = dest.parent() {
-        sync_dir(parent)?;
-    }
-    Ok(())
+    sync_dir(dest.fd(), &dest.path)
 }
 
 /// Last resort where neither links nor RENAME_NOREPLACE exist: an O_EXCL create of
-/// `dest` itself. Never overwrites, but a reader may briefly see it partly written.
-fn write_excl(dest: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let mut f = match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(META_MODE)
-        .open(dest)
-    {
-        Ok(f) => f,
+/// `name` itself. Never overwrites, but a reader may briefly see it partly written.
+fn write_excl(dest: &Dir, name: &str, bytes: &[u8]) -> Result<(), Error> {
+    let path = dest.show(name);
+    let fd = match sys::open_beneath(
+        dest.fd(),
+        Path::new(name),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+        META_MODE,
+    ) {
+        Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(Error::AlreadyExists {
-                path: dest.to_path_buf(),
-            });
+            return Err(Error::AlreadyExists { path });
         }
-        Err(e) => return Err(io_err(dest, e)),
+        Err(e) => return Err(io_err(&path, e)),
     };
+    let mut f = File::from(fd);
     let done = f.write_all(bytes).and_then(|()| f.sync_all());
     if let Err(e) = done {
-        let _ = fs::remove_file(dest);
-        return Err(io_err(dest, e));
+        let _ = dest.remove(name);
+        return Err(io_err(&path, e));
     }
     Ok(())
 }
 
-/// Reads a whole small file, refusing one larger than `max` bytes before allocating for
-/// it (metadata and configuration files are untrusted input), and refusing a symlink:
-/// whoever may write to a repository could otherwise make a root daemon read any file.
-pub fn read_bounded(path: &Path, max: u64) -> io::Result<Vec<u8>> {
-    read_bounded_with_metadata(path, max).map(|(_, bytes)| bytes)
-}
-
-/// [`read_bounded`], with the metadata of the file read (from the open descriptor, so it
-/// is the file whose bytes these are, even if the name is replaced meanwhile).
-pub fn read_bounded_with_metadata(path: &Path, max: u64) -> io::Result<(fs::Metadata, Vec<u8>)> {
+/// Reads the whole of `file` (a small file: metadata or configuration), refusing one
+/// larger than `max` bytes before allocating for it, since such files are untrusted
+/// input; `m` is its metadata.
+pub fn read_bounded_file(file: File, m: &fs::Metadata, max: u64) -> io::Result<Vec<u8>> {
     use std::io::Read;
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    let m = f.metadata()?;
     let len = m.len();
     if len > max {
         return Err(io::Error::new(
@@ -227,18 +288,12 @@ pub fn read_bounded_with_metadata(path: &Path, max: u64) -> io::Result<(fs::Meta
     }
     let mut buf = Vec::with_capacity(len as usize);
     // `take` guards against a file growing between the size check and the read.
-    f.take(max + 1).read_to_end(&mut buf)?;
+    file.take(max + 1).read_to_end(&mut buf)?;
     if buf.len() as u64 > max {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("file grew beyond the {max} bytes allowed"),
         ));
     }
-    Ok((m, buf))
-}
-
-/// [`read_bounded`] as UTF-8 text.
-pub fn read_bounded_string(path: &Path, max: u64) -> io::Result<String> {
-    String::from_utf8(read_bounded(path, max)?)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    Ok(buf)
 }

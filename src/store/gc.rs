@@ -12,14 +12,16 @@
 //! microseconds that no lock-free scheme over a shared filesystem closes.
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use super::fsutil::{self, io_err};
+use super::fsutil::{self, Dir, io_err};
 use super::{CONFIG_V2, Error, Meta, Store, VERSION_CURRENT, VERSION_LEGACY, is_hash, v1};
+use crate::sys;
 
 /// What [`Store::gc`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -41,7 +43,7 @@ impl Store {
     /// (each logged as a warning).
     pub fn all_metas(&self) -> Result<(Vec<Meta>, Vec<PathBuf>), Error> {
         if self.version() == VERSION_LEGACY {
-            let (good, bad) = v1::read_all_checked(&self.meta_dir())?;
+            let (good, bad) = v1::read_all_checked(&self.dir("meta")?)?;
             return Ok((good.into_iter().map(|(_, m)| m).collect(), bad));
         }
         let mut good = Vec::new();
@@ -91,6 +93,7 @@ impl Store {
         let now = SystemTime::now();
         let older_than_grace = |t: SystemTime| now.duration_since(t).is_ok_and(|age| age >= grace);
 
+        let data = self.dir("data")?;
         let candidates = match self.referenced()? {
             None => {
                 log::warn!(
@@ -102,17 +105,18 @@ impl Store {
             }
             Some(refs) => {
                 let mut c = Vec::new();
-                for (hash, path) in self.layers()? {
+                for hash in self.layers(&data)? {
                     if refs.contains(&hash) {
                         continue;
                     }
-                    let fresh = fs::symlink_metadata(&path)
+                    let fresh = data
+                        .stat(Self::layer_rel(&hash))
                         .map(|m| !older_than_grace(fsutil::ctime(&m)))
                         .unwrap_or(true);
                     if fresh {
                         report.layers_kept_fresh.push(hash);
                     } else {
-                        c.push((hash, path));
+                        c.push(hash);
                     }
                 }
                 c
@@ -124,7 +128,8 @@ impl Store {
             match self.referenced()? {
                 None => report.layers_skipped = true,
                 Some(refs) => {
-                    for (hash, path) in candidates {
+                    for hash in candidates {
+                        let path = data.show(Self::layer_rel(&hash));
                         if refs.contains(&hash) {
                             continue;
                         }
@@ -132,48 +137,47 @@ impl Store {
                         // (ctime) and is about to publish metadata the second scan
                         // could not see yet: the mark is looked at again, last thing
                         // before the removal.
-                        let reused = fs::symlink_metadata(&path)
+                        let reused = data
+                            .stat(Self::layer_rel(&hash))
                             .map(|m| !older_than_grace(fsutil::ctime(&m)))
                             .unwrap_or(true);
                         if reused {
                             report.layers_kept_fresh.push(hash);
                             continue;
                         }
-                        match fs::remove_file(&path) {
+                        let Ok(xx) = data.subdir(&hash[..2]) else {
+                            continue;
+                        };
+                        match xx.remove(&hash) {
                             Ok(()) => {
                                 log::info!("removed unreferenced layer {}", path.display());
-                                report.layers_removed.push(hash);
+                                report.layers_removed.push(hash.clone());
                             }
                             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                             Err(e) => return Err(io_err(&path, e)),
                         }
-                        if let Some(dir) = path.parent() {
-                            // Fails harmlessly while other layers share the prefix.
-                            let _ = fs::remove_dir(dir);
-                        }
+                        // Fails harmlessly while other layers share the prefix.
+                        let _ = sys::unlink_at(data.fd(), OsStr::new(&hash[..2]), true);
                     }
-                    fsutil::sync_dir(&self.data_dir())?;
+                    fsutil::sync_dir(data.fd(), &data.path)?;
                 }
             }
         }
 
-        let tmp = self.tmp_dir();
-        if let Ok(entries) = fs::read_dir(&tmp) {
-            for entry in entries {
-                let entry = entry.map_err(|e| io_err(&tmp, e))?;
-                let path = entry.path();
-                let Ok(m) = fs::symlink_metadata(&path) else {
+        let tmp = self.dir(".tmp")?;
+        if let Ok(entries) = sys::read_dir(tmp.fd()) {
+            for (name, _) in entries {
+                let path = tmp.show(&name);
+                let Ok(m) = tmp.stat(&name).or_else(|_| {
+                    // A symlink: its own times.
+                    fs::symlink_metadata(&path)
+                }) else {
                     continue;
                 };
                 if !m.modified().is_ok_and(older_than_grace) {
                     continue;
                 }
-                let removed = if m.is_dir() {
-                    fs::remove_dir_all(&path)
-                } else {
-                    fs::remove_file(&path)
-                };
-                match removed {
+                match tmp.remove_tree(&name) {
                     Ok(()) => {
                         log::info!("removed stale scratch entry {}", path.display());
                         report.tmp_removed.push(path);
@@ -186,32 +190,31 @@ impl Store {
         Ok(report)
     }
 
-    /// Every file in `data/XX/` named by a hash, with its path. Other files are left
-    /// alone with a warning.
-    fn layers(&self) -> Result<Vec<(String, PathBuf)>, Error> {
-        let data = self.data_dir();
+    /// Every file in `data/XX/` named by a hash. Other files are left alone with a
+    /// warning.
+    fn layers(&self, data: &Dir) -> Result<Vec<String>, Error> {
         let mut out = Vec::new();
-        let top = match fs::read_dir(&data) {
+        let top = match sys::read_dir(data.fd()) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(io_err(&data, e)),
+            Err(e) => return Err(io_err(&data.path, e)),
         };
-        for sub in top {
-            let sub = sub.map_err(|e| io_err(&data, e))?.path();
-            if !sub.is_dir() {
-                log::warn!("gc: leaving {} alone: not a layer directory", sub.display());
+        for (sub, _) in top {
+            let Ok(sub_dir) = data.subdir(&sub) else {
+                log::warn!(
+                    "gc: leaving {} alone: not a layer directory",
+                    data.show(&sub).display()
+                );
                 continue;
-            }
-            for entry in fs::read_dir(&sub).map_err(|e| io_err(&sub, e))? {
-                let entry = entry.map_err(|e| io_err(&sub, e))?;
-                let name = entry.file_name();
+            };
+            for (name, _) in sys::read_dir(sub_dir.fd()).map_err(|e| io_err(&sub_dir.path, e))? {
                 match name.to_str() {
-                    Some(h) if is_hash(h) && sub.ends_with(&h[..2]) => {
-                        out.push((h.to_string(), entry.path()));
+                    Some(h) if is_hash(h) && sub.to_str() == Some(&h[..2]) => {
+                        out.push(h.to_string());
                     }
                     _ => log::warn!(
                         "gc: leaving {} alone: not a layer name",
-                        entry.path().display()
+                        sub_dir.show(&name).display()
                     ),
                 }
             }
@@ -233,7 +236,8 @@ impl Store {
             self.name(),
             self.path().display()
         );
-        let (metas, bad) = v1::read_all_checked(&self.meta_dir())?;
+        let root = self.root_dir()?;
+        let (metas, bad) = v1::read_all_checked(&root.subdir("meta")?)?;
         if let Some(path) = bad.first() {
             return Err(Error::BadMeta {
                 name: String::new(),
@@ -241,42 +245,56 @@ impl Store {
                 reason: "cannot upgrade the repository while this file cannot be read".into(),
             });
         }
-        let stage = self
-            .tmp_dir()
-            .join(format!("upgrade-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&stage);
-        fs::create_dir(&stage).map_err(|e| io_err(&stage, e))?;
+        let tmp = root.subdir(".tmp")?;
+        let stage_name = format!("upgrade-{}", std::process::id());
+        let _ = tmp.remove_tree(OsStr::new(&stage_name));
+        tmp.make_dir(&stage_name)?;
+        let stage = tmp.subdir(&stage_name)?;
         for (_, m) in &metas {
-            let dest = stage.join(format!("{}@{}", m.name, m.revision));
-            fsutil::publish_exclusive(&self.tmp_dir(), &dest, &m.to_json())?;
+            let name = format!("{}@{}", m.name, m.revision);
+            fsutil::publish_exclusive(&tmp, &stage, &name, &m.to_json())?;
         }
-        let meta = self.meta_dir();
-        let old = self.path().join("meta.old");
-        if meta.exists() {
-            fs::rename(&meta, &old).map_err(|e| io_err(&old, e))?;
+        let rename = |from_dir: &Dir, from: &str, to: &str| {
+            sys::rename_at(
+                from_dir.fd(),
+                OsStr::new(from),
+                root.fd(),
+                OsStr::new(to),
+                false,
+            )
+            .map_err(|e| io_err(&root.show(to), e))
+        };
+        if root.has("meta") {
+            rename(&root, "meta", "meta.old")?;
         }
-        fs::rename(&stage, &meta).map_err(|e| io_err(&meta, e))?;
-        write_config_v2(self.path())?;
-        fsutil::sync_dir(self.path())?;
+        rename(&tmp, &stage_name, "meta")?;
+        write_config_v2(&root)?;
+        fsutil::sync_dir(root.fd(), &root.path)?;
         self.version.store(VERSION_CURRENT, Ordering::Release);
         Ok(())
     }
 }
 
 /// Replaces `.config` with `version: 2` atomically (write aside, then rename over).
-fn write_config_v2(root: &Path) -> Result<(), Error> {
-    let (f, tmp) = fsutil::create_tmp(&root.join(".tmp"), 0o644)?;
-    let config = root.join(".config");
+fn write_config_v2(root: &Dir) -> Result<(), Error> {
+    let tmp = root.subdir(".tmp")?;
+    let (f, name) = fsutil::create_tmp(&tmp, 0o644)?;
     let written = (|| {
         use std::io::Write;
         let mut f = f;
         f.write_all(CONFIG_V2.as_bytes())?;
         f.sync_all()?;
-        fs::rename(&tmp, &config)
+        sys::rename_at(
+            tmp.fd(),
+            OsStr::new(&name),
+            root.fd(),
+            OsStr::new(".config"),
+            false,
+        )
     })();
     if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err(&config, e));
+        let _ = tmp.remove(&name);
+        return Err(io_err(&root.show(".config"), e));
     }
     Ok(())
 }

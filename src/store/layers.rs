@@ -5,16 +5,18 @@
 //! layer is hard-linked when the filesystem and its policy allow, else copied extent by
 //! extent (holes stay holes) and checked against its name.
 
+use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::fsutil::{self, io_err};
+use super::fsutil::{self, Dir, io_err};
 use super::{Error, Store, is_hash};
+use crate::sys;
 
 /// Mode of a published layer (pcocc: `chmod 0444`).
 const LAYER_MODE: u32 = 0o444;
@@ -24,10 +26,13 @@ const IO_CHUNK: usize = 1 << 20;
 const PREFIX_DIR_ATTEMPTS: u32 = 8;
 
 /// A scratch file in a repository's `.tmp/`, removed when dropped unless it was turned
-/// into a layer ([`Store::add_layer`]) or kept ([`TmpFile::keep`]).
+/// into a layer ([`Store::add_layer`]) or kept ([`TmpFile::keep`]). It is reached only
+/// through its descriptor and the descriptor of `.tmp/` it was created in.
 #[derive(Debug)]
 pub struct TmpFile {
     file: File,
+    dir: Dir,
+    name: String,
     path: PathBuf,
     keep: bool,
 }
@@ -38,7 +43,7 @@ impl TmpFile {
         &self.file
     }
 
-    /// Its path under `.tmp/`.
+    /// Its path under `.tmp/`, for messages.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -53,7 +58,7 @@ impl TmpFile {
 impl Drop for TmpFile {
     fn drop(&mut self) {
         if !self.keep {
-            let _ = fs::remove_file(&self.path);
+            let _ = self.dir.remove(&self.name);
         }
     }
 }
@@ -71,7 +76,15 @@ pub enum LayerTransfer {
 
 /// sha256 of a whole file, in lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String, Error> {
-    let mut f = File::open(path).map_err(|e| io_err(path, e))?;
+    let f = File::open(path).map_err(|e| io_err(path, e))?;
+    sha256_of(&f, path)
+}
+
+/// sha256 of the whole content of the open file `f` (read from its start), in
+/// lowercase hex; `path` names it in errors.
+pub fn sha256_of(f: &File, path: &Path) -> Result<String, Error> {
+    let mut f = f;
+    f.rewind().map_err(|e| io_err(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; IO_CHUNK];
     loop {
@@ -89,41 +102,52 @@ pub fn sha256_file(path: &Path) -> Result<String, Error> {
 impl Store {
     /// Creates a scratch file in `.tmp/` (mode 0600, name `tmpXXXXXXXX`).
     pub fn tmp_file(&self) -> Result<TmpFile, Error> {
-        let (file, path) = fsutil::create_scratch(&self.tmp_dir())?;
+        let dir = self.dir(".tmp")?;
+        let (file, name) = fsutil::create_scratch(&dir)?;
         Ok(TmpFile {
             file,
-            path,
+            path: dir.show(&name),
+            dir,
+            name,
             keep: false,
         })
     }
 
-    /// Publishes the complete file `tmp` (in this repository's `.tmp/`) as a layer and
-    /// returns its hash: `hash` if the caller already knows it (hashed while writing),
-    /// else computed here. The file is synced, made 0444 and renamed to
-    /// `data/XX/<hash>`; if that layer already exists the scratch file is removed instead.
-    pub fn add_layer(&self, tmp: &Path, hash: Option<&str>) -> Result<String, Error> {
+    /// Publishes the complete scratch file `tmp` (of this repository's `.tmp/`) as a
+    /// layer and returns its hash: `hash` if the caller already knows it (hashed while
+    /// writing), else computed here. The file is made 0444, synced and renamed to
+    /// `data/XX/<hash>`; if that layer already exists the scratch file is removed
+    /// instead.
+    pub fn add_layer(&self, mut tmp: TmpFile, hash: Option<&str>) -> Result<String, Error> {
         let hash = match hash {
             Some(h) if is_hash(h) => h.to_string(),
             Some(h) => return Err(Error::BadHash(h.to_string())),
-            None => sha256_file(tmp)?,
+            None => sha256_of(&tmp.file, &tmp.path)?,
         };
-        let dest = self.layer_path(&hash);
-        if fs::symlink_metadata(&dest).is_ok() {
-            refresh_ctime(&dest);
-            fs::remove_file(tmp).map_err(|e| io_err(tmp, e))?;
+        let data = self.dir("data")?;
+        let rel = Self::layer_rel(&hash);
+        if data.has(&rel) {
+            refresh_ctime(&data, &rel);
             return Ok(hash);
         }
-        // The mode first, then the sync, so that the mode (and an owner set by the
-        // caller) is as durable as the bytes.
-        fs::set_permissions(tmp, fs::Permissions::from_mode(LAYER_MODE))
-            .map_err(|e| io_err(tmp, e))?;
-        File::open(tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io_err(tmp, e))?;
+        // The mode first, then the sync, so that the mode is as durable as the bytes.
+        tmp.file
+            .set_permissions(fs::Permissions::from_mode(LAYER_MODE))
+            .and_then(|()| tmp.file.sync_all())
+            .map_err(|e| io_err(&tmp.path, e))?;
         // Overwriting a layer that appeared meanwhile is harmless: same name, same bytes.
-        self.place_in_prefix_dir(&dest, |dest| fs::rename(tmp, dest))?
-            .map_err(|e| io_err(&dest, e))?;
-        fsutil::sync_dir(dest.parent().unwrap_or(&self.data_dir()))?;
+        let placed = self.place_in_prefix_dir(&data, &hash, |xx| {
+            sys::rename_at(
+                tmp.dir.fd(),
+                OsStr::new(&tmp.name),
+                xx.fd(),
+                OsStr::new(&hash),
+                false,
+            )
+        })?;
+        let xx = placed.map_err(|e| io_err(&data.show(&rel), e))?;
+        tmp.keep = true;
+        fsutil::sync_dir(xx.fd(), &xx.path)?;
         Ok(hash)
     }
 
@@ -134,90 +158,94 @@ impl Store {
         if !is_hash(hash) {
             return Err(Error::BadHash(hash.to_string()));
         }
-        let from = src.layer_path(hash);
-        if fs::symlink_metadata(&from).is_err() && !self.has_layer(hash) {
-            return Err(Error::NotFound { path: from });
-        }
         if let Some(done) = self.link_layer_from(src, hash)? {
             return Ok(done);
         }
         // Never a copy of what a symlink in the source repository leads to.
-        let from = src.layer_file(hash)?;
+        let from = src.layer_path(hash);
+        let (file, _) = match src.open_layer(hash) {
+            Ok(opened) => opened,
+            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::NotFound { path: from });
+            }
+            Err(e) => return Err(e),
+        };
         let tmp = self.tmp_file()?;
-        let actual = sparse_copy_hashing(&from, tmp.file(), tmp.path())?;
+        let actual = sparse_copy_hashing(&file, &from, tmp.file(), tmp.path())?;
         if actual != hash {
             return Err(Error::HashMismatch { path: from, actual });
         }
-        self.add_layer(tmp.path(), Some(hash))?;
+        self.add_layer(tmp, Some(hash))?;
         Ok(LayerTransfer::Copied)
     }
 
     /// Makes layer `hash` of `src` present here without copying data: `Present` if it is
     /// already here, `Linked` after a hard link; `None` when `src` lacks it or a link is
-    /// impossible (another filesystem, `fs.protected_hardlinks`).
+    /// impossible (another filesystem, `fs.protected_hardlinks` for a layer the caller
+    /// does not own).
     pub fn link_layer_from(&self, src: &Store, hash: &str) -> Result<Option<LayerTransfer>, Error> {
         if !is_hash(hash) {
             return Err(Error::BadHash(hash.to_string()));
         }
-        let dest = self.layer_path(hash);
-        if fs::symlink_metadata(&dest).is_ok() {
-            refresh_ctime(&dest);
+        let data = self.dir("data")?;
+        let rel = Self::layer_rel(hash);
+        if data.has(&rel) {
+            refresh_ctime(&data, &rel);
             return Ok(Some(LayerTransfer::Present));
         }
-        if fs::symlink_metadata(src.layer_path(hash)).is_err() {
+        // Only a regular file is linked (link(2) would link a symlink itself).
+        let Ok(src_xx) = src.dir("data").and_then(|d| d.subdir(&hash[..2])) else {
+            return Ok(None);
+        };
+        if src_xx.open_regular(hash).is_err() {
             return Ok(None);
         }
-        // Never a symlink leading out of the source repository (link(2) would link the
-        // symlink itself).
-        let from = src.layer_file(hash)?;
-        match self.place_in_prefix_dir(&dest, |dest| fs::hard_link(&from, dest))? {
-            Ok(()) => {
-                fsutil::sync_dir(dest.parent().unwrap_or(&self.data_dir()))?;
+        let placed = self.place_in_prefix_dir(&data, hash, |xx| {
+            sys::link_at(src_xx.fd(), OsStr::new(hash), xx.fd(), OsStr::new(hash))
+        })?;
+        match placed {
+            Ok(xx) => {
+                fsutil::sync_dir(xx.fd(), &xx.path)?;
                 Ok(Some(LayerTransfer::Linked))
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Some(LayerTransfer::Present)),
             Err(e) if fsutil::link_unsupported(&e) => {
-                log::debug!("cannot link {} here ({e})", from.display());
+                log::debug!("cannot link {} here ({e})", src.layer_path(hash).display());
                 Ok(None)
             }
-            Err(e) => Err(io_err(&dest, e)),
+            Err(e) => Err(io_err(&data.show(&rel), e)),
         }
     }
 
-    /// Runs `place` (a rename or link to `dest`) after creating `data/XX/` if needed.
-    /// gc removes a `data/XX/` it has emptied, possibly between the creation and the
-    /// placing: the directory is then created again and `place` retried. The outer
-    /// error is the directory's, the inner result `place`'s.
+    /// Runs `place` (a rename or link into `data/XX/`, given as a directory handle) after
+    /// creating `data/XX/` if needed. gc removes a `data/XX/` it has emptied, possibly
+    /// between the creation and the placing: the directory is then created again and
+    /// `place` retried. The outer error is the directory's, the inner result `place`'s
+    /// (with the directory it placed into).
     fn place_in_prefix_dir(
         &self,
-        dest: &Path,
-        place: impl Fn(&Path) -> io::Result<()>,
-    ) -> Result<io::Result<()>, Error> {
+        data: &Dir,
+        hash: &str,
+        place: impl Fn(&Dir) -> io::Result<()>,
+    ) -> Result<io::Result<Dir>, Error> {
+        let prefix = &hash[..2];
         let mut attempts = 0;
         loop {
-            self.ensure_prefix_dir(dest)?;
-            match place(dest) {
+            if data.make_dir(prefix)? {
+                fsutil::sync_dir(data.fd(), &data.path)?;
+            }
+            let xx = data.subdir(prefix)?;
+            match place(&xx) {
                 Err(e)
                     if e.kind() == io::ErrorKind::NotFound
                         && attempts < PREFIX_DIR_ATTEMPTS
-                        && dest.parent().is_some_and(|d| !d.exists()) =>
+                        && !data.has(prefix) =>
                 {
                     attempts += 1;
                 }
-                r => return Ok(r),
+                Err(e) => return Ok(Err(e)),
+                Ok(()) => return Ok(Ok(xx)),
             }
-        }
-    }
-
-    /// Creates `data/XX/` for `dest` if needed, syncing `data/` when it did.
-    fn ensure_prefix_dir(&self, dest: &Path) -> Result<(), Error> {
-        let Some(dir) = dest.parent() else {
-            return Ok(());
-        };
-        match fs::create_dir(dir) {
-            Ok(()) => fsutil::sync_dir(&self.data_dir()),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(io_err(dir, e)),
         }
     }
 }
@@ -226,15 +254,21 @@ impl Store {
 /// unreferenced before the metadata that uses it again is published (gc keeps layers
 /// whose ctime is within its grace period). Best effort: someone else's layer cannot be
 /// chmod-ed, and then only the double scan of gc protects it.
-fn refresh_ctime(layer: &Path) {
-    let _ = fs::set_permissions(layer, fs::Permissions::from_mode(LAYER_MODE));
+fn refresh_ctime(data: &Dir, rel: &Path) {
+    if let Ok((f, _)) = data.open_regular(rel) {
+        let _ = f.set_permissions(fs::Permissions::from_mode(LAYER_MODE));
+    }
 }
 
-/// Copies `from` into `to` data extent by data extent (SEEK_DATA/SEEK_HOLE), so holes
+/// Copies `src` (opened from `from`) into `to` data extent by data extent (SEEK_DATA/SEEK_HOLE), so holes
 /// stay holes, and returns the sha256 of the whole content (holes as zeroes). The copy
 /// is synced.
-pub fn sparse_copy_hashing(from: &Path, to: &File, to_path: &Path) -> Result<String, Error> {
-    let src = File::open(from).map_err(|e| io_err(from, e))?;
+pub fn sparse_copy_hashing(
+    src: &File,
+    from: &Path,
+    to: &File,
+    to_path: &Path,
+) -> Result<String, Error> {
     let size = src.metadata().map_err(|e| io_err(from, e))?.len();
     let mut h = Sha256::new();
     let mut buf = vec![0u8; IO_CHUNK];
@@ -248,7 +282,7 @@ pub fn sparse_copy_hashing(from: &Path, to: &File, to_path: &Path) -> Result<Str
     };
     let mut pos = 0u64;
     while pos < size {
-        let (data, hole) = match next_extent(&src, pos, size) {
+        let (data, hole) = match next_extent(src, pos, size) {
             Ok(Some(x)) => x,
             Ok(None) => break,
             Err(e) => return Err(io_err(from, e)),

@@ -8,10 +8,11 @@
 //! * A bounded cache of parsed metadata keyed by `name@rev`. A revision's metadata never
 //!   changes once published, but it can be deleted and published again under the same
 //!   name (`delete` then `import`), here or on another host. So every hit is checked
-//!   against an `lstat` of the file: device, inode, size, mtime and ctime must be those
-//!   of the file that was parsed. A new file under the same name has another inode or at
-//!   least another ctime, so a stale entry is never served; the check costs one `lstat`
-//!   instead of open, read, close and a JSON parse.
+//!   against the file opened under its name, with the caller's identity: device, inode,
+//!   size, mtime and ctime must be those of the file that was parsed. A new file under
+//!   the same name has another inode or at least another ctime, so a stale entry is never
+//!   served, and a caller who may not open the file is never served its content; the
+//!   check costs an open and an `fstat` instead of a read and a JSON parse.
 //! * Read-ahead of many metadata files at once ([`MetaCache::prefetch`]): a few threads
 //!   ask the kernel to read each file (`posix_fadvise(WILLNEED)`, which queues the I/O
 //!   without waiting, so the disk sees all requests at once and merges neighbours), then
@@ -20,14 +21,13 @@
 //!   took 3–5 s, advising them first from 4 threads 0.3–0.4 s.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{Metadata, OpenOptions};
-use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::fs::Metadata;
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::Meta;
+use crate::sys::Identity;
 
 /// Bytes of metadata files the cache may hold, counted as file size plus
 /// [`ENTRY_OVERHEAD`]: about 35,000 typical revisions (~200-byte files), so a listing of
@@ -74,9 +74,16 @@ impl FileId {
 
 type Key = (String, u64);
 
+/// Identities remembered per entry (the users listing one repository at a time).
+const MAX_READERS: usize = 4;
+
 struct Entry {
     id: FileId,
     meta: Arc<Meta>,
+    /// Identities that opened this very file for reading: the entry is handed to them
+    /// without a new open while the file is unchanged (its ctime moves with any change
+    /// of its mode, owner or ACL). Anyone else must open it first.
+    readers: Vec<Identity>,
     weight: u64,
     /// Insertion number, to tell this entry's slot in the eviction queue from an older
     /// entry's for the same key.
@@ -113,16 +120,38 @@ impl std::fmt::Debug for MetaCache {
 }
 
 impl MetaCache {
-    /// The cached metadata of `name@rev`, if the file at `path` is still the one it was
-    /// parsed from. `Err` carries the `lstat` error (for example `NotFound`).
-    pub fn get(&self, name: &str, rev: u64, path: &Path) -> io::Result<Option<Arc<Meta>>> {
-        let id = FileId::of(&std::fs::symlink_metadata(path)?);
+    /// The cached metadata of `name@rev`, if it was parsed from the file `id` and
+    /// `reader` has opened that file before.
+    pub fn get(&self, name: &str, rev: u64, id: FileId, reader: &Identity) -> Option<Arc<Meta>> {
         let inner = self.lock();
-        Ok(inner
+        inner
             .map
             .get(&(name.to_string(), rev))
-            .filter(|e| e.id == id)
-            .map(|e| e.meta.clone()))
+            .filter(|e| e.id == id && e.readers.contains(reader))
+            .map(|e| e.meta.clone())
+    }
+
+    /// The cached metadata of `name@rev`, if it was parsed from the file `id`, which
+    /// `reader` has just opened: `reader` is remembered as one who may be served it.
+    pub fn get_opened(
+        &self,
+        name: &str,
+        rev: u64,
+        id: FileId,
+        reader: &Identity,
+    ) -> Option<Arc<Meta>> {
+        let mut inner = self.lock();
+        let e = inner
+            .map
+            .get_mut(&(name.to_string(), rev))
+            .filter(|e| e.id == id)?;
+        if !e.readers.contains(reader) {
+            if e.readers.len() >= MAX_READERS {
+                e.readers.remove(0);
+            }
+            e.readers.push(reader.clone());
+        }
+        Some(e.meta.clone())
     }
 
     /// True when `name@rev` has an entry (not checked against the file).
@@ -132,7 +161,7 @@ impl MetaCache {
 
     /// Remembers `meta`, parsed from the file `id`, evicting the oldest entries beyond
     /// [`META_CACHE_BYTES`].
-    pub fn insert(&self, name: &str, rev: u64, id: FileId, meta: Arc<Meta>) {
+    pub fn insert(&self, name: &str, rev: u64, id: FileId, meta: Arc<Meta>, reader: Identity) {
         if id.size > MAX_CACHED_FILE {
             return;
         }
@@ -146,6 +175,7 @@ impl MetaCache {
             Entry {
                 id,
                 meta,
+                readers: vec![reader],
                 weight,
                 seq,
             },
@@ -219,16 +249,4 @@ impl Drop for PrefetchSlot {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-/// Asks the kernel to start reading `path` into the page cache, without waiting for it.
-pub fn advise(path: &Path) {
-    let Ok(f) = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-    else {
-        return;
-    };
-    crate::image::advise_willneed(&f, 0, 0);
 }

@@ -26,14 +26,17 @@ pub use json::{python_float_repr, to_python_json};
 pub use layers::{LayerTransfer, TmpFile, sha256_file, sparse_copy_hashing};
 
 use std::collections::BTreeMap;
-use std::fs;
+use std::ffi::OsStr;
+use std::fs::{self, File};
 use std::io;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use fsutil::{io_err, py_os_error};
+use crate::sys::{self, EntryType};
+use fsutil::{Dir, io_err, py_os_error};
 
 /// The metadata of one revision, as pcocc writes it. Field order is the on-disk key order
 /// (pcocc's `json.dump` of its dict): name, revision, kind, owner, timestamp, data_blobs,
@@ -221,12 +224,25 @@ impl Store {
             Err(source) => return Err(io_err(root, source)),
         }
         let config = root.join(".config");
-        let text = fsutil::read_bounded_string(&config, MAX_CONFIG_BYTES).map_err(|e| {
-            Error::BadConfig {
-                reason: py_os_error(&e, &config),
-                path: config.clone(),
-            }
-        })?;
+        let bad_config = |reason: String| Error::BadConfig {
+            reason,
+            path: config.clone(),
+        };
+        let dir = sys::open_dir_path(root)
+            .map(|fd| Dir {
+                fd,
+                path: root.to_path_buf(),
+            })
+            .map_err(|e| bad_config(py_os_error(&e, &config)))?;
+        let text = match dir.open_regular(".config") {
+            Ok((f, m)) => fsutil::read_bounded_file(f, &m, MAX_CONFIG_BYTES)
+                .and_then(|b| {
+                    String::from_utf8(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+                })
+                .map_err(|e| bad_config(py_os_error(&e, &config)))?,
+            Err(Error::Io { source, .. }) => return Err(bad_config(py_os_error(&source, &config))),
+            Err(e) => return Err(e),
+        };
         let version = parse_config_version(&text).map_err(|reason| Error::BadConfig {
             path: config.clone(),
             reason,
@@ -249,8 +265,8 @@ impl Store {
         };
         // A repository copied without its empty directories still works; a read-only
         // one must still open, so failures here are not errors.
-        for dir in [store.data_dir(), store.meta_dir(), store.tmp_dir()] {
-            let _ = fs::create_dir(dir);
+        for sub in ["data", "meta", ".tmp"] {
+            let _ = dir.make_dir(sub);
         }
         Ok(store)
     }
@@ -282,56 +298,68 @@ impl Store {
         self.root.join(".tmp")
     }
 
-    /// The metadata file of `name@rev` (whether or not it exists), in this repository's
-    /// format. `name` must be a valid image name.
-    pub fn meta_path(&self, name: &str, rev: u64) -> PathBuf {
+    /// The repository directory, opened now with the calling thread's identity (the
+    /// configured path may hold symlinks; nothing below it is followed).
+    pub(crate) fn root_dir(&self) -> Result<Dir, Error> {
+        let fd = sys::open_dir_path(&self.root).map_err(|e| io_err(&self.root, e))?;
+        Ok(Dir {
+            fd,
+            path: self.root.clone(),
+        })
+    }
+
+    /// `meta/`, `data/` or `.tmp/`, opened now (see [`Store::root_dir`]).
+    pub(crate) fn dir(&self, sub: &str) -> Result<Dir, Error> {
+        self.root_dir()?.subdir(sub)
+    }
+
+    /// The metadata of `meta/` (the directory itself), reached without following
+    /// symlinks.
+    pub fn meta_dir_metadata(&self) -> Result<fs::Metadata, Error> {
+        let root = self.root_dir()?;
+        root.stat("meta").map_err(|e| io_err(&root.show("meta"), e))
+    }
+
+    /// Where the metadata of `name@rev` lives, relative to `meta/`.
+    fn meta_rel(&self, name: &str, rev: u64) -> PathBuf {
         if self.version() == VERSION_LEGACY {
-            v1::meta_path(&self.meta_dir(), name, rev)
+            v1::meta_rel(name, rev)
         } else {
-            self.meta_dir().join(format!("{name}@{rev}"))
+            PathBuf::from(format!("{name}@{rev}"))
         }
     }
 
-    /// The file of layer `hash` (a bare sha256 hex, see [`parse_blob`]).
-    pub fn layer_path(&self, hash: &str) -> PathBuf {
-        let prefix = hash.get(..2).unwrap_or("__");
-        self.data_dir().join(prefix).join(hash)
+    /// The metadata file of `name@rev` (whether or not it exists), in this repository's
+    /// format, for messages. `name` must be a valid image name.
+    pub fn meta_path(&self, name: &str, rev: u64) -> PathBuf {
+        self.meta_dir().join(self.meta_rel(name, rev))
     }
 
-    /// The file of layer `hash`, resolved and checked to be a regular file inside
-    /// `data/`, for opening. Anyone who may write to a repository can put a symlink
-    /// there (as a layer or as a `data/XX/` directory); a daemon running as root must not
-    /// follow it to a file its caller could not read, so a path that resolves outside
-    /// `data/` is refused. The result has no symlink left in it.
-    pub fn layer_file(&self, hash: &str) -> Result<PathBuf, Error> {
-        let path = self.layer_path(hash);
-        let refuse = |why: &str| {
-            io_err(
-                &path,
-                io::Error::new(io::ErrorKind::PermissionDenied, why.to_string()),
-            )
-        };
+    /// Where layer `hash` lives, relative to `data/`.
+    fn layer_rel(hash: &str) -> PathBuf {
+        let prefix = hash.get(..2).unwrap_or("__");
+        PathBuf::from(prefix).join(hash)
+    }
+
+    /// The file of layer `hash` (a bare sha256 hex, see [`parse_blob`]), for messages.
+    pub fn layer_path(&self, hash: &str) -> PathBuf {
+        self.data_dir().join(Self::layer_rel(hash))
+    }
+
+    /// Opens layer `hash` for reading with the calling thread's identity: a regular file
+    /// reached from the repository without following any symlink (anyone who may write
+    /// to a repository can put one there, as a layer or as a `data/XX/` directory). The
+    /// descriptor is what gets read from then on, never the name again.
+    pub fn open_layer(&self, hash: &str) -> Result<(File, fs::Metadata), Error> {
         if !is_hash(hash) {
             return Err(Error::BadHash(hash.to_string()));
         }
-        let resolved = path.canonicalize().map_err(|e| io_err(&path, e))?;
-        let data = self.data_dir();
-        let data = data.canonicalize().map_err(|e| io_err(&data, e))?;
-        if !resolved.starts_with(&data) {
-            return Err(refuse(
-                "the layer resolves outside the repository's data/ directory: refused",
-            ));
-        }
-        match fs::symlink_metadata(&resolved) {
-            Ok(m) if m.is_file() => Ok(resolved),
-            Ok(_) => Err(refuse("the layer is not a regular file")),
-            Err(e) => Err(io_err(&path, e)),
-        }
+        self.dir("data")?.open_regular(Self::layer_rel(hash))
     }
 
     /// True when this repository holds layer `hash`.
     pub fn has_layer(&self, hash: &str) -> bool {
-        is_hash(hash) && fs::symlink_metadata(self.layer_path(hash)).is_ok()
+        is_hash(hash) && self.dir("data").is_ok_and(|d| d.has(Self::layer_rel(hash)))
     }
 
     /// Every image and its revisions. For version 2 this reads only file names in
@@ -343,10 +371,19 @@ impl Store {
     /// The listing of `meta/`, shared with the cache rather than copied: lookups of one
     /// image's revisions must not copy every image's.
     fn shared_listing(&self) -> Result<Arc<Listing>, Error> {
-        let dir = self.meta_dir();
-        let stamp = fs::metadata(&dir)
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, fsutil::ctime(&m))));
+        // Opened for reading with the caller's identity before anything cached is
+        // handed out: a listing made for one user is shown only to those who may read
+        // `meta/` themselves.
+        let meta = self.dir("meta")?;
+        sys::access_at(meta.fd(), OsStr::new("."), libc::R_OK)
+            .map_err(|e| io_err(&meta.path, e))?;
+        let stamp = File::from(
+            sys::open_beneath(meta.fd(), Path::new("."), libc::O_PATH, 0)
+                .map_err(|e| io_err(&meta.path, e))?,
+        )
+        .metadata()
+        .ok()
+        .and_then(|m| Some((m.modified().ok()?, fsutil::ctime(&m))));
         let mut cache = self.listing.lock().unwrap_or_else(|e| e.into_inner());
         if let (Some(c), Some(stamp)) = (cache.as_ref(), stamp)
             && c.stamp == stamp
@@ -354,7 +391,7 @@ impl Store {
         {
             return Ok(c.listing.clone());
         }
-        let listing = Arc::new(self.list_uncached()?);
+        let listing = Arc::new(self.list_uncached(&meta)?);
         *cache = stamp.map(|stamp| CachedListing {
             stamp,
             made: Instant::now(),
@@ -369,10 +406,12 @@ impl Store {
         ChangingMeta(&self.listing)
     }
 
-    /// Reads `meta/` (every file, for version 1).
-    fn list_uncached(&self) -> Result<Listing, Error> {
+    /// Reads `meta/` (every file, for version 1). Only regular files count: a FIFO,
+    /// socket, device, directory or symlink named like metadata is skipped with a
+    /// warning, so that nothing a repository writer places there can block a listing.
+    fn list_uncached(&self, meta: &Dir) -> Result<Listing, Error> {
         if self.version() == VERSION_LEGACY {
-            return Ok(v1::read_all(&self.meta_dir())?
+            return Ok(v1::read_all(meta)?
                 .into_iter()
                 .fold(Listing::new(), |mut l, (_, m)| {
                     l.entry(m.name.clone()).or_default().push(m.revision);
@@ -386,19 +425,30 @@ impl Store {
                 })
                 .collect());
         }
-        let dir = self.meta_dir();
         let mut listing = Listing::new();
-        for entry in fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
-            let entry = entry.map_err(|e| io_err(&dir, e))?;
-            let file = entry.file_name();
-            match file.to_str().and_then(parse_meta_file_name) {
-                Some((name, rev)) => listing.entry(name.to_string()).or_default().push(rev),
-                None => log::warn!(
+        for (file, kind) in sys::read_dir(meta.fd()).map_err(|e| io_err(&meta.path, e))? {
+            let Some((name, rev)) = file.to_str().and_then(parse_meta_file_name) else {
+                log::warn!(
                     "repository {}: skipping {}: not a NAME@REVISION metadata file",
                     self.name,
-                    dir.join(&file).display()
-                ),
+                    meta.show(&file).display()
+                );
+                continue;
+            };
+            let regular = match kind {
+                EntryType::File => true,
+                EntryType::Unknown => meta.open_regular(&file).is_ok(),
+                _ => false,
+            };
+            if !regular {
+                log::warn!(
+                    "repository {}: skipping {}: not a regular file",
+                    self.name,
+                    meta.show(&file).display()
+                );
+                continue;
             }
+            listing.entry(name.to_string()).or_default().push(rev);
         }
         for revs in listing.values_mut() {
             revs.sort_unstable();
@@ -428,26 +478,62 @@ impl Store {
     }
 
     /// [`Store::read_meta`] through the cache of parsed metadata: a file parsed before
-    /// and unchanged since (same inode, size and times, checked by one `lstat`) is not
-    /// read again. For the filesystem's attribute paths, which ask for the same
-    /// revisions over and over; gc and the CLI read files afresh.
+    /// and unchanged since (same inode, size and times) is not read again. Cached
+    /// metadata is handed only to callers who opened that very file for reading
+    /// themselves (with the calling thread's identity, judged by the kernel); for one
+    /// who did, reaching the file (search rights on the way) and finding it unchanged is
+    /// enough. For the filesystem's attribute paths, which ask for the same revisions
+    /// over and over; gc and the CLI read files afresh.
     pub fn read_meta_cached(&self, name: &str, rev: u64) -> Result<Option<Arc<Meta>>, Error> {
         if !is_valid_name(name) {
             return Ok(None);
         }
-        let path = self.meta_path(name, rev);
-        match self.metas.get(name, rev, &path) {
-            Ok(Some(meta)) => return Ok(Some(meta)),
-            Ok(None) => {}
+        let me = sys::Identity::of_thread();
+        // Reached as the caller (search rights on the way), not opened: enough for one
+        // who has opened this very file before.
+        let rel = self.meta_rel(name, rev);
+        match self.dir("meta")?.stat(&rel) {
+            Ok(m) => {
+                if let Some(meta) = self.metas.get(name, rev, metacache::FileId::of(&m), &me) {
+                    return Ok(Some(meta));
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&path, e)),
+            Err(_) => {}
         }
-        let Some((id, meta)) = self.load_meta(name, rev)? else {
+        let Some((file, m)) = self.open_meta(name, rev)? else {
             return Ok(None);
         };
-        let meta = Arc::new(meta);
-        self.metas.insert(name, rev, id, meta.clone());
+        let id = metacache::FileId::of(&m);
+        if let Some(meta) = self.metas.get_opened(name, rev, id, &me) {
+            return Ok(Some(meta));
+        }
+        let meta = Arc::new(self.parse_meta(name, rev, file, &m)?);
+        self.metas.insert(name, rev, id, meta.clone(), me);
         Ok(Some(meta))
+    }
+
+    /// True when `name@rev` has a metadata file (a regular file; not read).
+    pub fn has_revision(&self, name: &str, rev: u64) -> bool {
+        is_valid_name(name) && matches!(self.open_meta(name, rev), Ok(Some(_)))
+    }
+
+    /// The metadata of the metadata file of `name@rev` (its owner, times).
+    pub fn revision_file_metadata(&self, name: &str, rev: u64) -> Option<fs::Metadata> {
+        if !is_valid_name(name) {
+            return None;
+        }
+        self.open_meta(name, rev).ok().flatten().map(|(_, m)| m)
+    }
+
+    /// Opens the metadata file of `name@rev` (a regular file, no symlink followed);
+    /// `None` when it does not exist.
+    fn open_meta(&self, name: &str, rev: u64) -> Result<Option<(File, fs::Metadata)>, Error> {
+        match self.dir("meta")?.open_regular(self.meta_rel(name, rev)) {
+            Ok(opened) => Ok(Some(opened)),
+            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Metadata files this store has opened and parsed (each [`Store::read_meta`], and
@@ -479,15 +565,26 @@ impl Store {
             .claim_prefetch_threads(metacache::PREFETCH_THREADS.min(todo.len()));
         let threads = slots.len();
         let todo = Arc::new(todo);
+        // The threads read with the identity of the request that started them.
+        let identity = sys::Identity::of_thread();
         for (t, slot) in slots.into_iter().enumerate() {
-            let (store, todo) = (self.clone(), todo.clone());
+            let (store, todo, identity) = (self.clone(), todo.clone(), identity.clone());
             let spawned = std::thread::Builder::new()
                 .name("meta-prefetch".into())
                 .spawn(move || {
                     let share = || todo.iter().skip(t).step_by(threads);
                     // Queue every read first, so the disk sees them together; then parse.
+                    let _as = match identity.assume() {
+                        Ok(g) => g,
+                        Err(e) => {
+                            log::warn!("metadata read-ahead: {e}");
+                            return;
+                        }
+                    };
                     for (name, rev) in share() {
-                        metacache::advise(&store.meta_path(name, *rev));
+                        if let Ok(Some((f, _))) = store.open_meta(name, *rev) {
+                            crate::image::advise_willneed(&f, 0, 0);
+                        }
                     }
                     for (name, rev) in share() {
                         // Errors are reported to whoever asks for that revision.
@@ -512,12 +609,24 @@ impl Store {
         if !is_valid_name(name) {
             return Ok(None);
         }
-        let path = self.meta_path(name, rev);
-        let (id, bytes) = match fsutil::read_bounded_with_metadata(&path, MAX_META_BYTES) {
-            Ok((m, bytes)) => (metacache::FileId::of(&m), bytes),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&path, e)),
+        let Some((file, m)) = self.open_meta(name, rev)? else {
+            return Ok(None);
         };
+        let meta = self.parse_meta(name, rev, file, &m)?;
+        Ok(Some((metacache::FileId::of(&m), meta)))
+    }
+
+    /// Reads and parses the open metadata file of `name@rev`.
+    fn parse_meta(
+        &self,
+        name: &str,
+        rev: u64,
+        file: File,
+        m: &fs::Metadata,
+    ) -> Result<Meta, Error> {
+        let path = self.meta_path(name, rev);
+        let bytes =
+            fsutil::read_bounded_file(file, m, MAX_META_BYTES).map_err(|e| io_err(&path, e))?;
         self.metas.count_read();
         let parsed = if self.version() == VERSION_LEGACY {
             v1::parse(&bytes)
@@ -539,7 +648,7 @@ impl Store {
                 meta.revision
             );
         }
-        Ok(Some((id, meta)))
+        Ok(meta)
     }
 
     /// Number of images (names with at least one revision), from the shared listing.
@@ -566,8 +675,14 @@ impl Store {
         if self.version() == VERSION_LEGACY {
             self.upgrade()?;
         }
-        let dest = self.meta_path(&meta.name, meta.revision);
-        fsutil::publish_exclusive(&self.tmp_dir(), &dest, &meta.to_json())
+        let root = self.root_dir()?;
+        let name = format!("{}@{}", meta.name, meta.revision);
+        fsutil::publish_exclusive(
+            &root.subdir(".tmp")?,
+            &root.subdir("meta")?,
+            &name,
+            &meta.to_json(),
+        )
     }
 
     /// Removes the metadata of `name@rev` (never a layer).
@@ -577,17 +692,24 @@ impl Store {
         if !is_valid_name(name) {
             return Err(Error::NotFound { path });
         }
-        match fs::remove_file(&path) {
+        let rel = self.meta_rel(name, rev);
+        let (Some(parent), Some(file)) = (rel.parent(), rel.file_name()) else {
+            return Err(Error::NotFound { path });
+        };
+        let meta = self.dir("meta")?;
+        let dir = if parent.as_os_str().is_empty() {
+            meta
+        } else {
+            meta.subdir(parent)?
+        };
+        match sys::unlink_at(dir.fd(), file, false) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(Error::NotFound { path });
             }
             Err(e) => return Err(io_err(&path, e)),
         }
-        if let Some(parent) = path.parent() {
-            fsutil::sync_dir(parent)?;
-        }
-        Ok(())
+        fsutil::sync_dir(dir.fd(), &dir.path)
     }
 
     /// Removes every revision of `name`; returns the revisions removed (empty when the
@@ -641,10 +763,20 @@ impl Store {
             }
             created.push(m.revision);
         }
-        for &rev in &revs {
+        for (i, &rev) in revs.iter().enumerate() {
             match self.delete_revision(old, rev) {
                 Ok(()) | Err(Error::NotFound { .. }) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // Refused before anything of `old` went (the sticky bit of a shared
+                    // repository, say): the copies made are taken back, so nothing
+                    // changed. Later, `old` is partly gone and `new` is kept whole.
+                    if i == 0 {
+                        for &rev in &created {
+                            let _ = self.delete_revision(new, rev);
+                        }
+                    }
+                    return Err(e);
+                }
             }
         }
         Ok(())
@@ -676,31 +808,28 @@ fn create_repo(root: &Path) -> Result<(), Error> {
     if !parent_ok {
         return Err(Error::BadParent(parent.to_path_buf()));
     }
-    for dir in [
-        root.to_path_buf(),
-        root.join("data"),
-        root.join("meta"),
-        root.join(".tmp"),
-    ] {
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            // Another process creating the same repository at the same time.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err(&dir, e)),
-        }
+    match fs::create_dir(root) {
+        Ok(()) => {}
+        // Another process creating the same repository at the same time.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(root, e)),
+    }
+    let dir = Dir {
+        fd: sys::open_dir_path(root).map_err(|e| io_err(root, e))?,
+        path: root.to_path_buf(),
+    };
+    for sub in ["data", "meta", ".tmp"] {
+        dir.make_dir(sub)?;
     }
     // Published like metadata so that nobody ever reads a half-written `.config`.
-    match fsutil::publish_exclusive(
-        &root.join(".tmp"),
-        &root.join(".config"),
-        CONFIG_V2.as_bytes(),
-    ) {
+    match fsutil::publish_exclusive(&dir.subdir(".tmp")?, &dir, ".config", CONFIG_V2.as_bytes()) {
         Ok(()) | Err(Error::AlreadyExists { .. }) => {}
         Err(e) => return Err(e),
     }
-    fsutil::sync_dir(root)?;
-    if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
-        let _ = fsutil::sync_dir(parent);
+    if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty())
+        && let Ok(fd) = sys::open_dir_path(parent)
+    {
+        let _ = sys::sync_dir(fd.as_fd());
     }
     Ok(())
 }

@@ -2,19 +2,19 @@
 //! `meta/XX/<sha256("NAME\nREV")>`. Names are hidden in the hash, so listing parses
 //! every file; legacy repositories are small and gc upgrades them to version 2.
 
-use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 
-use super::fsutil::io_err;
+use super::fsutil::{Dir, io_err, read_bounded_file};
 use super::{Error, Meta};
+use crate::sys::{self, EntryType};
 
-/// Where version 1 keeps the metadata of `name@rev`.
-pub fn meta_path(meta_dir: &Path, name: &str, rev: u64) -> PathBuf {
+/// Where version 1 keeps the metadata of `name@rev`, relative to `meta/`.
+pub fn meta_rel(name: &str, rev: u64) -> PathBuf {
     let hash = format!("{:x}", Sha256::digest(format!("{name}\n{rev}").as_bytes()));
-    meta_dir.join(&hash[..2]).join(hash)
+    PathBuf::from(&hash[..2]).join(hash)
 }
 
 /// Parses one version 1 metadata file.
@@ -26,29 +26,37 @@ pub fn parse(bytes: &[u8]) -> Result<Meta, String> {
 /// Readable metadata files with their content, and unreadable ones.
 pub type Scan = (Vec<(PathBuf, Meta)>, Vec<PathBuf>);
 
-/// Every metadata file under `meta_dir` with its parsed content, and the files that could
+/// Every metadata file under `meta` with its parsed content, and the files that could
 /// not be parsed (each also logged as a warning).
-pub fn read_all_checked(meta_dir: &Path) -> Result<Scan, Error> {
+pub fn read_all_checked(meta: &Dir) -> Result<Scan, Error> {
     let mut good = Vec::new();
     let mut bad = Vec::new();
-    let top = match fs::read_dir(meta_dir) {
+    let top = match sys::read_dir(meta.fd()) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((good, bad)),
-        Err(e) => return Err(io_err(meta_dir, e)),
+        Err(e) => return Err(io_err(&meta.path, e)),
     };
-    for sub in top {
-        let sub = sub.map_err(|e| io_err(meta_dir, e))?.path();
-        if !sub.is_dir() {
+    for (sub, kind) in top {
+        let sub_dir = match kind {
+            EntryType::Directory | EntryType::Unknown => meta.subdir(&sub).ok(),
+            _ => None,
+        };
+        let Some(sub_dir) = sub_dir else {
             log::warn!(
                 "skipping {}: not a version 1 metadata directory",
-                sub.display()
+                meta.show(&sub).display()
             );
             continue;
-        }
-        for entry in fs::read_dir(&sub).map_err(|e| io_err(&sub, e))? {
-            let path = entry.map_err(|e| io_err(&sub, e))?.path();
-            let parsed = super::fsutil::read_bounded(&path, super::MAX_META_BYTES)
+        };
+        let entries = sys::read_dir(sub_dir.fd()).map_err(|e| io_err(&sub_dir.path, e))?;
+        for (name, _) in entries {
+            let path = sub_dir.show(&name);
+            let parsed = sub_dir
+                .open_regular(&name)
                 .map_err(|e| e.to_string())
+                .and_then(|(f, m)| {
+                    read_bounded_file(f, &m, super::MAX_META_BYTES).map_err(|e| e.to_string())
+                })
                 .and_then(|b| parse(&b))
                 .and_then(|m| m.layer_hashes().map(|_| ()).map(|()| m));
             match parsed {
@@ -64,6 +72,6 @@ pub fn read_all_checked(meta_dir: &Path) -> Result<Scan, Error> {
 }
 
 /// [`read_all_checked`] without the list of bad files.
-pub fn read_all(meta_dir: &Path) -> Result<Vec<(PathBuf, Meta)>, Error> {
-    Ok(read_all_checked(meta_dir)?.0)
+pub fn read_all(meta: &Dir) -> Result<Vec<(PathBuf, Meta)>, Error> {
+    Ok(read_all_checked(meta)?.0)
 }

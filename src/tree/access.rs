@@ -1,18 +1,17 @@
-//! Who may do what: the caller's identity, user names, and permission checks against
-//! the repository directories' modes. Every tree call is carried out for a [`Caller`];
-//! these checks mirror what the kernel would decide for that user on the repository
-//! directory itself (owner, group, other bits; root passes), so a daemon serving several
-//! users refuses what the user could not do directly. ACLs are not consulted.
+//! Who may do what: the caller's identity, user names, and the early permission checks
+//! that let an operation fail with pcocc's message before any work is done. The checks
+//! are the kernel's own (`faccessat2` with the caller's filesystem identity, so ACLs
+//! count), and they only decide how soon a refusal comes: every access that follows is
+//! made with the caller's identity and judged again by the kernel at the moment of use.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
 use super::{Caller, Error};
 
-/// Bits of a mode for read, write and search, for the owner class (shifted for others).
+/// Bits of a mode for read, write and search (`R_OK`, `W_OK`, `X_OK`).
 pub const R: u32 = 4;
 pub const W: u32 = 2;
 pub const X: u32 = 1;
@@ -26,63 +25,28 @@ pub fn current_caller() -> Caller {
     CURRENT.get_or_init(Caller::current_uncached).clone()
 }
 
-/// True when `caller` may access an object with metadata `m` for `want` (a mix of
-/// [`R`], [`W`], [`X`]), by its mode bits.
-pub fn permits(caller: &Caller, m: &std::fs::Metadata, want: u32) -> bool {
-    if caller.uid == 0 {
-        // Root passes, except that search needs some x bit on non-directories.
-        return want & X == 0 || m.is_dir() || m.mode() & 0o111 != 0;
-    }
-    let mode = m.mode();
-    let bits = if m.uid() == caller.uid {
-        (mode >> 6) & 7
-    } else if caller.in_group(m.gid()) {
-        (mode >> 3) & 7
-    } else {
-        mode & 7
-    };
-    bits & want == want
-}
-
-/// Fails with `PermissionDenied` unless `caller` may access `path` for `want`, and may
-/// search every directory above it, as path resolution by the kernel requires: a
-/// repository whose own directory is 0700 keeps its `meta/` private whatever the mode
-/// of `meta/`.
+/// Fails with `PermissionDenied` unless `caller` may access `path` for `want` (a mix of
+/// [`R`], [`W`], [`X`]), as the kernel judges it for them, path resolution included.
 pub fn check(caller: &Caller, path: &Path, want: u32) -> Result<(), Error> {
-    let stat = |p: &Path| {
-        std::fs::metadata(p).map_err(|source| crate::store::Error::Io {
-            path: p.to_path_buf(),
-            source,
-        })
-    };
-    let m = stat(path)?;
-    if !permits(caller, &m, want) {
-        return Err(Error::PermissionDenied(path.display().to_string()));
-    }
-    if caller.uid != 0 {
-        for dir in path
-            .ancestors()
-            .skip(1)
-            .filter(|d| !d.as_os_str().is_empty())
-        {
-            if !permits(caller, &stat(dir)?, X) {
-                return Err(Error::PermissionDenied(path.display().to_string()));
-            }
+    let _as = caller.act()?;
+    match crate::sys::access_path(path, want as libc::c_int) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            Err(Error::PermissionDenied(path.display().to_string()))
         }
+        Err(source) => Err(crate::store::Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+        .into()),
     }
-    Ok(())
 }
 
-/// `repo list`'s WRITABLE: `access(W_OK)` for this process, the mode check for anyone
-/// else; `None` when the path does not exist.
+/// `repo list`'s WRITABLE: whether `caller` may write to `path`, as the kernel judges
+/// it; `None` when the path does not exist.
 pub fn writable(caller: &Caller, path: &Path) -> Option<bool> {
-    let m = std::fs::metadata(path).ok()?;
-    if *caller == current_caller() {
-        let c = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-        // SAFETY: a valid NUL-terminated path; access only reads it.
-        return Some(unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0);
-    }
-    Some(permits(caller, &m, W))
+    std::fs::metadata(path).ok()?;
+    Some(check(caller, path, W).is_ok())
 }
 
 /// The user name of `uid` (what pcocc records as `owner`), or the number when the user

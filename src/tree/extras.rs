@@ -185,7 +185,8 @@ impl Tree {
             XATTR_VIRTUAL_SIZE => {
                 match hashes
                     .last()
-                    .and_then(|h| metajson::qcow2_virtual_size(&store.layer_path(h)))
+                    .and_then(|h| store.open_layer(h).ok())
+                    .and_then(|(f, _)| metajson::qcow2_virtual_size(&f))
                 {
                     Some(size) => size.to_string(),
                     None => return Ok(None),

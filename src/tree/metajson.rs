@@ -16,9 +16,8 @@ const QCOW2_SIZE_OFFSET: usize = 24;
 const QCOW2_HEADER_PREFIX: usize = 32;
 
 /// The virtual disk size of a qcow2 layer, read from its header; `None` when the file is
-/// missing or not qcow2.
-pub fn qcow2_virtual_size(path: &std::path::Path) -> Option<u64> {
-    let f = File::open(path).ok()?;
+/// not qcow2.
+pub fn qcow2_virtual_size(f: &File) -> Option<u64> {
     let mut head = [0u8; QCOW2_HEADER_PREFIX];
     f.read_exact_at(&mut head, 0).ok()?;
     if head[..4] != QCOW2_MAGIC {
@@ -40,18 +39,14 @@ pub fn render(store: &Store, meta: &Meta) -> Vec<u8> {
         .iter()
         .map(|h| {
             let path = store.layer_path(h);
-            // Not following a symlink: a layer is a regular file in data/.
-            let size = std::fs::symlink_metadata(&path)
-                .ok()
-                .filter(|m| m.is_file())
-                .map(|m| m.len());
+            let size = store.open_layer(h).ok().map(|(_, m)| m.len());
             json!({"sha256": h, "path": path.display().to_string(), "size": size})
         })
         .collect();
     let virtual_size = hashes
         .last()
-        .and_then(|h| store.layer_file(h).ok())
-        .and_then(|p| qcow2_virtual_size(&p));
+        .and_then(|h| store.open_layer(h).ok())
+        .and_then(|(f, _)| qcow2_virtual_size(&f));
     obj.insert("repo".into(), Value::from(store.name()));
     obj.insert("virtual_size".into(), json!(virtual_size));
     obj.insert("layers".into(), Value::Array(layers));

@@ -94,6 +94,19 @@ impl Caller {
         Caller { uid, gid, groups }
     }
 
+    /// Makes the calling thread act as this caller until the guard is dropped, so that
+    /// the kernel judges every access it makes (see [`crate::sys::Identity::assume`]):
+    /// a no-op for the process's own identity and outside a root process.
+    pub fn act(&self) -> Result<crate::sys::ActingAs, Error> {
+        crate::sys::Identity {
+            uid: self.uid,
+            gid: self.gid,
+            groups: self.groups.clone(),
+        }
+        .assume()
+        .map_err(|e| Error::Unreadable(format!("cannot act as uid {}: {e}", self.uid)))
+    }
+
     /// True when this caller is in group `gid` (primary or supplementary).
     pub fn in_group(&self, gid: u32) -> bool {
         self.gid == gid || self.groups.contains(&gid)

@@ -183,9 +183,7 @@ impl Tree {
                     });
                 }
                 let rev = parse_revision_dir_name(name).ok_or_else(missing)?;
-                if !store::is_valid_name(image)
-                    || std::fs::symlink_metadata(store.meta_path(image, rev)).is_err()
-                {
+                if !store.has_revision(image, rev) {
                     return Err(missing());
                 }
                 Ok(Node::Revision {
@@ -376,14 +374,14 @@ impl Tree {
             }
             Node::Repo { repo } => {
                 let store = self.readable_store(caller, repo)?;
-                let m = stat(&store.meta_dir())?;
+                let m = meta_dir_stat(store)?;
                 let images = u32::try_from(store.image_count()?).unwrap_or(u32::MAX);
                 Ok(dir_attr_like(&m, 2 + images, mtime(&m), ctime(&m)))
             }
             Node::Image { repo, image } => {
                 let store = self.readable_store(caller, repo)?;
                 let revs = store.revisions(image)?;
-                let m = stat(&store.meta_dir())?;
+                let m = meta_dir_stat(store)?;
                 if revs.is_empty() {
                     if let Some(t) = self.pending.empty_dir(repo, image) {
                         return Ok(dir_attr_like(&m, 2, t, t));
@@ -398,7 +396,7 @@ impl Tree {
                 let store = self.readable_store(caller, repo)?;
                 let revs = store.revisions(image)?;
                 let last = *revs.last().ok_or_else(|| Error::NoEntry(display(node)))?;
-                let m = stat(&store.meta_dir())?;
+                let m = meta_dir_stat(store)?;
                 let t = self.latest_time(store, image, &revs).unwrap_or(self.opened);
                 let target = revision_dir_name(last);
                 Ok(Attr {
@@ -489,7 +487,8 @@ impl Tree {
         if let Some(ids) = self.users.get(&meta.owner) {
             return ids;
         }
-        std::fs::metadata(store.meta_path(&meta.name, meta.revision))
+        store
+            .revision_file_metadata(&meta.name, meta.revision)
             .map(|m| (m.uid(), m.gid()))
             .unwrap_or((0, 0))
     }
@@ -633,14 +632,9 @@ impl Tree {
     }
 }
 
-fn stat(path: &std::path::Path) -> Result<std::fs::Metadata, Error> {
-    std::fs::metadata(path).map_err(|source| {
-        crate::store::Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-        .into()
-    })
+/// The metadata of the repository's `meta/`, reached without following symlinks.
+fn meta_dir_stat(store: &Store) -> Result<std::fs::Metadata, Error> {
+    Ok(store.meta_dir_metadata()?)
 }
 
 /// A repository or image directory: it looks as writable as the repository's `meta/`

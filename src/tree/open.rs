@@ -13,7 +13,6 @@ use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::access::{self, R};
 use super::import::ImportHandle;
 use super::views::Content;
 use super::{Attr, Caller, Error, FileKind, Node, Tree, metajson};
@@ -39,7 +38,7 @@ enum Inner {
     Bytes { bytes: Vec<u8>, attr: Attr },
     /// A stored layer, read with `pread`.
     Stored {
-        file: File,
+        file: Arc<File>,
         path: PathBuf,
         attr: Attr,
     },
@@ -148,7 +147,7 @@ impl OpenFile {
     /// single-layer revision): the kernel may then read it directly (FUSE passthrough).
     pub fn stored_file(&self) -> Option<&File> {
         match &self.inner {
-            Inner::Stored { file, .. } => Some(file),
+            Inner::Stored { file, .. } => Some(file.as_ref()),
             _ => None,
         }
     }
@@ -238,7 +237,6 @@ impl Tree {
                     return Err(Error::ReadOnly(super::nodes::display(node)));
                 }
                 let (store, meta) = self.revision_meta(caller, repo, image, *rev, node)?;
-                access::check(caller, &store.meta_path(image, *rev), R)?;
                 let attr = self.getattr(caller, node)?;
                 let inner = match file {
                     FileKind::MetaJson => Inner::Bytes {
@@ -247,11 +245,7 @@ impl Tree {
                     },
                     FileKind::View(format) => {
                         match self.opened_revision(store, &meta)?.content(*format)? {
-                            Content::Stored(path) => Inner::Stored {
-                                file: File::open(&path).map_err(|e| io_error(&path, e))?,
-                                path,
-                                attr,
-                            },
+                            Content::Stored(file, path) => Inner::Stored { file, path, attr },
                             Content::View(view) => Inner::View {
                                 view,
                                 attr,

@@ -8,7 +8,7 @@ use super::{
     Caller, CopyOutcome, DEFAULT_GC_GRACE, Deleted, Error, GcReport, ImageSummary, Resolved,
     RevisionInfo, Tree, Uri, validate_name,
 };
-use crate::store::{self, LayerTransfer, Meta, Store};
+use crate::store::{LayerTransfer, Meta, Store};
 
 /// Seconds since the epoch as pcocc records it (`time.time()`).
 pub fn now_timestamp() -> f64 {
@@ -63,10 +63,7 @@ impl Tree {
     fn locate(&self, caller: &Caller, uri: &Uri) -> Result<&Store, Error> {
         let has = |s: &Store| -> Result<bool, Error> {
             Ok(match uri.revision {
-                Some(rev) => {
-                    store::is_valid_name(&uri.name)
-                        && std::fs::symlink_metadata(s.meta_path(&uri.name, rev)).is_ok()
-                }
+                Some(rev) => s.has_revision(&uri.name, rev),
                 None => !s.revisions(&uri.name)?.is_empty(),
             })
         };
@@ -157,9 +154,8 @@ impl Tree {
                 .top_layer()
                 .ok()
                 .flatten()
-                .and_then(|h| std::fs::symlink_metadata(store.layer_path(h)).ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len());
+                .and_then(|h| store.open_layer(h).ok())
+                .map(|(_, m)| m.len());
             out.push(RevisionInfo {
                 meta,
                 top_layer_size,

@@ -280,6 +280,8 @@ impl Import {
             self.created.elapsed().unwrap_or_default()
         );
         let result = (|| {
+            // The files of the new revision are made by the writer, whoever closes.
+            let _as = self.writer.act()?;
             let format = choose_format(None, hint.or(self.hint), tmp.path(), tmp.file())?;
             let owner = access::user_name(self.writer.uid);
             // A staging file that fails to publish stays for its writer to fix, so only
@@ -292,8 +294,8 @@ impl Import {
                 &self.store,
                 &self.siblings,
                 &owner,
-                publish::FileOwner::for_caller(&self.writer, &self.store),
                 publish::Source {
+                    file: tmp.file(),
                     path: tmp.path(),
                     format,
                     scratch: Some(scratch),
@@ -328,7 +330,7 @@ impl Import {
             return Err(self.gone());
         };
         let checked = choose_format(None, self.hint, tmp.path(), tmp.file())
-            .and_then(|format| publish::open_standalone(tmp.path(), format));
+            .and_then(|format| publish::open_standalone(tmp.file(), tmp.path(), format));
         checked.map(|_| ()).inspect_err(|e| {
             log::warn!(
                 "staging file {} is not an image: {e}",

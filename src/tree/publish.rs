@@ -16,7 +16,7 @@ use std::path::Path;
 
 use super::ops::now_timestamp;
 use super::{Error, Format};
-use crate::image::chain::{NoBacking, open_chain};
+use crate::image::chain::{NoBacking, open_chain_file};
 use crate::image::{self, Disk, Layer, convert, detect};
 use crate::store::{self, Meta, Store};
 
@@ -75,17 +75,18 @@ pub fn choose_format(
         .unwrap_or(Format::Raw))
 }
 
-/// Opens `path` as a standalone `format` image: backing files and external files are
-/// refused, headers and tables are checked by the reader.
-pub fn open_standalone(path: &Path, format: Format) -> Result<Disk, Error> {
-    let open = |path: &Path| File::open(path).map_err(|e| image::Error::io(path, e));
+/// Opens `file` (known as `path`) as a standalone `format` image: backing files and
+/// external files are refused, headers and tables are checked by the reader. The reader
+/// gets a duplicate of the descriptor, never a reopen by name.
+pub fn open_standalone(file: &File, path: &Path, format: Format) -> Result<Disk, Error> {
+    let file = file.try_clone().map_err(|e| image::Error::io(path, e))?;
     let layer: std::sync::Arc<dyn Layer> = match format {
-        Format::Qcow2 => return Ok(open_chain(path, &NoBacking)?),
-        Format::Raw => std::sync::Arc::new(image::raw::RawLayer::open(path)?),
-        Format::Qed => std::sync::Arc::new(image::qed::open(open(path)?, path)?),
-        Format::Vdi => std::sync::Arc::new(image::vdi::open(open(path)?, path)?),
-        Format::Vpc => std::sync::Arc::new(image::vpc::open(open(path)?, path)?),
-        Format::Vmdk => std::sync::Arc::new(image::vmdk::open(open(path)?, path)?),
+        Format::Qcow2 => return Ok(open_chain_file(file, path, &NoBacking)?),
+        Format::Raw => std::sync::Arc::new(image::raw::RawLayer::new(file, path)?),
+        Format::Qed => std::sync::Arc::new(image::qed::open(file, path)?),
+        Format::Vdi => std::sync::Arc::new(image::vdi::open(file, path)?),
+        Format::Vpc => std::sync::Arc::new(image::vpc::open(file, path)?),
+        Format::Vmdk => std::sync::Arc::new(image::vmdk::open(file, path)?),
     };
     Ok(Disk::new(vec![layer]))
 }
@@ -107,7 +108,9 @@ pub fn check_target(store: &Store, target: &Target) -> Result<(), Error> {
 
 /// What an import publishes.
 pub struct Source<'a> {
-    /// The file.
+    /// The file, open.
+    pub file: &'a File,
+    /// Its path, for messages.
     pub path: &'a Path,
     /// The format to read it as.
     pub format: Format,
@@ -137,14 +140,13 @@ pub fn publish(
     store: &Store,
     siblings: &[std::sync::Arc<Store>],
     owner: &str,
-    file_owner: Option<FileOwner>,
     source: Source,
     target: &Target,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Meta, Error> {
     check_target(store, target)?;
     let started = std::time::Instant::now();
-    let disk = open_standalone(source.path, source.format)?;
+    let disk = open_standalone(source.file, source.path, source.format)?;
     let out = store.tmp_file()?;
     let raw_scratch = source.scratch.filter(|_| source.format == Format::Raw);
     let mut opts = convert::Options::new(progress);
@@ -152,7 +154,9 @@ pub fn publish(
     let mut dropper = match raw_scratch {
         Some(s) => {
             opts.nonzero = s.nonzero;
-            s.consume.then(|| Dropper::open(source.path)).transpose()?
+            s.consume
+                .then(|| Dropper::new(source.file, source.path))
+                .transpose()?
         }
         None => None,
     };
@@ -173,11 +177,6 @@ pub fn publish(
         converted_at - started,
         converted_at.elapsed()
     );
-    // A new layer belongs to its importer, as with pcocc (which runs as the user); a
-    // layer that already exists keeps its owner, since this scratch file is then dropped.
-    if let Some(o) = file_owner {
-        std::os::unix::fs::fchown(out.file(), Some(o.uid), Some(o.gid)).map_err(io)?;
-    }
     // Another repository may hold the very same layer (a view copied between
     // repositories with `cp`): share it by a hard link rather than keep a second copy.
     let shared = siblings
@@ -186,22 +185,10 @@ pub fn publish(
         .find_map(|s| store.link_layer_from(s, &converted.sha256).ok().flatten());
     let hash = match shared {
         Some(_) => converted.sha256,
-        None => {
-            let hash = store.add_layer(out.path(), Some(&converted.sha256))?;
-            // The scratch file is now the layer (or was removed as a duplicate).
-            out.keep();
-            hash
-        }
+        // The scratch file becomes the layer (or is removed as a duplicate).
+        None => store.add_layer(out, Some(&converted.sha256))?,
     };
-    let meta = write_meta(store, owner, &hash, target)?;
-    if let Some(o) = file_owner {
-        let path = store.meta_path(&meta.name, meta.revision);
-        // The new owner made as durable as the file (the store synced it before).
-        std::os::unix::fs::lchown(&path, Some(o.uid), Some(o.gid))
-            .and_then(|()| File::open(&path)?.sync_all())
-            .map_err(|source| store::Error::Io { path, source })?;
-    }
-    Ok(meta)
+    write_meta(store, owner, &hash, target)
 }
 
 /// Drops the converted part of a raw scratch file by punching it out: its dirty pages
@@ -214,11 +201,9 @@ struct Dropper {
 }
 
 impl Dropper {
-    fn open(path: &Path) -> Result<Dropper, Error> {
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| image::Error::io(path, e))?;
+    /// Drops parts of `file` (known as `path`), through a duplicate of its descriptor.
+    fn new(file: &File, path: &Path) -> Result<Dropper, Error> {
+        let file = file.try_clone().map_err(|e| image::Error::io(path, e))?;
         Ok(Dropper {
             file,
             path: path.to_path_buf(),
@@ -259,35 +244,6 @@ impl Dropper {
         }
         self.dropped = upto;
         Ok(())
-    }
-}
-
-/// Who the files of an import made by a root daemon for another user belong to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileOwner {
-    pub uid: u32,
-    pub gid: u32,
-}
-
-impl FileOwner {
-    /// The owner for files `caller` imports into `store`, when this process must set it
-    /// (it runs as root for someone else): the caller, with the group of the repository
-    /// directory when that directory is set-group-ID (as the kernel would do).
-    pub fn for_caller(caller: &super::Caller, store: &Store) -> Option<FileOwner> {
-        use std::os::unix::fs::MetadataExt;
-        // SAFETY: geteuid only reads the process credentials.
-        let euid = unsafe { libc::geteuid() };
-        if euid != 0 || caller.uid == 0 {
-            return None;
-        }
-        let gid = match std::fs::metadata(store.path()) {
-            Ok(m) if m.mode() & libc::S_ISGID != 0 => m.gid(),
-            _ => caller.gid,
-        };
-        Some(FileOwner {
-            uid: caller.uid,
-            gid,
-        })
     }
 }
 

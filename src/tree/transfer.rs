@@ -50,8 +50,8 @@ impl Tree {
             &store,
             &self.repos,
             &owner,
-            None,
             publish::Source {
+                file: &file,
                 path: src,
                 format,
                 scratch: None,

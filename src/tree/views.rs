@@ -11,15 +11,16 @@
 //! the same bytes in every process and every repository that holds those layers.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use sha2::{Digest, Sha256};
 
 use super::{Error, FileKind, Format, Tree};
 use crate::image::Disk;
-use crate::image::chain::{WithinDir, open_chain};
+use crate::image::chain::{BeneathDir, open_chain_file};
 use crate::store::{Meta, Store};
 use crate::view::{View, ViewId};
 
@@ -31,8 +32,9 @@ const BLOCK: u64 = 512;
 
 /// What a disk file of a revision serves.
 pub(super) enum Content {
-    /// The stored layer file itself (`disk.qcow2` of a single-layer revision).
-    Stored(PathBuf),
+    /// The stored layer file itself (`disk.qcow2` of a single-layer revision), as the
+    /// descriptor the revision was opened with (never reopened by name).
+    Stored(Arc<File>, PathBuf),
     /// A generated view.
     View(View),
 }
@@ -42,30 +44,68 @@ pub(super) struct OpenedRevision {
     disk: Arc<Disk>,
     id: ViewId,
     /// The only layer, when the revision is one standalone layer.
-    single_layer: Option<PathBuf>,
+    single_layer: Option<(Arc<File>, PathBuf)>,
+    /// Device and inode of every layer of the chain, to check that a later caller
+    /// opens these very files.
+    layer_ids: Vec<(u64, u64)>,
     /// Views in [`Format::ALL`] order; a build error is kept as its message (a VHD that
     /// cannot hold the disk stays unable to).
     views: [OnceLock<Result<View, String>>; 6],
 }
 
 impl OpenedRevision {
+    /// Opens the revision whose layers are `hashes` (base first) with the calling
+    /// thread's identity: the top layer and its backing chain, each reached from the
+    /// repository's `data/` descriptor without following symlinks.
     fn open(store: &Store, hashes: &[&str]) -> Result<OpenedRevision, Error> {
         let top = hashes
             .last()
             .ok_or_else(|| Error::Unreadable("revision has no layer".into()))?;
-        let policy = WithinDir {
-            root: store.data_dir(),
+        let (top_file, _) = store.open_layer(top)?;
+        let top_path = store.layer_path(top);
+        let stored = Arc::new(top_file.try_clone().map_err(|e| io_error(&top_path, e))?);
+        let data = store.dir("data")?;
+        let policy = BeneathDir {
+            dir: data.fd,
+            root: data.path,
         };
-        // Resolved and confined to data/ (backing names are, by the policy).
-        let top_path = store.layer_file(top)?;
-        let disk = Arc::new(open_chain(&top_path, &policy)?);
-        let single_layer = (disk.layers().len() == 1).then_some(top_path);
-        Ok(OpenedRevision {
+        let disk = Arc::new(open_chain_file(top_file, &top_path, &policy)?);
+        let single_layer = (disk.layers().len() == 1).then_some((stored, top_path));
+        let mut layer_ids: Vec<(u64, u64)> =
+            disk.layers().iter().filter_map(|l| l.file_id()).collect();
+        layer_ids.sort_unstable();
+        let opened = OpenedRevision {
             disk,
             id: view_id(hashes),
             single_layer,
+            layer_ids,
             views: Default::default(),
-        })
+        };
+        opened.check_layers(store, hashes)?;
+        Ok(opened)
+    }
+
+    /// Checks that the calling thread's identity opens, under the names `hashes`, the
+    /// very files this revision was opened from: a revision opened for one user is
+    /// served to another only if they could have opened it themselves, and a layer
+    /// replaced since (by a symlink, say) is never taken for the old one.
+    fn check_layers(&self, store: &Store, hashes: &[&str]) -> Result<(), Error> {
+        let mut ids = Vec::with_capacity(hashes.len());
+        for h in hashes {
+            let (_, m) = store.open_layer(h)?;
+            ids.push((m.dev(), m.ino()));
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        if ids != self.layer_ids {
+            return Err(Error::Unreadable(format!(
+                "the layers of this revision changed since it was opened, or do not form its backing chain ({})",
+                store
+                    .layer_path(hashes.last().copied().unwrap_or_default())
+                    .display()
+            )));
+        }
+        Ok(())
     }
 
     /// The view of this revision in `format`, built on first use.
@@ -85,7 +125,7 @@ impl OpenedRevision {
     /// What `disk.FMT` serves.
     pub(super) fn content(&self, format: Format) -> Result<Content, Error> {
         match (&self.single_layer, format) {
-            (Some(path), Format::Qcow2) => Ok(Content::Stored(path.clone())),
+            (Some((file, path)), Format::Qcow2) => Ok(Content::Stored(file.clone(), path.clone())),
             _ => Ok(Content::View(self.view(format)?.clone())),
         }
     }
@@ -93,14 +133,20 @@ impl OpenedRevision {
     /// Exact size and 512-byte blocks of `disk.FMT`, from tables only.
     pub(super) fn size_and_blocks(&self, format: Format) -> Result<(u64, u64), Error> {
         match self.content(format)? {
-            Content::Stored(path) => {
-                let m = std::fs::metadata(&path)
-                    .map_err(|source| Error::Store(crate::store::Error::Io { path, source }))?;
+            Content::Stored(file, path) => {
+                let m = file.metadata().map_err(|e| io_error(&path, e))?;
                 Ok((m.len(), m.blocks()))
             }
             Content::View(v) => Ok((v.size(), v.allocated_bytes().div_ceil(BLOCK))),
         }
     }
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> Error {
+    Error::Store(crate::store::Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The view identifier of a layer list: sha256 of the hashes joined by newlines.
@@ -129,14 +175,14 @@ impl RevisionCache {
         &self,
         key: Key,
         open: impl FnOnce() -> Result<OpenedRevision, Error>,
-    ) -> Result<Arc<OpenedRevision>, Error> {
+    ) -> Result<(Arc<OpenedRevision>, bool), Error> {
         {
             let mut lru = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             lru.tick += 1;
             let tick = lru.tick;
             if let Some((used, rev)) = lru.map.get_mut(&key) {
                 *used = tick;
-                return Ok(rev.clone());
+                return Ok((rev.clone(), false));
             }
         }
         let opened = Arc::new(open()?);
@@ -155,7 +201,7 @@ impl RevisionCache {
         }
         let entry = lru.map.entry(key).or_insert((tick, opened));
         entry.0 = tick;
-        Ok(entry.1.clone())
+        Ok((entry.1.clone(), true))
     }
 
     #[cfg(test)]
@@ -176,8 +222,13 @@ impl Tree {
             store.name().to_string(),
             hashes.iter().map(|h| h.to_string()).collect(),
         );
-        self.revisions
-            .get_or_open(key, || OpenedRevision::open(store, &hashes))
+        let (opened, fresh) = self
+            .revisions
+            .get_or_open(key, || OpenedRevision::open(store, &hashes))?;
+        if !fresh {
+            opened.check_layers(store, &hashes)?;
+        }
+        Ok(opened)
     }
 
     /// True when revision `meta` has file `kind`: `meta.json` always; views when the
@@ -186,10 +237,12 @@ impl Tree {
         match kind {
             FileKind::MetaJson => true,
             FileKind::View(_) if meta.data_blobs.is_empty() => false,
-            FileKind::View(Format::Vpc) => self
-                .opened_revision(store, meta)
-                .and_then(|r| r.view(Format::Vpc).map(|_| ()))
-                .is_ok(),
+            // A revision the caller may not open still lists the file: opening it then
+            // says why (EACCES), rather than a name that comes and goes with the caller.
+            FileKind::View(Format::Vpc) => match self.opened_revision(store, meta) {
+                Ok(r) => r.view(Format::Vpc).is_ok(),
+                Err(e) => matches!(e.errno(), libc::EACCES | libc::EPERM),
+            },
             FileKind::View(_) => true,
         }
     }

@@ -278,6 +278,10 @@ impl Layer for Qcow2Layer {
         Format::Qcow2
     }
 
+    fn file_id(&self) -> Option<(u64, u64)> {
+        Some(self.src.id)
+    }
+
     fn path(&self) -> &Path {
         &self.src.path
     }

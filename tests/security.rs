@@ -970,3 +970,55 @@ fn a_group_repository_lets_members_import_and_delete_and_no_one_else() {
     assert_succeeds(&out, "a member deleting");
     assert!(site.meta_names("team").is_empty());
 }
+
+// ---------------------------------------------------------------------------------------
+// 8. A rule of the kernel that refuses a shortcut: a copy, never root's rights
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn copying_another_users_image_into_ones_own_repository_copies_the_layer_they_may_not_link() {
+    let Some(mut site) = Site::new(&["mine", "pub"]) else {
+        return;
+    };
+    // The kernel refuses a hard link to a file one neither owns nor may write when
+    // fs.protected_hardlinks is 1 (Debian's default): the copy must not use root's
+    // right to make it.
+    let protected = fs::read_to_string("/proc/sys/fs/protected_hardlinks").unwrap_or_default();
+    assert_eq!(
+        protected.trim(),
+        "1",
+        "this test needs fs.protected_hardlinks = 1"
+    );
+    let mine = site.repo("mine");
+    ok("chown", &["-R", &format!("{NOBODY}:{NOBODY}"), s(&mine)]);
+    site.mount();
+    let src = site.source("pubimg.qcow2", 0x41);
+    site.import_as_root(&src, "pub", "pubimg");
+    settle();
+    let root_layer = site.layer_of("pub", "pubimg", 0);
+    let out = as_nobody(
+        &[],
+        &[
+            "ln",
+            s(&site.at("pub/pubimg/@0/disk.qcow2")),
+            s(&site.at("mine/copy")),
+        ],
+    );
+    assert_succeeds(
+        &out,
+        "nobody copying root's image into their repository by ln",
+    );
+    assert_eq!(site.meta_names("mine"), ["copy@0"]);
+    let copied = site.layer_of("mine", "copy", 0);
+    let (a, b) = (
+        fs::metadata(&root_layer).unwrap(),
+        fs::metadata(&copied).unwrap(),
+    );
+    assert_ne!(
+        a.ino(),
+        b.ino(),
+        "a copy, not a hard link made with root's rights"
+    );
+    assert_eq!(b.uid(), NOBODY, "the copied layer is the user's");
+    assert_eq!(fs::read(&copied).unwrap(), fs::read(&root_layer).unwrap());
+}

@@ -1,0 +1,940 @@
+//! Files written on the mount by ordinary tools, judged by what the next command sees.
+//!
+//! 1. Every ordinary writer imports: the same source (qcow2, raw and vmdk) written into a
+//!    repository by `cp`, `cat`, `dd`, `tee`, `gunzip`, a shell redirect, python, `install`,
+//!    `rsync`, `tar`, `qemu-img`, a forked child and a shared mmap becomes an image of one
+//!    revision whose raw view is the source's content and whose qcow2 view is clean. An
+//!    import is published when the last descriptor of the new file is closed in any
+//!    process.
+//! 2. A command that failed leaves nothing: `truncate -s 1P`, `touch`, a 254-byte name and
+//!    a text file leave no image in the mount nor in the repository's `meta/` (and
+//!    `fallocate` either fails and leaves nothing or imports a 10 MiB zero disk).
+//! 3. Names tell the truth at once: sequences of commands with no pause between them
+//!    (import then remove, stage then rename, link then rename, rename then add a revision,
+//!    remove then test, fstat of an open view after its removal, rename to another
+//!    repository) each succeed `PCOCC_IMAGEFS_FILES_ROUNDS` times in a row (100 unless
+//!    set).
+//!
+//! The daemon is mounted as root with `allow_other` and default options otherwise. Needs
+//! root, `/dev/fuse`, qemu-img, qemu-io, rsync, gzip, tar and /usr/bin/python3; without
+//! them each test prints SKIPPED and returns, except in CI (env `CI` set), where a test
+//! that cannot run fails.
+
+mod common;
+use common::{daemon_pid, ok, run, s, sorted_names, unmount};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The system python (the one CI has, whatever shim comes first in PATH).
+const PYTHON: &str = "/usr/bin/python3";
+/// Tools the tests run, besides the binaries of this crate.
+const TOOLS: &[&str] = &["qemu-img", "qemu-io", "rsync", "gzip", "tar", PYTHON];
+/// The source formats of the writers' matrix.
+const FORMATS: [&str; 3] = ["qcow2", "raw", "vmdk"];
+/// The virtual size of the matrix's sources.
+const SOURCE_SIZE: u64 = 16 << 20;
+/// Longest a writer (or a whole loop of part 3) may take before it is called hung.
+const WRITER_LIMIT: Duration = Duration::from_secs(300);
+const LOOP_LIMIT: Duration = Duration::from_secs(1200);
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// How a command ended and what it printed, for a failure message.
+fn describe(out: &Output) -> String {
+    let status = match out.status.code() {
+        Some(124) => "exit 124 (killed by timeout: hung)".to_string(),
+        _ => out.status.to_string(),
+    };
+    format!(
+        "{status}\n--- stdout:\n{}--- stderr:\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+/// Rounds of each sequence of part 3: `PCOCC_IMAGEFS_FILES_ROUNDS`, 100 unless set.
+fn rounds() -> u32 {
+    std::env::var("PCOCC_IMAGEFS_FILES_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes; true if it held.
+fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A scratch directory, or `None` (SKIPPED printed) when the tests cannot run here; in
+/// CI that is a failure.
+fn scratch() -> Option<tempfile::TempDir> {
+    let dir = common::mount_scratch("files", TOOLS);
+    if dir.is_none() && std::env::var_os("CI").is_some() {
+        panic!(
+            "the files tests must run in CI: they need root, /dev/fuse and {TOOLS:?} \
+             (see the SKIPPED line above)"
+        );
+    }
+    dir
+}
+
+/// Repositories in a scratch directory, a configuration naming them, and one daemon
+/// mounted as root with `allow_other` (default options otherwise); unmounted (and the
+/// daemon killed if it hangs) when dropped, even by a panic.
+struct Fs {
+    dir: tempfile::TempDir,
+    mnt: PathBuf,
+    daemon: Option<i32>,
+}
+
+impl Fs {
+    /// Mounts a daemon over the repositories `repos` (the first one the default).
+    fn start(repos: &[&str]) -> Option<Fs> {
+        let dir = scratch()?;
+        let mut fs = Fs {
+            mnt: dir.path().join("mnt"),
+            dir,
+            daemon: None,
+        };
+        for sub in ["repos", "work", "mnt"] {
+            fs::create_dir_all(fs.dir.path().join(sub)).unwrap();
+        }
+        for sub in ["", "repos", "work"] {
+            fs::set_permissions(fs.dir.path().join(sub), fs::Permissions::from_mode(0o755))
+                .unwrap();
+        }
+        let mut yaml = String::from("repos:\n");
+        for r in repos {
+            yaml += &format!("  - name: {r}\n    path: {}\n", s(&fs.repo(r)));
+        }
+        let config = fs.dir.path().join("repos.yaml");
+        fs::write(&config, yaml).unwrap();
+        let args = ["--config", s(&config), "-o", "allow_other", s(&fs.mnt)];
+        common::start_daemon(&args, &fs.mnt, "info");
+        fs.daemon = daemon_pid(&fs.mnt);
+        Some(fs)
+    }
+
+    fn repo(&self, name: &str) -> PathBuf {
+        self.dir.path().join("repos").join(name)
+    }
+
+    fn work(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    fn at(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// The names in the repository's `meta/` on disk.
+    fn meta_names(&self, repo: &str) -> Vec<String> {
+        sorted_names(&self.repo(repo).join("meta"))
+    }
+
+    /// A raw disk of 16 MiB with a few recognisable extents (and holes), written by
+    /// qemu-io; the last MiB is data, so that every format keeps the full size.
+    fn source_raw(&self, name: &str) -> PathBuf {
+        let p = self.work().join(name);
+        ok("qemu-img", &["create", "-q", "-f", "raw", s(&p), "16M"]);
+        ok(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x11 0 1M",
+                "-c",
+                "write -P 0x22 3M 64k",
+                "-c",
+                "write -P 0x33 7M 512k",
+                "-c",
+                "write -P 0x44 15M 1M",
+                s(&p),
+            ],
+        );
+        p
+    }
+
+    /// The matrix's source in `fmt` (`src.FMT` in the work directory) and its gzip.
+    fn source(&self, fmt: &str) -> PathBuf {
+        let raw = self.source_raw(&format!("src-{fmt}.img"));
+        let p = self.work().join(format!("src.{fmt}"));
+        ok(
+            "qemu-img",
+            &["convert", "-q", "-f", "raw", "-O", fmt, s(&raw), s(&p)],
+        );
+        fs::remove_file(raw).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let gz = ok("bash", &["-c", r#"gzip -c "$1" > "$1.gz""#, "gzip", s(&p)]);
+        assert!(gz.is_empty());
+        p
+    }
+
+    /// A small 4 MiB qcow2 source for the loops of part 3 (`pattern` at 0).
+    fn small_source(&self, name: &str, pattern: u8) -> PathBuf {
+        let p = self.work().join(name);
+        ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "4M"]);
+        let w = format!("write -P {pattern:#x} 0 1M");
+        ok(
+            "qemu-io",
+            &["-f", "qcow2", "-c", &w, "-c", "write -P 0x5a 3M 64k", s(&p)],
+        );
+        p
+    }
+
+    /// Runs the shell `script` with `env`, `M` (the mount) and `PY` (python) set, within
+    /// `limit` (killed by `timeout` after).
+    fn sh(&self, script: &str, env: &[(&str, &str)], limit: Duration) -> Output {
+        let mut c = Command::new("timeout");
+        c.args([
+            "-k",
+            "10",
+            &limit.as_secs().to_string(),
+            "bash",
+            "-c",
+            script,
+        ])
+        .current_dir(self.work())
+        .env("M", &self.mnt)
+        .env("PY", PYTHON);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output()
+            .unwrap_or_else(|e| panic!("cannot run bash: {e}"))
+    }
+
+    /// Runs a loop `script` of part 3 (set -e, an ERR trap naming the round and the
+    /// command that failed); panics with its output unless it succeeded.
+    #[track_caller]
+    fn run_loop(&self, what: &str, script: &str, env: &[(&str, &str)]) {
+        let n = rounds().to_string();
+        let full = format!(
+            "set -eE -o pipefail\n\
+             trap 'rc=$?; echo \"round $i of $N: command failed (exit $rc): $BASH_COMMAND\" >&2' ERR\n\
+             for i in $(seq 1 \"$N\"); do\n{script}\ndone\n"
+        );
+        let mut all: Vec<(&str, &str)> = vec![("N", &n)];
+        all.extend_from_slice(env);
+        let out = self.sh(&full, &all, LOOP_LIMIT);
+        assert!(
+            out.status.success(),
+            "{what}: the sequence must succeed {n} times in a row with no pause:\n{}\n\
+             script:\n{script}",
+            describe(&out)
+        );
+    }
+
+    /// The names of `M/repo` starting with a dot (staging files left behind).
+    fn hidden(&self, repo: &str) -> Vec<String> {
+        sorted_names(&self.at(repo))
+            .into_iter()
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    }
+
+    /// Checks that `repo/name` is an image of exactly one revision whose raw view has the
+    /// content of `src` (in `fmt`) and whose qcow2 view qemu-img finds clean, and that no
+    /// staging file is left in the repository.
+    fn check_image(
+        &self,
+        repo: &str,
+        name: &str,
+        src: &Path,
+        fmt: &str,
+        size: u64,
+    ) -> Result<(), String> {
+        let dir = self.at(&format!("{repo}/{name}"));
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) => {
+                return Err(format!(
+                    "{} is not an image directory but a {:?} of {} bytes",
+                    dir.display(),
+                    m.file_type(),
+                    m.len()
+                ));
+            }
+            Err(e) => return Err(format!("no image {}: {e}", dir.display())),
+        }
+        let revs: Vec<String> = sorted_names(&dir)
+            .into_iter()
+            .filter(|n| n.starts_with('@'))
+            .collect();
+        if revs != ["@0"] {
+            return Err(format!(
+                "{} must have the one revision @0, has {revs:?} (entries {:?})",
+                dir.display(),
+                sorted_names(&dir)
+            ));
+        }
+        let meta: Vec<String> = self
+            .meta_names(repo)
+            .into_iter()
+            .filter(|n| n.starts_with(&format!("{name}@")))
+            .collect();
+        if meta != [format!("{name}@0")] {
+            return Err(format!(
+                "the repository's meta/ must hold {name}@0 only, holds {meta:?}"
+            ));
+        }
+        let raw = dir.join("@0/disk.raw");
+        // qemu-img compare takes a longer image's tail of zeros as equal: check the size.
+        match fs::metadata(&raw) {
+            Ok(m) if m.len() == size => {}
+            Ok(m) => {
+                return Err(format!(
+                    "{} is {} bytes, not the {size} of the source",
+                    raw.display(),
+                    m.len()
+                ));
+            }
+            Err(e) => return Err(format!("stat {}: {e}", raw.display())),
+        }
+        let out = run(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", fmt, s(&raw), s(src)],
+        );
+        if !out.status.success() {
+            return Err(format!(
+                "qemu-img compare -f raw -F {fmt} {} {}: {}",
+                raw.display(),
+                src.display(),
+                describe(&out)
+            ));
+        }
+        let qcow2 = dir.join("@0/disk.qcow2");
+        let out = run("qemu-img", &["check", "-f", "qcow2", s(&qcow2)]);
+        if !out.status.success() {
+            return Err(format!(
+                "qemu-img check {}: {}",
+                qcow2.display(),
+                describe(&out)
+            ));
+        }
+        let hidden = self.hidden(repo);
+        if !hidden.is_empty() {
+            return Err(format!(
+                "staging files left in {repo}/: {hidden:?} (ls -a: {:?})",
+                sorted_names(&self.at(repo))
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that nothing named `name` is in `M/repo` nor in the repository's `meta/`,
+    /// and that `M/repo` and `meta/` are as `before` (no new image of any name).
+    fn check_nothing(
+        &self,
+        repo: &str,
+        name: &str,
+        before: &(Vec<String>, Vec<String>),
+    ) -> Result<(), String> {
+        let p = self.at(&format!("{repo}/{name}"));
+        let mut errs = Vec::new();
+        if let Ok(m) = fs::symlink_metadata(&p) {
+            errs.push(format!(
+                "{} exists (a {:?} of {} bytes)",
+                p.display(),
+                m.file_type(),
+                m.len()
+            ));
+        }
+        let now = (sorted_names(&self.at(repo)), self.meta_names(repo));
+        if now.0 != before.0 {
+            errs.push(format!("ls M/{repo} was {:?}, is {:?}", before.0, now.0));
+        }
+        if now.1 != before.1 {
+            errs.push(format!(
+                "the repository's meta/ was {:?}, is {:?}",
+                before.1, now.1
+            ));
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("; "))
+        }
+    }
+
+    /// What `M/repo` and the repository's `meta/` hold, for [`Fs::check_nothing`].
+    fn state(&self, repo: &str) -> (Vec<String>, Vec<String>) {
+        (sorted_names(&self.at(repo)), self.meta_names(repo))
+    }
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        unmount(&self.mnt);
+        if let Some(pid) = self.daemon {
+            let mnt = self.mnt.clone();
+            if !eventually(Duration::from_secs(3), || daemon_pid(&mnt) != Some(pid)) {
+                // SAFETY: killing the daemon this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Every ordinary writer imports
+// ---------------------------------------------------------------------------------------
+
+/// One (writer, format) case: the source `src` in `fmt` written as `M/r/NAME`.
+struct Case<'a> {
+    fs: &'a Fs,
+    fmt: &'static str,
+    src: PathBuf,
+    name: String,
+}
+
+impl Case<'_> {
+    fn target(&self) -> PathBuf {
+        self.fs.at(&format!("r/{}", self.name))
+    }
+
+    /// Runs the writer `script` with `SRC` (the source), `GZ` (its gzip), `FMT`, `R` (the
+    /// repository's directory on the mount), `NAME` and `F` (`$R/$NAME`) set.
+    fn sh(&self, script: &str) -> Output {
+        let gz = format!("{}.gz", s(&self.src));
+        let r = self.fs.at("r");
+        let f = self.target();
+        self.fs.sh(
+            script,
+            &[
+                ("SRC", s(&self.src)),
+                ("GZ", &gz),
+                ("FMT", self.fmt),
+                ("R", s(&r)),
+                ("NAME", &self.name),
+                ("F", s(&f)),
+            ],
+            WRITER_LIMIT,
+        )
+    }
+
+    /// Runs the writer `script`; an error naming it and what it printed unless it
+    /// succeeded.
+    fn write(&self, script: &str) -> Result<(), String> {
+        let out = self.sh(script);
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!("the writer `{script}` failed: {}", describe(&out)))
+        }
+    }
+}
+
+/// Imports the source in each format through `write` as `r/TOOL-FORMAT`, each into a
+/// fresh name, and checks each image; panics listing every (tool, format) that failed.
+fn matrix(tool: &str, write: impl Fn(&Case) -> Result<(), String>) {
+    let Some(fs) = Fs::start(&["r"]) else {
+        return;
+    };
+    let mut failures = Vec::new();
+    for fmt in FORMATS {
+        let case = Case {
+            fs: &fs,
+            fmt,
+            src: fs.source(fmt),
+            name: format!("{tool}-{fmt}"),
+        };
+        let result = write(&case)
+            .and_then(|()| fs.check_image("r", &case.name, &case.src, fmt, SOURCE_SIZE));
+        if let Err(e) = result {
+            failures.push(format!("[{tool}, {fmt} source] {e}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} formats failed for the writer {tool}:\n\n{}",
+        failures.len(),
+        FORMATS.len(),
+        failures.join("\n\n")
+    );
+}
+
+/// Python: open, write, close.
+const PY_WRITE: &str = r#"
+import sys
+data = open(sys.argv[1], "rb").read()
+f = open(sys.argv[2], "wb")
+f.write(data)
+f.close()
+"#;
+
+/// Python: the parent opens the file and forks; the child writes all the data and exits
+/// first; the parent, which still holds the descriptor, closes it after.
+const PY_FORK: &str = r#"
+import os, sys
+data = open(sys.argv[1], "rb").read()
+fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+pid = os.fork()
+if pid == 0:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os._exit(0)
+    except BaseException as e:
+        sys.stderr.write("child: %r\n" % (e,))
+        sys.stderr.flush()
+        os._exit(1)
+_, status = os.waitpid(pid, 0)
+if status != 0:
+    sys.exit("the child failed (wait status %d)" % status)
+os.close(fd)
+"#;
+
+/// Python: open O_RDWR|O_CREAT, ftruncate to the size, map shared, close the descriptor,
+/// then write the bytes through the map and unmap it.
+const PY_MMAP: &str = r#"
+import mmap, os, sys
+data = open(sys.argv[1], "rb").read()
+fd = os.open(sys.argv[2], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+os.ftruncate(fd, len(data))
+m = mmap.mmap(fd, len(data), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+os.close(fd)
+m[:] = data
+m.close()
+"#;
+
+#[test]
+fn writer_cp() {
+    matrix("cp", |c| c.write(r#"cp "$SRC" "$F""#));
+}
+
+#[test]
+fn writer_cat_redirect() {
+    matrix("cat", |c| c.write(r#"cat "$SRC" > "$F""#));
+}
+
+#[test]
+fn writer_cat_append() {
+    matrix("cat-append", |c| c.write(r#"cat "$SRC" >> "$F""#));
+}
+
+#[test]
+fn writer_dd() {
+    matrix("dd", |c| {
+        c.write(r#"dd if="$SRC" of="$F" bs=1M status=none"#)
+    });
+}
+
+#[test]
+fn writer_dd_notrunc() {
+    matrix("dd-notrunc", |c| {
+        c.write(r#"dd if="$SRC" of="$F" bs=1M conv=notrunc status=none"#)
+    });
+}
+
+#[test]
+fn writer_tee() {
+    matrix("tee", |c| c.write(r#"tee "$F" < "$SRC" >/dev/null"#));
+}
+
+#[test]
+fn writer_gunzip() {
+    matrix("gunzip", |c| c.write(r#"gunzip -c "$GZ" > "$F""#));
+}
+
+#[test]
+fn writer_shell_exec_redirect() {
+    matrix("bash-exec", |c| {
+        c.write(r#"bash -c 'exec >"$F"; cat "$SRC"'"#)
+    });
+}
+
+#[test]
+fn writer_python() {
+    matrix("python", |c| {
+        c.write(&format!(r#""$PY" -c '{PY_WRITE}' "$SRC" "$F""#))
+    });
+}
+
+#[test]
+fn writer_install() {
+    matrix("install", |c| c.write(r#"install -m 644 "$SRC" "$F""#));
+}
+
+#[test]
+fn writer_rsync() {
+    matrix("rsync", |c| c.write(r#"rsync "$SRC" "$F""#));
+}
+
+#[test]
+fn writer_rsync_inplace() {
+    matrix("rsync-inplace", |c| {
+        c.write(r#"rsync --inplace "$SRC" "$F""#)
+    });
+}
+
+#[test]
+fn writer_tar() {
+    matrix("tar", |c| {
+        // An archive holding the source under the target name.
+        let stage = c.fs.work().join(format!("tar-{}", c.name));
+        fs::create_dir_all(&stage).unwrap();
+        fs::copy(&c.src, stage.join(&c.name)).unwrap();
+        let tar = c.fs.work().join(format!("{}.tar", c.name));
+        ok("tar", &["-C", s(&stage), "-cf", s(&tar), &c.name]);
+        c.write(&format!(r#"tar -C "$R" -xf '{}'"#, s(&tar)))
+    });
+}
+
+#[test]
+fn writer_qemu_img_staged() {
+    matrix("qemu-img-staged", |c| {
+        c.write(
+            r#"qemu-img convert -q -f "$FMT" -O qcow2 "$SRC" "$R/.stage" && mv "$R/.stage" "$F""#,
+        )
+    });
+}
+
+#[test]
+fn writer_python_fork() {
+    matrix("python-fork", |c| {
+        c.write(&format!(r#""$PY" -c '{PY_FORK}' "$SRC" "$F""#))
+    });
+}
+
+#[test]
+fn writer_python_mmap() {
+    matrix("python-mmap", |c| {
+        c.write(&format!(r#""$PY" -c '{PY_MMAP}' "$SRC" "$F""#))
+    });
+}
+
+/// `qemu-img convert -O raw` straight onto the mount: it either imports the source
+/// correctly or fails and leaves nothing.
+#[test]
+fn writer_qemu_img_raw_straight() {
+    let Some(fs) = Fs::start(&["r"]) else {
+        return;
+    };
+    let mut failures = Vec::new();
+    for fmt in FORMATS {
+        let case = Case {
+            fs: &fs,
+            fmt,
+            src: fs.source(fmt),
+            name: format!("qemu-img-raw-{fmt}"),
+        };
+        let before = fs.state("r");
+        let script = r#"qemu-img convert -q -f "$FMT" -O raw "$SRC" "$F""#;
+        let out = case.sh(script);
+        let result = if out.status.success() {
+            fs.check_image("r", &case.name, &case.src, fmt, SOURCE_SIZE)
+                .map_err(|e| format!("`{script}` succeeded, so it must have imported: {e}"))
+        } else {
+            fs.check_nothing("r", &case.name, &before).map_err(|e| {
+                format!(
+                    "`{script}` failed ({}), so it must leave nothing: {e}",
+                    describe(&out)
+                )
+            })
+        };
+        if let Err(e) = result {
+            failures.push(format!("[qemu-img-raw, {fmt} source] {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. A command that failed leaves nothing
+// ---------------------------------------------------------------------------------------
+
+/// Runs `script` (with `SRC` a valid qcow2 source and `R` the repository on the mount),
+/// asserts that it failed, then that `name` and no other new image is in `M/r` or in
+/// the repository's `meta/`.
+#[track_caller]
+fn fails_leaving_nothing(what: &str, script: &str, name: &str) {
+    let Some(fs) = Fs::start(&["r"]) else {
+        return;
+    };
+    let src = fs.small_source("src.qcow2", 0x61);
+    let before = fs.state("r");
+    let r = fs.at("r");
+    let out = fs.sh(script, &[("SRC", s(&src)), ("R", s(&r))], WRITER_LIMIT);
+    let mut errs = Vec::new();
+    if out.status.success() {
+        errs.push(format!(
+            "`{script}` must fail but succeeded: {}",
+            describe(&out)
+        ));
+    }
+    if let Err(e) = fs.check_nothing("r", name, &before) {
+        errs.push(format!(
+            "`{script}` must leave nothing: {e}\n(the command ended: {})",
+            describe(&out)
+        ));
+    }
+    // The next command works and sees the repository as it was.
+    let after = fs.sh(
+        r#"cp "$SRC" "$R/after" && test -d "$R/after/@0" && rm -r "$R/after" && test ! -e "$R/after""#,
+        &[("SRC", s(&src)), ("R", s(&r))],
+        WRITER_LIMIT,
+    );
+    if !after.status.success() {
+        errs.push(format!(
+            "after `{script}`, an import and removal of another name failed: {}",
+            describe(&after)
+        ));
+    }
+    assert!(errs.is_empty(), "{what}:\n{}", errs.join("\n"));
+}
+
+#[test]
+fn failed_truncate_1p() {
+    fails_leaving_nothing("truncate -s 1P (EFBIG)", r#"truncate -s 1P "$R/h""#, "h");
+}
+
+#[test]
+fn failed_touch() {
+    fails_leaving_nothing(
+        "touch (a 0-byte file is not an image)",
+        r#"touch "$R/e""#,
+        "e",
+    );
+}
+
+#[test]
+fn failed_name_too_long() {
+    let name = "a".repeat(254);
+    fails_leaving_nothing(
+        "cp to a name of 254 bytes",
+        r#"cp "$SRC" "$R/$(printf 'a%.0s' {1..254})""#,
+        &name,
+    );
+}
+
+#[test]
+fn failed_text_file() {
+    fails_leaving_nothing(
+        "echo hello > M/r/t (not an image)",
+        r#"echo hello > "$R/t""#,
+        "t",
+    );
+}
+
+/// `fallocate -l 10M`: either unsupported (fails, nothing left) or a size change that
+/// imports a 10 MiB zero raw disk; an image `f` is always a valid 10 MiB zero disk.
+#[test]
+fn fallocate_fails_or_imports_zero_disk() {
+    let Some(fs) = Fs::start(&["r"]) else {
+        return;
+    };
+    let zero = fs.work().join("zero.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&zero), "10M"]);
+    let before = fs.state("r");
+    let r = fs.at("r");
+    let script = r#"fallocate -l 10M "$R/f""#;
+    let out = fs.sh(script, &[("R", s(&r))], WRITER_LIMIT);
+    let image = fs.at("r/f");
+    if out.status.success() || image.exists() {
+        let how = if out.status.success() {
+            "succeeded, so f must be"
+        } else {
+            "failed yet left an image f, so f must be"
+        };
+        fs.check_image("r", "f", &zero, "raw", 10 << 20)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "`{script}` {how} a valid 10 MiB zero disk: {e}\n(the command ended: {})",
+                    describe(&out)
+                )
+            });
+    } else {
+        fs.check_nothing("r", "f", &before).unwrap_or_else(|e| {
+            panic!(
+                "`{script}` failed ({}), so it must leave nothing: {e}",
+                describe(&out)
+            )
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Names tell the truth at once
+// ---------------------------------------------------------------------------------------
+
+/// A mount over `r` with the small source `SRC` (and `SRC2`, another content), and the
+/// environment of the loops.
+fn loop_site() -> Option<(Fs, PathBuf, PathBuf)> {
+    let fs = Fs::start(&["r", "a", "b"])?;
+    let src = fs.small_source("src.qcow2", 0x61);
+    let src2 = fs.small_source("rev.qcow2", 0x62);
+    Some((fs, src, src2))
+}
+
+#[test]
+fn at_once_cp_then_rm() {
+    let Some((fs, src, _)) = loop_site() else {
+        return;
+    };
+    let r = fs.at("r");
+    fs.run_loop(
+        "cp SRC M/r/x && rm -r M/r/x",
+        r#"cp "$SRC" "$R/x"
+rm -r "$R/x""#,
+        &[("SRC", s(&src)), ("R", s(&r))],
+    );
+}
+
+#[test]
+fn at_once_stage_then_mv() {
+    let Some((fs, src, _)) = loop_site() else {
+        return;
+    };
+    let r = fs.at("r");
+    fs.run_loop(
+        "qemu-img convert to .new, mv .new new, ls new/@0, rm -r new",
+        r#"qemu-img convert -q -f qcow2 -O qcow2 "$SRC" "$R/.new"
+mv "$R/.new" "$R/new"
+ls "$R/new/@0" >/dev/null
+rm -r "$R/new""#,
+        &[("SRC", s(&src)), ("R", s(&r))],
+    );
+}
+
+#[test]
+fn at_once_ln_then_mv() {
+    let Some((fs, src, _)) = loop_site() else {
+        return;
+    };
+    let r = fs.at("r");
+    ok("cp", &[s(&src), s(&fs.at("r/base"))]);
+    fs.run_loop(
+        "ln M/r/base/@0/disk.qcow2 M/r/c, mv c d, ls d/@0, rm -r d",
+        r#"ln "$R/base/@0/disk.qcow2" "$R/c"
+mv "$R/c" "$R/d"
+ls "$R/d/@0" >/dev/null
+rm -r "$R/d""#,
+        &[("SRC", s(&src)), ("R", s(&r))],
+    );
+}
+
+#[test]
+fn at_once_mv_then_add_revision() {
+    let Some((fs, src, src2)) = loop_site() else {
+        return;
+    };
+    let r = fs.at("r");
+    fs.run_loop(
+        "cp SRC M/r/d, mv M/r/d M/r/e, cp SRC2 M/r/e/ (two revisions), rm -r M/r/e",
+        r#"cp "$SRC" "$R/d"
+mv "$R/d" "$R/e"
+test ! -e "$R/d"
+cp "$SRC2" "$R/e/"
+revs=$(ls "$R/e" | grep -c '^@')
+[ "$revs" = 2 ] || { echo "round $i: e has $revs revisions: $(ls "$R/e")" >&2; false; }
+rm -r "$R/e""#,
+        &[("SRC", s(&src)), ("SRC2", s(&src2)), ("R", s(&r))],
+    );
+}
+
+#[test]
+fn at_once_rm_leaves_no_directory() {
+    let Some((fs, src, _)) = loop_site() else {
+        return;
+    };
+    let r = fs.at("r");
+    fs.run_loop(
+        "cp SRC M/r/x, rm -r M/r/x, then M/r/x must not exist",
+        r#"cp "$SRC" "$R/x"
+test -d "$R/x/@0"
+rm -r "$R/x"
+test ! -e "$R/x"
+if ls "$R" | grep -qx x; then echo "round $i: ls still lists x" >&2; false; fi"#,
+        &[("SRC", s(&src)), ("R", s(&r))],
+    );
+}
+
+/// Python: N times, import SRC as R/img, open its raw view, `rm -r` the revision, then
+/// fstat and read the open descriptor.
+const PY_FSTAT_AFTER_RM: &str = r#"
+import os, subprocess, sys
+src, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+img = os.path.join(r, "img")
+for i in range(1, n + 1):
+    subprocess.run(["cp", src, img], check=True)
+    fd = os.open(os.path.join(img, "@0", "disk.raw"), os.O_RDONLY)
+    subprocess.run(["rm", "-r", os.path.join(img, "@0")], check=True)
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        sys.exit("round %d: fstat of the open view after rm -r of its revision: %s" % (i, e))
+    if st.st_size != 4 << 20:
+        sys.exit("round %d: fstat size %d, want %d" % (i, st.st_size, 4 << 20))
+    try:
+        data = os.pread(fd, 65536, 0)
+        tail = os.pread(fd, 65536, 3 << 20)
+    except OSError as e:
+        sys.exit("round %d: read of the open view after rm -r of its revision: %s" % (i, e))
+    if data != b"\x61" * 65536 or tail != b"\x5a" * 65536:
+        sys.exit("round %d: the open view reads wrong data" % i)
+    os.close(fd)
+    subprocess.run(["rm", "-rf", img], check=True)
+    if os.path.lexists(img):
+        sys.exit("round %d: %s still exists after rm -rf" % (i, img))
+"#;
+
+#[test]
+fn at_once_fstat_after_rm() {
+    let Some((fs, src, _)) = loop_site() else {
+        return;
+    };
+    let r = fs.at("r");
+    let n = rounds().to_string();
+    let out = fs.sh(
+        &format!(r#""$PY" -c '{PY_FSTAT_AFTER_RM}' "$SRC" "$R" "$N""#),
+        &[("SRC", s(&src)), ("R", s(&r)), ("N", &n)],
+        LOOP_LIMIT,
+    );
+    assert!(
+        out.status.success(),
+        "an open view must keep working after rm -r of its revision, {n} times: {}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn at_once_mv_to_another_repository() {
+    let Some((fs, src, _)) = loop_site() else {
+        return;
+    };
+    fs.run_loop(
+        "cp SRC M/a/img, mv M/a/img M/b/, compare M/b/img, M/a/img gone, rm -r M/b/img",
+        r#"cp "$SRC" "$M/a/img"
+mv "$M/a/img" "$M/b/"
+test ! -e "$M/a/img"
+qemu-img compare -q -f raw -F qcow2 "$M/b/img/@0/disk.raw" "$SRC"
+rm -r "$M/b/img""#,
+        &[("SRC", s(&src))],
+    );
+    assert!(
+        fs.meta_names("a").is_empty(),
+        "repository a's meta/ must be empty: {:?}",
+        fs.meta_names("a")
+    );
+}

@@ -145,6 +145,7 @@ fn serve(
         FsSettings {
             refresh: settings.refresh.unwrap_or(FsSettings::default().refresh),
             read_only: settings.read_only,
+            mountpoint: Some(mountpoint.to_path_buf()),
         },
     );
     let mut cfg = fuser::Config::default();

@@ -100,6 +100,163 @@ fn parse_exit_signal(stat: &str) -> Option<i64> {
     Some(code & EXIT_SIGNAL_MASK)
 }
 
+/// This mount as `/proc` shows it, to recognise its files among a process's
+/// descriptors and mappings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountIds {
+    /// The mountpoint, as descriptors' links start with it.
+    pub path: std::path::PathBuf,
+    /// Its mount id (`mnt_id` of `/proc/PID/fdinfo/N`).
+    pub mnt_id: u64,
+    /// Its device, `MAJOR:MINOR` in hex as `/proc/PID/maps` prints it.
+    pub dev: String,
+}
+
+impl MountIds {
+    /// The topmost mount at `path` in `/proc/self/mountinfo`.
+    pub fn find(path: &std::path::Path) -> Option<MountIds> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        parse_mountinfo(&info, path)
+    }
+}
+
+/// The topmost mount at `path` in a mountinfo text (proc(5): mount id, parent id,
+/// `major:minor`, root, mount point, …; spaces in the point are written `\040`).
+fn parse_mountinfo(info: &str, path: &std::path::Path) -> Option<MountIds> {
+    let want = path.to_str()?;
+    info.lines().rev().find_map(|line| {
+        let f: Vec<&str> = line.split(' ').collect();
+        let point = f.get(4)?.replace("\\040", " ");
+        if point != want {
+            return None;
+        }
+        let mnt_id = f.first()?.parse().ok()?;
+        let (major, minor) = f.get(2)?.split_once(':')?;
+        let (major, minor): (u32, u32) = (major.parse().ok()?, minor.parse().ok()?);
+        Some(MountIds {
+            path: path.to_path_buf(),
+            mnt_id,
+            dev: format!("{major:02x}:{minor:02x}"),
+        })
+    })
+}
+
+/// How long a close waits for [`inspect_close`]. Reading another process's `/proc`
+/// entries can wait on that process's locks, and a process can hold them while it waits
+/// on this very mount: an `execve` holds its exec lock while it closes its close-on-exec
+/// descriptors, each close a flush this daemon must answer. Past this time the file is
+/// taken as still held, and its import waits for the kernel's `release`.
+pub const HOLDERS_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// What a close of a file being imported means, from `/proc`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Closing {
+    /// The closing task was killed by a signal: its file is incomplete.
+    pub killed: bool,
+    /// Something else still holds the file (see [`held_elsewhere`]).
+    pub held: bool,
+}
+
+/// What the close of inode `ino` by task `closer` means ([`killed_by_signal`],
+/// [`held_elsewhere`] when `mount` is known), found on a thread of its own and given up
+/// after [`HOLDERS_WAIT`]: then the closer was not killed and the file is taken as
+/// still held. That thread finishes by itself once what blocked it moves on.
+pub fn inspect_close(mount: Option<&MountIds>, ino: u64, closer: u32) -> Closing {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mount = mount.cloned();
+    let spawned = std::thread::Builder::new()
+        .name("closing".into())
+        .spawn(move || {
+            let killed = killed_by_signal(closer);
+            let held = !killed && mount.is_some_and(|m| held_elsewhere(&m, ino, closer));
+            let _ = tx.send(Closing { killed, held });
+        });
+    let unknown = Closing {
+        killed: false,
+        held: true,
+    };
+    if spawned.is_err() {
+        return unknown;
+    }
+    rx.recv_timeout(HOLDERS_WAIT).unwrap_or_else(|_| {
+        log::debug!("close of inode {ino} by task {closer}: /proc did not answer in time");
+        unknown
+    })
+}
+
+/// True when some process other than through the descriptor being closed still holds
+/// inode `ino` of this mount: an open descriptor in any process, or a mapping in the
+/// closing one (`closer`, a thread id). A `close` is the last one only when nothing
+/// holds the file any more; the kernel does not say so, `/proc` does. A descriptor being
+/// closed has already left its table when the kernel asks the daemon to flush it, and an
+/// exiting process shows no descriptor at all.
+fn held_elsewhere(mount: &MountIds, ino: u64, closer: u32) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for p in procs.flatten() {
+        let name = p.file_name();
+        if !name
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        if holds_descriptor(&p.path(), mount, ino) {
+            return true;
+        }
+    }
+    maps_inode(&format!("/proc/{closer}/maps"), mount, ino)
+}
+
+/// Whether the process at `/proc/PID` has a descriptor of inode `ino` of this mount.
+fn holds_descriptor(proc_dir: &std::path::Path, mount: &MountIds, ino: u64) -> bool {
+    let Ok(fds) = std::fs::read_dir(proc_dir.join("fd")) else {
+        return false;
+    };
+    for fd in fds.flatten() {
+        let on_mount = std::fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(&mount.path));
+        if !on_mount {
+            continue;
+        }
+        let info = proc_dir.join("fdinfo").join(fd.file_name());
+        if let Ok(text) = std::fs::read_to_string(info)
+            && fdinfo_names(&text, mount.mnt_id, ino)
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether an fdinfo text (`mnt_id:` and `ino:` lines) names inode `ino` of mount
+/// `mnt_id`.
+fn fdinfo_names(text: &str, mnt_id: u64, ino: u64) -> bool {
+    let field = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    field("mnt_id:") == Some(mnt_id) && field("ino:") == Some(ino)
+}
+
+/// Whether the maps file at `path` maps inode `ino` of this mount's device.
+fn maps_inode(path: &str, mount: &MountIds, ino: u64) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    maps_name(&text, &mount.dev, ino)
+}
+
+/// Whether a maps text (`ADDR PERMS OFFSET DEV INODE PATH`) maps inode `ino` of `dev`.
+fn maps_name(text: &str, dev: &str, ino: u64) -> bool {
+    let ino = ino.to_string();
+    text.lines().any(|l| {
+        let mut f = l.split_whitespace().skip(3);
+        f.next() == Some(dev) && f.next() == Some(ino.as_str())
+    })
+}
+
 fn parse_groups(status: &str) -> Vec<u32> {
     status
         .lines()
@@ -115,6 +272,29 @@ fn parse_groups(status: &str) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mount_is_found_in_mountinfo_topmost_first() {
+        let info = "22 1 0:21 / /proc rw - proc proc rw\n\
+                    90 30 0:50 / /var/tmp/m\\040x rw - fuse pcocc rw\n\
+                    91 90 0:51 / /var/tmp/m\\040x rw - fuse pcocc rw\n";
+        let m = parse_mountinfo(info, std::path::Path::new("/var/tmp/m x")).unwrap();
+        assert_eq!((m.mnt_id, m.dev.as_str()), (91, "00:33"));
+        assert!(parse_mountinfo(info, std::path::Path::new("/nope")).is_none());
+    }
+
+    #[test]
+    fn a_descriptor_and_a_mapping_of_the_file_are_recognised() {
+        let fdinfo = "pos:\t0\nflags:\t0100001\nmnt_id:\t91\nino:\t1234\n";
+        assert!(fdinfo_names(fdinfo, 91, 1234));
+        assert!(!fdinfo_names(fdinfo, 90, 1234));
+        assert!(!fdinfo_names(fdinfo, 91, 123));
+        let maps = "7f00-7f10 rw-s 00000000 00:33 1234    /var/tmp/m/user/x\n\
+                    7f10-7f20 r--p 00000000 08:01 1234    /usr/lib/libc.so\n";
+        assert!(maps_name(maps, "00:33", 1234));
+        assert!(!maps_name(maps, "00:33", 12345));
+        assert!(!maps_name(maps, "08:02", 1234));
+    }
 
     #[test]
     fn supplementary_groups_are_read_from_proc_status() {

@@ -7,8 +7,6 @@
 
 use crate::tree::Node;
 use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::sync::RwLock;
 
 /// The root directory's inode number, fixed by FUSE.
@@ -90,8 +88,34 @@ impl Inodes {
             }
             None => false,
         };
-        if gone && let Some((node, _)) = t.by_ino.remove(&ino) {
+        if gone
+            && let Some((node, _)) = t.by_ino.remove(&ino)
+            && t.by_node.get(&node) == Some(&ino)
+        {
             t.by_node.remove(&node);
+        }
+    }
+
+    /// `from` moved to `to` (a rename): the kernel moved the inode with the name, so
+    /// that inode, and every inode of a node below `from`, now stands for the node at
+    /// the new place (see [`Node::rebased`]).
+    pub fn rebind(&self, from: &Node, to: &Node) {
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let moved: Vec<(u64, Node, Node)> = t
+            .by_ino
+            .iter()
+            .filter_map(|(&ino, (node, _))| {
+                node.rebased(from, to).map(|new| (ino, node.clone(), new))
+            })
+            .collect();
+        for (ino, old, new) in moved {
+            if t.by_node.get(&old) == Some(&ino) {
+                t.by_node.remove(&old);
+            }
+            if let Some(e) = t.by_ino.get_mut(&ino) {
+                e.0 = new.clone();
+            }
+            t.by_node.insert(new, ino);
         }
     }
 
@@ -114,11 +138,28 @@ fn stable_ino(node: &Node) -> u64 {
     if *node == Node::Root {
         return ROOT_INO;
     }
-    // DefaultHasher::new() uses fixed keys, so numbers are the same in every process
-    // built from this source.
-    let mut h = DefaultHasher::new();
-    node.hash(&mut h);
-    let v = h.finish() & 0x7fff_ffff_ffff_ffff;
+    // FNV-1a (64 bits) of the node's kind and path: a specified function, so numbers
+    // stay the same in every process, build and toolchain.
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let kind: &[u8] = match node {
+        Node::Root => b"root",
+        Node::Repo { .. } => b"repo",
+        Node::Image { .. } => b"image",
+        Node::Revision { .. } => b"revision",
+        Node::Latest { .. } => b"latest",
+        Node::File { .. } => b"file",
+        Node::Import { .. } => b"import",
+    };
+    let path = crate::tree::display(node);
+    let v = kind
+        .iter()
+        .chain(b"\0")
+        .chain(path.as_bytes())
+        .fold(FNV_OFFSET, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
+        })
+        & 0x7fff_ffff_ffff_ffff;
     if v <= ROOT_INO { v + 2 } else { v }
 }
 
@@ -144,6 +185,9 @@ mod tests {
         let b = Inodes::new();
         let n = image("centos");
         assert_eq!(a.remember(&n), b.remember(&n));
+        // The specified hash: FNV-1a of "image\0user/centos", top bit cleared.
+        assert_eq!(a.peek(&n), stable_ino(&n));
+        assert_eq!(stable_ino(&n), 0x385b_ccdf_4e56_9542);
         assert_eq!(a.peek(&n), a.remember(&n));
         assert_ne!(a.remember(&n), ROOT_INO);
     }
@@ -160,5 +204,28 @@ mod tests {
         assert_eq!(t.node(ino), None);
         t.forget(ROOT_INO, 10);
         assert_eq!(t.node(ROOT_INO), Some(Node::Root));
+    }
+
+    #[test]
+    fn a_renamed_image_keeps_its_inodes_and_so_does_what_it_holds() {
+        let t = Inodes::new();
+        let (old, new) = (image("old"), image("new"));
+        let rev = Node::Revision {
+            repo: "user".into(),
+            image: "old".into(),
+            rev: 0,
+        };
+        let (ino, rev_ino) = (t.remember(&old), t.remember(&rev));
+        t.rebind(&old, &new);
+        assert_eq!(t.node(ino), Some(new.clone()));
+        assert_eq!(t.peek(&new), ino);
+        let moved = Node::Revision {
+            repo: "user".into(),
+            image: "new".into(),
+            rev: 0,
+        };
+        assert_eq!(t.node(rev_ino), Some(moved));
+        // The old name is free: looked up again, it is a new object.
+        assert_ne!(t.remember(&old), ino);
     }
 }

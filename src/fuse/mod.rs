@@ -73,6 +73,8 @@ pub struct FsSettings {
     pub refresh: Duration,
     /// Refuse every change (`-o ro`).
     pub read_only: bool,
+    /// Where the filesystem is mounted, to recognise its files in `/proc`.
+    pub mountpoint: Option<std::path::PathBuf>,
 }
 
 impl Default for FsSettings {
@@ -80,6 +82,7 @@ impl Default for FsSettings {
         FsSettings {
             refresh: Duration::from_secs(1),
             read_only: false,
+            mountpoint: None,
         }
     }
 }
@@ -89,8 +92,10 @@ pub struct ImageFs {
     tree: Arc<Tree>,
     settings: FsSettings,
     inodes: Inodes,
-    /// Open files, each with the process that opened it (see `flush`).
-    handles: Mutex<HashMap<u64, (Arc<OpenFile>, u32)>>,
+    /// Open files, each with its inode number.
+    handles: Mutex<HashMap<u64, (Arc<OpenFile>, u64)>>,
+    /// This mount as `/proc` shows it (found at the first close that needs it).
+    mount: OnceLock<Option<caller::MountIds>>,
     /// Open directories (numbered from the same counter as files).
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
@@ -234,6 +239,7 @@ impl ImageFs {
             settings,
             inodes: Inodes::new(),
             handles: Mutex::new(HashMap::new()),
+            mount: OnceLock::new(),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             invalidator: Arc::default(),
@@ -270,6 +276,9 @@ impl ImageFs {
     fn ttl(&self, node: &Node) -> Duration {
         match node {
             Node::Revision { .. } | Node::File { .. } => IMMUTABLE_TTL,
+            // A file being imported becomes an image directory (or goes) when it is
+            // published: the kernel must ask again each time.
+            Node::Import { .. } => Duration::ZERO,
             _ => self.settings.refresh,
         }
     }
@@ -279,20 +288,41 @@ impl ImageFs {
         h.get(&fh.0).map(|(f, _)| f.clone()).ok_or(Errno::EBADF)
     }
 
-    /// The process that opened `fh`.
-    fn opener(&self, fh: FileHandle) -> Option<u32> {
-        let h = self.handles.lock().unwrap_or_else(|e| e.into_inner());
-        h.get(&fh.0).map(|(_, pid)| *pid)
+    /// This mount as `/proc` shows it, found at the first call.
+    fn mount_ids(&self) -> Option<&caller::MountIds> {
+        self.mount
+            .get_or_init(|| {
+                let found = self
+                    .settings
+                    .mountpoint
+                    .as_deref()
+                    .and_then(caller::MountIds::find);
+                if found.is_none() {
+                    log::warn!(
+                        "this mount is not in /proc/self/mountinfo: every close of a file being imported is taken as its last"
+                    );
+                }
+                found
+            })
+            .as_ref()
     }
 
-    fn add_handle(&self, f: Arc<OpenFile>, req: &Request) -> FileHandle {
+    fn add_handle(&self, f: Arc<OpenFile>, ino: u64) -> FileHandle {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let opener = caller::process_of(req.pid());
         self.handles
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(fh, (f, opener));
+            .insert(fh, (f, ino));
         FileHandle(fh)
+    }
+
+    /// The attributes of an open file of inode `ino`, if one is open: an open file
+    /// stays what it was (`fstat` works on a view whose revision was deleted).
+    fn open_attr(&self, ino: u64) -> Option<Attr> {
+        let h = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        h.values()
+            .find(|(_, i)| *i == ino)
+            .and_then(|(f, _)| f.attr().ok())
     }
 
     fn invalidate(&self, changes: &Changes) {
@@ -493,7 +523,10 @@ impl Filesystem for ImageFs {
         // An open file being imported knows its own size; everything else asks the tree.
         let attr = match fh.and_then(|fh| self.handle(fh).ok()) {
             Some(h) => h.attr(),
-            None => self.tree.getattr(&*acting!(req, reply), &node),
+            None => match self.tree.getattr(&*acting!(req, reply), &node) {
+                Err(e) => self.open_attr(ino.0).ok_or(e),
+                found => found,
+            },
         };
         match attr {
             Ok(a) => reply.attr(&self.ttl(&node), &fuse_attr(ino.0, &a)),
@@ -627,7 +660,13 @@ impl Filesystem for ImageFs {
                 .map_err(|e| self.fail("rename", Some(&from), &e))
         });
         match r {
-            Ok(_) => reply.ok(),
+            Ok(changes) => {
+                // Before the reply: the kernel moves the inode with the name.
+                for (from, to) in &changes.moved {
+                    self.inodes.rebind(from, to);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -691,7 +730,7 @@ impl Filesystem for ImageFs {
                     Some(file) if self.passthrough => self.backing_for(ino.0, file, &reply),
                     _ => None,
                 };
-                let fh = self.add_handle(f.clone(), req);
+                let fh = self.add_handle(f.clone(), ino.0);
                 match backing {
                     Some(id) => {
                         self.lock_backings().by_handle.insert(fh.0, ino.0);
@@ -724,7 +763,7 @@ impl Filesystem for ImageFs {
         match r {
             Ok((node, attr, f)) => {
                 let ino = self.inodes.remember(&node);
-                let fh = self.add_handle(f, req);
+                let fh = self.add_handle(f, ino);
                 // TTL 0: once published, this name is an image directory.
                 reply.created(
                     &Duration::ZERO,
@@ -804,21 +843,20 @@ impl Filesystem for ImageFs {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        // Every close of every copy of the descriptor flushes, but only the writer's
-        // own close means "the file is complete". A copy inherited across fork() and
-        // closed by exec() or exit in another process publishes nothing; nor does the
-        // close the kernel makes for a writer killed by a signal (its file is
-        // incomplete: it is dropped when the last copy is released).
-        let closer = caller::process_of(req.pid());
-        if self.opener(fh).is_some_and(|o| o != closer) {
-            log::debug!("flush by process {closer}, not the opener: nothing published");
+        // Only a file being imported cares about its closes.
+        if f.immutable() {
             return reply.ok();
         }
-        if caller::killed_by_signal(req.pid()) {
-            log::warn!("process {closer} was killed while writing: its file is not published");
+        // Every close of every copy of the descriptor flushes; the file is complete when
+        // nothing holds it any more (no descriptor in any process, no mapping), and a
+        // close the kernel makes for a writer killed by a signal never completes it.
+        let closing = caller::inspect_close(self.mount_ids(), ino.0, req.pid());
+        if closing.killed {
+            f.abandon();
             return reply.ok();
         }
-        match f.flush() {
+        let last = !closing.held;
+        match f.flush(last) {
             Ok(changes) => {
                 self.invalidate(&changes);
                 reply.ok()
@@ -843,7 +881,7 @@ impl Filesystem for ImageFs {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&fh.0);
         if let Some((f, _)) = f {
-            f.release();
+            self.invalidate(&f.release());
         }
         self.drop_backing(fh.0);
         reply.ok();

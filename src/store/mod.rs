@@ -789,7 +789,9 @@ fn parse_meta_file_name(file: &str) -> Option<(&str, u64)> {
     if !is_valid_name(name) || rev.is_empty() || !rev.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some((name, rev.parse().ok()?))
+    let rev: u64 = rev.parse().ok()?;
+    // Only the canonical spelling (`x@0`, never `x@00`) is the file of that revision.
+    (format!("{rev}") == file[name.len() + 1..]).then_some((name, rev))
 }
 
 /// The `version` of a `.config` (`version: N`).

@@ -28,6 +28,11 @@ pub struct Arrival {
     end: u64,
     /// The cluster holding `end - 1`, when `end` is inside it, has a non-zero byte.
     open_nonzero: bool,
+    /// Some byte was written (a file only sized by `ftruncate` or `fallocate` holds
+    /// nothing its writer gave).
+    written: bool,
+    /// Some non-zero byte was written.
+    nonzero_written: bool,
 }
 
 impl Arrival {
@@ -37,11 +42,27 @@ impl Arrival {
             runs: Some(Vec::new()),
             end: 0,
             open_nonzero: false,
+            written: false,
+            nonzero_written: false,
         }
+    }
+
+    /// Whether any non-zero byte was written since the file was empty.
+    pub fn nonzero_written(&self) -> bool {
+        self.nonzero_written
+    }
+
+    /// Whether any byte was written since the file was empty.
+    pub fn written(&self) -> bool {
+        self.written
     }
 
     /// `data` was written at `offset`.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
+        self.written |= !data.is_empty();
+        if !self.nonzero_written {
+            self.nonzero_written = data.iter().any(|&b| b != 0);
+        }
         let Some(runs) = self.runs.as_mut() else {
             return;
         };

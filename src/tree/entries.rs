@@ -8,7 +8,7 @@ use super::nodes::display;
 use super::open::Changes;
 use super::pending::publish_changes;
 use super::publish::{Target, split_suffix};
-use super::{Attr, Caller, Error, Node, Tree, validate_name};
+use super::{Attr, Caller, Error, Node, Tree, validate_new_name};
 
 impl Tree {
     /// mkdir in a repository directory: an empty image directory, held by this tree only
@@ -22,7 +22,7 @@ impl Tree {
             }
             _ => return Err(Error::NotPermitted(format!("{}/{name}", display(parent)))),
         };
-        validate_name(name)?;
+        validate_new_name(name)?;
         let store = self.writable_store(caller, repo)?;
         if !store.revisions(name)?.is_empty() || self.pending.empty_dir(repo, name).is_some() {
             return Err(Error::ImageExists {
@@ -86,11 +86,12 @@ impl Tree {
         new_name: &str,
     ) -> Result<Changes, Error> {
         let from = self.lookup(caller, parent, name)?;
-        let changes = Changes {
+        let mut changes = Changes {
             entries: vec![
                 (parent.clone(), name.to_string()),
                 (new_parent.clone(), new_name.to_string()),
             ],
+            moved: Vec::new(),
         };
         match (&from, new_parent) {
             (Node::Import { repo, .. }, Node::Repo { repo: to } | Node::Image { repo: to, .. }) => {
@@ -114,7 +115,8 @@ impl Tree {
                         image,
                         name: new_name.to_string(),
                     };
-                    self.pending.rekey(&imp, to);
+                    self.pending.rekey(&imp, to.clone());
+                    changes.moved.push((from.clone(), to));
                     return Ok(changes);
                 }
                 let target = match image {
@@ -125,7 +127,6 @@ impl Tree {
                 let hint = split_suffix(new_name).1;
                 let meta = imp.publish(&target, hint, &self.pending)?;
                 self.pending.drop_import(&imp);
-                let mut changes = changes;
                 changes
                     .entries
                     .extend(publish_changes(&from, repo, &meta).entries);
@@ -138,7 +139,7 @@ impl Tree {
                 if repo != to {
                     return Err(Error::CrossRepository(display(&from)));
                 }
-                validate_name(new_name)?;
+                validate_new_name(new_name)?;
                 self.writable_store(caller, repo)?;
                 if !self.store(repo)?.revisions(new_name)?.is_empty() {
                     return Err(Error::ImageExists {
@@ -148,10 +149,16 @@ impl Tree {
                 }
                 self.pending.remove_empty_dir(repo, image);
                 self.pending.add_empty_dir(repo, new_name);
+                changes.moved.push((from.clone(), image_node(to, new_name)));
                 Ok(changes)
             }
             _ => {
                 self.rename(caller, &from, new_parent, new_name)?;
+                if let (Node::Image { .. }, Node::Repo { repo }) = (&from, new_parent) {
+                    changes
+                        .moved
+                        .push((from.clone(), image_node(repo, new_name)));
+                }
                 Ok(changes)
             }
         }
@@ -182,6 +189,7 @@ impl Tree {
         self.unlink(caller, &node)?;
         Ok(Changes {
             entries: vec![(parent.clone(), name.to_string())],
+            moved: Vec::new(),
         })
     }
 
@@ -196,6 +204,7 @@ impl Tree {
         let node = self.lookup(caller, parent, name)?;
         let changes = Changes {
             entries: vec![(parent.clone(), name.to_string())],
+            moved: Vec::new(),
         };
         if let Node::Image { repo, image } = &node {
             if self.store(repo)?.revisions(image)?.is_empty()
@@ -215,5 +224,12 @@ impl Tree {
             self.pending.add_empty_dir(repo, image);
         }
         Ok(changes)
+    }
+}
+
+fn image_node(repo: &str, image: &str) -> Node {
+    Node::Image {
+        repo: repo.to_string(),
+        image: image.to_string(),
     }
 }

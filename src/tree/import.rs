@@ -56,6 +56,7 @@ pub struct ImportHandle {
 impl ImportHandle {
     fn new(import: Arc<Import>, pending: Arc<Pending>, writer: bool) -> ImportHandle {
         import.opens.fetch_add(1, Ordering::AcqRel);
+        *import.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
         ImportHandle {
             import,
             pending,
@@ -148,12 +149,22 @@ impl ImportHandle {
         Ok(seek_file(tmp.file(), tmp.path(), offset, whence)?.map(|o| o.min(*size)))
     }
 
-    pub(super) fn flush(&self) -> Result<Changes, Error> {
+    /// A `close` of this handle's file; `last` when nothing else holds the file (no
+    /// descriptor in any process, no mapping): a created file is then published, and
+    /// the error of a failed publish is what that `close` returns. A staging file is
+    /// only checked. Earlier closes change nothing: the publish waits for the last one
+    /// (or for [`ImportHandle::release`]).
+    pub(super) fn flush(&self, last: bool) -> Result<Changes, Error> {
         let imp = &self.import;
         let Some(target) = &imp.target else {
             return imp.check().map(|()| Changes::default());
         };
-        if !self.writer {
+        if !self.writer || !last {
+            return Ok(Changes::default());
+        }
+        // A blank file is not complete yet: its writer is about to reopen it.
+        if imp.is_blank() {
+            log::debug!("{}: blank at its last close: kept", display(&imp.node()));
             return Ok(Changes::default());
         }
         {
@@ -173,15 +184,48 @@ impl ImportHandle {
         }
     }
 
-    pub(super) fn release(&self) {
+    /// The writer is gone without finishing (killed by a signal): its file is
+    /// incomplete and is never published.
+    pub(super) fn abandon(&self) {
+        let mut st = self.import.lock();
+        if matches!(*st, State::Writing { .. }) {
+            log::warn!(
+                "{}: its writer was killed: not published",
+                display(&self.import.node())
+            );
+            self.import.writing.store(false, Ordering::Release);
+            *st = State::Failed("the writer was killed by a signal".into());
+        }
+    }
+
+    /// The last reference to this handle is gone. When it was the last handle of a
+    /// created file still unpublished (its last `close` found the file still held, by a
+    /// mapping say, that has gone since), the file is published now; a failure can no
+    /// longer reach anyone but the log, and leaves nothing. Then the file is forgotten.
+    pub(super) fn release(&self) -> Changes {
         let left = self
             .import
             .opens
             .fetch_sub(1, Ordering::AcqRel)
             .saturating_sub(1);
-        if left == 0 && !self.import.is_staging() {
-            self.pending.drop_import(&self.import);
+        if left > 0 || self.import.is_staging() {
+            return Changes::default();
         }
+        if self.import.is_writing() && self.import.is_blank() {
+            *self
+                .import
+                .idle_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+            return Changes::default();
+        }
+        let changes = if self.import.is_writing() {
+            self.flush(true).unwrap_or_default()
+        } else {
+            Changes::default()
+        };
+        self.pending.drop_import(&self.import);
+        changes
     }
 
     pub(super) fn attr(&self) -> Result<Attr, Error> {
@@ -251,6 +295,7 @@ impl Tree {
             }),
             writing: AtomicBool::new(true),
             opens: AtomicUsize::new(0),
+            idle_since: Mutex::new(None),
             published: Mutex::new(None),
         });
         {
@@ -348,6 +393,12 @@ impl Tree {
                     && self.store(repo)?.revisions(image)?.is_empty() =>
             {
                 self.writable_store(caller, repo)?;
+                self.getattr(caller, node)
+            }
+            // What its writer does to the file just published (see PUBLISHED_GRACE).
+            Node::Image { repo, image }
+                if set.size.is_none() && self.pending.just_published(repo, image, caller) =>
+            {
                 self.getattr(caller, node)
             }
             Node::Revision { .. } | Node::File { .. } | Node::Latest { .. } => {

@@ -189,6 +189,65 @@ pub enum Node {
     },
 }
 
+impl Node {
+    /// This node once `from` has moved to `to` (a rename): `to` itself for `from`, the
+    /// same place under `to` for what is below an image `from`; `None` for a node the
+    /// move does not concern.
+    pub fn rebased(&self, from: &Node, to: &Node) -> Option<Node> {
+        if self == from {
+            return Some(to.clone());
+        }
+        let (
+            Node::Image {
+                repo: from_repo,
+                image: from_image,
+            },
+            Node::Image {
+                repo: to_repo,
+                image: to_image,
+            },
+        ) = (from, to)
+        else {
+            return None;
+        };
+        let moved = |repo: &String, image: &String| repo == from_repo && image == from_image;
+        let (repo, image) = (to_repo.clone(), to_image.clone());
+        match self {
+            Node::Revision {
+                repo: r,
+                image: i,
+                rev,
+            } if moved(r, i) => Some(Node::Revision {
+                repo,
+                image,
+                rev: *rev,
+            }),
+            Node::File {
+                repo: r,
+                image: i,
+                rev,
+                file,
+            } if moved(r, i) => Some(Node::File {
+                repo,
+                image,
+                rev: *rev,
+                file: *file,
+            }),
+            Node::Latest { repo: r, image: i } if moved(r, i) => Some(Node::Latest { repo, image }),
+            Node::Import {
+                repo: r,
+                image: Some(i),
+                name,
+            } if moved(r, i) => Some(Node::Import {
+                repo,
+                image: Some(image),
+                name: name.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// What kind of object a node is, as `stat` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NodeType {
@@ -335,6 +394,10 @@ pub enum Error {
     InvalidName,
     #[error("Empty object name")]
     EmptyName,
+    #[error("Object name {0} is reserved: it names a directory itself")]
+    ReservedName(String),
+    #[error("Object name too long: {0} bytes, at most {MAX_IMAGE_NAME} are allowed")]
+    NameTooLong(usize),
     #[error(transparent)]
     Uri(#[from] UriError),
     /// A lookup miss (ENOENT), logged at debug by the adapter.
@@ -361,6 +424,10 @@ pub enum Error {
     /// A name that is already taken by a file being imported.
     #[error("{0}: file exists")]
     Exists(String),
+    /// What was written into the mount is not a disk image (empty, or raw bytes that
+    /// are not whole 512-byte sectors).
+    #[error("{0}: not a disk image: {1}")]
+    NotAnImage(String, String),
     /// An import or a view that cannot be served; the message says why, naming the file.
     #[error("{0}")]
     Unreadable(String),
@@ -392,6 +459,8 @@ impl Error {
             Error::NoRepository => libc::ENOENT,
             Error::ImageExists { .. } | Error::RevisionExists { .. } => libc::EEXIST,
             Error::InvalidName | Error::EmptyName | Error::Uri(_) => libc::EINVAL,
+            Error::ReservedName(_) => libc::EINVAL,
+            Error::NameTooLong(_) => libc::ENAMETOOLONG,
             Error::NotADirectory(_) => libc::ENOTDIR,
             Error::IsADirectory(_) => libc::EISDIR,
             Error::NotASymlink(_) => libc::EINVAL,
@@ -401,6 +470,7 @@ impl Error {
             Error::NotSupported(_) => libc::ENOTSUP,
             Error::NotPermitted(_) => libc::EPERM,
             Error::Exists(_) => libc::EEXIST,
+            Error::NotAnImage(..) => libc::EINVAL,
             Error::Unreadable(_) => libc::EIO,
             Error::FormatMismatch { .. } => libc::EINVAL,
             Error::UndetectableFormat(_) => libc::ENOENT,
@@ -430,6 +500,24 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if ok { Ok(()) } else { Err(Error::InvalidName) }
+}
+
+/// Longest image name a new revision may get: its metadata file `NAME@REV` must fit in
+/// a file name (NAME_MAX, 255 bytes) with room for revisions up to 9999.
+pub const MAX_IMAGE_NAME: usize = 255 - "@9999".len();
+
+/// The rules for the name of an image about to be written, checked before anything is:
+/// [`validate_name`], not `.` or `..` (a directory of the tree could not show it), and
+/// short enough for its metadata file names.
+pub fn validate_new_name(name: &str) -> Result<(), Error> {
+    validate_name(name)?;
+    if name == "." || name == ".." {
+        return Err(Error::ReservedName(name.to_string()));
+    }
+    if name.len() > MAX_IMAGE_NAME {
+        return Err(Error::NameTooLong(name.len()));
+    }
+    Ok(())
 }
 /// Every configured repository, opened (and created on first use, as pcocc does).
 pub struct Tree {

@@ -227,7 +227,12 @@ impl Tree {
                 .collect()),
             Node::Repo { repo } => {
                 let store = self.readable_store(caller, repo)?;
-                let mut images: Vec<String> = store.list()?.into_keys().collect();
+                // `.` and `..` (names pcocc accepts) cannot be shown as entries.
+                let mut images: Vec<String> = store
+                    .list()?
+                    .into_keys()
+                    .filter(|n| n != "." && n != "..")
+                    .collect();
                 for empty in self.pending.empty_dirs(repo) {
                     if let Err(at) = images.binary_search(&empty) {
                         images.insert(at, empty);
@@ -262,7 +267,15 @@ impl Tree {
                     image: image.clone(),
                 };
                 let mut out = vec![entry(LATEST.to_string(), latest, NodeType::Symlink)];
-                out.extend(revs.into_iter().map(|rev| {
+                // A revision whose metadata cannot be read as metadata is not listed: its
+                // name could not be looked up. (`rm -r` of the image still removes it.)
+                let readable = revs.into_iter().filter(|&rev| {
+                    store
+                        .read_meta_cached(image, rev)
+                        .inspect_err(|e| log::warn!("{}: {e}", display(dir)))
+                        .is_ok()
+                });
+                out.extend(readable.map(|rev| {
                     let node = Node::Revision {
                         repo: repo.clone(),
                         image: image.clone(),
@@ -387,9 +400,14 @@ impl Tree {
                         return Ok(dir_attr_like(&m, 2, t, t));
                     }
                 }
+                if revs.is_empty() {
+                    return Err(Error::NoEntry(display(node)));
+                }
+                // An image whose metadata is all damaged still resolves, so that it can be
+                // listed and removed; it takes the times of `meta/`.
                 let t = self
                     .latest_time(store, image, &revs)
-                    .ok_or_else(|| Error::NoEntry(display(node)))?;
+                    .unwrap_or_else(|| mtime(&m));
                 Ok(dir_attr_like(&m, 2 + revs.len() as u32, t, t))
             }
             Node::Latest { repo, image } => {
@@ -564,6 +582,10 @@ impl Tree {
     /// only. An image directory with no revision left (`rm -r` removed them one by one)
     /// removes nothing and succeeds.
     pub fn remove(&self, caller: &Caller, node: &Node) -> Result<Deleted, Error> {
+        if let Node::Revision { repo, image, .. } | Node::Image { repo, image } = node {
+            // Files just published into this image stop answering for it.
+            self.pending.forget_published(repo, image);
+        }
         match node {
             Node::Revision { repo, image, rev } => {
                 let store = self.readable_store(caller, repo)?;
@@ -606,7 +628,7 @@ impl Tree {
     }
 
     /// Renames `from` to `new_name` under directory `to_parent` (`mv`): only an image
-    /// directory, within its repository.
+    /// directory (to another repository: a copy of every revision, then the delete).
     pub fn rename(
         &self,
         caller: &Caller,
@@ -617,7 +639,7 @@ impl Tree {
         match (from, to_parent) {
             (Node::Image { repo, image }, Node::Repo { repo: to_repo }) => {
                 if repo != to_repo {
-                    return Err(Error::CrossRepository(display(from)));
+                    return self.move_image(caller, repo, image, to_repo, new_name);
                 }
                 if image == new_name {
                     return Ok(());

@@ -18,11 +18,14 @@ use super::views::Content;
 use super::{Attr, Caller, Error, FileKind, Node, Tree, metajson};
 use crate::view::{ReadAhead, View};
 
-/// Directory entries whose kernel cache must be dropped after a change: (parent node,
-/// name).
+/// What a change did to names the kernel may have cached: entries whose cache must be
+/// dropped (parent node, name), and objects that moved to another node (a rename: the
+/// kernel moves its inode with the name, so the inode must now stand for the new node,
+/// and so must the inodes of everything below it).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     pub entries: Vec<(Node, String)>,
+    pub moved: Vec<(Node, Node)>,
 }
 
 /// One open file. `Send + Sync`: the adapter keeps it in an `Arc` per file handle and
@@ -157,19 +160,31 @@ impl OpenFile {
         !matches!(self.inner, Inner::Import(_))
     }
 
-    /// close(2) of one descriptor. A created import is published by its first flush; a
+    /// close(2) of one descriptor; `last` when nothing else holds the file any more. A
+    /// created import is published by its last close, whose error that close returns; a
     /// staging file is only checked. Returns the entries whose cache must be dropped.
-    pub fn flush(&self) -> Result<Changes, Error> {
+    pub fn flush(&self, last: bool) -> Result<Changes, Error> {
         match &self.inner {
-            Inner::Import(h) => h.flush(),
+            Inner::Import(h) => h.flush(last),
             _ => Ok(Changes::default()),
         }
     }
 
-    /// The last close of this handle. An import never published is discarded.
-    pub fn release(&self) {
+    /// A `close` made by the kernel for a process killed by a signal: a file it was
+    /// writing is incomplete and is never published.
+    pub fn abandon(&self) {
         if let Inner::Import(h) = &self.inner {
-            h.release();
+            h.abandon();
+        }
+    }
+
+    /// The last reference to this handle is gone. A created file whose last `close`
+    /// could not publish it (still held elsewhere) is published now; one that cannot be
+    /// is discarded. Returns the names that changed.
+    pub fn release(&self) -> Changes {
+        match &self.inner {
+            Inner::Import(h) => h.release(),
+            _ => Changes::default(),
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use super::access::{self, R, W, X};
 use super::{
     Caller, CopyOutcome, DEFAULT_GC_GRACE, Deleted, Error, GcReport, ImageSummary, Resolved,
-    RevisionInfo, Tree, Uri, validate_name,
+    RevisionInfo, Tree, Uri, validate_new_name,
 };
 use crate::store::{LayerTransfer, Meta, Store};
 
@@ -172,7 +172,7 @@ impl Tree {
         let from = self.resolve(caller, src)?;
         let src_store = self.store(&from.repo)?;
         let dst_store = self.store(dst.repo.as_deref().unwrap_or(""))?;
-        validate_name(&dst.name)?;
+        validate_new_name(&dst.name)?;
         access::check(caller, &dst_store.meta_dir(), W | X)?;
         access::check(caller, &dst_store.tmp_dir(), W | X)?;
         let exists = || Error::ImageExists {
@@ -302,7 +302,7 @@ impl Tree {
         new: &str,
     ) -> Result<(), Error> {
         let store = self.store(repo)?;
-        validate_name(new)?;
+        validate_new_name(new)?;
         access::check(caller, &store.meta_dir(), W | X)?;
         access::check(caller, &store.tmp_dir(), W | X)?;
         match store.rename_image(old, new) {
@@ -317,5 +317,87 @@ impl Tree {
             }),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Moves image `image` of `from_repo` to `to_repo` as `new` (`mv` across
+    /// repositories): every revision is copied with its number, owner, date and layers
+    /// (linked where the kernel allows, else copied), then the original is deleted. If
+    /// anything fails before the original is touched, the copies are removed: nothing
+    /// changed.
+    pub fn move_image(
+        &self,
+        caller: &Caller,
+        from_repo: &str,
+        image: &str,
+        to_repo: &str,
+        new: &str,
+    ) -> Result<(), Error> {
+        let src = self.store(from_repo)?;
+        let dst = self.store(to_repo)?;
+        validate_new_name(new)?;
+        access::check(caller, &src.meta_dir(), W | X)?;
+        for dir in [dst.meta_dir(), dst.data_dir(), dst.tmp_dir()] {
+            access::check(caller, &dir, W | X)?;
+        }
+        let revs = src.revisions(image)?;
+        if revs.is_empty() {
+            return Err(Error::ImageNotFound {
+                name: image.to_string(),
+                repo: from_repo.to_string(),
+            });
+        }
+        if !dst.revisions(new)?.is_empty() {
+            return Err(Error::ImageExists {
+                name: new.to_string(),
+                repo: to_repo.to_string(),
+            });
+        }
+        let mut created = Vec::new();
+        let undo = |created: &[u64]| {
+            for &rev in created {
+                let _ = dst.delete_revision(new, rev);
+            }
+        };
+        for &rev in &revs {
+            let copied = (|| -> Result<(), Error> {
+                let mut meta =
+                    src.read_meta(image, rev)?
+                        .ok_or_else(|| Error::RevisionNotFound {
+                            name: image.to_string(),
+                            rev,
+                            repo: from_repo.to_string(),
+                        })?;
+                for h in meta.layer_hashes().map_err(crate::store::Error::BadHash)? {
+                    dst.import_layer_from(src, h)?;
+                }
+                meta.name = new.to_string();
+                match dst.put_meta(&meta) {
+                    Ok(()) => Ok(()),
+                    Err(crate::store::Error::AlreadyExists { .. }) => Err(Error::ImageExists {
+                        name: new.to_string(),
+                        repo: to_repo.to_string(),
+                    }),
+                    Err(e) => Err(e.into()),
+                }
+            })();
+            if let Err(e) = copied {
+                undo(&created);
+                return Err(e);
+            }
+            created.push(rev);
+        }
+        for (i, &rev) in revs.iter().enumerate() {
+            match src.delete_revision(image, rev) {
+                Ok(()) | Err(crate::store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    // Refused before anything of the original went: take the copy back.
+                    if i == 0 {
+                        undo(&created);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
     }
 }

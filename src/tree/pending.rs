@@ -14,10 +14,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-/// How long the name of a file just published still answers metadata calls from its
-/// writer: `install -m` and `rsync` set the mode and times by path after `close`, when
-/// the file has already become an image. Listings show the image directory at once.
+/// How long after a publish the image directory accepts, from the writer, the mode and
+/// time changes meant for the file it was: `install -m` sets the mode by path after
+/// `close`, when the name is already the image directory. Nothing changes (a revision
+/// has its own owner and time); the call just does not fail.
 pub(super) const PUBLISHED_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a blank file whose last descriptor was closed stays for its writer to
+/// reopen: `qemu-img convert` and `qemu-img create` create the file, size it, close it
+/// and open it again to write the image.
+pub(super) const BLANK_GRACE: Duration = Duration::from_secs(10);
 
 use super::access;
 use super::arrival::Arrival;
@@ -64,6 +70,9 @@ pub(super) struct Import {
     /// holds for as long as the conversion takes: lookups and listings must not wait.
     pub(super) writing: AtomicBool,
     pub(super) opens: AtomicUsize,
+    /// Since when a blank file (see [`Import::is_blank`]) has had no open handle: it is
+    /// kept [`BLANK_GRACE`] for its writer to reopen, then dropped.
+    pub(super) idle_since: Mutex<Option<Instant>>,
     /// When it was published, for [`PUBLISHED_GRACE`].
     pub(super) published: Mutex<Option<Instant>>,
 }
@@ -84,6 +93,9 @@ impl Import {
 pub(super) struct Pending {
     imports: Mutex<HashMap<Node, Arc<Import>>>,
     empty_dirs: Mutex<BTreeMap<(String, String), SystemTime>>,
+    /// Images a writer published a revision of within [`PUBLISHED_GRACE`], with the
+    /// writer's uid.
+    recent: Mutex<HashMap<(String, String), (u32, Instant)>>,
 }
 
 impl Pending {
@@ -98,26 +110,89 @@ impl Pending {
     /// The import at `node` if `caller` wrote it (`writing`: only while not yet
     /// published, which is when its name is visible).
     pub(super) fn find(&self, node: &Node, caller: &Caller, writing: bool) -> Option<Arc<Import>> {
+        self.drop_abandoned();
         let imp = self.imports().get(node).cloned()?;
         let ok = imp.writer.uid == caller.uid && (!writing || imp.is_writing());
         ok.then_some(imp)
     }
 
-    /// The file at `node` that `caller` published a moment ago (see [`PUBLISHED_GRACE`]);
-    /// forgets such files once their grace is over.
+    /// The file at `node` that `caller` published a moment ago, under a name that is not
+    /// the image's (`x.raw` became image `x`; a file written into an image directory
+    /// became `@N`): it answers its writer's metadata calls for [`PUBLISHED_GRACE`]
+    /// (`install -m` sets the mode by name after `close`), then goes. Nobody else sees
+    /// it, and no listing shows it.
     pub(super) fn find_recent(&self, node: &Node, caller: &Caller) -> Option<Arc<Import>> {
         let mut map = self.imports();
         map.retain(|_, imp| {
             imp.is_writing() || imp.opens.load(Ordering::Acquire) > 0 || imp.recently_published()
         });
         let imp = map.get(node).cloned()?;
-        // A staging file's name went away with its rename: only created names linger.
-        (imp.writer.uid == caller.uid && imp.recently_published() && !imp.is_staging())
+        // A file named as its image (`cp SRC R/x`) is the image directory from now on.
+        let named_as_image = matches!((&imp.target, node),
+            (Some(Target::NewImage(image)), Node::Import { name, .. }) if image == name);
+        (imp.writer.uid == caller.uid
+            && imp.recently_published()
+            && !imp.is_staging()
+            && !named_as_image)
             .then_some(imp)
+    }
+
+    /// Forgets the files published into image `repo/image` (see [`Pending::find_recent`]):
+    /// once the image changes again, their names must not answer any more.
+    pub(super) fn forget_published(&self, repo: &str, image: &str) {
+        self.imports().retain(|node, imp| {
+            let Node::Import { repo: r, .. } = node else {
+                return true;
+            };
+            imp.is_writing() || r != repo || imp.target.as_ref().is_none_or(|t| t.image() != image)
+        });
+    }
+
+    /// Whether `caller` published a revision of `repo/image` a moment ago (see
+    /// [`PUBLISHED_GRACE`]).
+    pub(super) fn just_published(&self, repo: &str, image: &str, caller: &Caller) -> bool {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.retain(|_, (_, t)| t.elapsed() < PUBLISHED_GRACE);
+        recent
+            .get(&(repo.to_string(), image.to_string()))
+            .is_some_and(|(uid, _)| *uid == caller.uid)
+    }
+
+    /// Remembers that `writer` just published a revision of `repo/image`.
+    fn note_published(&self, repo: &str, image: &str, writer: &Caller) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.retain(|_, (_, t)| t.elapsed() < PUBLISHED_GRACE);
+        recent.insert(
+            (repo.to_string(), image.to_string()),
+            (writer.uid, Instant::now()),
+        );
+    }
+
+    /// Drops the blank files left unopened for longer than [`BLANK_GRACE`].
+    fn drop_abandoned(&self) {
+        let gone: Vec<Arc<Import>> = self
+            .imports()
+            .values()
+            .filter(|imp| {
+                imp.idle_since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some_and(|t| t.elapsed() > BLANK_GRACE)
+            })
+            .cloned()
+            .collect();
+        for imp in gone {
+            log::warn!(
+                "{}: nothing but zeroes was written to it and it was not opened again: dropped",
+                display(&imp.node())
+            );
+            self.drop_import(&imp);
+        }
     }
 
     /// Names of the files `caller` is writing in a directory.
     pub(super) fn names(&self, repo: &str, image: Option<&str>, caller: &Caller) -> Vec<Node> {
+        self.drop_abandoned();
         let mut out: Vec<Node> = self
             .imports()
             .iter()
@@ -205,6 +280,29 @@ impl Import {
         self.target.is_none()
     }
 
+    /// Whether the file is blank: sized but holding no data (only zeroes were written,
+    /// or an image whose tables map nothing), as a tool leaves the file it creates
+    /// before it reopens it to write. Such a file is not published by its last close.
+    pub(super) fn is_blank(&self) -> bool {
+        let st = self.lock();
+        let State::Writing { tmp, size, arrival } = &*st else {
+            return false;
+        };
+        if *size == 0 {
+            return false;
+        }
+        if !arrival.nonzero_written() {
+            return true;
+        }
+        let Ok(format) = choose_format(None, self.hint, tmp.path(), tmp.file()) else {
+            return false;
+        };
+        format != Format::Raw
+            && publish::open_standalone(tmp.file(), tmp.path(), format)
+                .and_then(|disk| Ok(disk.data_extents(0, disk.virtual_size())?))
+                .is_ok_and(|runs| runs.is_empty())
+    }
+
     /// Its attributes: a regular file of its writer, with its current size.
     pub(super) fn attr(&self) -> Result<Attr, Error> {
         self.attr_of(&self.lock())
@@ -283,6 +381,7 @@ impl Import {
             // The files of the new revision are made by the writer, whoever closes.
             let _as = self.writer.act()?;
             let format = choose_format(None, hint.or(self.hint), tmp.path(), tmp.file())?;
+            check_disk_size(&self.node(), format, attr.size, arrival.written())?;
             let owner = access::user_name(self.writer.uid);
             // A staging file that fails to publish stays for its writer to fix, so only
             // a created file's bytes may be dropped as they are converted.
@@ -308,6 +407,7 @@ impl Import {
             Ok(meta) => {
                 self.writing.store(false, Ordering::Release);
                 *st = State::Published(attr);
+                pending.note_published(self.store.name(), target.image(), &self.writer);
                 *self.published.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 pending.remove_empty_dir(self.store.name(), target.image());
                 Ok(meta)
@@ -340,6 +440,26 @@ impl Import {
     }
 }
 
+/// Bytes of a disk sector: a raw disk is made of whole sectors.
+const SECTOR: u64 = 512;
+
+/// Refuses what cannot be a disk written into the mount: a file nothing was written to
+/// (`touch`, `truncate`, `fallocate`, or the empty file `qemu-img` creates before it
+/// reopens it), or raw bytes that are not whole sectors (a text file written by
+/// mistake).
+fn check_disk_size(node: &Node, format: Format, size: u64, written: bool) -> Result<(), Error> {
+    let why = if size == 0 {
+        "the file is empty"
+    } else if !written {
+        "nothing was written to it, it was only given a size"
+    } else if format == Format::Raw && size % SECTOR != 0 {
+        "it is no known image format, and as a raw disk its size is not a multiple of 512 bytes"
+    } else {
+        return Ok(());
+    };
+    Err(Error::NotAnImage(display(node), why.to_string()))
+}
+
 /// The entries a publish changes: the file name, and the image directory and what it
 /// holds.
 pub(super) fn publish_changes(imp_node: &Node, store: &str, meta: &crate::store::Meta) -> Changes {
@@ -357,5 +477,8 @@ pub(super) fn publish_changes(imp_node: &Node, store: &str, meta: &crate::store:
     entries.push((repo_node, meta.name.clone()));
     entries.push((image_node.clone(), revision_dir_name(meta.revision)));
     entries.push((image_node, LATEST.to_string()));
-    Changes { entries }
+    Changes {
+        entries,
+        moved: Vec::new(),
+    }
 }

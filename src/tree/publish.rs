@@ -94,7 +94,7 @@ pub fn open_standalone(file: &File, path: &Path, format: Format) -> Result<Disk,
 /// Fails when `target` cannot be published in `store` (a new image whose name is taken,
 /// an invalid name), before any data is converted.
 pub fn check_target(store: &Store, target: &Target) -> Result<(), Error> {
-    super::validate_name(target.image())?;
+    super::validate_new_name(target.image())?;
     if let Target::NewImage(name) = target {
         if !store.revisions(name)?.is_empty() {
             return Err(Error::ImageExists {

@@ -589,15 +589,24 @@ fn renaming_an_image_moves_all_revisions_within_its_repository() {
         ("moved", 1795749382.4048052)
     );
 
-    let e = t
-        .rename(
-            &f.me,
-            &node_image("user", "moved"),
-            &node_repo("global"),
-            "x",
-        )
-        .unwrap_err();
-    assert_eq!(e.errno(), libc::EXDEV);
+    // To another repository: every revision moves, with its number and date.
+    t.rename(
+        &f.me,
+        &node_image("user", "moved"),
+        &node_repo("global"),
+        "x",
+    )
+    .unwrap();
+    assert!(t.resolve(&f.me, &uri("user:moved")).is_err());
+    let m = t.resolve(&f.me, &uri("global:x@0")).unwrap().meta;
+    assert_eq!((m.name.as_str(), m.timestamp), ("x", 1795749382.4048052));
+    t.rename(
+        &f.me,
+        &node_image("global", "x"),
+        &node_repo("user"),
+        "moved",
+    )
+    .unwrap();
     t.copy(&f.me, &uri("moved"), &uri("user:taken")).unwrap();
     let e = t.rename_image(&f.me, "user", "moved", "taken").unwrap_err();
     assert_eq!(e.to_string(), "Image taken already exists in repo user");

@@ -246,7 +246,7 @@ fn a_file_written_into_a_repository_becomes_a_new_image_at_close() {
         write_like_cp(&f, &node, &h, &src);
         // Closing a reader that peeked at the file publishes nothing.
         let peek = f.tree.open(&f.me, &node, false, false).unwrap();
-        assert_eq!(peek.flush().unwrap(), Changes::default());
+        assert_eq!(peek.flush(true).unwrap(), Changes::default());
         peek.release();
         assert!(f.tree.lookup(&f.me, &node_repo("user"), &file).is_ok());
         f.tree.setxattr(&f.me, &node).unwrap();
@@ -256,7 +256,7 @@ fn a_file_written_into_a_repository_becomes_a_new_image_at_close() {
             ..SetAttr::default()
         };
         f.tree.setattr(&f.me, &node, Some(&h), &times).unwrap();
-        let changes = h.flush().unwrap();
+        let changes = h.flush(true).unwrap();
         let image = format!("new-{name}");
         assert!(changes.entries.contains(&(node_repo("user"), file.clone())));
         assert!(
@@ -314,7 +314,7 @@ fn a_file_written_into_an_image_directory_becomes_its_next_revision() {
         let parent = node_image("user", "img");
         let (node, _, h) = f.tree.create(&f.me, &parent, "upload", 0o644).unwrap();
         write_like_cp(&f, &node, &h, &src);
-        let changes = h.flush().unwrap();
+        let changes = h.flush(true).unwrap();
         h.release();
         let rev = i as u64 + 1;
         assert!(
@@ -367,7 +367,7 @@ fn a_failed_import_fails_at_close_and_leaves_nothing() {
             .create(&f.me, &node_repo("user"), file, 0o644)
             .unwrap();
         h.write(&bytes, 0).unwrap();
-        let err = h.flush().unwrap_err();
+        let err = h.flush(true).unwrap_err();
         assert!(matches!(err.errno(), libc::EIO | libc::EINVAL), "{err}");
         h.release();
         assert!(f.tree.lookup(&f.me, &node_repo("user"), file).is_err());
@@ -403,9 +403,9 @@ fn a_staging_file_publishes_only_when_renamed_to_a_proper_name() {
     let repo = node_repo("user");
     // qemu-img creates the file empty and closes it before writing: an empty file passes.
     let (node, _, h) = f.tree.create(&f.me, &repo, ".new.part", 0o644).unwrap();
-    assert_eq!(h.flush().unwrap(), Changes::default());
+    assert_eq!(h.flush(true).unwrap(), Changes::default());
     write_like_cp(&f, &node, &h, &src);
-    assert_eq!(h.flush().unwrap(), Changes::default());
+    assert_eq!(h.flush(true).unwrap(), Changes::default());
     h.release();
     // Still there for its writer: reopen, read back, stat, flush again.
     assert_eq!(f.tree.lookup(&f.me, &repo, ".new.part").unwrap(), node);
@@ -413,7 +413,7 @@ fn a_staging_file_publishes_only_when_renamed_to_a_proper_name() {
     let mut head = [0u8; 4];
     assert_eq!(h.read(&mut head, 0).unwrap(), 4);
     assert_eq!(&head, b"QFI\xfb");
-    h.flush().unwrap();
+    h.flush(true).unwrap();
     h.release();
     assert!(
         std::fs::read_dir(f.repo("user").join("meta"))
@@ -445,7 +445,7 @@ fn a_staging_file_publishes_only_when_renamed_to_a_proper_name() {
     // Bad content fails the staging file's close, and it can be unlinked.
     let (node, _, h) = f.tree.create(&f.me, &repo, ".bad", 0o644).unwrap();
     h.write(b"QFI\xfbnot really", 0).unwrap();
-    assert!(h.flush().is_err());
+    assert!(h.flush(true).is_err());
     h.release();
     assert!(f.tree.getattr(&f.me, &node).is_ok());
     assert!(
@@ -502,7 +502,7 @@ fn mkdir_makes_an_empty_image_directory_that_an_import_fills() {
     // A file copied into the new directory makes revision 0.
     let (inode, _, h) = f.tree.create(&f.me, &node, "s.raw", 0o644).unwrap();
     write_like_cp(&f, &inode, &h, &src);
-    h.flush().unwrap();
+    h.flush(true).unwrap();
     h.release();
     let meta = f
         .tree
@@ -619,32 +619,87 @@ fn parents_statfs_access_and_xattrs_answer_for_every_node() {
 }
 
 #[test]
-fn an_empty_file_imports_as_an_empty_disk() {
+fn a_file_nothing_was_written_to_is_not_an_image_and_leaves_nothing() {
+    let f = Fixture::new();
+    let repo = node_repo("user");
+    // `touch` (empty), then a text file (raw bytes that are not whole sectors).
+    for (name, size, bytes) in [("empty", 0, &b""[..]), ("text", 0, &b"hello\n"[..])] {
+        let (_, _, h) = f.tree.create(&f.me, &repo, name, 0o644).unwrap();
+        if size > 0 {
+            let set = SetAttr {
+                size: Some(size),
+                ..SetAttr::default()
+            };
+            let node = Node::Import {
+                repo: "user".into(),
+                image: None,
+                name: name.into(),
+            };
+            f.tree.setattr(&f.me, &node, Some(&h), &set).unwrap();
+        }
+        if !bytes.is_empty() {
+            h.write(bytes, 0).unwrap();
+        }
+        let err = h.flush(true).unwrap_err();
+        assert_eq!(err.errno(), libc::EINVAL, "{name}: {err}");
+        assert!(err.to_string().contains("not a disk image"), "{err}");
+        h.release();
+        assert!(
+            f.tree.resolve(&f.me, &Uri::parse(name).unwrap()).is_err(),
+            "{name} must not be an image"
+        );
+        assert!(tmp_is_empty(&f, "user"));
+    }
+}
+
+#[test]
+fn a_blank_file_is_kept_for_its_writer_to_reopen_then_published_with_its_content() {
     if !have_qemu() {
         return;
     }
     let f = Fixture::new();
-    let (_, _, h) = f
-        .tree
-        .create(&f.me, &node_repo("user"), "empty", 0o644)
-        .unwrap();
-    h.flush().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), "raw", "s.raw");
+    let bytes = std::fs::read(&src).unwrap();
+    let repo = node_repo("user");
+    let node = Node::Import {
+        repo: "user".into(),
+        image: None,
+        name: "c".into(),
+    };
+    // qemu-img's create step: the file is sized, a zero block written, closed.
+    let (_, _, h) = f.tree.create(&f.me, &repo, "c", 0o644).unwrap();
+    let set = SetAttr {
+        size: Some(bytes.len() as u64),
+        ..SetAttr::default()
+    };
+    f.tree.setattr(&f.me, &node, Some(&h), &set).unwrap();
+    h.write(&[0u8; 4096], 0).unwrap();
+    assert_eq!(h.flush(true).unwrap(), Changes::default());
+    h.release();
+    assert!(f.tree.resolve(&f.me, &Uri::parse("c").unwrap()).is_err());
+    // Its writer opens it again by name and writes the disk.
+    assert_eq!(f.tree.lookup(&f.me, &repo, "c").unwrap(), node);
+    let h = f.tree.open(&f.me, &node, true, false).unwrap();
+    h.write(&bytes, 0).unwrap();
+    assert!(!h.flush(true).unwrap().entries.is_empty());
     h.release();
     let meta = f
         .tree
-        .resolve(&f.me, &Uri::parse("empty").unwrap())
+        .resolve(&f.me, &Uri::parse("c").unwrap())
         .unwrap()
         .meta;
     let layer = layer_of(&f, "user", &meta);
-    qemu_img(&["check", "-q", "-f", "qcow2", layer.to_str().unwrap()]);
-    let raw = Node::File {
-        repo: "user".into(),
-        image: "empty".into(),
-        rev: 0,
-        file: FileKind::View(Format::Raw),
-    };
-    assert_eq!(f.tree.getattr(&f.me, &raw).unwrap().size, 0);
-    assert!(tmp_is_empty(&f, "user"));
+    qemu_img(&[
+        "compare",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        layer.to_str().unwrap(),
+        src.to_str().unwrap(),
+    ]);
 }
 
 #[test]
@@ -664,9 +719,9 @@ fn two_imports_of_one_name_give_one_winner_and_a_clear_error() {
     assert_eq!(err.errno(), libc::EEXIST);
     write_like_cp(&f, &a_node, &a, &qsrc);
     write_like_cp(&f, &b_node, &b, &src);
-    a.flush().unwrap();
+    a.flush(true).unwrap();
     a.release();
-    let err = b.flush().unwrap_err();
+    let err = b.flush(true).unwrap_err();
     assert_eq!(err.to_string(), "Image x already exists in repo user");
     assert_eq!(err.errno(), libc::EEXIST);
     b.release();
@@ -738,7 +793,7 @@ fn a_raw_file_written_in_order_gives_the_layer_of_the_same_file_imported() {
         } else {
             write_like_cp(&f, &node, &h, &src);
         }
-        h.flush().unwrap();
+        h.flush(true).unwrap();
         h.release();
         let meta = f
             .tree

@@ -149,7 +149,7 @@ fn nothing_inside_a_revision_opens_for_writing() {
         assert_eq!(err.errno(), libc::EROFS, "{kind:?}");
         let h = f.tree.open(&f.me, &node, false, false).unwrap();
         assert_eq!(h.write(b"x", 0).unwrap_err().errno(), libc::EROFS);
-        assert_eq!(h.flush().unwrap(), Changes::default());
+        assert_eq!(h.flush(true).unwrap(), Changes::default());
     }
     let set = SetAttr {
         size: Some(0),

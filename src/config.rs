@@ -138,27 +138,9 @@ impl Env {
 
 /// The passwd entry (name, home) of the process's real uid, when there is one.
 fn current_passwd() -> (Option<String>, Option<PathBuf>) {
-    use std::ffi::CStr;
-    use std::os::unix::ffi::OsStrExt;
-    // SAFETY: getpwuid_r writes only into the buffers given; the strings it points to
-    // live in `buf`, which outlives their use here.
-    unsafe {
-        let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut buf = vec![0 as libc::c_char; 16384];
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwuid_r(
-            libc::getuid(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        );
-        if rc != 0 || result.is_null() {
-            return (None, None);
-        }
-        let name = CStr::from_ptr(pwd.pw_name).to_string_lossy().into_owned();
-        let dir = std::ffi::OsStr::from_bytes(CStr::from_ptr(pwd.pw_dir).to_bytes());
-        (Some(name), Some(PathBuf::from(dir)))
+    match crate::sys::user_name_and_home(crate::sys::uid()) {
+        Some((name, home)) => (Some(name), Some(home)),
+        None => (None, None),
     }
 }
 

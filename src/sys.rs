@@ -1,5 +1,6 @@
-//! The system calls the repository code rests on, each behind a safe wrapper with the
-//! reason it is sound, so the unsafe surface can be reviewed in one place.
+//! Every libc call of the crate, each behind a safe wrapper with the reason it is
+//! sound, so the unsafe surface can be reviewed in one place: the rest of the crate
+//! uses libc only for its constants and types.
 //!
 //! Two families matter for safety (DESIGN §9):
 //!
@@ -17,19 +18,24 @@
 //!   without `openat2`, one `O_NOFOLLOW` open per component), and every change is an
 //!   `*at` call on such descriptors. A symlink or a swapped directory placed by whoever
 //!   may write to a repository then fails the call instead of redirecting it.
+//!
+//! The others are plain: file hints and holes, the daemon's process plumbing (fork,
+//! signals, unmount), passwd look-ups, `strerror` and `localtime_r`.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The superuser's uid.
 const ROOT_UID: u32 = 0;
 /// Most supplementary groups a process can have (Linux's NGROUPS_MAX).
 const MAX_GROUPS: usize = 65536;
+/// Buffer for getpw*_r; glibc suggests sysconf(_SC_GETPW_R_SIZE_MAX), typically 1024.
+const PW_BUF: usize = 16384;
 /// An id no user or group has: `setfsuid(-1)` and `setfsgid(-1)` change nothing and
 /// return the current value (setfsuid(2)).
 const QUERY_ID: u32 = u32::MAX;
@@ -68,6 +74,26 @@ pub fn euid() -> u32 {
 pub fn egid() -> u32 {
     // SAFETY: getegid only reads the process credentials.
     unsafe { libc::getegid() }
+}
+
+/// The real uid of this process.
+pub fn uid() -> u32 {
+    // SAFETY: getuid only reads the process credentials.
+    unsafe { libc::getuid() }
+}
+
+/// The supplementary groups of this process, as glibc's `getgroups` reports them.
+pub fn process_groups() -> Vec<u32> {
+    let mut groups: Vec<libc::gid_t> = Vec::new();
+    // SAFETY: a zero-sized query returns the count and writes nothing.
+    let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+    if n > 0 {
+        groups.resize(n as usize, 0);
+        // SAFETY: getgroups fills at most `n` entries of a buffer that has exactly `n`.
+        let got = unsafe { libc::getgroups(n, groups.as_mut_ptr()) };
+        groups.truncate(got.max(0) as usize);
+    }
+    groups
 }
 
 /// The supplementary groups of the calling thread (the raw system call reads the
@@ -503,6 +529,295 @@ pub fn sync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::EACCES) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Files
+
+/// `lseek(fd, offset, whence)` with `SEEK_DATA` or `SEEK_HOLE`: the offset of the next
+/// data or hole at or after `offset`, `None` when the kernel answers ENXIO (no data
+/// after `offset`, or `offset` at or past the end). Filesystems without the query fail
+/// with EINVAL, as does an `offset` beyond `off_t`.
+pub fn lseek_data_hole(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    whence: libc::c_int,
+) -> io::Result<Option<u64>> {
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek on an open descriptor touches no memory; it only moves the file
+    // position, which every user of these queries leaves unused (their reads are
+    // positioned).
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), off, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
+/// `posix_fadvise(WILLNEED)` of `len` bytes at `offset` of `fd` (`len` 0: to the end):
+/// the kernel queues the reads and returns without waiting for them.
+pub fn fadvise_willneed(
+    fd: BorrowedFd<'_>,
+    offset: libc::off_t,
+    len: libc::off_t,
+) -> io::Result<()> {
+    // SAFETY: advice on an open descriptor; no memory is passed.
+    let rc = unsafe { libc::posix_fadvise(fd.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED) };
+    // posix_fadvise returns the error number instead of setting errno.
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: frees the blocks of `len` bytes at `offset` of
+/// `fd`, which then read as zeroes; the file keeps its size.
+pub fn punch_hole(fd: BorrowedFd<'_>, offset: libc::off_t, len: libc::off_t) -> io::Result<()> {
+    // SAFETY: fallocate on an open descriptor; no memory is touched.
+    check(unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    })
+}
+
+/// `sync_file_range(fd, offset, len, flags)` (`libc::SYNC_FILE_RANGE_*` flags).
+pub fn sync_file_range(
+    fd: BorrowedFd<'_>,
+    offset: libc::off64_t,
+    len: libc::off64_t,
+    flags: libc::c_uint,
+) -> io::Result<()> {
+    // SAFETY: sync_file_range on an open descriptor; no memory is touched.
+    check(unsafe { libc::sync_file_range(fd.as_raw_fd(), offset, len, flags) })
+}
+
+/// `statvfs(path)`: the size and use of the filesystem holding `path`.
+pub fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
+    let c = cstring(path.as_os_str())?;
+    // SAFETY: statvfs is plain data; zeroed is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and alive for the call; statvfs writes only `st`.
+    check(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
+    Ok(st)
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes and signals
+
+/// A pipe, both ends close-on-exec: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both descriptors were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Which side of a [`fork`] this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forked {
+    /// The new process.
+    Child,
+    /// The original process, with the child's pid.
+    Parent(libc::pid_t),
+}
+
+/// The number of threads of this process (the entries of `/proc/self/task`).
+fn thread_count() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
+/// `fork()`. Refused unless the process has a single thread: the child would get only
+/// the calling thread, with whatever the others held (locks, half-made changes) left as
+/// they were.
+pub fn fork() -> io::Result<Forked> {
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "cannot fork a process with {threads} threads"
+        )));
+    }
+    // SAFETY: the process has a single thread (checked above), so the child is a full
+    // copy of it, with nothing held by a thread that no longer exists.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        child => Ok(Forked::Parent(child)),
+    }
+}
+
+/// `setsid()`: this process leads a new session, without a controlling terminal.
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: setsid changes only the process's session; no memory is touched.
+    if unsafe { libc::setsid() } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Points standard input and output at `input_output` and standard error at `error`
+/// (`dup2` onto descriptors 0, 1 and 2; failures are ignored, the previous ones stay).
+pub fn set_stdio(input_output: BorrowedFd<'_>, error: BorrowedFd<'_>) {
+    // SAFETY: dup2 onto the standard descriptors, which belong to the process as a whole
+    // (nothing in it owns them as an OwnedFd); the sources are open descriptors.
+    unsafe {
+        libc::dup2(input_output.as_raw_fd(), libc::STDIN_FILENO);
+        libc::dup2(input_output.as_raw_fd(), libc::STDOUT_FILENO);
+        libc::dup2(error.as_raw_fd(), libc::STDERR_FILENO);
+    }
+}
+
+/// A signal set holding `signals`.
+fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; zeroed is a valid value, and sigemptyset and
+    // sigaddset write only the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks `signals` in the calling thread (threads spawned afterwards inherit the mask).
+pub fn block_signals(signals: &[libc::c_int]) {
+    let set = sigset(signals);
+    // SAFETY: installs a mask built above for this thread; the old mask is not asked for.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Waits until one of `signals` (blocked, see [`block_signals`]) is pending and returns
+/// its number (0 if `sigwait` failed).
+pub fn wait_signal(signals: &[libc::c_int]) -> libc::c_int {
+    let set = sigset(signals);
+    let mut sig = 0;
+    // SAFETY: sigwait reads the set built above and writes only `sig`.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    sig
+}
+
+/// `umount2(path, MNT_DETACH)`: the mount leaves the namespace at once and goes when
+/// its last user does.
+pub fn detach_mount(path: &Path) -> io::Result<()> {
+    let c = cstring(path.as_os_str())?;
+    // SAFETY: `c` is NUL-terminated and alive for the call.
+    check(unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) })
+}
+
+// ---------------------------------------------------------------------------------------
+// Users
+
+/// A passwd entry, copied out of the buffer getpw*_r filled.
+struct Passwd {
+    name: Vec<u8>,
+    dir: Vec<u8>,
+    uid: u32,
+    gid: u32,
+}
+
+/// The key a passwd entry is looked up by.
+enum PasswdKey<'a> {
+    Uid(u32),
+    Name(&'a CStr),
+}
+
+/// The passwd entry of `key`, if there is one.
+fn passwd(key: PasswdKey<'_>) -> Option<Passwd> {
+    // SAFETY: passwd is plain data; zeroed is a valid value.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; PW_BUF];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpw*_r write only into `pwd`, `buf` and `result`, which outlive the reads
+    // below; the name is NUL-terminated and alive for the call.
+    let rc = unsafe {
+        match key {
+            PasswdKey::Uid(uid) => {
+                libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result)
+            }
+            PasswdKey::Name(name) => libc::getpwnam_r(
+                name.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut result,
+            ),
+        }
+    };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    let copy = |p: *const libc::c_char| {
+        if p.is_null() {
+            Vec::new()
+        } else {
+            // SAFETY: on success the strings of the entry point into `buf`, still alive,
+            // NUL-terminated.
+            unsafe { CStr::from_ptr(p) }.to_bytes().to_vec()
+        }
+    };
+    Some(Passwd {
+        name: copy(pwd.pw_name),
+        dir: copy(pwd.pw_dir),
+        uid: pwd.pw_uid,
+        gid: pwd.pw_gid,
+    })
+}
+
+/// The user name of `uid`, if the user has a passwd entry.
+pub fn user_name(uid: u32) -> Option<String> {
+    let p = passwd(PasswdKey::Uid(uid))?;
+    Some(String::from_utf8_lossy(&p.name).into_owned())
+}
+
+/// The user name and home directory of `uid`, if the user has a passwd entry.
+pub fn user_name_and_home(uid: u32) -> Option<(String, PathBuf)> {
+    let p = passwd(PasswdKey::Uid(uid))?;
+    let name = String::from_utf8_lossy(&p.name).into_owned();
+    Some((name, PathBuf::from(OsString::from_vec(p.dir))))
+}
+
+/// The uid and primary gid of the user `name`, if such a user exists.
+pub fn user_by_name(name: &str) -> Option<(u32, u32)> {
+    let c = CString::new(name).ok()?;
+    let p = passwd(PasswdKey::Name(&c))?;
+    Some((p.uid, p.gid))
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors and time
+
+/// The C library's message for the error number `code` (`strerror`).
+pub fn strerror(code: libc::c_int) -> String {
+    // SAFETY: strerror returns a pointer to a static or thread-local NUL-terminated
+    // string, valid until the next strerror call of this thread; it is copied at once.
+    unsafe { CStr::from_ptr(libc::strerror(code)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `localtime_r`: `time` broken down in the local time zone, `None` when it cannot be.
+pub fn local_time(time: libc::time_t) -> Option<libc::tm> {
+    // SAFETY: tm is plain data that localtime_r fully initialises on success; zeroed is
+    // a valid value.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the duration of the call and localtime_r keeps
+    // neither.
+    let result = unsafe { libc::localtime_r(&time, &mut tm) };
+    if result.is_null() { None } else { Some(tm) }
 }
 
 #[cfg(test)]

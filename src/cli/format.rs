@@ -61,11 +61,7 @@ fn local_time(timestamp: f64) -> Option<libc::tm> {
     }
     let seconds = (micros as i64).div_euclid(MICROS_PER_SECOND as i64);
     let time = libc::time_t::try_from(seconds).ok()?;
-    // SAFETY: `tm` is plain old data that localtime_r fully initialises on success; both
-    // pointers are valid for the duration of the call and localtime_r keeps neither.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    let result = unsafe { libc::localtime_r(&time, &mut tm) };
-    if result.is_null() { None } else { Some(tm) }
+    crate::sys::local_time(time)
 }
 
 #[cfg(test)]

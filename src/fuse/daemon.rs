@@ -7,12 +7,15 @@
 //! could not mount, so `pcocc-imagefs MNT && ls MNT` works and a failure is printed by the
 //! command the user ran.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsFd;
 use std::path::Path;
+
+use crate::sys;
+
+/// The signals that end the daemon with a clean unmount.
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 /// The child's end of the start-up pipe: report the outcome of mounting exactly once.
 #[derive(Debug)]
@@ -45,15 +48,9 @@ impl Readiness {
 /// child detaches from the terminal (new session, stdio on /dev/null, stderr on
 /// `log_file` when given) and returns the handle on which it reports readiness.
 ///
-/// Must be called while the process has a single thread.
+/// Must be called while the process has a single thread (fails otherwise).
 pub fn daemonize(log_file: Option<&Path>) -> io::Result<Readiness> {
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 writes two descriptors into the array we own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just created and are owned by nothing else.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (rd, wr) = sys::pipe()?;
     // Open the log before forking so that an unwritable log path fails in the foreground.
     let log = match log_file {
         Some(p) => Some(
@@ -70,19 +67,16 @@ pub fn daemonize(log_file: Option<&Path>) -> io::Result<Readiness> {
         ),
         None => None,
     };
-    // SAFETY: the process is single-threaded here (documented precondition).
-    match unsafe { libc::fork() } {
-        -1 => Err(io::Error::last_os_error()),
-        0 => {
+    match sys::fork()? {
+        sys::Forked::Child => {
             drop(rd);
-            // SAFETY: plain syscalls on the child's own process state.
-            unsafe { libc::setsid() };
+            let _ = sys::setsid();
             redirect_stdio(log.as_ref())?;
             Ok(Readiness {
                 pipe: Some(File::from(wr)),
             })
         }
-        _child => {
+        sys::Forked::Parent(_) => {
             drop(wr);
             let mut report = Vec::new();
             let _ = File::from(rd).read_to_end(&mut report);
@@ -104,18 +98,12 @@ pub fn daemonize(log_file: Option<&Path>) -> io::Result<Readiness> {
 }
 
 fn redirect_stdio(log: Option<&File>) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/null")?;
-    let err_target = log.map(|f| f.as_raw_fd()).unwrap_or(null.as_raw_fd());
-    // SAFETY: dup2 onto the standard descriptors of this process.
-    unsafe {
-        libc::dup2(null.as_raw_fd(), 0);
-        libc::dup2(null.as_raw_fd(), 1);
-        libc::dup2(err_target, 2);
-    }
+    let err_target = log.map(|f| f.as_fd()).unwrap_or(null.as_fd());
+    sys::set_stdio(null.as_fd(), err_target);
     Ok(())
 }
 
@@ -123,31 +111,13 @@ fn redirect_stdio(log: Option<&File>) -> io::Result<()> {
 /// afterwards inherits the mask and only [`wait_for_signal`] sees them. Call before
 /// starting any thread.
 pub fn block_signals() {
-    // SAFETY: building and installing a signal mask for this thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    sys::block_signals(&STOP_SIGNALS);
 }
 
 /// Waits until SIGTERM, SIGINT or SIGHUP arrives (they must be blocked, see
 /// [`block_signals`]) and returns its number.
 pub fn wait_for_signal() -> i32 {
-    // SAFETY: sigwait on a mask we build; the signals are blocked in every thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        let mut sig = 0;
-        libc::sigwait(&set, &mut sig);
-        sig
-    }
+    sys::wait_signal(&STOP_SIGNALS)
 }
 
 /// If `mountpoint` is a dead FUSE mount (its daemon was killed: `stat` fails with
@@ -156,23 +126,15 @@ pub fn wait_for_signal() -> i32 {
 pub fn clear_stale_mount(mountpoint: &Path) -> io::Result<bool> {
     match std::fs::metadata(mountpoint) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            let c = CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| {
+            sys::detach_mount(mountpoint).map_err(|e| {
                 io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "mountpoint contains a NUL byte",
-                )
-            })?;
-            // SAFETY: umount2 with a valid C string.
-            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-                let e = io::Error::last_os_error();
-                return Err(io::Error::new(
                     e.kind(),
                     format!(
                         "{} is a dead mount and cannot be cleared: {e}",
                         mountpoint.display()
                     ),
-                ));
-            }
+                )
+            })?;
             Ok(true)
         }
         _ => Ok(false),
@@ -185,17 +147,9 @@ pub fn clear_stale_mount(mountpoint: &Path) -> io::Result<bool> {
 /// a reader (a running VM, a `cp`) still has a file open. Unprivileged daemons go through
 /// `fusermount3 -u -z`.
 pub fn detach(mountpoint: &Path) -> io::Result<()> {
-    let c = CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "mountpoint contains a NUL byte",
-        )
-    })?;
-    // SAFETY: umount2 with a valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+    let Err(e) = sys::detach_mount(mountpoint) else {
         return Ok(());
-    }
-    let e = io::Error::last_os_error();
+    };
     if e.raw_os_error() != Some(libc::EPERM) {
         return Err(e);
     }

@@ -24,7 +24,7 @@ use super::{Disk, Error, Result};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::AsFd;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
@@ -294,13 +294,8 @@ impl<'f> Writeback<'f> {
             self.enabled = false;
             return;
         };
-        // SAFETY: sync_file_range on a descriptor `out` owns; no memory is touched.
-        let r = unsafe { libc::sync_file_range(self.out.as_raw_fd(), off, len, flags) };
-        if r != 0 {
-            log::debug!(
-                "no paced write-back ({}): the final sync writes it all",
-                std::io::Error::last_os_error()
-            );
+        if let Err(e) = crate::sys::sync_file_range(self.out.as_fd(), off, len, flags) {
+            log::debug!("no paced write-back ({e}): the final sync writes it all");
             self.enabled = false;
         }
     }

@@ -469,12 +469,11 @@ const STORED_BYTES_PER_RUN: u64 = 512;
 /// `posix_fadvise(WILLNEED)` of `len` bytes at `offset` of `file` (`len` 0: to the
 /// end): the kernel queues the reads and returns without waiting for them.
 pub(crate) fn advise_willneed(file: &File, offset: u64, len: u64) {
-    use std::os::unix::io::AsRawFd;
+    use std::os::unix::io::AsFd;
     let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
         return;
     };
-    // SAFETY: advice on a descriptor `file` owns; no memory is passed.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+    let _ = crate::sys::fadvise_willneed(file.as_fd(), off, len);
 }
 
 /// `pread` that fills `buf` completely; reading past the end of the file is an error

@@ -5,7 +5,7 @@
 use super::file::{LayerFile, map_end};
 use super::{Error, Extent, Format, Layer, Mapping, Result};
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::Path;
 
 #[derive(Debug)]
@@ -30,11 +30,9 @@ impl RawLayer {
     /// `lseek(fd, offset, whence)`; `None` when the kernel answers ENXIO (no more data)
     /// or the filesystem does not support the query.
     fn seek(&self, offset: u64, whence: i32) -> Option<u64> {
-        let off = i64::try_from(offset).ok()?;
-        // SAFETY: lseek on a file descriptor we own; it only moves the (unused) file
-        // position, every read of this layer is positioned.
-        let r = unsafe { libc::lseek(self.src.file.as_raw_fd(), off, whence) };
-        (r >= 0).then_some(r as u64)
+        crate::sys::lseek_data_hole(self.src.file.as_fd(), offset, whence)
+            .ok()
+            .flatten()
     }
 }
 

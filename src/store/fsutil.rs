@@ -30,15 +30,11 @@ pub fn io_err(path: &Path, source: io::Error) -> Error {
 /// An OS error as Python prints it: `[Errno 2] No such file or directory: 'PATH'`.
 pub fn py_os_error(e: &io::Error, path: &Path) -> String {
     match e.raw_os_error() {
-        Some(code) => {
-            // SAFETY: strerror returns a pointer to a static or thread-local string.
-            let msg = unsafe { std::ffi::CStr::from_ptr(libc::strerror(code)) };
-            format!(
-                "[Errno {code}] {}: '{}'",
-                msg.to_string_lossy(),
-                path.display()
-            )
-        }
+        Some(code) => format!(
+            "[Errno {code}] {}: '{}'",
+            crate::sys::strerror(code),
+            path.display()
+        ),
         None => format!("{e}: '{}'", path.display()),
     }
 }

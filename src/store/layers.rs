@@ -9,7 +9,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek};
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::AsFd;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -317,25 +317,18 @@ pub fn sparse_copy_hashing(
 /// The next data extent `[data, hole)` at or after `pos`, or `None` when only a hole is
 /// left. Filesystems without SEEK_DATA report the whole rest as data.
 fn next_extent(f: &File, pos: u64, size: u64) -> io::Result<Option<(u64, u64)>> {
-    let fd = f.as_raw_fd();
-    let seek = |off: u64, whence| {
-        // SAFETY: lseek on a file descriptor we own; no memory is touched.
-        let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as u64)
-        }
-    };
+    let seek = |off: u64, whence| crate::sys::lseek_data_hole(f.as_fd(), off, whence);
     let data = match seek(pos, libc::SEEK_DATA) {
-        Ok(d) => d,
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
+        Ok(Some(d)) => d,
+        Ok(None) => return Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Some((pos, size))),
         Err(e) => return Err(e),
     };
     if data >= size {
         return Ok(None);
     }
-    let hole = seek(data, libc::SEEK_HOLE)?.min(size);
+    let hole = seek(data, libc::SEEK_HOLE)?
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENXIO))?
+        .min(size);
     Ok(Some((data, hole)))
 }

@@ -5,7 +5,6 @@
 //! made with the caller's identity and judged again by the kernel at the moment of use.
 
 use std::collections::HashMap;
-use std::ffi::{CStr, CString};
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
@@ -17,8 +16,6 @@ pub const W: u32 = 2;
 pub const X: u32 = 1;
 /// Bound of the owner-name cache (names seen in metadata): cleared when full.
 const USER_CACHE_MAX: usize = 4096;
-/// Buffer for getpw*_r; glibc suggests sysconf(_SC_GETPW_R_SIZE_MAX), typically 1024.
-const PW_BUF: usize = 16384;
 
 pub fn current_caller() -> Caller {
     static CURRENT: OnceLock<Caller> = OnceLock::new();
@@ -52,40 +49,7 @@ pub fn writable(caller: &Caller, path: &Path) -> Option<bool> {
 /// The user name of `uid` (what pcocc records as `owner`), or the number when the user
 /// has no passwd entry.
 pub fn user_name(uid: u32) -> String {
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; PW_BUF];
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwuid_r writes only into `pwd` and `buf`, which outlive the reads below.
-    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
-    if rc != 0 || result.is_null() {
-        return uid.to_string();
-    }
-    // SAFETY: on success pw_name points into `buf`, NUL-terminated.
-    unsafe { CStr::from_ptr(pwd.pw_name) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// uid and primary gid of the user `name`, if such a user exists.
-fn lookup_user(name: &str) -> Option<(u32, u32)> {
-    let c = CString::new(name).ok()?;
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; PW_BUF];
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: as in `user_name`.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            c.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() {
-        return None;
-    }
-    Some((pwd.pw_uid, pwd.pw_gid))
+    crate::sys::user_name(uid).unwrap_or_else(|| uid.to_string())
 }
 
 /// Owner names of revisions resolved to (uid, gid), remembered because `stat` of every
@@ -100,7 +64,7 @@ impl UserCache {
         if let Some(hit) = self.map.lock().ok().and_then(|m| m.get(name).copied()) {
             return hit;
         }
-        let found = lookup_user(name);
+        let found = crate::sys::user_by_name(name);
         if let Ok(mut map) = self.map.lock() {
             if map.len() >= USER_CACHE_MAX {
                 map.clear();

@@ -2,7 +2,7 @@
 //! of a node (`..`), `statfs`, `access(2)` and extended attributes (the self-description
 //! of revision directories and views, `user.pcocc.*`).
 
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 
 use super::nodes::display;
 use super::{Caller, Error, FileKind, Node, NodeType, Tree, metajson};
@@ -90,18 +90,16 @@ impl Tree {
     pub fn statfs(&self) -> Result<StatFs, Error> {
         let store = self.store("")?;
         let path = store.path();
-        let c = CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(|_| Error::NoEntry(path.display().to_string()))?;
-        // SAFETY: statvfs only writes the zeroed struct we pass; the path is a valid
-        // NUL-terminated string for the call's duration.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-        if rc != 0 {
-            return Err(Error::Store(crate::store::Error::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::last_os_error(),
-            }));
+        // A path with a NUL byte names nothing.
+        if path.as_os_str().as_encoded_bytes().contains(&0) {
+            return Err(Error::NoEntry(path.display().to_string()));
         }
+        let st = crate::sys::statvfs(path).map_err(|source| {
+            Error::Store(crate::store::Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        })?;
         Ok(StatFs {
             blocks: st.f_blocks,
             bfree: st.f_bfree,

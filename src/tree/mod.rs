@@ -80,18 +80,11 @@ impl Caller {
     }
 
     fn current_uncached() -> Caller {
-        // SAFETY: these calls only read the process credentials.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        let mut groups: Vec<libc::gid_t> = Vec::new();
-        // SAFETY: a zero-sized query returns the count; the second call fills at most
-        // `n` entries of a buffer that has exactly `n`.
-        let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
-        if n > 0 {
-            groups.resize(n as usize, 0);
-            let got = unsafe { libc::getgroups(n, groups.as_mut_ptr()) };
-            groups.truncate(got.max(0) as usize);
+        Caller {
+            uid: crate::sys::euid(),
+            gid: crate::sys::egid(),
+            groups: crate::sys::process_groups(),
         }
-        Caller { uid, gid, groups }
     }
 
     /// Makes the calling thread act as this caller until the guard is dropped, so that

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -70,20 +70,10 @@ pub(super) fn seek_file(
     offset: u64,
     whence: i32,
 ) -> Result<Option<u64>, Error> {
-    let off = libc::off_t::try_from(offset).map_err(|_| {
+    libc::off_t::try_from(offset).map_err(|_| {
         Error::Unreadable(format!("{}: offset {offset} out of range", path.display()))
     })?;
-    // SAFETY: lseek on a descriptor this value owns; no memory is touched.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if r >= 0 {
-        return Ok(Some(r as u64));
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENXIO) {
-        Ok(None)
-    } else {
-        Err(io_error(path, e))
-    }
+    crate::sys::lseek_data_hole(file.as_fd(), offset, whence).map_err(|e| io_error(path, e))
 }
 
 impl OpenFile {

@@ -221,18 +221,8 @@ impl Dropper {
         ) else {
             return Ok(());
         };
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: fallocate on a descriptor this value owns; no memory is touched.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                off,
-                len,
-            )
-        };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
+        use std::os::unix::io::AsFd;
+        if let Err(e) = crate::sys::punch_hole(self.file.as_fd(), off, len) {
             match e.raw_os_error() {
                 // A filesystem without hole punching keeps the bytes: only slower.
                 Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {

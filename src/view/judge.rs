@@ -359,7 +359,7 @@ pub fn judge_source(format: Format, source: Source) {
 /// The data runs of a file as `SEEK_DATA`/`SEEK_HOLE` report them, or `None` when the
 /// filesystem keeps no holes (nothing to compare then).
 pub fn file_data_extents(path: &Path) -> Option<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
     use std::os::unix::fs::MetadataExt;
     let f = std::fs::File::open(path).expect("open file");
     let meta = f.metadata().expect("stat file");
@@ -367,9 +367,9 @@ pub fn file_data_extents(path: &Path) -> Option<Vec<(u64, u64)>> {
         return None;
     }
     let seek = |off: u64, whence| {
-        // SAFETY: lseek on a descriptor we own; all reads of it are positioned.
-        let r = unsafe { libc::lseek(f.as_raw_fd(), off as i64, whence) };
-        (r >= 0).then_some(r as u64)
+        crate::sys::lseek_data_hole(f.as_fd(), off, whence)
+            .ok()
+            .flatten()
     };
     let mut out = Vec::new();
     let mut pos = 0;

@@ -56,20 +56,6 @@ fn groups_of(pid: u32) -> Vec<u32> {
     parse_groups(&status)
 }
 
-/// The process (thread group) of thread `tid`: FUSE requests carry the calling
-/// thread's id, and a file opened by one thread may be closed by another of the same
-/// process. `tid` itself when it cannot be read (the thread is gone).
-pub fn process_of(tid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Tgid:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(tid)
-}
-
 /// Field of `/proc/PID/stat` holding the exit code of an exiting task (proc(5), field
 /// 52, since Linux 3.5), counted from the state field that follows the command name.
 const STAT_EXIT_CODE_FROM_STATE: usize = 52 - 3;
@@ -316,18 +302,6 @@ mod tests {
         assert_eq!(parse_exit_signal(&exited), Some(0));
         assert_eq!(parse_exit_signal("42 (x) R 1 2"), None);
         assert!(!killed_by_signal(std::process::id()));
-    }
-
-    #[test]
-    fn a_thread_belongs_to_its_process() {
-        let me = std::process::id();
-        // SAFETY: gettid only reads the calling thread's id.
-        let tid = std::thread::spawn(|| unsafe { libc::gettid() } as u32)
-            .join()
-            .unwrap();
-        assert_eq!(process_of(me), me);
-        // The thread has ended: its id is returned as it is, or resolves to us.
-        assert!([tid, me].contains(&process_of(tid)));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::ffi::OsStr;
 
+use super::access::{self, R, W, X};
 use super::nodes::display;
 use super::{Caller, Error, FileKind, Node, NodeType, Tree, metajson};
 
@@ -111,38 +112,35 @@ impl Tree {
         })
     }
 
-    /// access(2) with the tree's own rules: the node's mode bits for `caller` (root
-    /// passes, but needs some x bit to execute a file); nothing inside a revision is
-    /// writable (EROFS).
+    /// access(2), judged with the caller's identity: a repository or image directory
+    /// as the kernel judges the repository's `meta/` (and for writing, `data/` and
+    /// `.tmp/` too), ACLs included; what is inside a revision is readable when the
+    /// caller can open its metadata and layers (which its attributes need), never
+    /// writable (EROFS), and executable only as its mode bits say.
     pub fn access(&self, caller: &Caller, node: &Node, mask: i32) -> Result<(), Error> {
+        let _as = caller.act()?;
         let attr = self.getattr(caller, node)?;
-        let in_revision = matches!(
-            node,
-            Node::Revision { .. } | Node::File { .. } | Node::Latest { .. }
-        );
-        if mask & W_OK != 0 && in_revision {
-            return Err(Error::ReadOnly(display(node)));
-        }
-        let want = (if mask & R_OK != 0 { 4 } else { 0 })
-            | (if mask & W_OK != 0 { 2 } else { 0 })
-            | (if mask & X_OK != 0 { 1 } else { 0 });
-        let perm = u32::from(attr.perm);
-        let ok = if caller.uid == 0 {
-            want & 1 == 0 || attr.kind == NodeType::Directory || perm & 0o111 != 0
-        } else {
-            let bits = if attr.uid == caller.uid {
-                (perm >> 6) & 7
-            } else if caller.in_group(attr.gid) {
-                (perm >> 3) & 7
-            } else {
-                perm & 7
-            };
-            bits & want == want
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(Error::PermissionDenied(display(node)))
+        let want = (if mask & R_OK != 0 { R } else { 0 })
+            | (if mask & W_OK != 0 { W } else { 0 })
+            | (if mask & X_OK != 0 { X } else { 0 });
+        match node {
+            Node::Repo { repo } | Node::Image { repo, .. } => {
+                let store = self.store(repo)?;
+                if want & W != 0 {
+                    self.writable_store(caller, repo)?;
+                }
+                access::check(caller, &store.meta_dir(), want & (R | X))
+            }
+            Node::Revision { .. } | Node::File { .. } | Node::Latest { .. } if want & W != 0 => {
+                Err(Error::ReadOnly(display(node)))
+            }
+            _ if want & X != 0
+                && attr.kind != NodeType::Directory
+                && u32::from(attr.perm) & 0o111 == 0 =>
+            {
+                Err(Error::PermissionDenied(display(node)))
+            }
+            _ => Ok(()),
         }
     }
 

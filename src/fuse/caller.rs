@@ -132,7 +132,7 @@ fn parse_mountinfo(info: &str, path: &std::path::Path) -> Option<MountIds> {
 /// on this very mount: an `execve` holds its exec lock while it closes its close-on-exec
 /// descriptors, each close a flush this daemon must answer. Past this time the file is
 /// taken as still held, and its import waits for the kernel's `release`.
-pub const HOLDERS_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+pub const HOLDERS_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a close of a file being imported means, from `/proc`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -26,10 +26,10 @@ macro_rules! acting {
     };
 }
 pub mod daemon;
-pub mod inodes;
 pub mod options;
 pub mod readahead;
 
+use crate::tree::inodes::{Inodes, ROOT_INO};
 use crate::tree::{self, Attr, Changes, Node, NodeType, OpenFile, SetAttr, Tree};
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
@@ -38,16 +38,12 @@ use fuser::{
     ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
     TimeOrNow, WriteFlags,
 };
-use inodes::{Inodes, ROOT_INO};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-
-/// How long the kernel may cache what never changes (revision directories and files).
-const IMMUTABLE_TTL: Duration = Duration::from_secs(3600);
 
 /// The only extended attribute namespace this filesystem has (its `user.pcocc.*`
 /// names, see [`tree::XATTR_PREFIX`]); xattr(7).
@@ -274,13 +270,7 @@ impl ImageFs {
     }
 
     fn ttl(&self, node: &Node) -> Duration {
-        match node {
-            Node::Revision { .. } | Node::File { .. } => IMMUTABLE_TTL,
-            // A file being imported becomes an image directory (or goes) when it is
-            // published: the kernel must ask again each time.
-            Node::Import { .. } => Duration::ZERO,
-            _ => self.settings.refresh,
-        }
+        tree::cache_ttl(node, self.settings.refresh)
     }
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {

@@ -26,7 +26,8 @@
 //! `views` (revision files and the cache of opened revisions), `open` (open files),
 //! `import` (create, setattr and the handles of files being written), `pending` (their
 //! lifecycle, staging files, empty directories), `publish` (the one import path), `entries` (mkdir, link, rename, unlink, rmdir by name), `transfer`
-//! (CLI import/export), `ops` (URI-level pcocc operations), `extras` (parent, statfs,
+//! (CLI import/export), `inodes` (inode numbers bound to nodes, moved by renames),
+//! `ops` (URI-level pcocc operations), `extras` (parent, statfs,
 //! access, xattrs), `access` (permission checks), `metajson`, `uri`.
 
 mod access;
@@ -34,6 +35,7 @@ mod arrival;
 mod entries;
 mod extras;
 mod import;
+pub mod inodes;
 mod metajson;
 mod nodes;
 mod open;
@@ -238,6 +240,21 @@ impl Node {
             }),
             _ => None,
         }
+    }
+}
+
+/// How long the kernel may cache what never changes (revision directories and files).
+pub const IMMUTABLE_TTL: Duration = Duration::from_secs(3600);
+
+/// How long the kernel may cache the entry and attributes of `node`: long for what never
+/// changes (a revision and its files), never for a file being imported (it becomes an
+/// image directory, or goes, when it is published), `refresh` for repository and image
+/// directories, which other hosts change.
+pub fn cache_ttl(node: &Node, refresh: Duration) -> Duration {
+    match node {
+        Node::Revision { .. } | Node::File { .. } => IMMUTABLE_TTL,
+        Node::Import { .. } => Duration::ZERO,
+        _ => refresh,
     }
 }
 

@@ -865,3 +865,18 @@ fn listing_an_image_parses_each_revision_metadata_once_and_sees_it_published_aga
     );
     assert_eq!(a.uid, std::fs::metadata(&path).unwrap().uid());
 }
+
+#[test]
+fn cache_lifetimes_follow_what_can_change() {
+    let refresh = Duration::from_secs(1);
+    let rev = node_rev("user", "img", 0);
+    assert_eq!(cache_ttl(&rev, refresh), IMMUTABLE_TTL);
+    assert_eq!(cache_ttl(&node_image("user", "img"), refresh), refresh);
+    assert_eq!(cache_ttl(&node_repo("user"), refresh), refresh);
+    let import = Node::Import {
+        repo: "user".into(),
+        image: None,
+        name: "x".into(),
+    };
+    assert_eq!(cache_ttl(&import, refresh), Duration::ZERO);
+}

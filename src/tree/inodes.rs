@@ -5,7 +5,7 @@
 //! in every mount (backups, `rsync` and `make` compare them), with linear probing on the
 //! rare collision. The kernel's lookup count decides when a number may be forgotten.
 
-use crate::tree::Node;
+use super::Node;
 use std::collections::HashMap;
 use std::sync::RwLock;
 

@@ -120,11 +120,14 @@ pub fn wait_for_signal() -> i32 {
     sys::wait_signal(&STOP_SIGNALS)
 }
 
-/// If `mountpoint` is a dead FUSE mount (its daemon was killed: `stat` fails with
-/// ENOTCONN), detaches it so that a new daemon can mount there. Returns whether one was
+/// If `mountpoint` is a dead FUSE mount (its daemon was killed: `stat` or `statfs`
+/// fails with ENOTCONN), detaches it so that a new daemon can mount there. Returns whether one was
 /// cleared.
 pub fn clear_stale_mount(mountpoint: &Path) -> io::Result<bool> {
-    match std::fs::metadata(mountpoint) {
+    // `stat` may be answered from attributes the kernel still caches for the dead
+    // mount's root (for the mount's refresh time); `statfs` always asks the daemon.
+    let probe = std::fs::metadata(mountpoint).and_then(|_| sys::statvfs(mountpoint).map(|_| ()));
+    match probe {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             sys::detach_mount(mountpoint).map_err(|e| {
                 io::Error::new(

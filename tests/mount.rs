@@ -25,6 +25,10 @@ fn sha256_file(p: &Path) -> String {
         .collect()
 }
 
+/// The daemon's default refresh time: how long the kernel may keep an entry of a
+/// repository or image directory that another host changes.
+const DEFAULT_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A mounted daemon over two repositories `user` (the default) and `global`, in a
 /// temporary directory; unmounted when dropped.
 struct Mounted {
@@ -69,10 +73,11 @@ impl Mounted {
         self.dir.path().join("repos.yaml")
     }
 
-    /// Starts the daemon in the background; it returns once the mount is live.
+    /// Starts the daemon in the background, with the options users have (`allow_other`
+    /// and `extra`); it returns once the mount is live.
     fn mount(&self, extra: &[&str]) {
         let config = self.config();
-        let mut args = vec!["--config", s(&config), "-o", "allow_other,refresh=0"];
+        let mut args = vec!["--config", s(&config), "-o", "allow_other"];
         args.extend_from_slice(extra);
         args.push(s(&self.mnt));
         common::start_daemon(&args, &self.mnt, "info");
@@ -744,7 +749,7 @@ fn mkdir_makes_room_for_an_image_that_cp_then_fills() {
 
 #[test]
 fn copying_with_attributes_works_and_a_published_name_changes_kind_at_once() {
-    // The default refresh time, so that the kernel caches entries and only the daemon's
+    // A long refresh time, so that the kernel caches entries and only the daemon's
     // invalidation can make the new kind visible at once.
     let Some(m) = Mounted::start_with(&["-o", "refresh=30"]) else {
         return;
@@ -1017,13 +1022,14 @@ fn ls_l_of_many_revisions_shows_each_owner_and_time_and_again_reads_no_metadata(
     assert_eq!(listing(), first);
     assert_eq!(watch.settle(), Default::default());
 
-    // A revision published meanwhile (here by hand, as another host would) shows at
-    // once with this mount's refresh time of 0.
+    // A revision published meanwhile (here by hand, as another host would) shows
+    // within the mount's refresh time (1 s by default).
     fs::copy(
         meta_dir.join("many@0"),
         meta_dir.join(format!("many@{revs}")),
     )
     .unwrap();
+    std::thread::sleep(DEFAULT_REFRESH);
     let after = listing();
     assert!(after.contains(&format!(" @{revs}\n")), "{after}");
     assert!(after.contains(&format!("latest -> @{revs}")), "{after}");

@@ -70,10 +70,10 @@ struct Site {
 }
 
 impl Site {
-    /// A site with one mount (`refresh=0`).
+    /// A site with one mount (default options besides `allow_other`).
     fn start() -> Option<Site> {
         let mut site = Site::new()?;
-        site.add_mount(&["-o", "refresh=0"]);
+        site.add_mount(&[]);
         Some(site)
     }
 
@@ -285,7 +285,7 @@ fn a_daemon_killed_during_an_import_leaves_no_partial_image_and_gc_empties_tmp()
         "the import must fail when its daemon dies"
     );
 
-    site.mount(0, &["-o", "refresh=0"]);
+    site.mount(0, &[]);
     assert_eq!(site.meta_names("user"), ["kept@0"]);
     let listed = fs::read_dir(site.at(0, "user"))
         .unwrap()
@@ -428,7 +428,7 @@ fn a_write_that_fails_for_lack_of_space_fails_the_import_and_publishes_nothing()
         fs::create_dir(repo.join(d)).unwrap();
     }
     fs::write(repo.join(".config"), "version: 2\n").unwrap();
-    site.add_mount(&["-o", "refresh=0"]);
+    site.add_mount(&[]);
     let src = site.source_raw("src.raw", "8M", 6);
     let out = run("cp", &[s(&src), s(&site.at(0, "global/full.raw"))]);
     assert!(!out.status.success(), "cp into a full repository must fail");

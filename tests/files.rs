@@ -21,12 +21,12 @@
 //! that cannot run fails.
 
 mod common;
-use common::{daemon_pid, ok, run, s, sorted_names, unmount};
+use common::{daemon_pid, ok, run, s, sorted_names};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The system python (the one CI has, whatever shim comes first in PATH).
 const PYTHON: &str = "/usr/bin/python3";
@@ -69,33 +69,6 @@ fn rounds() -> u32 {
         .unwrap_or(100)
 }
 
-/// Polls `cond` every 20 ms until it holds or `limit` passes; true if it held.
-fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A scratch directory, or `None` (SKIPPED printed) when the tests cannot run here; in
-/// CI that is a failure.
-fn scratch() -> Option<tempfile::TempDir> {
-    let dir = common::mount_scratch("files", TOOLS);
-    if dir.is_none() && std::env::var_os("CI").is_some() {
-        panic!(
-            "the files tests must run in CI: they need root, /dev/fuse and {TOOLS:?} \
-             (see the SKIPPED line above)"
-        );
-    }
-    dir
-}
-
 /// Repositories in a scratch directory, a configuration naming them, and one daemon
 /// mounted as root with `allow_other` (default options otherwise); unmounted (and the
 /// daemon killed if it hangs) when dropped, even by a panic.
@@ -108,7 +81,7 @@ struct Fs {
 impl Fs {
     /// Mounts a daemon over the repositories `repos` (the first one the default).
     fn start(repos: &[&str]) -> Option<Fs> {
-        let dir = scratch()?;
+        let dir = common::required_mount_scratch("files", TOOLS)?;
         let mut fs = Fs {
             mnt: dir.path().join("mnt"),
             dir,
@@ -384,14 +357,7 @@ impl Fs {
 
 impl Drop for Fs {
     fn drop(&mut self) {
-        unmount(&self.mnt);
-        if let Some(pid) = self.daemon {
-            let mnt = self.mnt.clone();
-            if !eventually(Duration::from_secs(3), || daemon_pid(&mnt) != Some(pid)) {
-                // SAFETY: killing the daemon this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
+        common::stop_daemon(&self.mnt, self.daemon);
     }
 }
 
@@ -463,7 +429,7 @@ fn matrix(tool: &str, write: impl Fn(&Case) -> Result<(), String>) {
                 // The last reference is the mapping, dropped by munmap(2), which does not
                 // wait for the kernel to tell the daemon (FUSE's release is sent in the
                 // background): the image appears a moment after the writer returns.
-                eventually(Duration::from_secs(10), || {
+                common::eventually(Duration::from_secs(10), || {
                     case.target().join("@0").exists()
                 });
             }

@@ -14,7 +14,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -230,20 +230,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Polls `cond` every 20 ms until it holds or `limit` passes; true if it held.
-fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // 2. Crashes
 // ---------------------------------------------------------------------------------------
@@ -266,7 +252,7 @@ fn a_daemon_killed_during_an_import_leaves_no_partial_image_and_gc_empties_tmp()
         }
         f.sync_all()
     });
-    eventually(Duration::from_secs(10), || {
+    common::eventually(Duration::from_secs(10), || {
         !site.tmp_entries("user").is_empty() || writer.is_finished()
     });
     if writer.is_finished() || site.tmp_entries("user").is_empty() {
@@ -324,7 +310,7 @@ fn a_cli_import_killed_midway_leaves_no_partial_image_and_gc_empties_tmp() {
             .expect("spawn pcocc import"),
     );
     // Killed as soon as its scratch layer holds data.
-    let started = eventually(Duration::from_secs(30), || {
+    let started = common::eventually(Duration::from_secs(30), || {
         site.tmp_entries("user")
             .iter()
             .any(|p| fs::metadata(p).is_ok_and(|m| m.len() > 0))
@@ -368,7 +354,7 @@ fn a_writer_killed_mid_import_publishes_nothing_and_its_children_closing_publish
             .spawn()
             .expect("spawn sh"),
     );
-    let tmp_grows = eventually(Duration::from_secs(10), || {
+    let tmp_grows = common::eventually(Duration::from_secs(10), || {
         site.tmp_entries("user")
             .iter()
             .any(|p| fs::metadata(p).is_ok_and(|m| m.len() >= 4 * 65536))
@@ -379,7 +365,7 @@ fn a_writer_killed_mid_import_publishes_nothing_and_its_children_closing_publish
     sh.0.wait().unwrap();
     // The last copy closed, the scratch file goes; no image appears.
     assert!(
-        eventually(Duration::from_secs(5), || site
+        common::eventually(Duration::from_secs(5), || site
             .tmp_entries("user")
             .is_empty()),
         "the killed writer's scratch file stays: {:?}",
@@ -436,7 +422,7 @@ fn a_write_that_fails_for_lack_of_space_fails_the_import_and_publishes_nothing()
     assert_eq!(site.meta_names("global"), Vec::<String>::new());
     assert!(!site.at(0, "global/full").exists());
     assert!(
-        eventually(Duration::from_secs(5), || site
+        common::eventually(Duration::from_secs(5), || site
             .tmp_entries("global")
             .is_empty()),
         "the failed import's scratch file stays"
@@ -524,7 +510,7 @@ fn parallel_imports_of_distinct_names_all_land_and_show_on_both_mounts() {
     let limit = Duration::from_millis(REFRESH_SECS * 1000 + 500);
     for m in 0..2 {
         assert!(
-            eventually(limit, || fs::read_dir(site.at(m, "user"))
+            common::eventually(limit, || fs::read_dir(site.at(m, "user"))
                 .map(|d| d.count() == RACERS)
                 .unwrap_or(false)),
             "mount {m} does not list every image within the refresh time"
@@ -578,7 +564,7 @@ fn a_revision_deleted_on_one_host_keeps_reading_on_the_other_until_closed() {
     first.extend_from_slice(&rest);
     assert_eq!(hex(&first), sha256_file(&src));
     drop(reader);
-    let gone = eventually(Duration::from_secs(REFRESH_SECS + 2), || {
+    let gone = common::eventually(Duration::from_secs(REFRESH_SECS + 2), || {
         !site.at(1, "user/victim").exists()
     });
     assert!(

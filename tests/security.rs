@@ -14,13 +14,13 @@
 //! (env `CI` set), where a test that cannot run fails.
 
 mod common;
-use common::{daemon_pid, ok, run, s, unmount};
+use common::{daemon_pid, ok, run, s};
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -118,33 +118,6 @@ fn run_within(cmd: &mut Command, limit: Duration) -> Result<Output, String> {
     }
 }
 
-/// Waits past the daemon's refresh time (1 s by default): a name just imported with `cp`
-/// shows as the file written until then, and only then as the image's directory.
-fn settle() {
-    std::thread::sleep(Duration::from_millis(1500));
-}
-
-/// Waits until the name of a file just imported no longer answers its writer (the
-/// daemon's 5 s grace for tools that set attributes by path after `close`): until then
-/// the writer's `rm -r` of the image finds that file, not the image directory.
-fn past_published_grace() {
-    std::thread::sleep(Duration::from_millis(5500));
-}
-
-/// Polls `cond` every 20 ms until it holds or `limit` passes; true if it held.
-fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[track_caller]
 fn chmod(p: &Path, mode: u32) {
     fs::set_permissions(p, fs::Permissions::from_mode(mode))
@@ -220,19 +193,6 @@ fn assert_same_tree(before: &BTreeMap<String, String>, after: &BTreeMap<String, 
     assert!(diffs.is_empty(), "the tree changed:\n{}", diffs.join("\n"));
 }
 
-/// A scratch directory, or `None` (SKIPPED printed) when the tests cannot run here; in
-/// CI that is a failure.
-fn scratch() -> Option<tempfile::TempDir> {
-    let dir = common::mount_scratch("security", TOOLS);
-    if dir.is_none() && std::env::var_os("CI").is_some() {
-        panic!(
-            "the security tests must run in CI: they need root, /dev/fuse and {TOOLS:?} \
-             (see the SKIPPED line above)"
-        );
-    }
-    dir
-}
-
 /// Repositories in a scratch directory (mode 0755 down to `repos/`), a configuration
 /// naming them, and one daemon mounted as root with `allow_other`; unmounted (and the
 /// daemon killed if it hangs) when dropped, even by a panic.
@@ -245,7 +205,7 @@ struct Site {
 impl Site {
     /// The repositories `repos`, created by the CLI as root; nothing mounted yet.
     fn new(repos: &[&str]) -> Option<Site> {
-        let dir = scratch()?;
+        let dir = common::required_mount_scratch("security", TOOLS)?;
         let site = Site {
             mnt: dir.path().join("mnt"),
             dir,
@@ -371,16 +331,7 @@ impl Site {
 
 impl Drop for Site {
     fn drop(&mut self) {
-        unmount(&self.mnt);
-        if let Some(pid) = self.daemon {
-            // A daemon stuck in a system call (the open of a FIFO) does not exit when
-            // unmounted: kill it rather than leave it behind.
-            let mnt = self.mnt.clone();
-            if !eventually(Duration::from_secs(3), || daemon_pid(&mnt) != Some(pid)) {
-                // SAFETY: killing the daemon this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
+        common::stop_daemon(&self.mnt, self.daemon);
     }
 }
 
@@ -477,7 +428,6 @@ fn layer_swapped_for_a_symlink_after_first_read_never_serves_the_target() {
     );
     assert_succeeds(&swap, "nobody swapping their layer for a symlink");
     // Past the daemon's refresh time, so nothing cached stands in.
-    settle();
 
     let mut leaks = Vec::new();
     for round in ["", " after drop_caches"] {
@@ -557,7 +507,6 @@ fn exchanging_meta_and_data_with_symlinks_mid_operation_never_touches_a_root_onl
         site.import_as_root(&src, "rootonly", name);
         site.import_as_root(&src, "mine", name);
     }
-    settle();
     let race_src = site.source("race.qcow2", 0x77);
     let mine = site.repo("mine");
     let rootonly = site.repo("rootonly");
@@ -632,7 +581,6 @@ fn in_a_sticky_shared_repository_a_user_cannot_rename_or_delete_an_image_of_anot
     site.mount();
     let src = site.source("rootimg.qcow2", 0x31);
     site.import_as_root(&src, "shared", "rootimg");
-    settle();
     // Every directory of the repository sticky and world-writable, data/XX included.
     ok(
         "find",
@@ -681,7 +629,6 @@ fn in_a_sticky_shared_repository_a_user_cannot_rename_or_delete_an_image_of_anot
     let mine = site.source("nobodyimg.qcow2", 0x32);
     let out = as_nobody(&[], &["cp", s(&mine), s(&site.at("shared/nobodyimg"))]);
     assert_succeeds(&out, "nobody importing into the shared repository");
-    past_published_grace();
     assert_eq!(site.meta_names("shared"), ["nobodyimg@0", "rootimg@0"]);
     let out = as_nobody(&[], &["rm", "-r", s(&site.at("shared/nobodyimg"))]);
     assert_succeeds(&out, "nobody deleting their own image");
@@ -701,7 +648,6 @@ fn open_repository() -> Option<(Site, Vec<u8>)> {
     site.import_as_root(&src, "open", "img");
     site.import_as_root(&site.source("other.qcow2", 0x42), "open", "other");
     let raw = site.raw_of(&src);
-    settle();
     Some((site, raw))
 }
 
@@ -937,7 +883,6 @@ fn a_group_repository_lets_members_import_and_delete_and_no_one_else() {
     let src = site.source("teamimg.qcow2", 0x71);
     let out = as_nobody(&[TEAM_GID], &["cp", s(&src), s(&site.at("team/teamimg"))]);
     assert_succeeds(&out, "a member importing");
-    settle();
     assert_eq!(site.meta_names("team"), ["teamimg@0"]);
     let with_image = snapshot(&repo);
     let not_team: Vec<String> = with_image
@@ -965,7 +910,6 @@ fn a_group_repository_lets_members_import_and_delete_and_no_one_else() {
     );
     assert_same_tree(&with_image, &snapshot(&repo));
 
-    past_published_grace();
     let out = as_nobody(&[TEAM_GID], &["rm", "-r", s(&site.at("team/teamimg"))]);
     assert_succeeds(&out, "a member deleting");
     assert!(site.meta_names("team").is_empty());
@@ -994,7 +938,6 @@ fn copying_another_users_image_into_ones_own_repository_copies_the_layer_they_ma
     site.mount();
     let src = site.source("pubimg.qcow2", 0x41);
     site.import_as_root(&src, "pub", "pubimg");
-    settle();
     let root_layer = site.layer_of("pub", "pubimg", 0);
     let out = as_nobody(
         &[],

@@ -206,3 +206,45 @@ pub fn sorted_names(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes; true if it held.
+pub fn eventually(limit: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// [`mount_scratch`] for a suite that must run in CI (env `CI` set): there, missing
+/// prerequisites fail the test instead of skipping it.
+pub fn required_mount_scratch(suite: &str, tools: &[&str]) -> Option<tempfile::TempDir> {
+    let dir = mount_scratch(suite, tools);
+    if dir.is_none() && std::env::var_os("CI").is_some() {
+        panic!(
+            "the {suite} tests must run in CI: they need root, /dev/fuse and {tools:?} \
+             (see the SKIPPED line above)"
+        );
+    }
+    dir
+}
+
+/// Unmounts `mnt` and makes sure its daemon `pid` (if known) is gone: a daemon stuck in
+/// a system call (the open of a FIFO) does not exit when unmounted, and is killed
+/// rather than left behind.
+pub fn stop_daemon(mnt: &Path, pid: Option<i32>) {
+    unmount(mnt);
+    if let Some(pid) = pid
+        && !eventually(std::time::Duration::from_secs(3), || {
+            daemon_pid(mnt) != Some(pid)
+        })
+    {
+        // SAFETY: killing the daemon this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}

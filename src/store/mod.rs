@@ -351,10 +351,20 @@ impl Store {
     /// to a repository can put one there, as a layer or as a `data/XX/` directory). The
     /// descriptor is what gets read from then on, never the name again.
     pub fn open_layer(&self, hash: &str) -> Result<(File, fs::Metadata), Error> {
+        self.open_layer_in(&self.dir("data")?, hash)
+    }
+
+    /// [`Store::open_layer`] from this repository's `data/`, already open as `data`
+    /// (for callers that open several layers).
+    pub(crate) fn open_layer_in(
+        &self,
+        data: &Dir,
+        hash: &str,
+    ) -> Result<(File, fs::Metadata), Error> {
         if !is_hash(hash) {
             return Err(Error::BadHash(hash.to_string()));
         }
-        self.dir("data")?.open_regular(Self::layer_rel(hash))
+        data.open_regular(Self::layer_rel(hash))
     }
 
     /// True when this repository holds layer `hash`.
@@ -377,13 +387,10 @@ impl Store {
         let meta = self.dir("meta")?;
         sys::access_at(meta.fd(), OsStr::new("."), libc::R_OK)
             .map_err(|e| io_err(&meta.path, e))?;
-        let stamp = File::from(
-            sys::open_beneath(meta.fd(), Path::new("."), libc::O_PATH, 0)
-                .map_err(|e| io_err(&meta.path, e))?,
-        )
-        .metadata()
-        .ok()
-        .and_then(|m| Some((m.modified().ok()?, fsutil::ctime(&m))));
+        let stamp = meta
+            .stat(".")
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, fsutil::ctime(&m))));
         let mut cache = self.listing.lock().unwrap_or_else(|e| e.into_inner());
         if let (Some(c), Some(stamp)) = (cache.as_ref(), stamp)
             && c.stamp == stamp
@@ -491,8 +498,8 @@ impl Store {
         let me = sys::Identity::of_thread();
         // Reached as the caller (search rights on the way), not opened: enough for one
         // who has opened this very file before.
-        let rel = self.meta_rel(name, rev);
-        match self.dir("meta")?.stat(&rel) {
+        let meta_dir = self.dir("meta")?;
+        match meta_dir.stat(self.meta_rel(name, rev)) {
             Ok(m) => {
                 if let Some(meta) = self.metas.get(name, rev, metacache::FileId::of(&m), &me) {
                     return Ok(Some(meta));
@@ -501,7 +508,7 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(_) => {}
         }
-        let Some((file, m)) = self.open_meta(name, rev)? else {
+        let Some((file, m)) = self.open_meta_in(&meta_dir, name, rev)? else {
             return Ok(None);
         };
         let id = metacache::FileId::of(&m);
@@ -529,7 +536,17 @@ impl Store {
     /// Opens the metadata file of `name@rev` (a regular file, no symlink followed);
     /// `None` when it does not exist.
     fn open_meta(&self, name: &str, rev: u64) -> Result<Option<(File, fs::Metadata)>, Error> {
-        match self.dir("meta")?.open_regular(self.meta_rel(name, rev)) {
+        self.open_meta_in(&self.dir("meta")?, name, rev)
+    }
+
+    /// [`Store::open_meta`] from `meta/`, already open as `meta`.
+    fn open_meta_in(
+        &self,
+        meta: &Dir,
+        name: &str,
+        rev: u64,
+    ) -> Result<Option<(File, fs::Metadata)>, Error> {
+        match meta.open_regular(self.meta_rel(name, rev)) {
             Ok(opened) => Ok(Some(opened)),
             Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),

@@ -21,6 +21,7 @@ use sha2::{Digest, Sha256};
 use super::{Error, FileKind, Format, Tree};
 use crate::image::Disk;
 use crate::image::chain::{BeneathDir, open_chain_file};
+use crate::store::fsutil::Dir;
 use crate::store::{Meta, Store};
 use crate::view::{View, ViewId};
 
@@ -61,13 +62,13 @@ impl OpenedRevision {
         let top = hashes
             .last()
             .ok_or_else(|| Error::Unreadable("revision has no layer".into()))?;
-        let (top_file, _) = store.open_layer(top)?;
+        let data = store.dir("data")?;
+        let (top_file, _) = store.open_layer_in(&data, top)?;
         let top_path = store.layer_path(top);
         let stored = Arc::new(top_file.try_clone().map_err(|e| io_error(&top_path, e))?);
-        let data = store.dir("data")?;
         let policy = BeneathDir {
-            dir: data.fd,
-            root: data.path,
+            dir: data.fd.try_clone().map_err(|e| io_error(&data.path, e))?,
+            root: data.path.clone(),
         };
         let disk = Arc::new(open_chain_file(top_file, &top_path, &policy)?);
         let single_layer = (disk.layers().len() == 1).then_some((stored, top_path));
@@ -81,7 +82,7 @@ impl OpenedRevision {
             layer_ids,
             views: Default::default(),
         };
-        opened.check_layers(store, hashes)?;
+        opened.check_layers(store, &data, hashes)?;
         Ok(opened)
     }
 
@@ -89,10 +90,10 @@ impl OpenedRevision {
     /// very files this revision was opened from: a revision opened for one user is
     /// served to another only if they could have opened it themselves, and a layer
     /// replaced since (by a symlink, say) is never taken for the old one.
-    fn check_layers(&self, store: &Store, hashes: &[&str]) -> Result<(), Error> {
+    fn check_layers(&self, store: &Store, data: &Dir, hashes: &[&str]) -> Result<(), Error> {
         let mut ids = Vec::with_capacity(hashes.len());
         for h in hashes {
-            let (_, m) = store.open_layer(h)?;
+            let (_, m) = store.open_layer_in(data, h)?;
             ids.push((m.dev(), m.ino()));
         }
         ids.sort_unstable();
@@ -226,7 +227,7 @@ impl Tree {
             .revisions
             .get_or_open(key, || OpenedRevision::open(store, &hashes))?;
         if !fresh {
-            opened.check_layers(store, &hashes)?;
+            opened.check_layers(store, &store.dir("data")?, &hashes)?;
         }
         Ok(opened)
     }

@@ -2,6 +2,7 @@
 //! supplementary groups come from `/proc/PID/status` (the kernel does not send them).
 
 use crate::tree::Caller;
+use crate::tree::session::{Closing, Holders};
 
 /// A request's caller, with the serving thread acting as them (see [`Caller::act`])
 /// until this value is dropped.
@@ -134,13 +135,40 @@ fn parse_mountinfo(info: &str, path: &std::path::Path) -> Option<MountIds> {
 /// taken as still held, and its import waits for the kernel's `release`.
 pub const HOLDERS_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// What a close of a file being imported means, from `/proc`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Closing {
-    /// The closing task was killed by a signal: its file is incomplete.
-    pub killed: bool,
-    /// Something else still holds the file (see [`held_elsewhere`]).
-    pub held: bool,
+/// The holders of this mount's files as `/proc` shows them (see [`inspect_close`]).
+pub struct ProcHolders {
+    mountpoint: Option<std::path::PathBuf>,
+    /// This mount as `/proc` shows it, found at the first close that needs it.
+    mount: std::sync::OnceLock<Option<MountIds>>,
+}
+
+impl ProcHolders {
+    pub fn new(mountpoint: Option<std::path::PathBuf>) -> ProcHolders {
+        ProcHolders {
+            mountpoint,
+            mount: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn mount_ids(&self) -> Option<&MountIds> {
+        self.mount
+            .get_or_init(|| {
+                let found = self.mountpoint.as_deref().and_then(MountIds::find);
+                if found.is_none() {
+                    log::warn!(
+                        "this mount is not in /proc/self/mountinfo: every close of a file being imported is taken as its last"
+                    );
+                }
+                found
+            })
+            .as_ref()
+    }
+}
+
+impl Holders for ProcHolders {
+    fn closing(&self, ino: u64, pid: u32) -> Closing {
+        inspect_close(self.mount_ids(), ino, pid)
+    }
 }
 
 /// What the close of inode `ino` by task `closer` means ([`killed_by_signal`],

@@ -42,6 +42,7 @@ mod open;
 mod ops;
 mod pending;
 mod publish;
+pub mod session;
 mod transfer;
 mod uri;
 mod views;
@@ -426,6 +427,22 @@ pub enum Error {
     PermissionDenied(String),
     #[error("cannot rename {0} across repositories: copy it, then delete the original")]
     CrossRepository(String),
+    /// An inode number the kernel no longer holds (ESTALE).
+    #[error("{0}: stale file handle")]
+    Stale(String),
+    /// A file or directory handle that is not open (EBADF).
+    #[error("handle {0} is not open")]
+    BadHandle(u64),
+    /// A change asked of a mount made read-only (`-o ro`).
+    #[error("the mount is read-only")]
+    ReadOnlyMount,
+    #[error("unsupported flags {0:#x}")]
+    InvalidFlags(u32),
+    #[error("offset {0} out of range")]
+    InvalidOffset(i64),
+    /// An extended attribute that does not exist (ENODATA).
+    #[error("no such attribute")]
+    NoAttribute,
     #[error("{0}: operation not supported here")]
     NotSupported(String),
     /// An operation that makes no sense at this place of the tree (EPERM).
@@ -478,6 +495,11 @@ impl Error {
             Error::PermissionDenied(_) => libc::EACCES,
             Error::CrossRepository(_) => libc::EXDEV,
             Error::NotSupported(_) => libc::ENOTSUP,
+            Error::Stale(_) => libc::ESTALE,
+            Error::BadHandle(_) => libc::EBADF,
+            Error::ReadOnlyMount => libc::EROFS,
+            Error::InvalidFlags(_) | Error::InvalidOffset(_) => libc::EINVAL,
+            Error::NoAttribute => libc::ENODATA,
             Error::NotPermitted(_) => libc::EPERM,
             Error::Exists(_) => libc::EEXIST,
             Error::NotAnImage(..) => libc::EINVAL,

@@ -1,0 +1,809 @@
+//! The kernel's side of the tree: what one mount holds between requests.
+//!
+//! The kernel names files by inode number and open files by handle number; it caches
+//! names and attributes for as long as it is told, and it closes a file once per
+//! descriptor (`flush`) and once more when the last reference to an open file goes
+//! (`release`). A [`Session`] keeps all of that state — the inode table, open files and
+//! directories, the rule for which close publishes an import, cache lifetimes and which
+//! cached names an operation made wrong — and answers every request of the protocol in
+//! plain values, so that the whole filesystem, as the kernel sees it, runs in tests
+//! without a mount. The FUSE adapter only decodes a request, calls one method here and
+//! encodes its answer.
+//!
+//! Two things come from outside: who still holds a file when one descriptor of it is
+//! closed (a mount reads `/proc`; a test answers from its simulated processes), see
+//! [`Holders`]; and the kernel's name cache, told to drop entries a change made wrong,
+//! see [`NameCache`].
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::inodes::{Inodes, ROOT_INO};
+use super::{
+    Attr, Caller, Changes, DIR_BLKSIZE, Error, Node, NodeType, OpenFile, SetAttr, StatFs, Tree,
+    XATTR_PREFIX, cache_ttl, display, parent,
+};
+
+/// The only extended attribute namespace this filesystem has (its `user.pcocc.*`
+/// names); xattr(7).
+const USER_XATTR_NAMESPACE: &str = "user.";
+
+/// Entries of a first `readdirplus` reply whose metadata is read ahead: `ls` reads
+/// with a 32 KiB buffer and an entry with attributes takes ~160 bytes of it.
+const FIRST_REPLY_ENTRIES: usize = 256;
+
+/// What is known about a `close` of one descriptor of a file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Closing {
+    /// The closing process is being killed by a signal (the kernel closes its files).
+    pub killed: bool,
+    /// Another descriptor or a mapping of the same file is still open somewhere.
+    pub held: bool,
+}
+
+/// Who still holds a file when one of its descriptors is closed.
+pub trait Holders: Send + Sync {
+    /// Process `pid` closed one descriptor of inode `ino`.
+    fn closing(&self, ino: u64, pid: u32) -> Closing;
+}
+
+/// Holders for a session no process can be asked about: every close is the last.
+pub struct NoHolders;
+
+impl Holders for NoHolders {
+    fn closing(&self, _ino: u64, _pid: u32) -> Closing {
+        Closing::default()
+    }
+}
+
+/// The kernel's cache of names.
+pub trait NameCache: Send + Sync {
+    /// Drop the cached entry `name` of directory `parent` (it names another object now,
+    /// or nothing).
+    fn invalidate(&self, parent: u64, name: &str);
+}
+
+/// A name cache nobody keeps.
+pub struct NoNameCache;
+
+impl NameCache for NoNameCache {
+    fn invalidate(&self, _parent: u64, _name: &str) {}
+}
+
+/// Settings of one mount.
+#[derive(Clone, Debug)]
+pub struct SessionSettings {
+    /// How long repository and image directory listings and entries may be cached.
+    pub refresh: Duration,
+    /// Refuse every change (`-o ro`).
+    pub read_only: bool,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            refresh: Duration::from_secs(1),
+            read_only: false,
+        }
+    }
+}
+
+/// A name the kernel may cache: its inode, attributes and for how long.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub ino: u64,
+    pub attr: Attr,
+    pub ttl: Duration,
+}
+
+/// A file opened: its handle number and what the adapter needs to know of it.
+pub struct Opened {
+    pub fh: u64,
+    /// Never changes: the kernel may keep its pages across opens.
+    pub keep_cache: bool,
+    pub file: Arc<OpenFile>,
+}
+
+/// One entry of a directory read: `offset` is where the next read continues.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub ino: u64,
+    pub offset: u64,
+    pub kind: NodeType,
+    pub name: String,
+}
+
+/// One entry of a `readdirplus` read: a [`Listed`] entry with the [`Entry`] the kernel
+/// caches (for `.` and `..`, attributes valid for no time, which the kernel never
+/// takes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedPlus {
+    pub listed: Listed,
+    pub entry: Entry,
+}
+
+/// `lseek` for data or holes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seek {
+    Data,
+    Hole,
+}
+
+/// One open directory. Its listing is made when reading starts (offset 0) and kept for
+/// the reads that continue it: the kernel reads a directory a few dozen entries per
+/// request, and listing the whole directory again for each would make reading it
+/// quadratic. A new `opendir` (the next `ls`) or a rewind lists afresh, so changes show.
+#[derive(Default)]
+struct DirHandle {
+    listing: Mutex<Option<Listing>>,
+    /// Whether the metadata of the rest of this listing is being read ahead already.
+    prefetched: AtomicBool,
+}
+
+/// A directory's entries as the kernel reads them, `.` and `..` first.
+type Listing = Arc<Vec<Item>>;
+
+/// One entry of a kept listing; `node` is `None` for `.` and `..`, which the kernel
+/// never counts as lookups.
+struct Item {
+    ino: Option<u64>,
+    node: Option<Node>,
+    kind: NodeType,
+    name: String,
+}
+
+/// The attributes sent with a `readdirplus` entry whose own attributes could not be
+/// had (gone meanwhile, unreadable): valid for no time, so that the kernel asks again
+/// with a lookup, which reports the error.
+fn placeholder_attr(kind: NodeType) -> Attr {
+    let t = std::time::SystemTime::UNIX_EPOCH;
+    Attr {
+        kind,
+        perm: 0,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        blocks: 0,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        blksize: DIR_BLKSIZE,
+    }
+}
+
+fn name_str(name: &OsStr) -> Result<&str, Error> {
+    // Repository names are [a-zA-Z0-9_.-]; a name that is not UTF-8 cannot exist.
+    name.to_str()
+        .ok_or_else(|| Error::NoEntry(name.to_string_lossy().into_owned()))
+}
+
+/// The state of one mount, answering the kernel's requests (see the module comment).
+pub struct Session {
+    tree: Arc<Tree>,
+    settings: SessionSettings,
+    inodes: Inodes,
+    /// Open files, each with its inode number.
+    files: Mutex<HashMap<u64, (Arc<OpenFile>, u64)>>,
+    /// Open directories (numbered from the same counter as files).
+    dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    next_fh: AtomicU64,
+    holders: Box<dyn Holders>,
+    names: Box<dyn NameCache>,
+}
+
+impl Session {
+    pub fn new(
+        tree: Arc<Tree>,
+        settings: SessionSettings,
+        holders: Box<dyn Holders>,
+        names: Box<dyn NameCache>,
+    ) -> Session {
+        Session {
+            tree,
+            settings,
+            inodes: Inodes::new(),
+            files: Mutex::default(),
+            dirs: Mutex::default(),
+            next_fh: AtomicU64::new(1),
+            holders,
+            names,
+        }
+    }
+
+    pub fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    /// The node inode `ino` stands for, while the kernel knows it.
+    pub fn node(&self, ino: u64) -> Result<Node, Error> {
+        self.inodes
+            .node(ino)
+            .ok_or_else(|| Error::Stale(format!("inode {ino}")))
+    }
+
+    /// Number of inodes the kernel holds.
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
+    fn ttl(&self, node: &Node) -> Duration {
+        cache_ttl(node, self.settings.refresh)
+    }
+
+    /// Open file `fh` and its inode number.
+    fn file(&self, fh: u64) -> Result<(Arc<OpenFile>, u64), Error> {
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        files.get(&fh).cloned().ok_or(Error::BadHandle(fh))
+    }
+
+    fn add_file(&self, f: Arc<OpenFile>, ino: u64) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, (f, ino));
+        fh
+    }
+
+    /// The attributes of an open file of inode `ino`, if one is open: an open file
+    /// stays what it was (`fstat` works on a view whose revision was deleted).
+    fn open_attr(&self, ino: u64) -> Option<Attr> {
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        files
+            .values()
+            .find(|(_, i)| *i == ino)
+            .and_then(|(f, _)| f.attr().ok())
+    }
+
+    /// Brings the kernel's names in line with `changes`: moved objects keep their
+    /// inodes under their new names; names that now stand for something else are
+    /// dropped from its cache.
+    fn apply(&self, changes: &Changes) {
+        for (from, to) in &changes.moved {
+            self.inodes.rebind(from, to);
+        }
+        for (parent, name) in &changes.entries {
+            self.names.invalidate(self.inodes.peek(parent), name);
+        }
+    }
+
+    /// Logs a failed request (a lookup miss at debug, anything else as a warning naming
+    /// the path) and passes its error on.
+    fn fail(&self, what: &str, node: Option<&Node>, e: Error) -> Error {
+        let path = node.map(display).unwrap_or_default();
+        if e.errno() == libc::ENOENT {
+            log::debug!("{what} {path}: {e}");
+        } else {
+            log::warn!("{what} {path}: {e} (errno {})", e.errno());
+        }
+        e
+    }
+
+    fn writable(&self) -> Result<(), Error> {
+        if self.settings.read_only {
+            Err(Error::ReadOnlyMount)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// An entry reply for `node`: counts one kernel lookup of its inode.
+    fn entry(&self, node: &Node, attr: Attr, ttl: Duration) -> Entry {
+        Entry {
+            ino: self.inodes.remember(node),
+            attr,
+            ttl,
+        }
+    }
+
+    pub fn lookup(&self, caller: &Caller, parent: u64, name: &OsStr) -> Result<Entry, Error> {
+        let parent = self.node(parent)?;
+        let name = name_str(name)?;
+        let node = self
+            .tree
+            .lookup(caller, &parent, name)
+            .map_err(|e| self.fail("lookup", Some(&parent), e))?;
+        let attr = self
+            .tree
+            .getattr(caller, &node)
+            .map_err(|e| self.fail("getattr", Some(&node), e))?;
+        let ttl = self.ttl(&node);
+        Ok(self.entry(&node, attr, ttl))
+    }
+
+    /// The kernel dropped `n` lookups of `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.inodes.forget(ino, n);
+    }
+
+    /// `stat`: through an open handle `fh` the open file's own attributes (a file being
+    /// imported knows its size); otherwise the tree's, or, for a file that is gone, those
+    /// of a file still open on it.
+    pub fn getattr(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        fh: Option<u64>,
+    ) -> Result<(Attr, Duration), Error> {
+        let node = self.node(ino)?;
+        let attr = match fh.and_then(|fh| self.file(fh).ok()) {
+            Some((f, _)) => f.attr(),
+            None => match self.tree.getattr(caller, &node) {
+                Err(e) => self.open_attr(ino).ok_or(e),
+                found => found,
+            },
+        };
+        match attr {
+            Ok(a) => Ok((a, self.ttl(&node))),
+            Err(e) => Err(self.fail("getattr", Some(&node), e)),
+        }
+    }
+
+    pub fn setattr(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        fh: Option<u64>,
+        set: &SetAttr,
+    ) -> Result<(Attr, Duration), Error> {
+        let node = self.node(ino)?;
+        self.writable()?;
+        let file = fh.and_then(|fh| self.file(fh).ok()).map(|(f, _)| f);
+        match self.tree.setattr(caller, &node, file.as_deref(), set) {
+            Ok(a) => Ok((a, self.ttl(&node))),
+            Err(e) => Err(self.fail("setattr", Some(&node), e)),
+        }
+    }
+
+    pub fn readlink(&self, caller: &Caller, ino: u64) -> Result<String, Error> {
+        let node = self.node(ino)?;
+        self.tree
+            .readlink(caller, &node)
+            .map_err(|e| self.fail("readlink", Some(&node), e))
+    }
+
+    pub fn mkdir(&self, caller: &Caller, parent: u64, name: &OsStr) -> Result<Entry, Error> {
+        self.writable()?;
+        let parent = self.node(parent)?;
+        let name = name_str(name)?;
+        let (node, attr) = self
+            .tree
+            .mkdir(caller, &parent, name)
+            .map_err(|e| self.fail("mkdir", Some(&parent), e))?;
+        let ttl = self.ttl(&node);
+        Ok(self.entry(&node, attr, ttl))
+    }
+
+    pub fn unlink(&self, caller: &Caller, parent: u64, name: &OsStr) -> Result<(), Error> {
+        self.writable()?;
+        let parent = self.node(parent)?;
+        let name = name_str(name)?;
+        self.tree
+            .unlink_entry(caller, &parent, name)
+            .map(|c| self.apply(&c))
+            .map_err(|e| self.fail("unlink", Some(&parent), e))
+    }
+
+    pub fn rmdir(&self, caller: &Caller, parent: u64, name: &OsStr) -> Result<(), Error> {
+        self.writable()?;
+        let parent = self.node(parent)?;
+        let name = name_str(name)?;
+        self.tree
+            .rmdir_entry(caller, &parent, name)
+            .map(|c| self.apply(&c))
+            .map_err(|e| self.fail("rmdir", Some(&parent), e))
+    }
+
+    /// `rename`; `flags` are renameat2's (only `RENAME_NOREPLACE` means something here).
+    /// The moved object keeps its inode before the reply, as the kernel's does.
+    pub fn rename(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<(), Error> {
+        // RENAME_EXCHANGE and RENAME_WHITEOUT have no meaning for repository objects.
+        if flags & !libc::RENAME_NOREPLACE != 0 {
+            return Err(Error::InvalidFlags(flags));
+        }
+        self.writable()?;
+        let from = self.node(parent)?;
+        let to = self.node(newparent)?;
+        let (name, newname) = (name_str(name)?, name_str(newname)?);
+        let changes = self
+            .tree
+            .rename_entry(caller, &from, name, &to, newname)
+            .map_err(|e| self.fail("rename", Some(&from), e))?;
+        self.apply(&changes);
+        Ok(())
+    }
+
+    /// `link`: the kernel insists on a regular-file entry, but the name is an image
+    /// directory from now on, so the entry is sent valid for no time.
+    pub fn link(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        newparent: u64,
+        newname: &OsStr,
+    ) -> Result<Entry, Error> {
+        self.writable()?;
+        let src = self.node(ino)?;
+        let parent = self.node(newparent)?;
+        let name = name_str(newname)?;
+        let (node, attr, changes) = self
+            .tree
+            .link(caller, &src, &parent, name)
+            .map_err(|e| self.fail("link", Some(&src), e))?;
+        self.apply(&changes);
+        Ok(self.entry(&node, attr, Duration::ZERO))
+    }
+
+    /// `open` with open(2) `flags`.
+    pub fn open(&self, caller: &Caller, ino: u64, flags: i32) -> Result<Opened, Error> {
+        let node = self.node(ino)?;
+        let acc = flags & libc::O_ACCMODE;
+        let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        if write {
+            self.writable()?;
+        }
+        let truncate = flags & libc::O_TRUNC != 0;
+        let file = self
+            .tree
+            .open(caller, &node, write, truncate)
+            .map_err(|e| self.fail("open", Some(&node), e))?;
+        Ok(Opened {
+            fh: self.add_file(file.clone(), ino),
+            keep_cache: file.immutable(),
+            file,
+        })
+    }
+
+    /// `create`: a new file to import; its entry is valid for no time, since once
+    /// published the name is an image directory.
+    pub fn create(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+    ) -> Result<(Entry, u64), Error> {
+        self.writable()?;
+        let parent = self.node(parent)?;
+        let name = name_str(name)?;
+        let (node, attr, file) = self
+            .tree
+            .create(caller, &parent, name, mode)
+            .map_err(|e| self.fail("create", Some(&parent), e))?;
+        let entry = self.entry(&node, attr, Duration::ZERO);
+        let fh = self.add_file(file, entry.ino);
+        Ok((entry, fh))
+    }
+
+    pub fn read(&self, fh: u64, buf: &mut [u8], offset: u64) -> Result<usize, Error> {
+        let (f, ino) = self.file(fh)?;
+        f.read(buf, offset)
+            .map_err(|e| self.fail("read", self.inodes.node(ino).as_ref(), e))
+    }
+
+    pub fn write(&self, fh: u64, data: &[u8], offset: u64) -> Result<usize, Error> {
+        let (f, ino) = self.file(fh)?;
+        f.write(data, offset)
+            .map_err(|e| self.fail("write", self.inodes.node(ino).as_ref(), e))
+    }
+
+    /// `close(2)` of one descriptor of handle `fh` by process `pid`; its error is what
+    /// `close` returns. A file being imported is complete when nothing holds it any more
+    /// (no descriptor in any process, no mapping): that close publishes it and reports
+    /// the outcome. A close the kernel makes for a writer killed by a signal never
+    /// completes it.
+    pub fn flush(&self, fh: u64, pid: u32) -> Result<(), Error> {
+        let (f, ino) = self.file(fh)?;
+        // Only a file being imported cares about its closes.
+        if f.immutable() {
+            return Ok(());
+        }
+        let closing = self.holders.closing(ino, pid);
+        if closing.killed {
+            f.abandon();
+            return Ok(());
+        }
+        match f.flush(!closing.held) {
+            Ok(changes) => {
+                self.apply(&changes);
+                Ok(())
+            }
+            Err(e) => Err(self.fail("import", self.inodes.node(ino).as_ref(), e)),
+        }
+    }
+
+    /// The last reference to handle `fh` is gone: an import still unpublished is
+    /// published now (when its last close could not), or discarded.
+    pub fn release(&self, fh: u64) {
+        let f = self
+            .files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh);
+        if let Some((f, _)) = f {
+            self.apply(&f.release());
+        }
+    }
+
+    pub fn opendir(&self, _ino: u64) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, Arc::default());
+        fh
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh);
+    }
+
+    /// The listing of directory `node` (inode `ino`) for a read at `offset` through
+    /// handle `fh`: the handle's own when reading continues, a fresh one when it starts
+    /// (see [`DirHandle`]).
+    fn listing(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        node: &Node,
+        fh: u64,
+        offset: u64,
+    ) -> Result<(Listing, Option<Arc<DirHandle>>), Error> {
+        let handle = self
+            .dirs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fh)
+            .cloned();
+        let kept = handle.as_ref().filter(|_| offset > 0).and_then(|h| {
+            let l = h.listing.lock().unwrap_or_else(|e| e.into_inner());
+            l.clone()
+        });
+        if let Some(l) = kept {
+            return Ok((l, handle));
+        }
+        let entries = self
+            .tree
+            .readdir(caller, node)
+            .map_err(|e| self.fail("readdir", Some(node), e))?;
+        let parent_ino = match node {
+            Node::Root => ROOT_INO,
+            other => parent(other)
+                .map(|p| self.inodes.peek(&p))
+                .unwrap_or(ROOT_INO),
+        };
+        let dots = [(ino, "."), (parent_ino, "..")].map(|(i, n)| Item {
+            ino: Some(i),
+            node: None,
+            kind: NodeType::Directory,
+            name: n.to_string(),
+        });
+        let listing = Arc::new(
+            dots.into_iter()
+                .chain(entries.into_iter().map(|e| Item {
+                    ino: None,
+                    kind: e.kind,
+                    node: Some(e.node),
+                    name: e.name,
+                }))
+                .collect::<Vec<_>>(),
+        );
+        if let Some(h) = &handle {
+            *h.listing.lock().unwrap_or_else(|e| e.into_inner()) = Some(listing.clone());
+            h.prefetched.store(false, Ordering::Relaxed);
+        }
+        Ok((listing, handle))
+    }
+
+    /// `readdir` from `offset`: hands each entry to `add` until it answers that the
+    /// reply is full.
+    pub fn readdir(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(&Listed) -> bool,
+    ) -> Result<(), Error> {
+        let node = self.node(ino)?;
+        let (listing, _) = self.listing(caller, ino, &node, fh, offset)?;
+        // Offsets are positions in the listing, which stays the same while it is read.
+        for (i, e) in listing.iter().enumerate().skip(offset as usize) {
+            let child = match (&e.ino, &e.node) {
+                (Some(i), _) => *i,
+                (None, Some(n)) => self.inodes.peek(n),
+                (None, None) => continue,
+            };
+            let listed = Listed {
+                ino: child,
+                offset: (i + 1) as u64,
+                kind: e.kind,
+                name: e.name.clone(),
+            };
+            if add(&listed) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// `readdirplus` from `offset`: hands each entry with its attributes to `add` until
+    /// it answers that the reply is full. Every entry sent counts as a lookup of its
+    /// inode; the one that did not fit is not counted.
+    pub fn readdirplus(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(&ListedPlus) -> bool,
+    ) -> Result<(), Error> {
+        let node = self.node(ino)?;
+        let (listing, handle) = self.listing(caller, ino, &node, fh, offset)?;
+        // Read ahead the metadata the attributes are made of: at the start, what one
+        // reply holds; past the first request (the kernel asks for attributes then only
+        // when the reader stats what it lists, as `ls -l` does), the whole rest, once.
+        let ahead = if offset == 0 {
+            Some(FIRST_REPLY_ENTRIES)
+        } else if handle
+            .as_ref()
+            .is_some_and(|h| !h.prefetched.swap(true, Ordering::Relaxed))
+        {
+            Some(usize::MAX)
+        } else {
+            None
+        };
+        if let Some(count) = ahead {
+            let nodes = listing
+                .iter()
+                .skip(offset as usize)
+                .filter_map(|e| e.node.as_ref());
+            self.tree.prefetch_attrs(caller, &node, nodes.take(count));
+        }
+        for (i, e) in listing.iter().enumerate().skip(offset as usize) {
+            let off = (i + 1) as u64;
+            let Some(child) = &e.node else {
+                // `.` and `..`: the kernel takes neither attributes nor a lookup from them.
+                let plus = ListedPlus {
+                    listed: Listed {
+                        ino: e.ino.unwrap_or(ROOT_INO),
+                        offset: off,
+                        kind: NodeType::Directory,
+                        name: e.name.clone(),
+                    },
+                    entry: Entry {
+                        ino: e.ino.unwrap_or(ROOT_INO),
+                        attr: placeholder_attr(NodeType::Directory),
+                        ttl: Duration::ZERO,
+                    },
+                };
+                if add(&plus) {
+                    break;
+                }
+                continue;
+            };
+            let (attr, ttl) = match self.tree.getattr(caller, child) {
+                Ok(a) => (a, self.ttl(child)),
+                Err(err) => {
+                    log::debug!("readdirplus {}: {err}", display(child));
+                    (placeholder_attr(e.kind), Duration::ZERO)
+                }
+            };
+            let entry = self.entry(child, attr, ttl);
+            let child_ino = entry.ino;
+            let plus = ListedPlus {
+                listed: Listed {
+                    ino: child_ino,
+                    offset: off,
+                    kind: e.kind,
+                    name: e.name.clone(),
+                },
+                entry,
+            };
+            if add(&plus) {
+                self.inodes.forget(child_ino, 1);
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The first repository's filesystem answers for the mount (df shows real space).
+    pub fn statfs(&self) -> Result<StatFs, Error> {
+        self.tree.statfs().map_err(|e| self.fail("statfs", None, e))
+    }
+
+    /// The value of extended attribute `name`. `ls -l` asks for security.selinux and
+    /// the POSIX ACLs of every entry, and the kernel caches no answer. Only
+    /// `user.pcocc.*` names exist here, so the rest is answered at once, without the
+    /// repository: in the `user.` namespace "no such attribute"; any other namespace
+    /// (security., system., trusted.) is not supported at all, which is what the kernel
+    /// itself answers for a namespace a filesystem lacks, and what tells `ls`
+    /// (coreutils caches it per device) to stop asking for every entry.
+    pub fn getxattr(&self, caller: &Caller, ino: u64, name: &OsStr) -> Result<Vec<u8>, Error> {
+        let node = self.node(ino)?;
+        match name.to_str() {
+            Some(n) if n.starts_with(XATTR_PREFIX) => {}
+            Some(n) if n.starts_with(USER_XATTR_NAMESPACE) => return Err(Error::NoAttribute),
+            _ => return Err(Error::NotSupported(display(&node))),
+        }
+        match self.tree.getxattr(caller, &node, name) {
+            Ok(Some(v)) => Ok(v),
+            Ok(None) => Err(Error::NoAttribute),
+            Err(e) => Err(self.fail("getxattr", Some(&node), e)),
+        }
+    }
+
+    /// The names of the extended attributes, each followed by a NUL, as listxattr(2)
+    /// returns them.
+    pub fn listxattr(&self, caller: &Caller, ino: u64) -> Result<Vec<u8>, Error> {
+        let node = self.node(ino)?;
+        let names = self
+            .tree
+            .listxattr(caller, &node)
+            .map_err(|e| self.fail("listxattr", Some(&node), e))?;
+        let mut buf = Vec::new();
+        for n in names {
+            buf.extend_from_slice(n.as_bytes());
+            buf.push(0);
+        }
+        Ok(buf)
+    }
+
+    pub fn setxattr(&self, caller: &Caller, ino: u64) -> Result<(), Error> {
+        let node = self.node(ino)?;
+        self.tree
+            .setxattr(caller, &node)
+            .map_err(|e| self.fail("setxattr", Some(&node), e))
+    }
+
+    /// `access(2)` with `mask`'s `R_OK`/`W_OK`/`X_OK`.
+    pub fn access(&self, caller: &Caller, ino: u64, mask: i32) -> Result<(), Error> {
+        let node = self.node(ino)?;
+        if mask & libc::W_OK != 0 {
+            self.writable()?;
+        }
+        self.tree
+            .access(caller, &node, mask)
+            .map_err(|e| self.fail("access", Some(&node), e))
+    }
+
+    /// `fallocate`: not supported. `cp` punches holes in what it writes when it can;
+    /// without fallocate it leaves them by seeking, and imports keep holes either way.
+    /// A writer that needs it fails, and its file is not published.
+    pub fn fallocate(&self, fh: u64) -> Result<(), Error> {
+        let (_, ino) = self.file(fh)?;
+        let name = self
+            .inodes
+            .node(ino)
+            .map(|n| display(&n))
+            .unwrap_or_default();
+        Err(Error::NotSupported(format!("{name}: fallocate")))
+    }
+
+    /// `lseek(SEEK_DATA/SEEK_HOLE)`; `None` means ENXIO.
+    pub fn lseek(&self, fh: u64, offset: i64, whence: Seek) -> Result<Option<u64>, Error> {
+        let (f, ino) = self.file(fh)?;
+        let off = u64::try_from(offset).map_err(|_| Error::InvalidOffset(offset))?;
+        let r = match whence {
+            Seek::Data => f.seek_data(off),
+            Seek::Hole => f.seek_hole(off),
+        };
+        r.map_err(|e| self.fail("lseek", self.inodes.node(ino).as_ref(), e))
+    }
+}

@@ -24,7 +24,15 @@ impl Tree {
         };
         validate_new_name(name)?;
         let store = self.writable_store(caller, repo)?;
-        if !store.revisions(name)?.is_empty() || self.pending.empty_dir(repo, name).is_some() {
+        let file = Node::Import {
+            repo: repo.clone(),
+            image: None,
+            name: name.to_string(),
+        };
+        if !store.revisions(name)?.is_empty()
+            || self.pending.empty_dir(repo, name).is_some()
+            || self.pending.writing(&file)
+        {
             return Err(Error::ImageExists {
                 name: name.to_string(),
                 repo: repo.clone(),
@@ -92,7 +100,27 @@ impl Tree {
                 (new_parent.clone(), new_name.to_string()),
             ],
             moved: Vec::new(),
+            gone: Vec::new(),
         };
+        if let (Node::Image { repo, .. }, Node::Repo { .. }) = (&from, new_parent) {
+            let file = Node::Import {
+                repo: repo.clone(),
+                image: None,
+                name: new_name.to_string(),
+            };
+            if self.pending.writing(&file) {
+                return Err(Error::NotADirectory(display(&file)));
+            }
+        }
+        if let Node::Image { repo, image } = &from
+            && self.pending.writing_into(repo, image)
+        {
+            // The file would be published into the image it was created in.
+            return Err(Error::Busy(format!(
+                "{}: a file is being written into it",
+                display(&from)
+            )));
+        }
         match (&from, new_parent) {
             (Node::Import { repo, .. }, Node::Repo { repo: to } | Node::Image { repo: to, .. }) => {
                 if repo != to {
@@ -109,6 +137,17 @@ impl Tree {
                     Node::Image { image, .. } => Some(image.clone()),
                     _ => None,
                 };
+                let taken = Node::Import {
+                    repo: repo.clone(),
+                    image: image.clone(),
+                    name: new_name.to_string(),
+                };
+                if taken != from && self.pending.writing(&taken) {
+                    return Err(Error::Exists(format!(
+                        "{}: a file is being written under that name",
+                        display(&taken)
+                    )));
+                }
                 if is_staging(new_name) {
                     let to = Node::Import {
                         repo: repo.clone(),
@@ -127,9 +166,9 @@ impl Tree {
                 let hint = split_suffix(new_name).1;
                 let meta = imp.publish(&target, hint, &self.pending)?;
                 self.pending.drop_import(&imp);
-                changes
-                    .entries
-                    .extend(publish_changes(&from, repo, &meta).entries);
+                let published = publish_changes(&from, repo, &meta);
+                changes.entries.extend(published.entries);
+                changes.gone.extend(published.gone);
                 Ok(changes)
             }
             (Node::Image { repo, image }, Node::Repo { repo: to })
@@ -187,9 +226,14 @@ impl Tree {
             Err(e) => return Err(e),
         };
         self.unlink(caller, &node)?;
+        let gone = match node {
+            Node::Import { .. } => vec![node],
+            _ => Vec::new(),
+        };
         Ok(Changes {
             entries: vec![(parent.clone(), name.to_string())],
             moved: Vec::new(),
+            gone,
         })
     }
 
@@ -202,10 +246,25 @@ impl Tree {
         name: &str,
     ) -> Result<Changes, Error> {
         let node = self.lookup(caller, parent, name)?;
-        let changes = Changes {
+        if let Node::Image { repo, image } = &node
+            && self.pending.writing_into(repo, image)
+        {
+            return Err(Error::Busy(format!(
+                "{}: a file is being written into it",
+                display(&node)
+            )));
+        }
+        let mut changes = Changes {
             entries: vec![(parent.clone(), name.to_string())],
             moved: Vec::new(),
+            gone: vec![node.clone()],
         };
+        if let Node::Revision { .. } = node {
+            // `latest` now names another revision, or nothing.
+            changes
+                .entries
+                .push((parent.clone(), super::nodes::LATEST.to_string()));
+        }
         if let Node::Image { repo, image } = &node {
             if self.store(repo)?.revisions(image)?.is_empty()
                 && self.pending.empty_dir(repo, image).is_some()

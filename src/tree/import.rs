@@ -228,8 +228,10 @@ impl ImportHandle {
         changes
     }
 
+    /// The attributes `fstat` gives through this handle: those of a file removed while
+    /// open (no link, nothing held) once the import is gone, as for any unlinked file.
     pub(super) fn attr(&self) -> Result<Attr, Error> {
-        self.import.attr()
+        self.import.attr().or_else(|_| self.import.unlinked_attr())
     }
 }
 

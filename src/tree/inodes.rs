@@ -119,6 +119,14 @@ impl Inodes {
         }
     }
 
+    /// `node` and everything below it are gone: their inode numbers stay with them for
+    /// as long as the kernel holds them (an open file, a shell's working directory),
+    /// and a new object at the same place gets a number of its own.
+    pub fn detach(&self, node: &Node) {
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        t.by_node.retain(|n, _| !within(n, node));
+    }
+
     /// Number of inodes the kernel holds (for tests and statistics).
     pub fn len(&self) -> usize {
         self.table
@@ -131,6 +139,18 @@ impl Inodes {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Whether `node` is `ancestor` or below it.
+fn within(node: &Node, ancestor: &Node) -> bool {
+    let mut n = Some(node.clone());
+    while let Some(cur) = n {
+        if &cur == ancestor {
+            return true;
+        }
+        n = crate::tree::parent(&cur);
+    }
+    false
 }
 
 /// A hash of the node, kept away from the reserved numbers 0 and 1.

@@ -427,6 +427,9 @@ pub enum Error {
     PermissionDenied(String),
     #[error("cannot rename {0} across repositories: copy it, then delete the original")]
     CrossRepository(String),
+    /// An object in use that the operation would pull from under its user (EBUSY).
+    #[error("{0}")]
+    Busy(String),
     /// An inode number the kernel no longer holds (ESTALE).
     #[error("{0}: stale file handle")]
     Stale(String),
@@ -496,6 +499,7 @@ impl Error {
             Error::CrossRepository(_) => libc::EXDEV,
             Error::NotSupported(_) => libc::ENOTSUP,
             Error::Stale(_) => libc::ESTALE,
+            Error::Busy(_) => libc::EBUSY,
             Error::BadHandle(_) => libc::EBADF,
             Error::ReadOnlyMount => libc::EROFS,
             Error::InvalidFlags(_) | Error::InvalidOffset(_) => libc::EINVAL,

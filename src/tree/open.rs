@@ -21,11 +21,13 @@ use crate::view::{ReadAhead, View};
 /// What a change did to names the kernel may have cached: entries whose cache must be
 /// dropped (parent node, name), and objects that moved to another node (a rename: the
 /// kernel moves its inode with the name, so the inode must now stand for the new node,
-/// and so must the inodes of everything below it).
+/// and so must the inodes of everything below it), and objects that are gone (their
+/// inode numbers must never stand for whatever takes their place later).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     pub entries: Vec<(Node, String)>,
     pub moved: Vec<(Node, Node)>,
+    pub gone: Vec<Node>,
 }
 
 /// One open file. `Send + Sync`: the adapter keeps it in an `Arc` per file handle and
@@ -191,6 +193,15 @@ impl OpenFile {
     /// Total length of the file.
     pub fn size(&self) -> Result<u64, Error> {
         Ok(self.attr()?.size)
+    }
+
+    /// The place of the file being imported through this handle once it is no longer
+    /// being written there (published, failed, dropped): its inode is spent.
+    pub fn import_ended(&self) -> Option<Node> {
+        match &self.inner {
+            Inner::Import(h) if !h.import().is_writing() => Some(h.import().node()),
+            _ => None,
+        }
     }
 
     /// The import handle, when this is a file being imported.

@@ -191,6 +191,19 @@ impl Pending {
     }
 
     /// Names of the files `caller` is writing in a directory.
+    /// Whether a file is being written at `node` (by anyone).
+    pub(super) fn writing(&self, node: &Node) -> bool {
+        self.imports().get(node).is_some_and(|imp| imp.is_writing())
+    }
+
+    /// Whether a file is being written into image directory `image` (by anyone).
+    pub(super) fn writing_into(&self, repo: &str, image: &str) -> bool {
+        self.imports().iter().any(|(n, imp)| {
+            matches!(n, Node::Import { repo: r, image: Some(i), .. } if r == repo && i == image)
+                && imp.is_writing()
+        })
+    }
+
     pub(super) fn names(&self, repo: &str, image: Option<&str>, caller: &Caller) -> Vec<Node> {
         self.drop_abandoned();
         let mut out: Vec<Node> = self
@@ -327,6 +340,25 @@ impl Import {
             gid: self.writer.gid,
             size,
             blocks,
+            atime: self.created,
+            mtime: self.created,
+            ctime: self.created,
+            blksize: IMPORT_BLKSIZE,
+        })
+    }
+
+    /// The attributes of this file once it is no longer being written (published,
+    /// failed or dropped) as seen through a descriptor still open on it: an empty
+    /// regular file with no link.
+    pub(super) fn unlinked_attr(&self) -> Result<Attr, Error> {
+        Ok(Attr {
+            kind: NodeType::RegularFile,
+            perm: *self.perm.lock().unwrap_or_else(|e| e.into_inner()),
+            nlink: 0,
+            uid: self.writer.uid,
+            gid: self.writer.gid,
+            size: 0,
+            blocks: 0,
             atime: self.created,
             mtime: self.created,
             ctime: self.created,
@@ -480,5 +512,6 @@ pub(super) fn publish_changes(imp_node: &Node, store: &str, meta: &crate::store:
     Changes {
         entries,
         moved: Vec::new(),
+        gone: vec![imp_node.clone()],
     }
 }

@@ -263,6 +263,9 @@ impl Session {
     /// inodes under their new names; names that now stand for something else are
     /// dropped from its cache.
     fn apply(&self, changes: &Changes) {
+        for gone in &changes.gone {
+            self.inodes.detach(gone);
+        }
         for (from, to) in &changes.moved {
             self.inodes.rebind(from, to);
         }
@@ -511,17 +514,14 @@ impl Session {
             return Ok(());
         }
         let closing = self.holders.closing(ino, pid);
-        if closing.killed {
+        let r = if closing.killed {
             f.abandon();
-            return Ok(());
-        }
-        match f.flush(!closing.held) {
-            Ok(changes) => {
-                self.apply(&changes);
-                Ok(())
-            }
-            Err(e) => Err(self.fail("import", self.inodes.node(ino).as_ref(), e)),
-        }
+            Ok(())
+        } else {
+            f.flush(!closing.held).map(|changes| self.apply(&changes))
+        };
+        self.spent(&f);
+        r.map_err(|e| self.fail("import", self.inodes.node(ino).as_ref(), e))
     }
 
     /// The last reference to handle `fh` is gone: an import still unpublished is
@@ -534,6 +534,16 @@ impl Session {
             .remove(&fh);
         if let Some((f, _)) = f {
             self.apply(&f.release());
+            self.spent(&f);
+        }
+    }
+
+    /// A file that is no longer being imported where it was created (published, failed,
+    /// dropped) keeps its inode for the descriptors still open on it; a new file of the
+    /// same name gets another.
+    fn spent(&self, f: &OpenFile) {
+        if let Some(node) = f.import_ended() {
+            self.inodes.detach(&node);
         }
     }
 

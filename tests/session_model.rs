@@ -59,6 +59,12 @@ enum Op {
         p: usize,
         fd: usize,
     },
+    /// A close whose holders cannot be told (`/proc` does not answer in time): the file
+    /// is taken as still held, and its import waits for the `release`.
+    CloseUnsure {
+        p: usize,
+        fd: usize,
+    },
     /// `p` is killed by a signal: the kernel closes its descriptors.
     Kill {
         p: usize,
@@ -111,6 +117,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (p.clone(), fd.clone()).prop_map(|(p, fd)| Op::Dup { p, fd }),
         1 => (p.clone(), p.clone()).prop_map(|(p, q)| Op::Fork { p, q }),
         4 => (p.clone(), fd.clone()).prop_map(|(p, fd)| Op::Close { p, fd }),
+        1 => (p.clone(), fd.clone()).prop_map(|(p, fd)| Op::CloseUnsure { p, fd }),
         1 => p.clone().prop_map(|p| Op::Kill { p }),
         2 => (n.clone(), n.clone()).prop_map(|(from, to)| Op::Rename { from, to }),
         1 => (0..2usize, n.clone()).prop_map(|(src, to)| Op::Link { src, to }),
@@ -197,6 +204,9 @@ struct World {
     /// Each process's descriptor table: indices into `descs`.
     procs: Vec<Vec<usize>>,
     log: Vec<String>,
+    /// Names published from inside an image directory: their writer may still see
+    /// them for a moment (`install -m` sets the mode by name after close).
+    published: BTreeSet<(Option<String>, String)>,
 }
 
 /// The outcome the model expects of a step.
@@ -245,6 +255,7 @@ impl World {
             descs: Vec::new(),
             procs: vec![Vec::new(); PROCS],
             log: Vec::new(),
+            published: BTreeSet::new(),
         }
     }
 
@@ -357,6 +368,9 @@ impl World {
     fn publish(&mut self, f: usize) -> Expect {
         let file = self.files[f].clone();
         self.end_file(f);
+        if file.dir.is_some() {
+            self.published.insert((file.dir.clone(), file.name.clone()));
+        }
         if file.size == 0 {
             return Expect::Err(libc::EINVAL);
         }
@@ -438,11 +452,17 @@ impl World {
 
     /// Closes descriptor slot `slot` of `p`: one `flush`, and the `release` when it was
     /// the description's last reference. Returns what the model expects of the flush.
-    fn close(&mut self, p: usize, slot: usize, killed: bool) -> (Expect, Result<(), i32>) {
+    fn close(
+        &mut self,
+        p: usize,
+        slot: usize,
+        killed: bool,
+        unsure: bool,
+    ) -> (Expect, Result<(), i32>) {
         let d = self.procs[p].remove(slot);
         let Desc { fh, ino, file, .. } = self.descs[d].clone();
         self.descs[d].refs -= 1;
-        let held = self.held(ino);
+        let held = unsure || self.held(ino);
         *self.holders.0.lock().unwrap() = Closing { killed, held };
         let f = self.files[file].clone();
         let staging = f.name.starts_with('.');
@@ -465,8 +485,9 @@ impl World {
             // The last description of a file nothing holds: an unpublished file goes
             // (a staging file stays for its rename).
             let open = self.descs.iter().any(|x| x.refs > 0 && x.file == file);
-            if !open && !staging {
-                self.end_file(file);
+            if !open && !staging && self.files[file].writing {
+                // Published now if it can be; a failure reaches only the log.
+                let _ = self.publish(file);
             }
             self.forget_ino(ino, 0);
         }
@@ -614,12 +635,19 @@ impl World {
                     return (Expect::Ok, Ok(()));
                 }
                 let slot = fd % self.procs[p].len();
-                self.close(p, slot, false)
+                self.close(p, slot, false, false)
+            }
+            Op::CloseUnsure { p, fd } => {
+                if self.procs[p].is_empty() {
+                    return (Expect::Ok, Ok(()));
+                }
+                let slot = fd % self.procs[p].len();
+                self.close(p, slot, false, true)
             }
             Op::Kill { p } => {
                 let mut all = (Expect::Ok, Ok(()));
                 while !self.procs[p].is_empty() {
-                    let (e, got) = self.close(p, 0, true);
+                    let (e, got) = self.close(p, 0, true, false);
                     if got.is_err() || e != Expect::Ok {
                         all = (e, got);
                     }
@@ -813,6 +841,8 @@ impl World {
                 };
                 let expect = if self.model_has(&dname, name) {
                     Expect::Ok
+                } else if self.published.contains(&(dname.clone(), name.to_string())) {
+                    Expect::Any
                 } else {
                     Expect::Err(libc::ENOENT)
                 };

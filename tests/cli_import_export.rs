@@ -334,6 +334,26 @@ fn import_refuses_what_pcocc_refuses_before_storing_anything() {
         .expect_error("Could not detect image format");
     f.pcocc(&["import", "src.qcow2", "bad name"])
         .expect_error("Object name contains invalid characters");
+    // Names no metadata file or directory of the mount can carry.
+    for name in [".", ".."] {
+        f.pcocc(&["import", "src.qcow2", name])
+            .expect_error(&format!(
+                "Object name {name} is reserved: it names a directory itself"
+            ));
+        f.pcocc(&["copy", "img", name]).expect(
+            "Copying image ...\n",
+            &format!("Object name {name} is reserved: it names a directory itself\n"),
+            255,
+        );
+    }
+    let long = "x".repeat(251);
+    f.pcocc(&["import", "src.qcow2", &long])
+        .expect_error("Object name too long: 251 bytes, at most 250 are allowed");
+    f.pcocc(&["copy", "img", &long]).expect(
+        "Copying image ...\n",
+        "Object name too long: 251 bytes, at most 250 are allowed\n",
+        255,
+    );
     assert!(f.meta("user", "x", 0).is_none());
     assert!(f.entries("user", ".tmp").is_empty());
 }

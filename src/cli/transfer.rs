@@ -69,6 +69,9 @@ pub fn import(
     dest: &str,
 ) -> Result<(), CliError> {
     let dest = Uri::parse(dest)?;
+    // A name no image can have (`.`, `..`, too long for its metadata file) is refused
+    // before anything is read or said.
+    tree::validate_new_name(&dest.name)?;
     let repo = destination_repo(ctx, &dest)?;
     let Guess {
         path,

@@ -1,6 +1,7 @@
 //! Helpers for unit tests that build real images with qemu-img / qemu-io and judge our
 //! output with them. Tests that need qemu call [`have_qemu`] first and return early with
-//! a printed reason when it is missing.
+//! a printed reason when it is missing — except in a run that must not skip (CI), where
+//! they fail ([`skip`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,9 +19,28 @@ pub fn have_qemu() -> bool {
     if ok("qemu-img") && ok("qemu-io") {
         true
     } else {
-        eprintln!("SKIPPED: qemu-img/qemu-io not found (install Debian's qemu-utils)");
+        skip("qemu-img/qemu-io not found (install Debian's qemu-utils)");
         false
     }
+}
+
+/// Whether this run must not skip a test: in CI (env `CI` set and not `false`) or with
+/// `PCOCC_IMAGEFS_NO_SKIP=1`.
+pub fn no_skip() -> bool {
+    let set =
+        |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    set("CI") || set("PCOCC_IMAGEFS_NO_SKIP")
+}
+
+/// Says why the calling test skips its checks; fails it instead in a run that must not
+/// skip ([`no_skip`]).
+#[track_caller]
+pub fn skip(reason: &str) {
+    assert!(
+        !no_skip(),
+        "this run must not skip a test, and this one would: {reason}"
+    );
+    eprintln!("SKIPPED: {reason}");
 }
 
 /// Runs `prog args…`, panicking with its stderr when it fails; returns stdout.

@@ -960,7 +960,7 @@ Commands:
 fn colours_appear_on_a_terminal_only() {
     let Some(f) = Fixture::standard() else { return };
     if Command::new("script").arg("--version").output().is_err() {
-        eprintln!("skipped: script (util-linux) is not installed");
+        common::skip("script (util-linux) is not installed");
         return;
     }
     // `script` runs the commands on a pseudo-terminal; both streams come back on stdout.

@@ -567,7 +567,7 @@ fn a_terminal_gets_a_progress_bar_and_a_pipe_does_not() {
         assert!(run.stdout.contains("\r["), "{run:?}");
         assert!(run.stdout.contains("] 100% 8.0 MiB/8.0 MiB\r\n"), "{run:?}");
     } else {
-        eprintln!("skipped the terminal half: script(1) is not installed");
+        common::skip("the terminal half needs script(1) (util-linux)");
     }
     f.pcocc(&["export", "img", "pipe.raw"])
         .expect(CONVERTING, "", 0);

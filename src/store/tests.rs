@@ -524,12 +524,12 @@ fn a_layer_from_another_filesystem_is_copied_sparsely_and_verified() {
     // /dev/shm is a tmpfs on Linux: a different filesystem from the temp dir's.
     let shm = std::path::Path::new("/dev/shm");
     let (Ok(a_dir), Ok(b_dir)) = (tempfile::tempdir_in(shm), tempfile::tempdir()) else {
-        eprintln!("SKIPPED: no /dev/shm");
+        crate::testutil::skip("no /dev/shm");
         return;
     };
     let dev = |p: &std::path::Path| std::fs::metadata(p).unwrap().dev();
     if dev(a_dir.path()) == dev(b_dir.path()) {
-        eprintln!("SKIPPED: /dev/shm and the temp dir share a filesystem");
+        crate::testutil::skip("/dev/shm and the temp dir share a filesystem");
         return;
     }
     let a = Store::open("a", &a_dir.path().join("a")).unwrap();
@@ -558,12 +558,12 @@ fn a_layer_from_another_filesystem_is_copied_sparsely_and_verified() {
 fn a_copied_layer_that_does_not_match_its_name_is_refused() {
     let shm = std::path::Path::new("/dev/shm");
     let (Ok(a_dir), Ok(b_dir)) = (tempfile::tempdir_in(shm), tempfile::tempdir()) else {
-        eprintln!("SKIPPED: no /dev/shm");
+        crate::testutil::skip("no /dev/shm");
         return;
     };
     let dev = |p: &std::path::Path| std::fs::metadata(p).unwrap().dev();
     if dev(a_dir.path()) == dev(b_dir.path()) {
-        eprintln!("SKIPPED: /dev/shm and the temp dir share a filesystem");
+        crate::testutil::skip("/dev/shm and the temp dir share a filesystem");
         return;
     }
     let a = Store::open("a", &a_dir.path().join("a")).unwrap();

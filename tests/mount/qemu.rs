@@ -805,19 +805,23 @@ fn raw_sha256(m: &Mounted, image: &Path, tag: &str) -> String {
 #[test]
 fn guests_boot_from_every_view_and_read_the_disk_qemu_img_reads() {
     if std::env::var(BOOT_ENV).as_deref() != Ok("1") {
-        eprintln!("SKIPPED: guest boot test runs only with {BOOT_ENV}=1 (.ci/run sets it)");
+        common::skip(&format!(
+            "guest boot test runs only with {BOOT_ENV}=1 (.ci/run sets it)"
+        ));
         return;
     }
     if !have("qemu-system-x86_64") {
-        eprintln!("SKIPPED: qemu-system-x86_64 missing (Debian package qemu-system-x86)");
+        common::skip("qemu-system-x86_64 missing (Debian package qemu-system-x86)");
         return;
     }
     let Some((kernel, modules)) = guest_kernel() else {
-        eprintln!("SKIPPED: no /boot/vmlinuz-VER with /lib/modules/VER (linux-image-amd64)");
+        common::skip("no /boot/vmlinuz-VER with /lib/modules/VER (linux-image-amd64)");
         return;
     };
     if !Path::new(BUSYBOX).exists() {
-        eprintln!("SKIPPED: {BUSYBOX} missing (Debian package busybox-static)");
+        common::skip(&format!(
+            "{BUSYBOX} missing (Debian package busybox-static)"
+        ));
         return;
     }
     let Some(m) = Mounted::start() else { return };

@@ -1216,3 +1216,20 @@ fn a_staging_file_that_is_not_an_image_stays_after_its_rename_fails() {
         Kill { p: 2 },
     ]);
 }
+
+#[test]
+fn an_image_renamed_onto_an_empty_directory_is_removed_whole() {
+    run_sequence(&[
+        Create {
+            p: 2,
+            dir: None,
+            name: 1,
+        },
+        Write { p: 2, fd: 0 },
+        Close { p: 2, fd: 0 },
+        Link { src: 1, to: 2 },
+        RmRev { image: 1 },
+        Rename { from: 2, to: 1 },
+        RmImage { image: 1 },
+    ]);
+}

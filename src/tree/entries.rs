@@ -194,6 +194,8 @@ impl Tree {
             _ => {
                 self.rename(caller, &from, new_parent, new_name)?;
                 if let (Node::Image { .. }, Node::Repo { repo }) = (&from, new_parent) {
+                    // An empty directory that stood at the new name is replaced.
+                    self.pending.remove_empty_dir(repo, new_name);
                     changes
                         .moved
                         .push((from.clone(), image_node(repo, new_name)));
@@ -275,6 +277,9 @@ impl Tree {
             }
         }
         self.remove(caller, &node)?;
+        if let Node::Image { repo, image } = &node {
+            self.pending.remove_empty_dir(repo, image);
+        }
         // Removing the last revision leaves its image directory in place, empty, as any
         // filesystem would, until it is removed in turn (`rm -r IMAGE` does just that).
         if let Node::Revision { repo, image, .. } = &node

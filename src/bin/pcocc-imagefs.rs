@@ -4,7 +4,7 @@ use clap::Parser;
 use pcocc_imagefs::config::Config;
 use pcocc_imagefs::fuse::daemon::{self, Readiness};
 use pcocc_imagefs::fuse::options::{MountSettings, check_threads};
-use pcocc_imagefs::fuse::{mount, readahead};
+use pcocc_imagefs::fuse::{logging, mount, readahead};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -29,7 +29,7 @@ struct Args {
     /// kernel's 128 KiB)
     #[arg(long, value_name = "KIB", value_parser = readahead::parse_readahead)]
     readahead: Option<u32>,
-    /// Log file of a background daemon (default: no log)
+    /// Log file of a background daemon (default: syslog, identity pcocc-imagefs)
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
     /// Where to mount (created if missing)
@@ -97,7 +97,13 @@ fn run(args: Args) -> Result<(), String> {
     } else {
         daemon::daemonize(log_file.as_deref()).map_err(|e| e.to_string())?
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    // A background daemon has no terminal: its log goes to syslog, unless it was given
+    // a log file (its standard error by now).
+    logging::init(if args.foreground || log_file.is_some() {
+        logging::Destination::Stderr
+    } else {
+        logging::Destination::syslog()
+    });
     daemon::block_signals();
 
     match mount::serve(&config, &settings, threads, &mountpoint, &mut ready) {

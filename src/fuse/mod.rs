@@ -11,6 +11,7 @@
 
 pub mod caller;
 pub mod daemon;
+pub mod logging;
 pub mod mount;
 pub mod notify;
 pub mod options;

@@ -461,6 +461,16 @@ pub enum Error {
     /// An import or a view that cannot be served; the message says why, naming the file.
     #[error("{0}")]
     Unreadable(String),
+    /// What was written into the mount (or given to import) is not a valid image of a
+    /// kind this project reads, or uses something it refuses (a backing file, an
+    /// external data file): the content's fault, EINVAL. The same error of a stored
+    /// layer is damaged data, [`Error::Image`] (EIO).
+    #[error(transparent)]
+    BadImage(crate::image::Error),
+    /// A close of a file whose import failed earlier (a write that failed, a writer
+    /// killed by a signal): the reason and errno of that failure, repeated.
+    #[error("{reason}")]
+    ImportFailed { reason: String, errno: i32 },
     /// pcocc's export refusal to overwrite a file of another format.
     #[error("Mismatch between specified format {forced} and detected image type {detected}")]
     FormatMismatch { forced: Format, detected: Format },
@@ -508,6 +518,8 @@ impl Error {
             Error::Exists(_) => libc::EEXIST,
             Error::NotAnImage(..) => libc::EINVAL,
             Error::Unreadable(_) => libc::EIO,
+            Error::BadImage(_) => libc::EINVAL,
+            Error::ImportFailed { errno, .. } => *errno,
             Error::FormatMismatch { .. } => libc::EINVAL,
             Error::UndetectableFormat(_) => libc::ENOENT,
             Error::Image(e) => e.errno(),

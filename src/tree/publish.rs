@@ -70,7 +70,8 @@ pub fn choose_format(
             e => e.into(),
         });
     }
-    Ok(detect::detect_file(file, path)?
+    Ok(detect::detect_file(file, path)
+        .map_err(|e| source_error(e.into()))?
         .or(hint)
         .unwrap_or(Format::Raw))
 }
@@ -79,6 +80,24 @@ pub fn choose_format(
 /// external files are refused, headers and tables are checked by the reader. The reader
 /// gets a duplicate of the descriptor, never a reopen by name.
 pub fn open_standalone(file: &File, path: &Path, format: Format) -> Result<Disk, Error> {
+    open_source(file, path, format).map_err(source_error)
+}
+
+/// An error met reading an import's source: the content's fault ([`Error::BadImage`],
+/// EINVAL) when it is no valid image of the format read, unless the file itself could
+/// not be read.
+fn source_error(e: Error) -> Error {
+    match e {
+        Error::Image(
+            e @ (image::Error::Invalid { .. }
+            | image::Error::Unsupported { .. }
+            | image::Error::OutOfRange { .. }),
+        ) => Error::BadImage(e),
+        e => e,
+    }
+}
+
+fn open_source(file: &File, path: &Path, format: Format) -> Result<Disk, Error> {
     let file = file.try_clone().map_err(|e| image::Error::io(path, e))?;
     let layer: std::sync::Arc<dyn Layer> = match format {
         Format::Qcow2 => return Ok(open_chain_file(file, path, &NoBacking)?),
@@ -164,7 +183,10 @@ pub fn publish(
     if let Some(hook) = drop_hook.as_mut() {
         opts.consumed = Some(hook);
     }
-    let converted = convert::convert(&disk, out.file(), out.path(), opts)?;
+    // What fails here is the source (invalid tables found while reading it) or the
+    // repository's filesystem (full, over quota), whose errno passes through.
+    let converted = convert::convert(&disk, out.file(), out.path(), opts)
+        .map_err(|e| source_error(e.into()))?;
     let converted_at = std::time::Instant::now();
     let io = |source| store::Error::Io {
         path: out.path().to_path_buf(),

@@ -124,9 +124,8 @@ impl ImportHandle {
                     // A file missing some of its bytes (a full disk, an I/O error) must
                     // never be published by the close that follows: the import fails
                     // now, its scratch file goes, and the close repeats the reason.
-                    log::warn!("import of {} failed: {e}", display(&self.import.node()));
                     self.import.writing.store(false, Ordering::Release);
-                    *st = State::Failed(e.to_string());
+                    *st = State::Failed(e.to_string(), e.errno());
                     return Err(e);
                 }
                 *size = (*size).max(offset + data.len() as u64);
@@ -172,7 +171,12 @@ impl ImportHandle {
             match &*st {
                 State::Writing { .. } => {}
                 State::Published(_) | State::Dropped => return Ok(Changes::default()),
-                State::Failed(msg) => return Err(Error::Unreadable(msg.clone())),
+                State::Failed(reason, errno) => {
+                    return Err(Error::ImportFailed {
+                        reason: reason.clone(),
+                        errno: *errno,
+                    });
+                }
             }
         }
         match imp.publish(target, None, &self.pending) {
@@ -190,11 +194,12 @@ impl ImportHandle {
         let mut st = self.import.lock();
         if matches!(*st, State::Writing { .. }) {
             log::warn!(
-                "{}: its writer was killed: not published",
-                display(&self.import.node())
+                "{}: its writer (uid {}) was killed: not published",
+                display(&self.import.node()),
+                self.import.writer.uid
             );
             self.import.writing.store(false, Ordering::Release);
-            *st = State::Failed("the writer was killed by a signal".into());
+            *st = State::Failed("the writer was killed by a signal".into(), libc::EIO);
         }
     }
 
@@ -220,7 +225,13 @@ impl ImportHandle {
             return Changes::default();
         }
         let changes = if self.import.is_writing() {
-            self.flush(true).unwrap_or_default()
+            // Nobody is left to get the error: the log is where it goes.
+            self.flush(true).unwrap_or_else(|e| {
+                let path = display(&self.import.node());
+                let uid = Some(self.import.writer.uid);
+                super::session::log_failure("import", &path, uid, &e);
+                Changes::default()
+            })
         } else {
             Changes::default()
         };

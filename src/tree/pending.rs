@@ -45,8 +45,9 @@ pub(super) enum State {
     },
     /// Published; the attributes it had, for handles still open.
     Published(Attr),
-    /// The publish failed (the scratch file is gone); flush repeats the reason.
-    Failed(String),
+    /// The publish failed (the scratch file is gone); flush repeats the reason and the
+    /// errno.
+    Failed(String, i32),
     /// Unlinked or released unpublished.
     Dropped,
 }
@@ -445,10 +446,11 @@ impl Import {
                 Ok(meta)
             }
             Err(e) => {
-                log::warn!("import of {} failed: {e}", display(&self.node()));
+                // Logged with its caller by whoever reports it (see session::log_failure).
+                log::debug!("import of {} failed: {e}", display(&self.node()));
                 if !self.is_staging() {
                     self.writing.store(false, Ordering::Release);
-                    *st = State::Failed(e.to_string());
+                    *st = State::Failed(e.to_string(), e.errno());
                 }
                 Err(e)
             }

@@ -175,19 +175,94 @@ fn placeholder_attr(kind: NodeType) -> Attr {
     }
 }
 
+/// The path of entry `name` of directory `parent`, for messages.
+fn named(parent: &Node, name: &str) -> String {
+    match parent {
+        Node::Root => name.to_string(),
+        p => format!("{}/{name}", display(p)),
+    }
+}
+
+/// Requests that change something: their refusals are what a user must be able to read.
+const WRITES: [&str; 11] = [
+    "setattr",
+    "mkdir",
+    "unlink",
+    "rmdir",
+    "rename",
+    "link",
+    "open for writing",
+    "create",
+    "write",
+    "import",
+    "setxattr",
+];
+
+/// Errors of a change that are part of ordinary use (a tool probing a name, `mv` across
+/// repositories falling back to a copy, `rm -r` of a directory another writer filled),
+/// not something refused for a reason the user needs: logged at info, not as warnings.
+const ORDINARY: [i32; 7] = [
+    libc::EEXIST,
+    libc::ENOTEMPTY,
+    libc::EXDEV,
+    libc::EISDIR,
+    libc::ENOTDIR,
+    libc::ESTALE,
+    libc::EBADF,
+];
+
+/// The level a failed request `what` with error `e` is logged at. Each failure of data
+/// (EIO) and each refused change (a refused import, a permission refused, a full
+/// repository) is a warning: the caller only gets an errno, and the reason is in this
+/// line. A lookup miss is debug; an error an import already reported, debug (it was
+/// logged when it happened); other errors of a change, info; other errors of a read,
+/// debug. So the default level, warn, shows nothing of ordinary use.
+pub(super) fn failure_level(what: &str, e: &Error) -> log::Level {
+    let errno = e.errno();
+    if errno == libc::ENOENT || matches!(e, Error::ImportFailed { .. }) {
+        log::Level::Debug
+    } else if errno == libc::EIO {
+        log::Level::Warn
+    } else if WRITES.contains(&what) {
+        if ORDINARY.contains(&errno) {
+            log::Level::Info
+        } else {
+            log::Level::Warn
+        }
+    } else {
+        log::Level::Debug
+    }
+}
+
+/// Logs a failed request `what` at `path` of the tree, made by `uid`, with the reason
+/// (the error's message) and the errno its caller got; at [`failure_level`].
+pub(super) fn log_failure(what: &str, path: &str, uid: Option<u32>, e: &Error) {
+    let level = failure_level(what, e);
+    if !log::log_enabled!(level) {
+        return;
+    }
+    let by = uid.map(|u| format!(" by uid {u}")).unwrap_or_default();
+    let errno = std::io::Error::from_raw_os_error(e.errno());
+    log::log!(level, "{what} of {path}{by} failed: {e} [{errno}]");
+}
+
 fn name_str(name: &OsStr) -> Result<&str, Error> {
     // Repository names are [a-zA-Z0-9_.-]; a name that is not UTF-8 cannot exist.
     name.to_str()
         .ok_or_else(|| Error::NoEntry(name.to_string_lossy().into_owned()))
 }
 
+/// An open file, its inode number and the uid that opened it (named in the log lines
+/// of its failures).
+type OpenHandle = (Arc<OpenFile>, u64, u32);
+
 /// The state of one mount, answering the kernel's requests (see the module comment).
 pub struct Session {
     tree: Arc<Tree>,
     settings: SessionSettings,
     inodes: Inodes,
-    /// Open files, each with its inode number.
-    files: Mutex<HashMap<u64, (Arc<OpenFile>, u64)>>,
+    /// Open files, each with its inode number and the uid that opened it.
+    files: Mutex<HashMap<u64, OpenHandle>>,
     /// Open directories (numbered from the same counter as files).
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
@@ -234,18 +309,18 @@ impl Session {
         cache_ttl(node, self.settings.refresh)
     }
 
-    /// Open file `fh` and its inode number.
-    fn file(&self, fh: u64) -> Result<(Arc<OpenFile>, u64), Error> {
+    /// Open file `fh`, its inode number and the uid that opened it.
+    fn file(&self, fh: u64) -> Result<OpenHandle, Error> {
         let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         files.get(&fh).cloned().ok_or(Error::BadHandle(fh))
     }
 
-    fn add_file(&self, f: Arc<OpenFile>, ino: u64) -> u64 {
+    fn add_file(&self, f: Arc<OpenFile>, ino: u64, uid: u32) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(fh, (f, ino));
+            .insert(fh, (f, ino, uid));
         fh
     }
 
@@ -255,8 +330,8 @@ impl Session {
         let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         files
             .values()
-            .find(|(_, i)| *i == ino)
-            .and_then(|(f, _)| f.attr().ok())
+            .find(|(_, i, _)| *i == ino)
+            .and_then(|(f, _, _)| f.attr().ok())
     }
 
     /// Brings the kernel's names in line with `changes`: moved objects keep their
@@ -274,16 +349,19 @@ impl Session {
         }
     }
 
-    /// Logs a failed request (a lookup miss at debug, anything else as a warning naming
-    /// the path) and passes its error on.
-    fn fail(&self, what: &str, node: Option<&Node>, e: Error) -> Error {
-        let path = node.map(display).unwrap_or_default();
-        if e.errno() == libc::ENOENT {
-            log::debug!("{what} {path}: {e}");
-        } else {
-            log::warn!("{what} {path}: {e} (errno {})", e.errno());
-        }
+    /// Logs a failed request `what` at `path` made by `uid` (see [`log_failure`]) and
+    /// passes its error on.
+    fn fail(&self, what: &str, path: &str, uid: Option<u32>, e: Error) -> Error {
+        log_failure(what, path, uid, &e);
         e
+    }
+
+    /// The path of the file open as inode `ino`, for messages.
+    fn path_of(&self, ino: u64) -> String {
+        self.inodes
+            .node(ino)
+            .map(|n| display(&n))
+            .unwrap_or_else(|| format!("inode {ino}"))
     }
 
     fn writable(&self) -> Result<(), Error> {
@@ -309,11 +387,11 @@ impl Session {
         let node = self
             .tree
             .lookup(caller, &parent, name)
-            .map_err(|e| self.fail("lookup", Some(&parent), e))?;
+            .map_err(|e| self.fail("lookup", &named(&parent, name), Some(caller.uid), e))?;
         let attr = self
             .tree
             .getattr(caller, &node)
-            .map_err(|e| self.fail("getattr", Some(&node), e))?;
+            .map_err(|e| self.fail("getattr", &display(&node), Some(caller.uid), e))?;
         let ttl = self.ttl(&node);
         Ok(self.entry(&node, attr, ttl))
     }
@@ -334,7 +412,7 @@ impl Session {
     ) -> Result<(Attr, Duration), Error> {
         let node = self.node(ino)?;
         let attr = match fh.and_then(|fh| self.file(fh).ok()) {
-            Some((f, _)) => f.attr(),
+            Some((f, _, _)) => f.attr(),
             None => match self.tree.getattr(caller, &node) {
                 Err(e) => self.open_attr(ino).ok_or(e),
                 found => found,
@@ -342,7 +420,7 @@ impl Session {
         };
         match attr {
             Ok(a) => Ok((a, self.ttl(&node))),
-            Err(e) => Err(self.fail("getattr", Some(&node), e)),
+            Err(e) => Err(self.fail("getattr", &display(&node), Some(caller.uid), e)),
         }
     }
 
@@ -355,10 +433,10 @@ impl Session {
     ) -> Result<(Attr, Duration), Error> {
         let node = self.node(ino)?;
         self.writable()?;
-        let file = fh.and_then(|fh| self.file(fh).ok()).map(|(f, _)| f);
+        let file = fh.and_then(|fh| self.file(fh).ok()).map(|(f, _, _)| f);
         match self.tree.setattr(caller, &node, file.as_deref(), set) {
             Ok(a) => Ok((a, self.ttl(&node))),
-            Err(e) => Err(self.fail("setattr", Some(&node), e)),
+            Err(e) => Err(self.fail("setattr", &display(&node), Some(caller.uid), e)),
         }
     }
 
@@ -366,7 +444,7 @@ impl Session {
         let node = self.node(ino)?;
         self.tree
             .readlink(caller, &node)
-            .map_err(|e| self.fail("readlink", Some(&node), e))
+            .map_err(|e| self.fail("readlink", &display(&node), Some(caller.uid), e))
     }
 
     pub fn mkdir(&self, caller: &Caller, parent: u64, name: &OsStr) -> Result<Entry, Error> {
@@ -376,7 +454,7 @@ impl Session {
         let (node, attr) = self
             .tree
             .mkdir(caller, &parent, name)
-            .map_err(|e| self.fail("mkdir", Some(&parent), e))?;
+            .map_err(|e| self.fail("mkdir", &named(&parent, name), Some(caller.uid), e))?;
         let ttl = self.ttl(&node);
         Ok(self.entry(&node, attr, ttl))
     }
@@ -388,7 +466,7 @@ impl Session {
         self.tree
             .unlink_entry(caller, &parent, name)
             .map(|c| self.apply(&c))
-            .map_err(|e| self.fail("unlink", Some(&parent), e))
+            .map_err(|e| self.fail("unlink", &named(&parent, name), Some(caller.uid), e))
     }
 
     pub fn rmdir(&self, caller: &Caller, parent: u64, name: &OsStr) -> Result<(), Error> {
@@ -398,7 +476,7 @@ impl Session {
         self.tree
             .rmdir_entry(caller, &parent, name)
             .map(|c| self.apply(&c))
-            .map_err(|e| self.fail("rmdir", Some(&parent), e))
+            .map_err(|e| self.fail("rmdir", &named(&parent, name), Some(caller.uid), e))
     }
 
     /// `rename`; `flags` are renameat2's (only `RENAME_NOREPLACE` means something here).
@@ -423,7 +501,10 @@ impl Session {
         let changes = self
             .tree
             .rename_entry(caller, &from, name, &to, newname)
-            .map_err(|e| self.fail("rename", Some(&from), e))?;
+            .map_err(|e| {
+                let path = format!("{} to {}", named(&from, name), named(&to, newname));
+                self.fail("rename", &path, Some(caller.uid), e)
+            })?;
         self.apply(&changes);
         Ok(())
     }
@@ -441,10 +522,10 @@ impl Session {
         let src = self.node(ino)?;
         let parent = self.node(newparent)?;
         let name = name_str(newname)?;
-        let (node, attr, changes) = self
-            .tree
-            .link(caller, &src, &parent, name)
-            .map_err(|e| self.fail("link", Some(&src), e))?;
+        let (node, attr, changes) = self.tree.link(caller, &src, &parent, name).map_err(|e| {
+            let path = format!("{} to {}", display(&src), named(&parent, name));
+            self.fail("link", &path, Some(caller.uid), e)
+        })?;
         self.apply(&changes);
         Ok(self.entry(&node, attr, Duration::ZERO))
     }
@@ -461,9 +542,12 @@ impl Session {
         let file = self
             .tree
             .open(caller, &node, write, truncate)
-            .map_err(|e| self.fail("open", Some(&node), e))?;
+            .map_err(|e| {
+                let what = if write { "open for writing" } else { "open" };
+                self.fail(what, &display(&node), Some(caller.uid), e)
+            })?;
         Ok(Opened {
-            fh: self.add_file(file.clone(), ino),
+            fh: self.add_file(file.clone(), ino, caller.uid),
             keep_cache: file.immutable(),
             file,
         })
@@ -484,22 +568,22 @@ impl Session {
         let (node, attr, file) = self
             .tree
             .create(caller, &parent, name, mode)
-            .map_err(|e| self.fail("create", Some(&parent), e))?;
+            .map_err(|e| self.fail("create", &named(&parent, name), Some(caller.uid), e))?;
         let entry = self.entry(&node, attr, Duration::ZERO);
-        let fh = self.add_file(file, entry.ino);
+        let fh = self.add_file(file, entry.ino, caller.uid);
         Ok((entry, fh))
     }
 
     pub fn read(&self, fh: u64, buf: &mut [u8], offset: u64) -> Result<usize, Error> {
-        let (f, ino) = self.file(fh)?;
+        let (f, ino, uid) = self.file(fh)?;
         f.read(buf, offset)
-            .map_err(|e| self.fail("read", self.inodes.node(ino).as_ref(), e))
+            .map_err(|e| self.fail("read", &self.path_of(ino), Some(uid), e))
     }
 
     pub fn write(&self, fh: u64, data: &[u8], offset: u64) -> Result<usize, Error> {
-        let (f, ino) = self.file(fh)?;
+        let (f, ino, uid) = self.file(fh)?;
         f.write(data, offset)
-            .map_err(|e| self.fail("write", self.inodes.node(ino).as_ref(), e))
+            .map_err(|e| self.fail("write", &self.path_of(ino), Some(uid), e))
     }
 
     /// `close(2)` of one descriptor of handle `fh` by process `pid`; its error is what
@@ -508,7 +592,7 @@ impl Session {
     /// the outcome. A close the kernel makes for a writer killed by a signal never
     /// completes it.
     pub fn flush(&self, fh: u64, pid: u32) -> Result<(), Error> {
-        let (f, ino) = self.file(fh)?;
+        let (f, ino, uid) = self.file(fh)?;
         // Only a file being imported cares about its closes.
         if f.immutable() {
             return Ok(());
@@ -521,7 +605,7 @@ impl Session {
             f.flush(!closing.held).map(|changes| self.apply(&changes))
         };
         self.spent(&f);
-        r.map_err(|e| self.fail("import", self.inodes.node(ino).as_ref(), e))
+        r.map_err(|e| self.fail("import", &self.path_of(ino), Some(uid), e))
     }
 
     /// The last reference to handle `fh` is gone: an import still unpublished is
@@ -532,7 +616,7 @@ impl Session {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&fh);
-        if let Some((f, _)) = f {
+        if let Some((f, _, _)) = f {
             self.apply(&f.release());
             self.spent(&f);
         }
@@ -590,7 +674,7 @@ impl Session {
         let entries = self
             .tree
             .readdir(caller, node)
-            .map_err(|e| self.fail("readdir", Some(node), e))?;
+            .map_err(|e| self.fail("readdir", &display(node), Some(caller.uid), e))?;
         let parent_ino = match node {
             Node::Root => ROOT_INO,
             other => parent(other)
@@ -735,7 +819,9 @@ impl Session {
 
     /// The first repository's filesystem answers for the mount (df shows real space).
     pub fn statfs(&self) -> Result<StatFs, Error> {
-        self.tree.statfs().map_err(|e| self.fail("statfs", None, e))
+        self.tree
+            .statfs()
+            .map_err(|e| self.fail("statfs", "/", None, e))
     }
 
     /// The value of extended attribute `name`. `ls -l` asks for security.selinux and
@@ -755,7 +841,7 @@ impl Session {
         match self.tree.getxattr(caller, &node, name) {
             Ok(Some(v)) => Ok(v),
             Ok(None) => Err(Error::NoAttribute),
-            Err(e) => Err(self.fail("getxattr", Some(&node), e)),
+            Err(e) => Err(self.fail("getxattr", &display(&node), Some(caller.uid), e)),
         }
     }
 
@@ -766,7 +852,7 @@ impl Session {
         let names = self
             .tree
             .listxattr(caller, &node)
-            .map_err(|e| self.fail("listxattr", Some(&node), e))?;
+            .map_err(|e| self.fail("listxattr", &display(&node), Some(caller.uid), e))?;
         let mut buf = Vec::new();
         for n in names {
             buf.extend_from_slice(n.as_bytes());
@@ -779,7 +865,7 @@ impl Session {
         let node = self.node(ino)?;
         self.tree
             .setxattr(caller, &node)
-            .map_err(|e| self.fail("setxattr", Some(&node), e))
+            .map_err(|e| self.fail("setxattr", &display(&node), Some(caller.uid), e))
     }
 
     /// `access(2)` with `mask`'s `R_OK`/`W_OK`/`X_OK`.
@@ -790,30 +876,28 @@ impl Session {
         }
         self.tree
             .access(caller, &node, mask)
-            .map_err(|e| self.fail("access", Some(&node), e))
+            .map_err(|e| self.fail("access", &display(&node), Some(caller.uid), e))
     }
 
     /// `fallocate`: not supported. `cp` punches holes in what it writes when it can;
     /// without fallocate it leaves them by seeking, and imports keep holes either way.
     /// A writer that needs it fails, and its file is not published.
     pub fn fallocate(&self, fh: u64) -> Result<(), Error> {
-        let (_, ino) = self.file(fh)?;
-        let name = self
-            .inodes
-            .node(ino)
-            .map(|n| display(&n))
-            .unwrap_or_default();
-        Err(Error::NotSupported(format!("{name}: fallocate")))
+        let (_, ino, _) = self.file(fh)?;
+        Err(Error::NotSupported(format!(
+            "{}: fallocate",
+            self.path_of(ino)
+        )))
     }
 
     /// `lseek(SEEK_DATA/SEEK_HOLE)`; `None` means ENXIO.
     pub fn lseek(&self, fh: u64, offset: i64, whence: Seek) -> Result<Option<u64>, Error> {
-        let (f, ino) = self.file(fh)?;
+        let (f, ino, uid) = self.file(fh)?;
         let off = u64::try_from(offset).map_err(|_| Error::InvalidOffset(offset))?;
         let r = match whence {
             Seek::Data => f.seek_data(off),
             Seek::Hole => f.seek_hole(off),
         };
-        r.map_err(|e| self.fail("lseek", self.inodes.node(ino).as_ref(), e))
+        r.map_err(|e| self.fail("lseek", &self.path_of(ino), Some(uid), e))
     }
 }

@@ -14,6 +14,9 @@
 //!    remove then test, fstat of an open view after its removal, rename to another
 //!    repository) each succeed `PCOCC_IMAGEFS_FILES_ROUNDS` times in a row (100 unless
 //!    set).
+//! 4. No empty image directory is left behind: `cp SRC M/r/img/` racing `rm -r M/r/img`
+//!    leaves a real image or nothing, and so does `rm -r` that listed a file published
+//!    since.
 //!
 //! The daemon is mounted as root with `allow_other` and default options otherwise. Needs
 //! root, `/dev/fuse`, qemu-img, qemu-io, rsync, gzip, tar and /usr/bin/python3; without
@@ -928,5 +931,151 @@ rm -r "$M/b/img""#,
         fs.meta_names("a").is_empty(),
         "repository a's meta/ must be empty: {:?}",
         fs.meta_names("a")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. No empty image directory is left behind
+// ---------------------------------------------------------------------------------------
+
+/// Python: the steps of `rm -r R/img` in the order one run of the race below took them,
+/// while SRC is written into `R/img/new.qcow2` (the next revision): rm lists the file
+/// being written, the writer closes it (published as `@1`), rm lists `@1` too, removes
+/// `latest`, `@0` and `@1`, then unlinks the name it listed (gone: the writer's close
+/// published it), then the image directory.
+const PY_RM_R_AFTER_PUBLISH: &str = r#"
+import os, sys
+src, r = sys.argv[1], sys.argv[2]
+img = os.path.join(r, "img")
+fd = os.open(os.path.join(img, "new.qcow2"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+with open(src, "rb") as f:
+    os.write(fd, f.read())
+listed = os.listdir(img)
+if "new.qcow2" not in listed:
+    sys.exit("the file being written is not listed: %r" % listed)
+os.close(fd)
+for name in os.listdir(img):
+    if name not in listed:
+        listed.append(name)
+if sorted(listed) != ["@0", "@1", "latest", "new.qcow2"]:
+    sys.exit("img lists %r" % sorted(listed))
+def step(what, f, path):
+    try:
+        f(path)
+    except OSError as e:
+        sys.exit("%s %s: %s (img now lists %r)" % (what, path, e, os.listdir(img)))
+for name in sorted(listed, key=lambda n: (n != "latest", not n.startswith("@"), n)):
+    p = os.path.join(img, name)
+    if name.startswith("@"):
+        for f in os.listdir(p):
+            step("unlink", os.unlink, os.path.join(p, f))
+        step("rmdir", os.rmdir, p)
+    else:
+        step("unlink", os.unlink, p)
+step("rmdir", os.rmdir, img)
+if os.path.lexists(img) or "img" in os.listdir(r):
+    sys.exit("img is still there")
+"#;
+
+/// `rm -r` of an image directory that listed a file while it was being written into
+/// the image, then met its name after the writer published it: the removal goes on
+/// (unlinking the published name deletes nothing) and leaves nothing, rather than
+/// failing half way with the image directory left empty.
+#[test]
+fn rm_r_that_listed_a_file_published_since_leaves_nothing() {
+    let Some(fs) = Fs::start(&["r"]) else {
+        return;
+    };
+    let src = fs.small_source("src.qcow2", 0x61);
+    let r = fs.at("r");
+    ok("cp", &[s(&src), s(&fs.at("r/img"))]);
+    let out = fs.sh(
+        &format!(r#""$PY" -c '{PY_RM_R_AFTER_PUBLISH}' "$SRC" "$R""#),
+        &[("SRC", s(&src)), ("R", s(&r))],
+        WRITER_LIMIT,
+    );
+    assert!(
+        out.status.success(),
+        "rm -r after a publish into the image: {}
+ls M/r: {:?}",
+        describe(&out),
+        sorted_names(&r)
+    );
+    assert!(
+        fs.meta_names("r").is_empty(),
+        "repository r's meta/ must be empty: {:?}",
+        fs.meta_names("r")
+    );
+}
+
+/// Rounds of the race of `cp SRC M/r/img/` with `rm -r M/r/img`
+/// (`PCOCC_IMAGEFS_RACE_ROUNDS` when set).
+const RACE_ROUNDS: u32 = 30;
+
+/// `cp SRC M/r/img/` (the next revision) racing `rm -r M/r/img`: either may fail, but
+/// afterwards `img` is a real image whose every revision is SRC, or nothing at all;
+/// never an image directory with no revision. What is left is removed by `rm -r`.
+#[test]
+fn cp_into_an_image_racing_rm_r_leaves_no_empty_directory() {
+    let Some(fs) = Fs::start(&["r"]) else {
+        return;
+    };
+    let src = fs.work().join("src.qcow2");
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&src), "1M"]);
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 1 0 64k", s(&src)],
+    );
+    let r = fs.at("r");
+    let n = std::env::var("PCOCC_IMAGEFS_RACE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(RACE_ROUNDS)
+        .to_string();
+    let script = r#"
+set -u
+fail() { echo "round $i: $*" >&2; exit 1; }
+for i in $(seq 1 "$N"); do
+    cp "$SRC" "$R/img" || fail "cp SRC R/img failed"
+    cp "$SRC" "$R/img/" 2>/dev/null & cp_pid=$!
+    rm -r "$R/img" 2>/dev/null & rm_pid=$!
+    wait "$cp_pid"; cp_rc=$?
+    wait "$rm_pid"; rm_rc=$?
+    if ls "$R" | grep -qx img; then
+        [ "$cp_rc" = 0 ] || [ "$rm_rc" != 0 ] ||
+            fail "cp failed and rm -r succeeded, yet ls lists img: $(ls -la "$R/img" 2>&1)"
+        revs=$(ls "$R/img" | grep '^@') ||
+            fail "img is listed with no revision (cp $cp_rc, rm $rm_rc): $(ls -la "$R/img" 2>&1)"
+        for rev in $revs; do
+            qemu-img compare -q -f qcow2 -F qcow2 "$R/img/$rev/disk.qcow2" "$SRC" ||
+                fail "img/$rev/disk.qcow2 differs from SRC (cp $cp_rc, rm $rm_rc)"
+            qemu-img compare -q -f raw -F qcow2 "$R/img/$rev/disk.raw" "$SRC" ||
+                fail "img/$rev/disk.raw differs from SRC (cp $cp_rc, rm $rm_rc)"
+        done
+        rm -r "$R/img" || fail "rm -r of what was left failed (cp $cp_rc, rm $rm_rc)"
+    else
+        if [ -e "$R/img" ]; then
+            fail "img is not listed but exists (cp $cp_rc, rm $rm_rc): $(ls -la "$R/img" 2>&1)"
+        fi
+    fi
+    if [ -e "$R/img" ] || ls "$R" | grep -qx img; then
+        fail "img is still there after its removal: $(ls -la "$R" 2>&1)"
+    fi
+done
+"#;
+    let out = fs.sh(
+        script,
+        &[("SRC", s(&src)), ("R", s(&r)), ("N", &n)],
+        LOOP_LIMIT,
+    );
+    assert!(
+        out.status.success(),
+        "cp into an image racing rm -r of it, {n} rounds: {}",
+        describe(&out)
+    );
+    assert!(
+        fs.meta_names("r").is_empty(),
+        "repository r's meta/ must be empty: {:?}",
+        fs.meta_names("r")
     );
 }

@@ -24,21 +24,22 @@ impl Tree {
         };
         validate_new_name(name)?;
         let store = self.writable_store(caller, repo)?;
+        let exists = || Error::ImageExists {
+            name: name.to_string(),
+            repo: repo.clone(),
+        };
         let file = Node::Import {
             repo: repo.clone(),
             image: None,
             name: name.to_string(),
         };
-        if !store.revisions(name)?.is_empty()
-            || self.pending.empty_dir(repo, name).is_some()
-            || self.pending.writing(&file)
-        {
-            return Err(Error::ImageExists {
-                name: name.to_string(),
-                repo: repo.clone(),
-            });
+        if self.pending.empty_dir(repo, name).is_some() || self.pending.writing(&file) {
+            return Err(exists());
         }
-        self.pending.add_empty_dir(repo, name);
+        let no_revision = || Ok(store.revisions(name)?.is_empty());
+        if !self.pending.add_empty_dir(repo, name, no_revision)? {
+            return Err(exists());
+        }
         let node = Node::Image {
             repo: repo.clone(),
             image: name.to_string(),
@@ -186,8 +187,18 @@ impl Tree {
                         repo: repo.clone(),
                     });
                 }
+                if new_name == image {
+                    return Ok(changes);
+                }
+                let store = self.store(repo)?;
+                let no_revision = || Ok(store.revisions(new_name)?.is_empty());
+                if !self.pending.add_empty_dir(repo, new_name, no_revision)? {
+                    return Err(Error::ImageExists {
+                        name: new_name.to_string(),
+                        repo: repo.clone(),
+                    });
+                }
                 self.pending.remove_empty_dir(repo, image);
-                self.pending.add_empty_dir(repo, new_name);
                 changes.moved.push((from.clone(), image_node(to, new_name)));
                 Ok(changes)
             }
@@ -268,6 +279,8 @@ impl Tree {
                 .push((parent.clone(), super::nodes::LATEST.to_string()));
         }
         if let Node::Image { repo, image } = &node {
+            // Files just published into this image stop answering for it.
+            self.pending.forget_published(repo, image);
             if self.store(repo)?.revisions(image)?.is_empty()
                 && self.pending.empty_dir(repo, image).is_some()
             {
@@ -277,15 +290,20 @@ impl Tree {
             }
         }
         self.remove(caller, &node)?;
-        if let Node::Image { repo, image } = &node {
-            self.pending.remove_empty_dir(repo, image);
-        }
-        // Removing the last revision leaves its image directory in place, empty, as any
-        // filesystem would, until it is removed in turn (`rm -r IMAGE` does just that).
-        if let Node::Revision { repo, image, .. } = &node
-            && self.store(repo)?.revisions(image)?.is_empty()
-        {
-            self.pending.add_empty_dir(repo, image);
+        match &node {
+            // Removing the last revision leaves its image directory in place, empty, as
+            // any filesystem would, until it is removed in turn (`rm -r IMAGE` does just
+            // that).
+            Node::Revision { repo, image, .. } => {
+                let store = self.store(repo)?;
+                let no_revision = || Ok(store.revisions(image)?.is_empty());
+                self.pending.add_empty_dir(repo, image, no_revision)?;
+            }
+            // Gone with its revisions, whatever else said it was there.
+            Node::Image { repo, image } => {
+                self.pending.remove_empty_dir(repo, image);
+            }
+            _ => {}
         }
         Ok(changes)
     }

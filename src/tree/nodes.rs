@@ -582,8 +582,11 @@ impl Tree {
     /// only. An image directory with no revision left (`rm -r` removed them one by one)
     /// removes nothing and succeeds.
     pub fn remove(&self, caller: &Caller, node: &Node) -> Result<Deleted, Error> {
-        if let Node::Revision { repo, image, .. } | Node::Image { repo, image } = node {
-            // Files just published into this image stop answering for it.
+        // Files just published into this image stop answering for it when the image goes
+        // as a whole; not when a revision does: `rm -r IMAGE` that listed such a file
+        // while it was being written removes the revisions, then unlinks the file's name,
+        // and must reach the rmdir of the image.
+        if let Node::Image { repo, image } = node {
             self.pending.forget_published(repo, image);
         }
         match node {
@@ -616,11 +619,20 @@ impl Tree {
                 Ok(())
             }
             Node::Import { .. } => {
+                if let Some(imp) = self.pending.find(node, caller, true) {
+                    self.pending.drop_import(&imp);
+                    return Ok(());
+                }
+                // A file its writer published a moment ago still answers the writer (see
+                // `Pending::find_recent`); unlinking the name deletes nothing, as for a
+                // revision's file, and the name stops answering. `rm -r IMAGE` that
+                // listed the file while it was written then goes on to the rmdir of the
+                // image instead of failing half way, leaving an empty image directory.
                 let imp = self
                     .pending
-                    .find(node, caller, true)
+                    .find_recent(node, caller)
                     .ok_or_else(|| Error::NoEntry(display(node)))?;
-                self.pending.drop_import(&imp);
+                self.pending.forget_recent(&imp);
                 Ok(())
             }
             _ => Err(Error::IsADirectory(display(node))),

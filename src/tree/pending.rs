@@ -90,6 +90,12 @@ impl Import {
 
 /// Files being imported and empty image directories, shared by the tree and its
 /// handles.
+///
+/// An empty image directory is an entry here while its image has no revision; a
+/// publish removes the entry after it writes the revision's metadata, and an entry is
+/// added only while the dirs lock is held and the image is seen without revision (see
+/// [`Pending::add_empty_dir`]), so an entry is never left beside revisions that a later
+/// removal would then leave as an empty directory nobody made.
 #[derive(Default)]
 pub(super) struct Pending {
     imports: Mutex<HashMap<Node, Arc<Import>>>,
@@ -222,7 +228,7 @@ impl Pending {
         out
     }
 
-    /// When `mkdir` made the empty image directory `repo/image`, if it did.
+    /// When the empty image directory `repo/image` appeared, if there is one.
     pub(super) fn empty_dir(&self, repo: &str, image: &str) -> Option<SystemTime> {
         self.dirs()
             .get(&(repo.to_string(), image.to_string()))
@@ -238,9 +244,32 @@ impl Pending {
             .collect()
     }
 
-    pub(super) fn add_empty_dir(&self, repo: &str, image: &str) {
-        self.dirs()
-            .insert((repo.to_string(), image.to_string()), SystemTime::now());
+    /// Makes `repo/image` an empty image directory if `no_revision` says, while the dirs
+    /// lock is held, that the image has none; false (nothing added) otherwise. A publish
+    /// writes its metadata before it removes the entry (under this lock): either this
+    /// check sees the new revision, or the publish removes the entry added here.
+    pub(super) fn add_empty_dir(
+        &self,
+        repo: &str,
+        image: &str,
+        no_revision: impl FnOnce() -> Result<bool, Error>,
+    ) -> Result<bool, Error> {
+        let mut dirs = self.dirs();
+        if !no_revision()? {
+            return Ok(false);
+        }
+        dirs.insert((repo.to_string(), image.to_string()), SystemTime::now());
+        Ok(true)
+    }
+
+    /// Forgets the file `imp` that its writer published a moment ago (see
+    /// [`Pending::find_recent`]): its name stops answering. The revision stays.
+    pub(super) fn forget_recent(&self, imp: &Arc<Import>) {
+        let mut map = self.imports();
+        let node = imp.node();
+        if !imp.is_writing() && map.get(&node).is_some_and(|i| Arc::ptr_eq(i, imp)) {
+            map.remove(&node);
+        }
     }
 
     pub(super) fn remove_empty_dir(&self, repo: &str, image: &str) -> bool {

@@ -16,7 +16,7 @@
 //!    set).
 //! 4. No empty image directory is left behind: `cp SRC M/r/img/` racing `rm -r M/r/img`
 //!    leaves a real image or nothing, and so does `rm -r` that listed a file published
-//!    since.
+//!    since; `cp -r` of an image directory fails leaving nothing at its target.
 //!
 //! The daemon is mounted as root with `allow_other` and default options otherwise. Needs
 //! root, `/dev/fuse`, qemu-img, qemu-io, rsync, gzip, tar and /usr/bin/python3; without
@@ -937,6 +937,113 @@ rm -r "$M/b/img""#,
 // ---------------------------------------------------------------------------------------
 // 4. No empty image directory is left behind
 // ---------------------------------------------------------------------------------------
+
+/// Names of the revision directories (`@N`) of `dir`, sorted.
+fn revisions_of(dir: &Path) -> Vec<String> {
+    sorted_names(dir)
+        .into_iter()
+        .filter(|n| n.starts_with('@'))
+        .collect()
+}
+
+/// `cp -r` of an image directory (to another repository, and to a new name in its own
+/// repository) cannot copy its revision directories: it fails and leaves no image
+/// directory at the target, not even for a moment's lookup, and the source keeps its
+/// revisions. `mv` of the image to another repository still works afterwards, and a
+/// `mkdir` then `rmdir` leaves nothing.
+#[test]
+fn cp_r_of_an_image_directory_fails_leaving_nothing() {
+    let Some((fs, src, src2)) = loop_site() else {
+        return;
+    };
+    ok("cp", &[s(&src), s(&fs.at("a/img"))]);
+    ok("cp", &[s(&src2), &format!("{}/", s(&fs.at("a/img")))]);
+    let check_source = |when: &str| {
+        let revs = revisions_of(&fs.at("a/img"));
+        assert_eq!(revs, ["@0", "@1"], "{when}: a/img must keep its revisions");
+        assert_eq!(
+            fs.meta_names("a"),
+            ["img@0", "img@1"],
+            "{when}: repository a's meta/"
+        );
+        for (rev, want) in [("@0", &src), ("@1", &src2)] {
+            let raw = fs.at(&format!("a/img/{rev}/disk.raw"));
+            ok(
+                "qemu-img",
+                &[
+                    "compare",
+                    "-q",
+                    "-f",
+                    "raw",
+                    "-F",
+                    "qcow2",
+                    s(&raw),
+                    s(want),
+                ],
+            );
+        }
+    };
+    for (script, repo, name) in [
+        (r#"cp -r "$M/a/img" "$M/b/""#, "b", "img"),
+        (r#"cp -r "$M/a/img" "$M/a/img2""#, "a", "img2"),
+        (r#"cp -r "$M/a/img" "$M/b/other""#, "b", "other"),
+    ] {
+        let before = fs.state(repo);
+        let out = fs.sh(script, &[], WRITER_LIMIT);
+        assert!(
+            !out.status.success(),
+            "`{script}` cannot copy revision directories and must fail: {}",
+            describe(&out)
+        );
+        let target = fs.at(&format!("{repo}/{name}"));
+        match fs::symlink_metadata(&target) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            found => panic!(
+                "after `{script}`, {} must not exist: {found:?} (cp said: {})",
+                target.display(),
+                describe(&out)
+            ),
+        }
+        fs.check_nothing(repo, name, &before)
+            .unwrap_or_else(|e| panic!("`{script}` must leave nothing: {e}"));
+        check_source(&format!("after `{script}`"));
+    }
+    // mkdir then rmdir leaves nothing; a mkdir of a revision directory is refused and
+    // leaves nothing either.
+    let out = fs.sh(
+        r#"mkdir "$M/b/x" && rmdir "$M/b/x" && test ! -e "$M/b/x"
+! mkdir "$M/b/y/@0" 2>/dev/null && ! mkdir -p "$M/b/y/@0" 2>/dev/null && test ! -e "$M/b/y""#,
+        &[],
+        WRITER_LIMIT,
+    );
+    assert!(out.status.success(), "mkdir and rmdir: {}", describe(&out));
+    assert!(
+        !sorted_names(&fs.at("b"))
+            .iter()
+            .any(|n| n == "x" || n == "y"),
+        "ls M/b: {:?}",
+        sorted_names(&fs.at("b"))
+    );
+    // The whole image still moves to another repository with its revisions.
+    let out = fs.sh(r#"mv "$M/a/img" "$M/b/""#, &[], WRITER_LIMIT);
+    assert!(out.status.success(), "mv M/a/img M/b/: {}", describe(&out));
+    assert_eq!(revisions_of(&fs.at("b/img")), ["@0", "@1"]);
+    assert!(!fs.at("a/img").exists(), "a/img must be gone after mv");
+    let raw = fs.at("b/img/@1/disk.raw");
+    ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-q",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            s(&raw),
+            s(&src2),
+        ],
+    );
+}
 
 /// Python: the steps of `rm -r R/img` in the order one run of the race below took them,
 /// while SRC is written into `R/img/new.qcow2` (the next revision): rm lists the file

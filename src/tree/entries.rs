@@ -4,7 +4,7 @@
 //! `unlink` and `rmdir`. Each returns the entries whose kernel cache must be dropped.
 
 use super::import::is_staging;
-use super::nodes::display;
+use super::nodes::{display, parse_revision_dir_name};
 use super::open::Changes;
 use super::pending::publish_changes;
 use super::publish::{Target, split_suffix};
@@ -14,11 +14,20 @@ impl Tree {
     /// mkdir in a repository directory: an empty image directory, held by this tree only
     /// (a repository has no empty images) until something is imported into it; gone at
     /// rmdir or when the tree is dropped. Anywhere else: EPERM, or EROFS in a revision.
+    ///
+    /// In an image directory, a revision directory `@N` cannot be made (EPERM): a revision
+    /// is made by writing a disk into the image directory. `cp -r` of an image directory
+    /// makes the image directory, then each `@N`: when the first of these is refused,
+    /// the image directory the same user just made, still empty, is dropped, so that the
+    /// copy fails leaving nothing behind.
     pub fn mkdir(&self, caller: &Caller, parent: &Node, name: &str) -> Result<(Node, Attr), Error> {
         let repo = match parent {
             Node::Repo { repo } => repo,
             Node::Revision { .. } | Node::File { .. } | Node::Latest { .. } => {
                 return Err(Error::ReadOnly(display(parent)));
+            }
+            Node::Image { repo, image } if parse_revision_dir_name(name).is_some() => {
+                return Err(self.refuse_revision_dir(caller, repo, image, name));
             }
             _ => return Err(Error::NotPermitted(format!("{}/{name}", display(parent)))),
         };
@@ -37,7 +46,10 @@ impl Tree {
             return Err(exists());
         }
         let no_revision = || Ok(store.revisions(name)?.is_empty());
-        if !self.pending.add_empty_dir(repo, name, no_revision)? {
+        if !self
+            .pending
+            .add_empty_dir(repo, name, Some(caller.uid), no_revision)?
+        {
             return Err(exists());
         }
         let node = Node::Image {
@@ -46,6 +58,31 @@ impl Tree {
         };
         let attr = self.getattr(caller, &node)?;
         Ok((node, attr))
+    }
+
+    /// The refusal of `mkdir IMAGE/@N`, dropping IMAGE if `caller` made it by `mkdir` and
+    /// it is still empty (no revision, nothing being written into it).
+    fn refuse_revision_dir(&self, caller: &Caller, repo: &str, image: &str, name: &str) -> Error {
+        let refused = Error::NotPermitted(format!(
+            "{repo}/{image}/{name}: a revision directory cannot be made, only a disk image \
+             written into {repo}/{image} makes one"
+        ));
+        let Ok(store) = self.writable_store(caller, repo) else {
+            return refused;
+        };
+        let no_revision = || Ok(store.revisions(image)?.is_empty());
+        match self
+            .pending
+            .drop_empty_dir_made_by(repo, image, caller.uid, no_revision)
+        {
+            Ok(true) => log::info!(
+                "{repo}/{image}: empty image directory dropped: its maker's mkdir of {name} \
+                 was refused (a copy of an image directory fails leaving nothing)"
+            ),
+            Ok(false) => {}
+            Err(e) => log::warn!("{repo}/{image}: {e}"),
+        }
+        refused
     }
 
     /// link(2) of a revision file (or directory) to `new_parent/new_name` in a repository
@@ -192,7 +229,10 @@ impl Tree {
                 }
                 let store = self.store(repo)?;
                 let no_revision = || Ok(store.revisions(new_name)?.is_empty());
-                if !self.pending.add_empty_dir(repo, new_name, no_revision)? {
+                if !self
+                    .pending
+                    .add_empty_dir(repo, new_name, None, no_revision)?
+                {
                     return Err(Error::ImageExists {
                         name: new_name.to_string(),
                         repo: repo.clone(),
@@ -297,7 +337,7 @@ impl Tree {
             Node::Revision { repo, image, .. } => {
                 let store = self.store(repo)?;
                 let no_revision = || Ok(store.revisions(image)?.is_empty());
-                self.pending.add_empty_dir(repo, image, no_revision)?;
+                self.pending.add_empty_dir(repo, image, None, no_revision)?;
             }
             // Gone with its revisions, whatever else said it was there.
             Node::Image { repo, image } => {

@@ -259,6 +259,20 @@ pub fn cache_ttl(node: &Node, refresh: Duration) -> Duration {
     }
 }
 
+impl Tree {
+    /// [`cache_ttl`] for `node` as this tree has it now: never for an empty image
+    /// directory either, which goes at once when the command that made it fails (see
+    /// [`Tree::mkdir`]) and becomes an image when something is imported into it.
+    pub fn node_ttl(&self, node: &Node, refresh: Duration) -> Duration {
+        match node {
+            Node::Image { repo, image } if self.pending.empty_dir(repo, image).is_some() => {
+                Duration::ZERO
+            }
+            _ => cache_ttl(node, refresh),
+        }
+    }
+}
+
 /// What kind of object a node is, as `stat` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NodeType {

@@ -88,6 +88,17 @@ impl Import {
     }
 }
 
+/// An empty image directory: made by `mkdir`, or left by the removal of an image's last
+/// revision.
+#[derive(Clone, Copy, Debug)]
+struct EmptyDir {
+    /// When it appeared (its times).
+    made: SystemTime,
+    /// The uid whose `mkdir` made it; `None` when the removal of the last revision left
+    /// it.
+    by: Option<u32>,
+}
+
 /// Files being imported and empty image directories, shared by the tree and its
 /// handles.
 ///
@@ -99,7 +110,7 @@ impl Import {
 #[derive(Default)]
 pub(super) struct Pending {
     imports: Mutex<HashMap<Node, Arc<Import>>>,
-    empty_dirs: Mutex<BTreeMap<(String, String), SystemTime>>,
+    empty_dirs: Mutex<BTreeMap<(String, String), EmptyDir>>,
     /// Images a writer published a revision of within [`PUBLISHED_GRACE`], with the
     /// writer's uid.
     recent: Mutex<HashMap<(String, String), (u32, Instant)>>,
@@ -110,7 +121,7 @@ impl Pending {
         self.imports.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn dirs(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), SystemTime>> {
+    fn dirs(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), EmptyDir>> {
         self.empty_dirs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -232,7 +243,7 @@ impl Pending {
     pub(super) fn empty_dir(&self, repo: &str, image: &str) -> Option<SystemTime> {
         self.dirs()
             .get(&(repo.to_string(), image.to_string()))
-            .copied()
+            .map(|d| d.made)
     }
 
     /// The empty image directories of `repo`.
@@ -244,22 +255,55 @@ impl Pending {
             .collect()
     }
 
-    /// Makes `repo/image` an empty image directory if `no_revision` says, while the dirs
-    /// lock is held, that the image has none; false (nothing added) otherwise. A publish
-    /// writes its metadata before it removes the entry (under this lock): either this
-    /// check sees the new revision, or the publish removes the entry added here.
+    /// Makes `repo/image` an empty image directory (`by`: the uid whose `mkdir` made it)
+    /// if `no_revision` says, while the dirs lock is held, that the image has none; false
+    /// (nothing added) otherwise. A publish writes its metadata before it removes the
+    /// entry (under this lock): either this check sees the new revision, or the publish
+    /// removes the entry added here.
     pub(super) fn add_empty_dir(
         &self,
         repo: &str,
         image: &str,
+        by: Option<u32>,
         no_revision: impl FnOnce() -> Result<bool, Error>,
     ) -> Result<bool, Error> {
         let mut dirs = self.dirs();
         if !no_revision()? {
             return Ok(false);
         }
-        dirs.insert((repo.to_string(), image.to_string()), SystemTime::now());
+        let made = SystemTime::now();
+        dirs.insert((repo.to_string(), image.to_string()), EmptyDir { made, by });
         Ok(true)
+    }
+
+    /// Drops the empty image directory `repo/image` if `uid`'s `mkdir` made it, nothing
+    /// is being imported into it, and `no_revision` says (while the dirs lock is held)
+    /// that the image still has no revision. Returns whether it was dropped.
+    pub(super) fn drop_empty_dir_made_by(
+        &self,
+        repo: &str,
+        image: &str,
+        uid: u32,
+        no_revision: impl FnOnce() -> Result<bool, Error>,
+    ) -> Result<bool, Error> {
+        let mut dirs = self.dirs();
+        let key = (repo.to_string(), image.to_string());
+        if dirs.get(&key).is_none_or(|d| d.by != Some(uid))
+            || self.importing_into(repo, image)
+            || !no_revision()?
+        {
+            return Ok(false);
+        }
+        dirs.remove(&key);
+        Ok(true)
+    }
+
+    /// Whether a file is being written into image directory `repo/image` (by anyone).
+    fn importing_into(&self, repo: &str, image: &str) -> bool {
+        self.imports().iter().any(|(node, imp)| {
+            matches!(node, Node::Import { repo: r, image: Some(i), .. } if r == repo && i == image)
+                && imp.is_writing()
+        })
     }
 
     /// Forgets the file `imp` that its writer published a moment ago (see

@@ -24,7 +24,7 @@ use std::time::Duration;
 use super::inodes::{Inodes, ROOT_INO};
 use super::{
     Attr, Caller, Changes, DIR_BLKSIZE, Error, Node, NodeType, OpenFile, SetAttr, StatFs, Tree,
-    XATTR_PREFIX, cache_ttl, display, parent,
+    XATTR_PREFIX, display, parent,
 };
 
 /// The only extended attribute namespace this filesystem has (its `user.pcocc.*`
@@ -306,7 +306,7 @@ impl Session {
     }
 
     fn ttl(&self, node: &Node) -> Duration {
-        cache_ttl(node, self.settings.refresh)
+        self.tree.node_ttl(node, self.settings.refresh)
     }
 
     /// Open file `fh`, its inode number and the uid that opened it.

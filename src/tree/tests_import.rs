@@ -484,8 +484,33 @@ fn mkdir_makes_an_empty_image_directory_that_an_import_fills() {
         f.tree.mkdir(&f.me, &repo, "fresh").unwrap_err().errno(),
         libc::EEXIST
     );
+    // Nothing but a revision directory could be made in it, and none can be.
     assert_eq!(
-        f.tree.mkdir(&f.me, &node, "@7").unwrap_err().errno(),
+        f.tree.mkdir(&f.me, &node, "sub").unwrap_err().errno(),
+        libc::EPERM
+    );
+    assert!(f.tree.lookup(&f.me, &repo, "fresh").is_ok());
+    // `cp -r IMAGE R/copy`: mkdir copy, then mkdir copy/@0, refused, which drops the
+    // empty directory its maker just made: the copy fails leaving nothing.
+    let (copy, _) = f.tree.mkdir(&f.me, &repo, "copy").unwrap();
+    assert_eq!(
+        f.tree.mkdir(&f.me, &copy, "@0").unwrap_err().errno(),
+        libc::EPERM
+    );
+    assert_eq!(
+        f.tree.lookup(&f.me, &repo, "copy").unwrap_err().errno(),
+        libc::ENOENT
+    );
+    assert!(f.tree.getattr(&f.me, &copy).is_err());
+    assert!(
+        !f.tree
+            .readdir(&f.me, &repo)
+            .unwrap()
+            .iter()
+            .any(|e| e.name == "copy")
+    );
+    assert_eq!(
+        f.tree.mkdir(&f.me, &copy, "@1").unwrap_err().errno(),
         libc::EPERM
     );
     // cp -a sets the times and mode of the directory it made.
@@ -502,6 +527,12 @@ fn mkdir_makes_an_empty_image_directory_that_an_import_fills() {
     // A file copied into the new directory makes revision 0.
     let (inode, _, h) = f.tree.create(&f.me, &node, "s.raw", 0o644).unwrap();
     write_like_cp(&f, &inode, &h, &src);
+    // A refused revision directory does not drop a directory being written into.
+    assert_eq!(
+        f.tree.mkdir(&f.me, &node, "@0").unwrap_err().errno(),
+        libc::EPERM
+    );
+    assert!(f.tree.lookup(&f.me, &repo, "fresh").is_ok());
     h.flush(true).unwrap();
     h.release();
     let meta = f

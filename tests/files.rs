@@ -717,6 +717,25 @@ fn failed_text_file() {
 }
 
 #[test]
+fn failed_text_file_into_a_new_directory() {
+    // mkdir, then an import that fails: the directory made for it goes too.
+    fails_leaving_nothing(
+        "mkdir M/r/m, then cp of a text file into it",
+        r#"printf 'hello\n' > "$R/../../t.txt" && mkdir "$R/m" && cp "$R/../../t.txt" "$R/m/""#,
+        "m",
+    );
+}
+
+#[test]
+fn failed_cp_r_of_a_directory_of_text_files() {
+    fails_leaving_nothing(
+        "cp -r of a directory holding a text file",
+        r#"mkdir -p "$R/../../d" && printf 'hello\n' > "$R/../../d/t.txt" && cp -r "$R/../../d" "$R/d""#,
+        "d",
+    );
+}
+
+#[test]
 fn a_text_file_written_by_a_shell_builtin_leaves_nothing() {
     // `echo > F` restores its standard output with dup2(2), which drops the error of
     // the close it makes: the command succeeds whatever happens; nothing may be left.

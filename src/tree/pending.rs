@@ -524,9 +524,27 @@ impl Import {
                 if !self.is_staging() {
                     self.writing.store(false, Ordering::Release);
                     *st = State::Failed(e.to_string(), e.errno());
+                    self.drop_empty_target(target, pending);
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// After a failed publish into an image directory that the writer made by `mkdir`
+    /// and that is still empty (no revision, nothing else being written into it): the
+    /// directory goes too, so that `cp -r DIR R/NEW` of files that are no disk images
+    /// fails leaving nothing, as `cp` of one such file into `R/` does.
+    fn drop_empty_target(&self, target: &Target, pending: &Pending) {
+        let (repo, image) = (self.store.name(), target.image());
+        let no_revision = || Ok(self.store.revisions(image)?.is_empty());
+        match pending.drop_empty_dir_made_by(repo, image, self.writer.uid, no_revision) {
+            Ok(true) => log::info!(
+                "{repo}/{image}: empty image directory dropped: the import its maker wrote \
+                 into it failed"
+            ),
+            Ok(false) => {}
+            Err(e) => log::warn!("{repo}/{image}: {e}"),
         }
     }
 

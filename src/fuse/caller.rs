@@ -107,24 +107,14 @@ impl MountIds {
     }
 }
 
-/// The topmost mount at `path` in a mountinfo text (proc(5): mount id, parent id,
-/// `major:minor`, root, mount point, …; spaces in the point are written `\040`).
+/// The topmost mount at `path` in a mountinfo text (see [`super::mountinfo`]).
 fn parse_mountinfo(info: &str, path: &std::path::Path) -> Option<MountIds> {
-    let want = path.to_str()?;
-    info.lines().rev().find_map(|line| {
-        let f: Vec<&str> = line.split(' ').collect();
-        let point = f.get(4)?.replace("\\040", " ");
-        if point != want {
-            return None;
-        }
-        let mnt_id = f.first()?.parse().ok()?;
-        let (major, minor) = f.get(2)?.split_once(':')?;
-        let (major, minor): (u32, u32) = (major.parse().ok()?, minor.parse().ok()?);
-        Some(MountIds {
-            path: path.to_path_buf(),
-            mnt_id,
-            dev: format!("{major:02x}:{minor:02x}"),
-        })
+    let m = super::mountinfo::topmost_in(info, path)?;
+    let (major, minor) = m.dev;
+    Some(MountIds {
+        path: path.to_path_buf(),
+        mnt_id: m.id,
+        dev: format!("{major:02x}:{minor:02x}"),
     })
 }
 

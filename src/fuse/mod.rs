@@ -13,6 +13,7 @@ pub mod caller;
 pub mod daemon;
 pub mod logging;
 pub mod mount;
+pub mod mountinfo;
 pub mod notify;
 pub mod options;
 pub mod passthrough;

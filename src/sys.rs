@@ -710,6 +710,38 @@ pub fn wait_signal(signals: &[libc::c_int]) -> libc::c_int {
     sig
 }
 
+/// `mount(source, target, fstype, flags, data)`.
+pub fn mount(
+    source: &OsStr,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
+    let source = cstring(source)?;
+    let target = cstring(target.as_os_str())?;
+    let fstype = cstring(OsStr::new(fstype))?;
+    let data = cstring(OsStr::new(data))?;
+    // SAFETY: every string is NUL-terminated and alive for the call; the kernel only
+    // reads them.
+    check(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    })
+}
+
+/// `umount2(path, flags)`, never following a symbolic link at `path`.
+pub fn unmount(path: &Path, flags: libc::c_int) -> io::Result<()> {
+    let c = cstring(path.as_os_str())?;
+    // SAFETY: `c` is NUL-terminated and alive for the call.
+    check(unsafe { libc::umount2(c.as_ptr(), flags | libc::UMOUNT_NOFOLLOW) })
+}
+
 /// `umount2(path, MNT_DETACH)`: the mount leaves the namespace at once and goes when
 /// its last user does.
 pub fn detach_mount(path: &Path) -> io::Result<()> {

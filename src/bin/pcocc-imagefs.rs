@@ -4,7 +4,7 @@ use clap::Parser;
 use pcocc_imagefs::config::Config;
 use pcocc_imagefs::fuse::daemon::{self, Readiness};
 use pcocc_imagefs::fuse::options::{MountSettings, check_threads};
-use pcocc_imagefs::fuse::{logging, mount, readahead};
+use pcocc_imagefs::fuse::{logging, mount, mountpoint, readahead};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -18,8 +18,8 @@ struct Args {
     /// Stay in the foreground (for systemd); log to stderr
     #[arg(short, long)]
     foreground: bool,
-    /// Mount options, comma-separated (allow_other, ro, config=FILE, threads=N, log=FILE,
-    /// refresh=SECS, and the usual FUSE and fstab options)
+    /// Mount options, comma-separated (allow_other, ro, nonempty, config=FILE, threads=N,
+    /// log=FILE, refresh=SECS, and the usual FUSE and fstab options)
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Threads serving requests
@@ -32,7 +32,7 @@ struct Args {
     /// Log file of a background daemon (default: syslog, identity pcocc-imagefs)
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
-    /// Where to mount (created if missing)
+    /// Where to mount: an empty directory (created if missing; see -o nonempty)
     mountpoint: PathBuf,
 }
 
@@ -89,6 +89,19 @@ fn run(args: Args) -> Result<(), String> {
     if !mountpoint.exists() {
         std::fs::create_dir_all(&mountpoint)
             .map_err(|e| format!("cannot create mountpoint {}: {e}", mountpoint.display()))?;
+    }
+    // As /proc/self/mountinfo shows it, so that the daemon finds its own mount there.
+    let mountpoint = mountpoint
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    mountpoint::check(&mountpoint, settings.nonempty)?;
+    // The mount source mount(8) matches against fstab: the configuration file named, or
+    // `pcocc` for the user and system ones.
+    if settings.fsname.is_none() {
+        settings.fsname = Some(match &config_file {
+            Some(p) => p.to_string_lossy().into_owned(),
+            None => mountpoint::DEFAULT_SOURCE.into(),
+        });
     }
     let config = Config::load(config_file.as_deref()).map_err(|e| e.to_string())?;
 

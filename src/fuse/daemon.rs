@@ -143,27 +143,3 @@ pub fn clear_stale_mount(mountpoint: &Path) -> io::Result<bool> {
         _ => Ok(false),
     }
 }
-
-/// Detaches `mountpoint` lazily (MNT_DETACH): it leaves the namespace at once, and the
-/// kernel ends the FUSE session (so the daemon exits) when the last file open on it is
-/// closed. What a signal falls back to when a plain unmount is refused with EBUSY because
-/// a reader (a running VM, a `cp`) still has a file open. Unprivileged daemons go through
-/// `fusermount3 -u -z`.
-pub fn detach(mountpoint: &Path) -> io::Result<()> {
-    let Err(e) = sys::detach_mount(mountpoint) else {
-        return Ok(());
-    };
-    if e.raw_os_error() != Some(libc::EPERM) {
-        return Err(e);
-    }
-    for tool in ["fusermount3", "fusermount"] {
-        let status = std::process::Command::new(tool)
-            .args(["-u", "-z"])
-            .arg(mountpoint)
-            .status();
-        if status.is_ok_and(|s| s.success()) {
-            return Ok(());
-        }
-    }
-    Err(e)
-}

@@ -7,13 +7,16 @@
 //! caller's identity taken from the request (`caller`), who still holds a file as
 //! `/proc` shows it (`caller::ProcHolders`), the thread that tells the kernel which
 //! cached names to drop (`notify`), passthrough backing files (`passthrough`), the
-//! read-ahead window (`readahead`), and mounting and serving (`mount`).
+//! read-ahead window (`readahead`), the mountpoint's checks and the daemon's own mount on it
+//! (`mountpoint`, reading `/proc/self/mountinfo` through `mountinfo`), and mounting and
+//! serving (`mount`).
 
 pub mod caller;
 pub mod daemon;
 pub mod logging;
 pub mod mount;
 pub mod mountinfo;
+pub mod mountpoint;
 pub mod notify;
 pub mod options;
 pub mod passthrough;

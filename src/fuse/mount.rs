@@ -3,6 +3,7 @@
 //! unmounts cleanly.
 
 use super::daemon::{self, Readiness};
+use super::mountpoint;
 use super::options::MountSettings;
 use super::readahead;
 use super::{FsSettings, ImageFs};
@@ -54,15 +55,16 @@ pub fn serve(
             mountpoint: Some(mountpoint.to_path_buf()),
         },
     );
+    let source = settings
+        .fsname
+        .clone()
+        .unwrap_or_else(|| mountpoint::DEFAULT_SOURCE.into());
     let mut cfg = fuser::Config::default();
+    // Used only when mounting through fusermount3 (see below), which takes the type and
+    // source as options.
     let mut opts = vec![
-        fuser::MountOption::FSName(
-            settings
-                .fsname
-                .clone()
-                .unwrap_or_else(|| "pcocc-imagefs".into()),
-        ),
-        fuser::MountOption::Subtype("pcocc-imagefs".into()),
+        fuser::MountOption::FSName(source.clone()),
+        fuser::MountOption::Subtype(mountpoint::SUBTYPE.into()),
     ];
     if settings.read_only {
         opts.push(fuser::MountOption::RO);
@@ -90,8 +92,30 @@ pub fn serve(
     if readahead_kib > 0 {
         gate.hold();
     }
-    let mut session = fuser::Session::new(fs, mountpoint, &cfg)
-        .map_err(|e| format!("cannot mount on {}: {e}", mountpoint.display()))?;
+    let cannot = |e: std::io::Error| format!("cannot mount on {}: {e}", mountpoint.display());
+    // The mount is made here, with its type and source, when the kernel lets this
+    // process mount (root); fuser then serves the connection and never unmounts it.
+    // Otherwise fuser mounts through fusermount3 and is handed the one unmount it would
+    // otherwise repeat when the session ends.
+    let (session, own) =
+        match mountpoint::mount_direct(mountpoint, &source, settings).map_err(cannot)? {
+            Some(dev) => {
+                let own = mountpoint::OwnMount::identify(mountpoint).map_err(cannot)?;
+                match fuser::Session::from_fd(fs, dev, cfg.acl, cfg.clone()) {
+                    Ok(session) => (session, own),
+                    Err(e) => {
+                        let _ = own.unmount(true);
+                        return Err(cannot(e));
+                    }
+                }
+            }
+            None => {
+                let mut session = fuser::Session::new(fs, mountpoint, &cfg).map_err(cannot)?;
+                let own = mountpoint::OwnMount::identify(mountpoint).map_err(cannot)?;
+                own.set_fuser_unmounter(session.unmount_callable());
+                (session, own)
+            }
+        };
     invalidator.start(session.notifier());
     if readahead_kib > 0 {
         // Set from its own thread: the stat it needs is answered by the session loop.
@@ -115,24 +139,13 @@ pub fn serve(
             gate.release();
         }
     }
-    let mut unmounter = session.unmount_callable();
-    let detach_point = mountpoint.to_path_buf();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let sig = daemon::wait_for_signal();
-            log::info!("signal {sig}: unmounting");
-            match unmounter.unmount() {
-                Ok(()) => {}
-                // A file is still open (a VM running from a view): detach now, serve
-                // the open files until they close, then the session ends.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    log::info!("mount busy after signal {sig}: detaching lazily");
-                    if let Err(e) = daemon::detach(&detach_point) {
-                        log::warn!("lazy unmount after signal {sig} failed: {e}");
-                    }
-                }
-                Err(e) => log::warn!("unmount after signal {sig} failed: {e}"),
+            loop {
+                let sig = daemon::wait_for_signal();
+                log::info!("signal {sig}: unmounting");
+                unmount_on_signal(&own, sig);
             }
         })
         .map_err(|e| e.to_string())?;
@@ -140,4 +153,28 @@ pub fn serve(
     session
         .run()
         .map_err(|e| format!("session ended with an error: {e}"))
+}
+
+/// Unmounts the daemon's own mount after signal `sig`, if it is still the one on top at
+/// its path; the session then ends. Whatever is under it stays mounted.
+fn unmount_on_signal(own: &mountpoint::OwnMount, sig: i32) {
+    let at = own.path().display();
+    match own.unmount(false) {
+        Ok(true) => {}
+        Ok(false) => log::warn!(
+            "signal {sig}: the mount on top at {at} is not this daemon's (unmounted already, \
+             or mounted over): nothing unmounted"
+        ),
+        // A file is still open (a VM running from a view): detach now, serve the open
+        // files until they close, then the session ends.
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            log::info!("mount busy after signal {sig}: detaching lazily");
+            match own.unmount(true) {
+                Ok(true) => {}
+                Ok(false) => log::warn!("signal {sig}: {at} changed; nothing unmounted"),
+                Err(e) => log::warn!("lazy unmount after signal {sig} failed: {e}"),
+            }
+        }
+        Err(e) => log::warn!("unmount after signal {sig} failed: {e}"),
+    }
 }

@@ -2,10 +2,11 @@
 //! settings before anything is mounted.
 //!
 //! Three kinds of option arrive in one list: FUSE/kernel options (`allow_other`, `ro`,
-//! `nosuid`, …) that go to the mount; options of this daemon (`config=`, `threads=`,
-//! `log=`, `refresh=`, `readahead=`) that are the same as its command-line flags, so an fstab line can
-//! say everything; and options meant for `mount(8)` or systemd alone (`defaults`,
-//! `nofail`, `_netdev`, `x-systemd.*`, …) which are accepted and dropped. Anything else
+//! `nosuid`, …) that go to the mount, with `nonempty` that lets it hide a directory's
+//! files; options of this daemon (`config=`, `threads=`, `log=`, `refresh=`,
+//! `readahead=`) that are the same as its command-line flags, so an fstab line can say
+//! everything; and options meant for `mount(8)` or systemd alone (`defaults`, `nofail`,
+//! `_netdev`, `x-systemd.*`, …) which are accepted and dropped. Anything else
 //! is an error that names the option, so a typo never mounts something unexpected.
 
 use std::path::PathBuf;
@@ -22,6 +23,8 @@ pub struct MountSettings {
     pub read_only: bool,
     /// Let the kernel check permission bits (`default_permissions`).
     pub default_permissions: bool,
+    /// Mount on a directory that holds files, hiding them while mounted (`nonempty`).
+    pub nonempty: bool,
     /// Kernel flags passed through as they are (`nosuid`, `nodev`, `noexec`, …).
     pub kernel_flags: Vec<String>,
     /// `fsname=`: the mount source shown in /proc/mounts.
@@ -93,6 +96,7 @@ impl MountSettings {
             "allow_root" => self.allow_root = true,
             "ro" => self.read_only = true,
             "default_permissions" => self.default_permissions = true,
+            "nonempty" => self.nonempty = true,
             "fsname" => self.fsname = Some(value.ok_or_else(missing)?.to_string()),
             "config" => self.config = Some(PathBuf::from(value.ok_or_else(missing)?)),
             "log" => self.log_file = Some(PathBuf::from(value.ok_or_else(missing)?)),
@@ -176,8 +180,9 @@ mod tests {
 
     #[test]
     fn fuse_options_and_daemon_settings_are_understood() {
-        let s = parse("allow_other,ro,nosuid,nodev,config=/etc/pcocc/repos.yaml,threads=4,refresh=2.5,log=/var/log/x,readahead=8192")
+        let s = parse("allow_other,ro,nosuid,nodev,config=/etc/pcocc/repos.yaml,threads=4,refresh=2.5,log=/var/log/x,readahead=8192,nonempty")
             .unwrap();
+        assert!(s.nonempty);
         assert_eq!(s.readahead_kib, Some(8192));
         assert!(s.allow_other && s.read_only);
         assert_eq!(s.kernel_flags, vec!["nosuid", "nodev"]);

@@ -10,7 +10,7 @@
 //! `fstat`, and the repository lists exactly what the model expects.
 //!
 //! The cases are drawn from a fixed seed, so a run is reproducible;
-//! `PCOCC_IMAGEFS_MODEL_CASES` sets how many (64 by default) and
+//! `PCOCC_IMAGEFS_MODEL_CASES` sets how many (256 by default) and
 //! `PCOCC_IMAGEFS_MODEL_SEED` another seed. A failure is shrunk to a shortest sequence;
 //! such sequences are kept below as named regression tests.
 
@@ -207,6 +207,9 @@ struct World {
     /// Names published from inside an image directory: their writer may still see
     /// them for a moment (`install -m` sets the mode by name after close).
     published: BTreeSet<(Option<String>, String)>,
+    /// Empty image directories made by mkdir (not left by the removal of the last
+    /// revision, nor renamed since): a failed import into one takes it with it.
+    made_by_mkdir: BTreeSet<String>,
 }
 
 /// The outcome the model expects of a step.
@@ -256,6 +259,7 @@ impl World {
             procs: vec![Vec::new(); PROCS],
             log: Vec::new(),
             published: BTreeSet::new(),
+            made_by_mkdir: BTreeSet::new(),
         }
     }
 
@@ -372,6 +376,20 @@ impl World {
             self.published.insert((file.dir.clone(), file.name.clone()));
         }
         if file.size == 0 {
+            // Not an image; an empty directory its writer made for it goes too.
+            let written_into = |image: &String| {
+                self.files
+                    .iter()
+                    .any(|f| f.writing && f.dir.as_ref() == Some(image))
+            };
+            if let Some(image) = &file.dir
+                && self.made_by_mkdir.contains(image)
+                && self.model.images.get(image).is_some_and(|r| r.is_empty())
+                && !written_into(image)
+            {
+                self.model.images.remove(image);
+                self.made_by_mkdir.remove(image);
+            }
             return Expect::Err(libc::EINVAL);
         }
         match &file.dir {
@@ -391,6 +409,7 @@ impl World {
             }
             Some(image) => match self.model.images.get_mut(image) {
                 Some(revs) => {
+                    self.made_by_mkdir.remove(image);
                     let next = revs.last().map_or(0, |r| r + 1);
                     revs.insert(next);
                     Expect::Ok
@@ -657,6 +676,10 @@ impl World {
             Op::Rename { from, to } => {
                 let repo = self.repo_ino();
                 let (from, to) = (NAMES[from], NAMES[to]);
+                if from == to {
+                    // The kernel renames a name onto itself without asking.
+                    return (Expect::Ok, Ok(()));
+                }
                 let Ok((src, _)) = self.resolve(repo, from) else {
                     let e = if self.model_has(&None, from) {
                         Expect::Any
@@ -672,6 +695,9 @@ impl World {
                     .rename(&me, repo, OsStr::new(from), repo, OsStr::new(to), 0)
                     .map_err(|e| e.errno());
                 if got.is_ok() {
+                    // A renamed directory no longer counts as made by mkdir.
+                    self.made_by_mkdir.remove(from);
+                    self.made_by_mkdir.remove(to);
                     // The kernel moves the name with its inode.
                     self.kernel.dentries.remove(&(repo, to.to_string()));
                     if self
@@ -759,6 +785,7 @@ impl World {
                     Expect::Any
                 } else {
                     self.model.images.insert(name.to_string(), BTreeSet::new());
+                    self.made_by_mkdir.insert(name.to_string());
                     Expect::Ok
                 };
                 match self.session.mkdir(&me, repo, OsStr::new(name)) {
@@ -818,10 +845,11 @@ impl World {
                     .session
                     .rmdir(&me, repo, OsStr::new(image))
                     .map_err(|e| e.errno());
-                if got.is_ok()
-                    && let Some(gone) = self.kernel.dentries.remove(&(repo, image.to_string()))
-                {
-                    self.drop_below(gone);
+                if got.is_ok() {
+                    self.made_by_mkdir.remove(image);
+                    if let Some(gone) = self.kernel.dentries.remove(&(repo, image.to_string())) {
+                        self.drop_below(gone);
+                    }
                 }
                 (expect, got)
             }
@@ -1051,7 +1079,7 @@ fn env_u64(name: &str) -> Option<u64> {
 
 #[test]
 fn random_sequences_keep_the_kernel_and_the_repository_in_agreement() {
-    let cases = env_u64("PCOCC_IMAGEFS_MODEL_CASES").unwrap_or(64) as u32;
+    let cases = env_u64("PCOCC_IMAGEFS_MODEL_CASES").unwrap_or(256) as u32;
     let seed = env_u64("PCOCC_IMAGEFS_MODEL_SEED").unwrap_or(0x5eed_1e55);
     let mut bytes = [0u8; 32];
     bytes[..8].copy_from_slice(&seed.to_le_bytes());

@@ -19,8 +19,8 @@
 //!   `*at` call on such descriptors. A symlink or a swapped directory placed by whoever
 //!   may write to a repository then fails the call instead of redirecting it.
 //!
-//! The others are plain: file hints and holes, the daemon's process plumbing (fork,
-//! signals, unmount), passwd look-ups, `strerror` and `localtime_r`.
+//! The others are plain: file hints and holes, buffers in their own mappings, the daemon's
+//! process plumbing (fork, signals, unmount), passwd look-ups, `strerror` and `localtime_r`.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
@@ -610,6 +610,89 @@ pub fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
     // SAFETY: `c` is NUL-terminated and alive for the call; statvfs writes only `st`.
     check(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
     Ok(st)
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory
+
+/// A zero-filled byte buffer in its own anonymous private mapping, unmapped when dropped.
+///
+/// For large buffers that live for one operation (the import converter's): their pages
+/// go back to the system the moment the buffer is dropped, whichever thread allocated
+/// it. A `Vec` of the same size comes from the allocating thread's malloc arena, and
+/// glibc keeps freed chunks there once its mmap threshold has risen past their size (it
+/// rises with every large free): every request thread that ever ran an import would keep
+/// its buffers' worth of memory resident for the life of the daemon. Pages are only
+/// faulted in when touched, so a small operation costs little of a large buffer.
+pub struct MappedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone (nothing else holds its address), so
+// moving it to another thread or sharing `&MappedBuf` is no different from a `Vec<u8>`.
+unsafe impl Send for MappedBuf {}
+// SAFETY: as above; `&MappedBuf` only gives shared, read-only access to the bytes.
+unsafe impl Sync for MappedBuf {}
+
+impl MappedBuf {
+    /// A new mapping of `len` zero bytes (`len` > 0).
+    pub fn new(len: usize) -> io::Result<MappedBuf> {
+        if len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: an anonymous private mapping at an address of the kernel's choice
+        // touches no existing memory; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(MappedBuf { ptr, len })
+    }
+}
+
+impl std::ops::Deref for MappedBuf {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live readable mapping of `len` bytes (anonymous mappings
+        // start zeroed, so every byte is initialised), owned by `self` and borrowed
+        // for no longer than `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for MappedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` makes this the only borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for MappedBuf {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `new` with this address and length and is
+        // unmapped exactly once; no borrow of it outlives `self`.
+        let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        debug_assert_eq!(rc, 0, "munmap of a buffer's own mapping");
+    }
+}
+
+impl std::fmt::Debug for MappedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MappedBuf").field("len", &self.len).finish()
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@
 
 use super::qcow2_layout::{CLUSTER_SIZE, Part, Qcow2Layout, ZERO_BLOCK, allocated_clusters};
 use super::{Disk, Error, Result};
+use crate::sys::MappedBuf;
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -36,7 +37,9 @@ const CHUNK: usize = 4 << 20;
 /// too, the usual filesystem block.
 const BLOCK: usize = ZERO_BLOCK as usize;
 /// Buffers in flight between the writer and the hashing thread: one being filled, one
-/// being hashed, one queued.
+/// being hashed, one queued. Each is its own mapping ([`MappedBuf`]), returned to the
+/// system when the conversion ends: a daemon keeps no conversion memory between
+/// imports, whichever of its threads ran them.
 const BUFFERS: usize = 3;
 /// Written bytes whose write-back is started at once (`sync_file_range`): big enough
 /// for large disk requests, small next to the page cache.
@@ -106,7 +109,8 @@ pub fn convert(disk: &Disk, out: &File, out_path: &Path, opts: Options) -> Resul
     Qcow2Layout::new(disk.top().path(), size, &[])?;
     let started = Instant::now();
     let mut done = 0u64;
-    let mut buf = vec![0u8; CHUNK];
+    let new_buf = || MappedBuf::new(CHUNK).map_err(|e| Error::io(out_path, e));
+    let mut buf = new_buf()?;
     let (kept, scan_bytes) = match nonzero {
         Some(kept) => (kept, 0),
         None => {
@@ -129,8 +133,8 @@ pub fn convert(disk: &Disk, out: &File, out_path: &Path, opts: Options) -> Resul
     out.set_len(0).map_err(|e| Error::io(out_path, e))?;
     let file_size = layout.file_size();
     let sha256 = std::thread::scope(|s| -> Result<String> {
-        let (to_hash, hash_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(BUFFERS);
-        let (to_reuse, reuse_rx) = mpsc::sync_channel::<Vec<u8>>(BUFFERS);
+        let (to_hash, hash_rx) = mpsc::sync_channel::<(MappedBuf, usize)>(BUFFERS);
+        let (to_reuse, reuse_rx) = mpsc::sync_channel::<MappedBuf>(BUFFERS);
         let hasher = s.spawn(move || {
             let mut h = Sha256::new();
             for (buf, n) in hash_rx {
@@ -149,7 +153,7 @@ pub fn convert(disk: &Disk, out: &File, out_path: &Path, opts: Options) -> Resul
                 Some(b) => b,
                 None if made < BUFFERS => {
                     made += 1;
-                    vec![0u8; CHUNK]
+                    new_buf()?
                 }
                 None => match reuse_rx.recv() {
                     Ok(b) => b,

@@ -4,7 +4,7 @@
 //! Shaped like fd's `main`: [`run`] parses, runs one subcommand that returns a `Result`,
 //! and prints an error once, in one place, with pcocc's exit codes (0 success, 255 a
 //! failed command, 2 a usage error). Files: [`args`] (clap structures), [`help`] (help
-//! texts), [`usage`] (usage errors the click way), [`table`], [`format`] (sizes,
+//! texts), [`usage`] (usage errors the click way), [`table`], [`format`](mod@format) (sizes,
 //! dates), [`style`] (colours on a terminal), [`output`] (stdout with colours), then one
 //! file per subcommand group: [`image`], [`transfer`] (import, export; with [`guess`]
 //! for file formats and [`progress`] for the bar) and [`repo`].

@@ -162,7 +162,7 @@ impl Holders for ProcHolders {
 }
 
 /// What the close of inode `ino` by task `closer` means ([`killed_by_signal`],
-/// [`held_elsewhere`] when `mount` is known), found on a thread of its own and given up
+/// `held_elsewhere` when `mount` is known), found on a thread of its own and given up
 /// after [`HOLDERS_WAIT`]: then the closer was not killed and the file is taken as
 /// still held. That thread finishes by itself once what blocked it moves on.
 pub fn inspect_close(mount: Option<&MountIds>, ino: u64, closer: u32) -> Closing {

@@ -14,7 +14,7 @@
 //! The layer is synced by the caller, and a multi-GiB file synced at the end would keep
 //! the disk idle while the conversion computes, then the caller waiting while it writes.
 //! So the second pass starts the write-back of what it has written every
-//! [`WRITEBACK_WINDOW`] bytes and waits for the write-back [`WRITEBACK_LAG`] behind: the
+//! `WRITEBACK_WINDOW` bytes and waits for the write-back `WRITEBACK_LAG` behind: the
 //! disk works while the conversion does, the final sync finds little left to write, and
 //! the layer never holds more than a few windows of dirty pages (which would otherwise
 //! make the kernel throttle this writer, and every other one, for all of them at once).

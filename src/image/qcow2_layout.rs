@@ -50,7 +50,7 @@ const COPIED: u64 = 1 << 63;
 /// qemu refuses an L1 table above 32 MiB (`QCOW_MAX_L1_SIZE`): with 64 KiB clusters that
 /// bounds the virtual size to 2 PiB. Bigger disks have no qcow2 form here.
 const MAX_L1_BYTES: u64 = 32 << 20;
-/// Largest virtual size written, from [`MAX_L1_BYTES`].
+/// Largest virtual size written, from the largest L1 table (`MAX_L1_BYTES`).
 pub const MAX_VIRTUAL_SIZE: u64 = (MAX_L1_BYTES / 8) << (L2_BITS + CLUSTER_BITS);
 /// Granularity at which generated tables report their all-zero stretches as holes: the
 /// usual filesystem block, the unit GNU `cp` and `SEEK_HOLE` work in. A table block

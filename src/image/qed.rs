@@ -4,7 +4,7 @@
 //! The reader answers [`Layer::map`] by walking L1/L2 entries cluster by cluster and
 //! merging runs of the same kind (data contiguous in the file, zero, unallocated), so a
 //! large sparse image maps in few extents. Nothing but the 64-byte header is read at
-//! open: L1 and L2 entries come through a bounded [`PageCache`], because tables can be
+//! open: L1 and L2 entries come through a bounded `PageCache`, because tables can be
 //! up to a GiB each by the spec and are untrusted in size.
 //!
 //! Limits enforced before anything is followed: the header fields are within the spec's

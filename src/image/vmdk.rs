@@ -8,7 +8,7 @@
 //! [`Layer::map`] walks GD and GT entries grain by grain, merging runs of unallocated or
 //! zero grains and of verbatim grains contiguous in the file; a compressed grain is one
 //! [`Mapping::Compressed`] extent whose stored length comes from its marker. GD and GT
-//! entries are read through a bounded [`PageCache`]; only the header, the descriptor, the
+//! entries are read through a bounded `PageCache`; only the header, the descriptor, the
 //! footer and (in bounded chunks, to check that no two entries name the same GT) the GD
 //! are read at open. The redundant GD is ignored, as qemu does.
 //!

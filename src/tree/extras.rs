@@ -145,7 +145,7 @@ impl Tree {
     }
 
     /// Extended attributes: revision directories and views describe themselves with
-    /// the `user.pcocc.*` names of [`XATTR_NAMES`] (views also with
+    /// the `user.pcocc.*` names of `XATTR_NAMES` (views also with
     /// [`XATTR_FORMAT`]), so `getfattr -d` on a file handed to qemu tells where it comes
     /// from. Anything else (the kernel probes `security.*` on every file) has none, and
     /// is answered without touching the repository.

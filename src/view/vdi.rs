@@ -13,7 +13,7 @@
 //! A block is stored when some of it holds data; inside a stored block, guest ranges
 //! that read zero are holes in the view, so the file stays as sparse as the disk. A
 //! block's index is its rank among stored blocks, so the map is produced on demand from
-//! a [`BlockMap`] and memory stays proportional to the data. The image and
+//! a `BlockMap` and memory stays proportional to the data. The image and
 //! modification UUIDs come from the view identity; VDI has no timestamp.
 
 use super::blockmap::{

@@ -16,7 +16,7 @@
 //!
 //! Grains hold only blocks with data; inside a stored grain, guest ranges that read zero
 //! stay holes in the view. A grain's sector is `overhead + 128 × rank`, its rank among
-//! stored grains, so both tables are produced on demand from a [`BlockMap`] and nothing
+//! stored grains, so both tables are produced on demand from a `BlockMap` and nothing
 //! proportional to the virtual size is kept. There is no redundant grain directory (flag
 //! bit 1 clear): it would double the tables for no reader's benefit, and neither qemu's
 //! reader nor `qemu-img check` looks for it.

@@ -898,6 +898,38 @@ fn a_group_without_a_command_prints_its_help_and_exits_2() {
 }
 
 #[test]
+fn both_binaries_print_their_version_with_version() {
+    let version = env!("CARGO_PKG_VERSION");
+    for (bin, name) in [
+        (env!("CARGO_BIN_EXE_pcocc"), "pcocc"),
+        (env!("CARGO_BIN_EXE_pcocc-imagefs"), "pcocc-imagefs"),
+    ] {
+        let out = Command::new(bin).arg("--version").output().unwrap();
+        assert_eq!(
+            (
+                String::from_utf8_lossy(&out.stdout).as_ref(),
+                String::from_utf8_lossy(&out.stderr).as_ref(),
+                out.status.code()
+            ),
+            (format!("{name} {version}\n").as_str(), "", Some(0)),
+            "{name} --version"
+        );
+    }
+    // pcocc's options stay as they were: no short form, and `image` has no version.
+    for args in [&["-V"][..], &["image", "--version"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pcocc"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "pcocc {args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Error: No such option"),
+            "pcocc {args:?}: {out:?}"
+        );
+    }
+}
+
+#[test]
 fn help_texts_keep_pcoccs_layout() {
     let Some(f) = Fixture::new() else { return };
     let run = f.pcocc(&["image", "--help"]);

@@ -14,6 +14,7 @@ use super::help;
 #[command(
     name = "pcocc",
     bin_name = "pcocc",
+    version,
     override_usage = "pcocc [OPTIONS] COMMAND [ARGS]...",
     help_template = help::PCOCC,
     subcommand_required = true,
@@ -29,6 +30,10 @@ pub struct Args {
     /// Log level: warnings by default, info with `-v`, debug with `-vv`.
     #[arg(short, long, action = ArgAction::Count)]
     pub verbose: u8,
+    /// `--version` prints `pcocc VERSION` and exits, as click's version option does: a
+    /// long option only (clap's default `-V` is left out, pcocc has no short form).
+    #[arg(long, action = ArgAction::Version)]
+    version: Option<bool>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -13,6 +13,7 @@ Options:
   --config FILE  Read the repositories from FILE instead of the user and
                  system repos.yaml
   -v, --verbose  Log what is done on stderr (twice for more detail)
+  --version      Show the version and exit.
   -h, --help     Show this message and exit.
 
 Commands:

@@ -403,10 +403,10 @@ fn metadata_ranges(seed: &Seed, file: &Path, len: u64) -> Vec<(u64, u64)> {
         let Ok(ext) = disk.map(pos, size - pos) else {
             break;
         };
-        if let Mapping::Data { offset, path, .. } = &ext.mapping {
-            if path.as_path() == file {
-                data.push((*offset, *offset + ext.len));
-            }
+        if let Mapping::Data { offset, path, .. } = &ext.mapping
+            && path.as_path() == file
+        {
+            data.push((*offset, *offset + ext.len));
         }
         pos += ext.len;
     }
@@ -657,12 +657,12 @@ fn check_disk_reads(disk: &Disk, rng: &mut Rng, start: u64, len: u64) -> Result<
         if disk.read_at(out, pos).is_err() {
             return Ok(());
         }
-        if let Ok(ext) = disk.map(pos, n) {
-            if matches!(ext.mapping, Mapping::Zero) {
-                let z = ext.len.min(n) as usize;
-                if out[..z].iter().any(|&b| b != 0) {
-                    return Err(format!("bytes at {pos} mapped as zero read non-zero"));
-                }
+        if let Ok(ext) = disk.map(pos, n)
+            && matches!(ext.mapping, Mapping::Zero)
+        {
+            let z = ext.len.min(n) as usize;
+            if out[..z].iter().any(|&b| b != 0) {
+                return Err(format!("bytes at {pos} mapped as zero read non-zero"));
             }
         }
         pos += n;
@@ -1492,10 +1492,10 @@ fn sizes_near_u64_max_in_every_format_give_errors_or_consistent_data() {
                     let _ = tx.send(r);
                     Ok(())
                 });
-                if let Ok(r) = rx.recv() {
-                    if r.opened {
-                        opened.push(format!("{}@{size}: {} views", seed.name, r.views));
-                    }
+                if let Ok(r) = rx.recv()
+                    && r.opened
+                {
+                    opened.push(format!("{}@{size}: {} views", seed.name, r.views));
                 }
             }
         }

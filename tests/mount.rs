@@ -1003,7 +1003,11 @@ fn ls_l_of_many_revisions_shows_each_owner_and_time_and_again_reads_no_metadata(
         let f: Vec<&str> = line.split_whitespace().collect();
         let rev: u64 = f[6].strip_prefix('@').unwrap().parse().unwrap();
         let uid: u32 = f[2].parse().unwrap();
-        assert_eq!(uid, if rev % 2 == 0 { 0 } else { nobody }, "{line}");
+        assert_eq!(
+            uid,
+            if rev.is_multiple_of(2) { 0 } else { nobody },
+            "{line}"
+        );
         assert_eq!(f[5], ts(rev).to_string(), "{line}");
         assert_eq!(f[0], "dr-xr-xr-x", "{line}");
         seen += 1;

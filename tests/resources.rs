@@ -536,7 +536,7 @@ fn write_import_source(path: &Path, full: bool) {
         let mut pos = off;
         while pos < off + len {
             let n = (off + len - pos).min(BUF as u64) as usize;
-            if chunk % 2 == 0 {
+            if chunk.is_multiple_of(2) {
                 rng.fill(&mut buf[..n]);
             } else {
                 for (i, b) in buf[..n].iter_mut().enumerate() {

@@ -137,7 +137,7 @@ impl QedLayer {
         }
         let table_bytes = table_size * cluster_size;
         let table_entries = table_bytes / 8;
-        if l1_offset % cluster_size != 0
+        if !l1_offset.is_multiple_of(cluster_size)
             || l1_offset < header_end
             || l1_offset
                 .checked_add(table_bytes)
@@ -150,7 +150,7 @@ impl QedLayer {
         // Spec: image_size <= TABLE_NOFFSETS * TABLE_NOFFSETS * cluster_size.
         let max_size =
             u128::from(table_entries) * u128::from(table_entries) * u128::from(cluster_size);
-        if size % SECTOR != 0 || u128::from(size) > max_size {
+        if !size.is_multiple_of(SECTOR) || u128::from(size) > max_size {
             return Err(invalid(format!(
                 "image size {size} is not a multiple of {SECTOR} within the {max_size} bytes the tables can address"
             )));

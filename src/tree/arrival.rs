@@ -74,7 +74,9 @@ impl Arrival {
             return;
         }
         // The open cluster is closed unless this write continues inside it.
-        if self.end % CLUSTER_SIZE != 0 && offset / CLUSTER_SIZE != self.end / CLUSTER_SIZE {
+        if !self.end.is_multiple_of(CLUSTER_SIZE)
+            && offset / CLUSTER_SIZE != self.end / CLUSTER_SIZE
+        {
             if self.open_nonzero {
                 push_run(runs, self.end / CLUSTER_SIZE);
             }
@@ -117,7 +119,7 @@ impl Arrival {
     /// byte, if the writes were understood.
     pub fn nonzero(&self) -> Option<Vec<(u64, u64)>> {
         let mut runs = self.runs.clone()?;
-        if self.end % CLUSTER_SIZE != 0 && self.open_nonzero {
+        if !self.end.is_multiple_of(CLUSTER_SIZE) && self.open_nonzero {
             push_run(&mut runs, self.end / CLUSTER_SIZE);
         }
         Some(runs)

@@ -267,10 +267,11 @@ impl Tree {
             Node::Root | Node::Import { .. } => return Err(Error::NotPermitted(display(parent))),
         };
         let store = self.writable_store(caller, repo)?;
-        if let Some(image) = image {
-            if store.revisions(image)?.is_empty() && self.pending.empty_dir(repo, image).is_none() {
-                return Err(Error::NoEntry(display(parent)));
-            }
+        if let Some(image) = image
+            && store.revisions(image)?.is_empty()
+            && self.pending.empty_dir(repo, image).is_none()
+        {
+            return Err(Error::NoEntry(display(parent)));
         }
         let (stem, hint) = split_suffix(name);
         let target = match (is_staging(name), image) {

@@ -395,10 +395,10 @@ impl Tree {
                 let store = self.readable_store(caller, repo)?;
                 let revs = store.revisions(image)?;
                 let m = meta_dir_stat(store)?;
-                if revs.is_empty() {
-                    if let Some(t) = self.pending.empty_dir(repo, image) {
-                        return Ok(dir_attr_like(&m, 2, t, t));
-                    }
+                if revs.is_empty()
+                    && let Some(t) = self.pending.empty_dir(repo, image)
+                {
+                    return Ok(dir_attr_like(&m, 2, t, t));
                 }
                 if revs.is_empty() {
                     return Err(Error::NoEntry(display(node)));

@@ -577,7 +577,7 @@ fn check_disk_size(node: &Node, format: Format, size: u64, written: bool) -> Res
         "the file is empty"
     } else if !written {
         "nothing was written to it, it was only given a size"
-    } else if format == Format::Raw && size % SECTOR != 0 {
+    } else if format == Format::Raw && !size.is_multiple_of(SECTOR) {
         "it is no known image format, and as a raw disk its size is not a multiple of 512 bytes"
     } else {
         return Ok(());

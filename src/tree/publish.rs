@@ -114,13 +114,13 @@ fn open_source(file: &File, path: &Path, format: Format) -> Result<Disk, Error> 
 /// an invalid name), before any data is converted.
 pub fn check_target(store: &Store, target: &Target) -> Result<(), Error> {
     super::validate_new_name(target.image())?;
-    if let Target::NewImage(name) = target {
-        if !store.revisions(name)?.is_empty() {
-            return Err(Error::ImageExists {
-                name: name.clone(),
-                repo: store.name().to_string(),
-            });
-        }
+    if let Target::NewImage(name) = target
+        && !store.revisions(name)?.is_empty()
+    {
+        return Err(Error::ImageExists {
+            name: name.clone(),
+            repo: store.name().to_string(),
+        });
     }
     Ok(())
 }

@@ -87,10 +87,10 @@ impl Tree {
         // Only a file this export creates is removed when it fails: never something that
         // was there before (a device, a file of the user's).
         let existed = std::fs::symlink_metadata(dest).is_ok();
-        if let Ok(f) = File::open(dest) {
-            if f.metadata().is_ok_and(|m| m.is_file()) {
-                choose_format(Some(format), None, dest, &f)?;
-            }
+        if let Ok(f) = File::open(dest)
+            && f.metadata().is_ok_and(|m| m.is_file())
+        {
+            choose_format(Some(format), None, dest, &f)?;
         }
         let view = self.open(caller, &node, false, false)?;
         let out = OpenOptions::new()

@@ -388,7 +388,7 @@ pub fn parse(file: &File, path: &Path, file_len: u64) -> Result<Header> {
             format!("{nb_snapshots} snapshots exceed qemu's limit of {MAX_SNAPSHOTS}"),
         ));
     }
-    if nb_snapshots > 0 && snapshots_offset % cluster_size != 0 {
+    if nb_snapshots > 0 && !snapshots_offset.is_multiple_of(cluster_size) {
         return Err(invalid(
             path,
             format!("snapshot table offset {snapshots_offset} is not cluster-aligned"),
@@ -419,7 +419,7 @@ fn check_table(
     cluster_size: u64,
     file_len: u64,
 ) -> Result<()> {
-    if offset == 0 || offset % cluster_size != 0 {
+    if offset == 0 || !offset.is_multiple_of(cluster_size) {
         return Err(invalid(
             path,
             format!(

@@ -148,7 +148,7 @@ impl Qcow2Layer {
             return Ok(t);
         }
         let cs = self.header.cluster_size();
-        if offset % cs != 0 {
+        if !offset.is_multiple_of(cs) {
             return Err(invalid(
                 &self.src.path,
                 format!("L2 table offset {offset:#x} is not cluster-aligned"),
@@ -217,7 +217,7 @@ impl Qcow2Layer {
             return Ok(Unit::Compressed(host, stored));
         }
         let host = entry & OFFSET_MASK;
-        if host % h.cluster_size() != 0 {
+        if !host.is_multiple_of(h.cluster_size()) {
             return Err(bad("data cluster offset is not cluster-aligned".into()));
         }
         if h.extended_l2 {

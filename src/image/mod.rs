@@ -24,6 +24,7 @@ pub mod detect;
 mod file;
 pub mod qcow2;
 pub mod qcow2_layout;
+pub mod qcow2_overlay;
 pub mod qed;
 pub mod raw;
 pub(crate) mod tables;

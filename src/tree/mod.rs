@@ -36,6 +36,7 @@ mod entries;
 mod extras;
 mod import;
 pub mod inodes;
+mod layers;
 mod metajson;
 mod nodes;
 mod open;

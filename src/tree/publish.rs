@@ -21,9 +21,9 @@ use crate::image::{self, Disk, Layer, convert, detect};
 use crate::store::{self, Meta, Store};
 
 /// Attempts at taking the next revision number when other writers take it first.
-const REVISION_ATTEMPTS: u32 = 16;
+pub(super) const REVISION_ATTEMPTS: u32 = 16;
 /// The kind pcocc records for VM images.
-const KIND_VM: &str = "vm";
+pub(super) const KIND_VM: &str = "vm";
 
 /// Where an import lands.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -96,6 +96,17 @@ pub enum ImageCommand {
         image: String,
     },
     #[command(
+        override_usage = "pcocc image resize [OPTIONS] IMAGE NEW_SZ",
+        help_template = help::RESIZE
+    )]
+    Resize {
+        #[arg(value_name = "IMAGE")]
+        image: String,
+        /// The new virtual size, in qemu-img's syntax (`20G`).
+        #[arg(value_name = "NEW_SZ")]
+        size: String,
+    },
+    #[command(
         override_usage = IMPORT_USAGE,
         help_template = help::IMPORT
     )]

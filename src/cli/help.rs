@@ -35,6 +35,7 @@ Commands:
   import  Import an image to a repository
   list    List images in repositories
   repo    List and manage image repositories
+  resize  Resize an image in a repository
   show    Show details for an image
 ";
 
@@ -103,6 +104,30 @@ Usage: pcocc image delete [OPTIONS] IMAGE
   Without REPO, the image is deleted from the first repository, by order of
   priority, that holds it (pcocc looked in the default repository only). The
   layers stay until 'pcocc image repo gc' finds them unused.
+
+Options:
+  -h, --help  Show this message and exit.
+";
+
+pub const RESIZE: &str = "\
+Usage: pcocc image resize [OPTIONS] IMAGE NEW_SZ
+
+  Resize an image in a repository
+
+  Images in repositories are specified with URIs of the form
+  [REPO:]IMAGE[@REVISION]
+
+  A new image revision is created with the new image size.
+
+  The new revision holds the layers of the given (or latest) revision plus an
+  empty layer of size NEW_SZ on top: a smaller size shrinks the disk. NEW_SZ is
+  in bytes or with a unit (k, M, G, T, P; 1.5G works). Without REPO, the
+  repositories are searched by order of priority and the new revision is
+  written where the image is. It is always the image's next revision, also
+  when an older one is resized (pcocc overwrote the one after it).
+
+  Example usage:
+         pcocc image resize myimg 20G
 
 Options:
   -h, --help  Show this message and exit.

@@ -1,4 +1,4 @@
-//! `pcocc image list | show | copy | delete`: each parses its URIs, makes one call on the
+//! `pcocc image list | show | copy | delete | resize`: each parses its URIs, makes one call on the
 //! tree, and prints pcocc's output for the result.
 
 use regex::Regex;
@@ -202,6 +202,28 @@ pub fn delete(ctx: &mut Context, image: &str) -> Result<(), CliError> {
         deleted.repo,
         deleted.name,
         deleted.revisions
+    );
+    Ok(())
+}
+
+/// `pcocc image resize IMAGE NEW_SZ`: the next revision of IMAGE with NEW_SZ as its
+/// virtual size; prints nothing. The image is looked up before the size is judged, so a
+/// missing image is reported first, as pcocc does.
+pub fn resize(ctx: &mut Context, image: &str, size: &str) -> Result<(), CliError> {
+    let uri = Uri::parse(image)?;
+    let size = match super::size::parse_size(size) {
+        Ok(size) => size,
+        Err(e) => {
+            ctx.tree.resolve(&ctx.caller, &uri)?;
+            return Err(e.into());
+        }
+    };
+    let meta = ctx.tree.resize(&ctx.caller, &uri, size)?;
+    log::info!(
+        "resized {image} to {size} bytes: {}@{} has {} layers",
+        meta.name,
+        meta.revision,
+        meta.data_blobs.len()
     );
     Ok(())
 }

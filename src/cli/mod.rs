@@ -17,6 +17,7 @@ pub mod image;
 pub mod output;
 pub mod progress;
 pub mod repo;
+pub mod size;
 pub mod style;
 pub mod table;
 pub mod transfer;
@@ -66,6 +67,9 @@ pub enum CliError {
         usage: &'static str,
         message: String,
     },
+    /// `resize` was given a size that no disk can have (pcocc's start, qemu's reason).
+    #[error("Unable to create image. {0}")]
+    Size(#[from] size::SizeError),
     /// Stdout was closed by its reader (`pcocc image list | head -1`): stop quietly.
     #[error("standard output was closed")]
     ClosedOutput,
@@ -152,6 +156,7 @@ fn execute(args: &Args) -> Result<(), CliError> {
         ImageCommand::Show { image } => image::show(&mut context, image),
         ImageCommand::Copy { source, dest } => image::copy(&mut context, source, dest),
         ImageCommand::Delete { image } => image::delete(&mut context, image),
+        ImageCommand::Resize { image, size } => image::resize(&mut context, image, size),
         ImageCommand::Import(t) => {
             let (source, dest) =
                 transfer::operands(&t.first, &t.second, t.third.as_deref(), args::IMPORT_USAGE)?;

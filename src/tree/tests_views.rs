@@ -1,7 +1,7 @@
 //! Views in the tree, judged by qemu-img: every `disk.FMT` of a single-layer and of a
 //! layered revision, their attributes, holes and read-only handles.
 
-use super::tests::{Fixture, node_rev};
+use super::tests::{Fixture, node_rev, uri};
 use super::*;
 use crate::testutil::{assert_qemu_accepts, qemu_img};
 use std::os::unix::fs::MetadataExt;
@@ -276,5 +276,86 @@ fn revision_directories_and_views_describe_themselves_in_user_pcocc_xattrs() {
     assert_eq!(
         f.tree.listxattr(&f.me, &gone).unwrap_err().errno(),
         libc::ENOENT
+    );
+}
+
+/// A resize adds a revision at once whose every view qemu-img reads as the stored chain:
+/// the old revision's bytes, then zeroes up to the new size (growing), or only the
+/// first bytes (shrinking an older revision, which still becomes the latest).
+#[test]
+fn views_of_resized_revisions_are_the_old_disk_cut_or_extended_with_zeroes() {
+    let Some((f, base, top)) = Fixture::standard() else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let export = |rev: u64, format: Format, dest: &std::path::Path| {
+        let uri = Uri::parse(&format!("user:img1@{rev}")).unwrap();
+        f.tree
+            .export_file(&f.me, &uri, format, dest, &mut |_, _| {})
+            .unwrap();
+    };
+    let old_raw = out.path().join("old.raw");
+    export(1, Format::Raw, &old_raw);
+    for (from, size, rev) in [
+        ("user:img1", 96u64 << 20, 2u64),
+        ("user:img1@0", 1 << 20, 3),
+    ] {
+        let meta = f.tree.resize(&f.me, &uri(from), size).unwrap();
+        assert_eq!(meta.revision, rev);
+        let parent = if rev == 2 {
+            vec![&base, &top]
+        } else {
+            vec![&base]
+        };
+        assert_eq!(meta.data_blobs.len(), parent.len() + 1);
+        assert!(meta.data_blobs.iter().zip(&parent).all(|(a, b)| a == *b));
+        let new_top = meta.data_blobs.last().unwrap();
+        let layer = f
+            .repo("user")
+            .join("data")
+            .join(&new_top[..2])
+            .join(new_top);
+        // The revision is there at once, with the new size.
+        let attr = f
+            .tree
+            .getattr(&f.me, &file_node(rev, FileKind::View(Format::Raw)))
+            .unwrap();
+        assert_eq!(attr.size, size);
+        for format in Format::ALL {
+            let dest = out.path().join(format!("r{rev}.{}", format.name()));
+            export(rev, format, &dest);
+            assert_qemu_accepts(&dest, format.name(), size, &layer, "qcow2");
+        }
+        // Against the old revision's own bytes: cut to the new size, zeroes past its end.
+        let expected = out.path().join(format!("expected{rev}.raw"));
+        let source = if rev == 2 {
+            old_raw.clone()
+        } else {
+            let r0 = out.path().join("r0.raw");
+            export(0, Format::Raw, &r0);
+            r0
+        };
+        std::fs::copy(&source, &expected).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&expected)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let new_raw = out.path().join(format!("r{rev}.raw"));
+        let (a, b) = (new_raw.to_str().unwrap(), expected.to_str().unwrap());
+        let cmp = qemu_img(&["compare", "-f", "raw", "-F", "raw", a, b]);
+        assert!(cmp.contains("Images are identical"), "{cmp}");
+        let check = qemu_img(&["check", layer.to_str().unwrap()]);
+        assert!(check.contains("No errors were found"), "{check}");
+    }
+    // Revision 1 was left alone.
+    assert_eq!(
+        f.tree
+            .resolve(&f.me, &uri("user:img1@1"))
+            .unwrap()
+            .meta
+            .data_blobs,
+        vec![base.clone(), top.clone()]
     );
 }

@@ -941,6 +941,7 @@ fn help_texts_keep_pcoccs_layout() {
              import  Import an image to a repository\n  \
              list    List images in repositories\n  \
              repo    List and manage image repositories\n  \
+             resize  Resize an image in a repository\n  \
              show    Show details for an image\n"
         ),
         "",
@@ -986,6 +987,21 @@ Commands:
     );
     let run = f.pcocc(&["image", "show", "--help"]);
     assert!(run.stdout.contains("in revision order"), "{run:?}");
+    // pcocc's text, then what differs.
+    let run = f.pcocc(&["image", "resize", "--help"]);
+    assert!(
+        run.stdout.starts_with(
+            "Usage: pcocc image resize [OPTIONS] IMAGE NEW_SZ\n\n  Resize an image in a \
+             repository\n\n  Images in repositories are specified with URIs of the form\n  \
+             [REPO:]IMAGE[@REVISION]\n\n  A new image revision is created with the new image \
+             size.\n"
+        ),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout.contains("(pcocc overwrote the one after it)"),
+        "{run:?}"
+    );
 }
 
 #[test]

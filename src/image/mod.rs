@@ -23,6 +23,7 @@ pub mod convert;
 pub mod detect;
 mod file;
 pub mod qcow2;
+pub mod qcow2_delta;
 pub mod qcow2_layout;
 pub mod qcow2_overlay;
 pub mod qed;

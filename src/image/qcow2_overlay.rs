@@ -58,7 +58,7 @@ const FEATURE_NAMES: [(u8, u8, &str); 8] = [
     (AUTOCLEAR, 1, "raw external data"),
 ];
 /// Longest backing file name qemu accepts (`backing_file_size` up to 1023).
-const MAX_BACKING_NAME: usize = 1023;
+pub(crate) const MAX_BACKING_NAME: usize = 1023;
 /// Longest backing format name that fits the extension qemu reads.
 const MAX_FORMAT_NAME: usize = 16;
 /// log2 of the guest clusters one L2 table maps (64 KiB clusters, 8-byte entries).
@@ -163,6 +163,43 @@ impl EmptyOverlay {
     }
 
     fn fill_header(&self, h: &mut [u8]) {
+        BackedHeader {
+            virtual_size: self.virtual_size,
+            l1_entries: self.l1_entries(),
+            l1_offset: self.l1_offset(),
+            refcount_table_offset: CLUSTER_SIZE,
+            refcount_table_clusters: 1,
+            backing: &self.backing,
+            backing_format: &self.backing_format,
+        }
+        .fill(h);
+    }
+
+    /// Writes the whole file into the empty file `out` (known as `path`): the three
+    /// clusters, then the length that the zero L1 table gives (a hole).
+    pub fn write_to(&self, out: &File, path: &Path) -> Result<()> {
+        out.write_all_at(&self.prefix(), 0)
+            .and_then(|()| out.set_len(self.file_size()))
+            .map_err(|e| Error::io(path, e))
+    }
+}
+
+/// The header cluster of a qcow2 v3 file with a backing file, as qemu writes it: the
+/// 112-byte header, the backing format and feature name extensions, the end marker, then
+/// the backing file name. The callers check the names' lengths ([`EmptyOverlay::new`]).
+pub(crate) struct BackedHeader<'a> {
+    pub virtual_size: u64,
+    pub l1_entries: u64,
+    pub l1_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u64,
+    pub backing: &'a str,
+    pub backing_format: &'a str,
+}
+
+impl BackedHeader<'_> {
+    /// Writes the header into `h`, the first cluster of the file (zero-filled).
+    pub fn fill(&self, h: &mut [u8]) {
         let mut ext = Vec::new();
         push_extension(&mut ext, EXT_BACKING_FORMAT, self.backing_format.as_bytes());
         let mut names = Vec::with_capacity(FEATURE_NAMES.len() * FEATURE_ENTRY);
@@ -185,10 +222,10 @@ impl EmptyOverlay {
         put_u32(h, 20, CLUSTER_BITS);
         put_u64(h, 24, self.virtual_size);
         // crypt_method 0 at 32.
-        put_u32(h, 36, self.l1_entries() as u32);
-        put_u64(h, 40, self.l1_offset());
-        put_u64(h, 48, CLUSTER_SIZE); // refcount table
-        put_u32(h, 56, 1); // refcount table clusters
+        put_u32(h, 36, self.l1_entries as u32);
+        put_u64(h, 40, self.l1_offset);
+        put_u64(h, 48, self.refcount_table_offset);
+        put_u32(h, 56, self.refcount_table_clusters as u32);
         // No snapshots (60, 64); no feature bits (72, 80, 88).
         put_u32(h, 96, REFCOUNT_ORDER);
         put_u32(h, 100, HEADER_LENGTH as u32);
@@ -196,14 +233,6 @@ impl EmptyOverlay {
         h[HEADER_LENGTH..backing_offset].copy_from_slice(&ext);
         h[backing_offset..backing_offset + self.backing.len()]
             .copy_from_slice(self.backing.as_bytes());
-    }
-
-    /// Writes the whole file into the empty file `out` (known as `path`): the three
-    /// clusters, then the length that the zero L1 table gives (a hole).
-    pub fn write_to(&self, out: &File, path: &Path) -> Result<()> {
-        out.write_all_at(&self.prefix(), 0)
-            .and_then(|()| out.set_len(self.file_size()))
-            .map_err(|e| Error::io(path, e))
     }
 }
 
@@ -215,11 +244,11 @@ fn push_extension(out: &mut Vec<u8>, kind: u32, data: &[u8]) {
     out.resize(align_up(out.len() as u64, 8) as usize, 0);
 }
 
-fn put_u32(buf: &mut [u8], at: usize, v: u32) {
+pub(crate) fn put_u32(buf: &mut [u8], at: usize, v: u32) {
     buf[at..at + 4].copy_from_slice(&v.to_be_bytes());
 }
 
-fn put_u64(buf: &mut [u8], at: usize, v: u64) {
+pub(crate) fn put_u64(buf: &mut [u8], at: usize, v: u64) {
     buf[at..at + 8].copy_from_slice(&v.to_be_bytes());
 }
 

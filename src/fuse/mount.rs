@@ -42,7 +42,8 @@ pub fn serve(
     mountpoint: &Path,
     ready: &mut Readiness,
 ) -> Result<(), String> {
-    let tree = Tree::new(config).map_err(|e| e.to_string())?;
+    let mut tree = Tree::new(config).map_err(|e| e.to_string())?;
+    tree.set_mountpoint(mountpoint);
     let fs = ImageFs::new(
         Arc::new(tree),
         FsSettings {

@@ -298,6 +298,7 @@ impl Tree {
             store,
             siblings: self.repos.clone(),
             writer: caller.clone(),
+            mountpoint: self.mountpoint.clone(),
             target,
             hint,
             created: SystemTime::now(),

@@ -43,6 +43,7 @@ mod open;
 mod ops;
 mod pending;
 mod publish;
+mod save;
 pub mod session;
 mod transfer;
 mod uri;
@@ -593,6 +594,9 @@ pub struct Tree {
     revisions: views::RevisionCache,
     /// Files being imported, staging files and empty image directories.
     pending: Arc<pending::Pending>,
+    /// Where the tree is mounted, if it is: overlays whose backing file is a view under
+    /// it can be saved by `cp` (see `save`).
+    mountpoint: Option<Arc<std::path::Path>>,
 }
 
 impl Tree {
@@ -621,7 +625,15 @@ impl Tree {
             users: access::UserCache::default(),
             revisions: views::RevisionCache::default(),
             pending: Arc::default(),
+            mountpoint: None,
         })
+    }
+
+    /// Tells the tree where it is mounted (an absolute, canonical path): a qcow2 file
+    /// written into it whose backing file is a view under `mountpoint` is saved as a
+    /// revision made of the viewed revision's layers plus one delta layer.
+    pub fn set_mountpoint(&mut self, mountpoint: &std::path::Path) {
+        self.mountpoint = Some(Arc::from(mountpoint));
     }
 
     /// Repository names in priority order.

@@ -30,6 +30,7 @@ use super::arrival::Arrival;
 use super::nodes::{display, revision_dir_name};
 use super::open::Changes;
 use super::publish::{self, Target, choose_format};
+use super::save;
 use super::{Attr, Caller, Error, Format, IMPORT_BLKSIZE, Node, NodeType};
 use crate::store::{Store, TmpFile};
 
@@ -60,6 +61,9 @@ pub(super) struct Import {
     /// Every repository of the tree, whose layers a publish may share.
     pub(super) siblings: Vec<Arc<Store>>,
     pub(super) writer: Caller,
+    /// Where the tree is mounted: a qcow2 file backed by a view under it is saved as a
+    /// layer over the viewed revision.
+    pub(super) mountpoint: Option<Arc<std::path::Path>>,
     /// `None` for a staging file: its target is decided by `rename`.
     pub(super) target: Option<Target>,
     /// The format a name suffix suggests.
@@ -489,6 +493,19 @@ impl Import {
             let format = choose_format(None, hint.or(self.hint), tmp.path(), tmp.file())?;
             check_disk_size(&self.node(), format, attr.size, arrival.written())?;
             let owner = access::user_name(self.writer.uid);
+            if format == Format::Qcow2 && save::backed_layer(tmp.file(), tmp.path())?.is_some() {
+                // A VM's overlay of a revision of this mount: saved as a layer over it.
+                return save::publish_overlay(
+                    &self.store,
+                    &self.siblings,
+                    self.mountpoint.as_deref(),
+                    &self.writer,
+                    &owner,
+                    tmp.file(),
+                    tmp.path(),
+                    target,
+                );
+            }
             // A staging file that fails to publish stays for its writer to fix, so only
             // a created file's bytes may be dropped as they are converted.
             let scratch = publish::Scratch {
@@ -554,9 +571,17 @@ impl Import {
         let State::Writing { tmp, .. } = &*st else {
             return Err(self.gone());
         };
-        let checked = choose_format(None, self.hint, tmp.path(), tmp.file())
-            .and_then(|format| publish::open_standalone(tmp.file(), tmp.path(), format));
-        checked.map(|_| ()).inspect_err(|e| {
+        let checked = choose_format(None, self.hint, tmp.path(), tmp.file()).and_then(|format| {
+            // An overlay of a view of this mount is saved as a layer when renamed.
+            if format == Format::Qcow2
+                && let Some(layer) = save::backed_layer(tmp.file(), tmp.path())?
+            {
+                return save::backing_view(&layer, tmp.path(), self.mountpoint.as_deref())
+                    .map(drop);
+            }
+            publish::open_standalone(tmp.file(), tmp.path(), format).map(drop)
+        });
+        checked.inspect_err(|e| {
             log::warn!(
                 "staging file {} is not an image: {e}",
                 display(&self.node())

@@ -86,7 +86,7 @@ pub fn open_standalone(file: &File, path: &Path, format: Format) -> Result<Disk,
 /// An error met reading an import's source: the content's fault ([`Error::BadImage`],
 /// EINVAL) when it is no valid image of the format read, unless the file itself could
 /// not be read.
-fn source_error(e: Error) -> Error {
+pub(super) fn source_error(e: Error) -> Error {
     match e {
         Error::Image(
             e @ (image::Error::Invalid { .. }
@@ -210,7 +210,8 @@ pub fn publish(
         // The scratch file becomes the layer (or is removed as a duplicate).
         None => store.add_layer(out, Some(&converted.sha256))?,
     };
-    write_meta(store, owner, &hash, target)
+    let custom_meta = serde_json::Value::Object(serde_json::Map::new());
+    write_meta(store, owner, vec![hash], custom_meta, target)
 }
 
 /// Drops the converted part of a raw scratch file by punching it out: its dirty pages
@@ -259,9 +260,16 @@ impl Dropper {
     }
 }
 
-/// Creates the metadata of the new revision: `name@0`, or `latest + 1` retried while
-/// other writers take the number first.
-fn write_meta(store: &Store, owner: &str, hash: &str, target: &Target) -> Result<Meta, Error> {
+/// Creates the metadata of the new revision, made of `data_blobs` (base first) with
+/// `custom_meta`: `name@0`, or `latest + 1` retried while other writers take the number
+/// first.
+pub(super) fn write_meta(
+    store: &Store,
+    owner: &str,
+    data_blobs: Vec<String>,
+    custom_meta: serde_json::Value,
+    target: &Target,
+) -> Result<Meta, Error> {
     let name = target.image().to_string();
     let mut attempts = 0;
     loop {
@@ -275,8 +283,8 @@ fn write_meta(store: &Store, owner: &str, hash: &str, target: &Target) -> Result
             kind: KIND_VM.to_string(),
             owner: owner.to_string(),
             timestamp: now_timestamp(),
-            data_blobs: vec![hash.to_string()],
-            custom_meta: serde_json::Value::Object(serde_json::Map::new()),
+            data_blobs: data_blobs.clone(),
+            custom_meta: custom_meta.clone(),
         };
         match store.put_meta(&meta) {
             Ok(()) => return Ok(meta),

@@ -58,7 +58,7 @@ impl OpenedRevision {
     /// Opens the revision whose layers are `hashes` (base first) with the calling
     /// thread's identity: the top layer and its backing chain, each reached from the
     /// repository's `data/` descriptor without following symlinks.
-    fn open(store: &Store, hashes: &[&str]) -> Result<OpenedRevision, Error> {
+    pub(super) fn open(store: &Store, hashes: &[&str]) -> Result<OpenedRevision, Error> {
         let top = hashes
             .last()
             .ok_or_else(|| Error::Unreadable("revision has no layer".into()))?;
@@ -107,6 +107,11 @@ impl OpenedRevision {
             )));
         }
         Ok(())
+    }
+
+    /// The revision's disk: its layers, top first.
+    pub(super) fn disk(&self) -> &Disk {
+        &self.disk
     }
 
     /// The view of this revision in `format`, built on first use.

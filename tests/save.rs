@@ -290,6 +290,48 @@ fn save_as_new_images(fs: &Fs) {
     assert_eq!(fs.meta("global/saved/@0")["repo"], "global");
 }
 
+/// An overlay of a local overlay of a view: the chain is flattened down to the view's
+/// revision, in one layer.
+fn save_a_chain_of_overlays(fs: &Fs) {
+    let base = fs.layers("user/img/@0");
+    let (inner, _) = fs.overlay("inner.qcow2", &fs.at("user/img/@0/disk.qcow2"), "qcow2");
+    let outer = fs.work("outer.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            s(&inner),
+            s(&outer),
+        ],
+    );
+    // Within the clusters the inner overlay wrote: the same 4 data clusters.
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x88 1M 4k",
+            "-c",
+            "write -P 0x99 20M 4k",
+            s(&outer),
+        ],
+    );
+    let raw = fs.work("outer.raw");
+    ok(
+        "qemu-img",
+        &["convert", "-q", "-O", "raw", s(&outer), s(&raw)],
+    );
+    ok("cp", &[s(&outer), s(&fs.at("user/"))]);
+    fs.check_saved("user/outer/@0", "user", &raw, &base);
+}
+
 fn refuse_other_backing_files(fs: &Fs) {
     let before_user = sorted_names(&fs.repo("user").join("meta"));
     let before_img = sorted_names(&fs.at("user/img"));
@@ -333,5 +375,6 @@ fn save_overlays_by_cp() {
     let Some(fs) = Fs::start() else { return };
     save_views_into_the_same_image(&fs);
     save_as_new_images(&fs);
+    save_a_chain_of_overlays(&fs);
     refuse_other_backing_files(&fs);
 }

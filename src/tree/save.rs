@@ -3,12 +3,16 @@
 //! through `latest`) is published as that revision's layers plus one delta layer holding
 //! only what the overlay changes (see [`crate::image::qcow2_delta`]).
 //!
-//! The backing file name is never opened: it is read as a path of this mount (an
-//! absolute path under the mountpoint, exactly `REPO/IMAGE/@N|latest/disk.FMT` below
-//! it), and the revision it names is reached the way the tree reaches any revision, as
-//! the writer (whose rights the kernel and [`access::check`] judge). Any other backing
-//! file (relative, elsewhere, in another mount, not a view) is refused, EINVAL. Into
-//! another repository, the revision's layers are linked or copied first, as `ln` does.
+//! A backing file name of the mount is never opened: it is read as a path (an absolute
+//! path under the mountpoint, exactly `REPO/IMAGE/@N|latest/disk.FMT` below it), and
+//! the revision it names is reached the way the tree reaches any revision, as the
+//! writer (whose rights the kernel and [`access::check`] judge). An overlay may sit on
+//! other overlays of the writer's own (absolute paths outside the mount, qcow2 files,
+//! opened with the writer's rights, at most [`MAX_LOCAL_OVERLAYS`]) whose chain ends on
+//! such a view: the chain is flattened down to that revision. Any other backing file
+//! (relative, in the mount but not a view, a chain ending elsewhere) is refused, EINVAL.
+//! Into another repository, the revision's layers are linked or copied first, as `ln`
+//! does.
 
 use std::fs::File;
 use std::path::{Component, Path};
@@ -70,6 +74,10 @@ pub(super) fn parse_view_path(mountpoint: &Path, name: &str) -> Option<ViewPath>
     })
 }
 
+/// Most overlays of the writer's own files followed below the one written into the
+/// mount before the chain must reach a view.
+pub(super) const MAX_LOCAL_OVERLAYS: usize = 8;
+
 /// The error of an overlay that cannot be saved: the content's fault, EINVAL.
 fn refuse(path: &Path, reason: String) -> Error {
     Error::BadImage(image::Error::Unsupported {
@@ -123,6 +131,69 @@ pub(super) fn backing_view(
     Ok(view)
 }
 
+/// The overlays from `overlay` (the file written into the mount, known as `path`) down
+/// to the view of the mount at `mountpoint` its chain ends on, top first: each backing
+/// file that is not a view must be an absolute path outside the mount, a regular qcow2
+/// file the writer can read (the calling thread acts as the writer), itself naming a
+/// backing file.
+fn chain_to_view(
+    overlay: Qcow2Layer,
+    path: &Path,
+    mountpoint: Option<&Path>,
+) -> Result<(Vec<Qcow2Layer>, ViewPath), Error> {
+    let mut chain = vec![overlay];
+    loop {
+        let last = chain.last().expect("the chain starts with the overlay");
+        let not_a_view = match backing_view(last, path, mountpoint) {
+            Ok(view) => return Ok((chain, view)),
+            Err(e) => e,
+        };
+        let Some(backing) = last.backing() else {
+            return Err(not_a_view);
+        };
+        let local = Path::new(&backing.name).to_path_buf();
+        let in_mount = mountpoint.is_some_and(|m| local.starts_with(m));
+        let qcow2 = backing
+            .format
+            .as_deref()
+            .is_none_or(|f| Format::from_name(f) == Some(Format::Qcow2));
+        if !local.is_absolute() || in_mount || !qcow2 || chain.len() > MAX_LOCAL_OVERLAYS {
+            return Err(not_a_view);
+        }
+        let file = open_local(&local).map_err(|e| {
+            refuse(
+                path,
+                format!("backing file {:?} cannot be read: {e}", backing.name),
+            )
+        })?;
+        let layer = backed_layer(&file, &local)?.ok_or_else(|| {
+            refuse(
+                path,
+                format!(
+                    "its chain of backing files ends at {:?}, not at a view of this mount: \
+                     only overlays of a revision in this mount can be saved by cp",
+                    backing.name
+                ),
+            )
+        })?;
+        chain.push(layer);
+    }
+}
+
+/// Opens the writer's own overlay `path` for reading: without blocking on a FIFO, and
+/// only a regular file.
+fn open_local(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(file)
+}
+
 /// Publishes the overlay `file` (known as `path`, a qcow2 file whose backing file is a
 /// view of the mount at `mountpoint`) into `store` as `target`, owned by `owner`: the
 /// backing revision's layers (linked or copied into `store` when it is another
@@ -143,9 +214,11 @@ pub(super) fn publish_overlay(
     publish::check_target(store, target)?;
     let overlay =
         backed_layer(file, path)?.ok_or_else(|| refuse(path, "it names no backing file".into()))?;
-    let view = backing_view(&overlay, path, mountpoint)?;
-    let backing = overlay
-        .backing()
+    let (overlays, view) = chain_to_view(overlay, path, mountpoint)?;
+    let depth = overlays.len();
+    let backing = overlays
+        .last()
+        .and_then(|o| o.backing())
         .map(|b| b.name.clone())
         .unwrap_or_default();
     let no_revision = || {
@@ -179,7 +252,10 @@ pub(super) fn publish_overlay(
     let hashes = base.layer_hashes().map_err(store::Error::BadHash)?;
     let top = *hashes.last().ok_or_else(no_revision)?;
     let opened = OpenedRevision::open(from, &hashes)?;
-    let mut layers: Vec<Arc<dyn Layer>> = vec![Arc::new(overlay)];
+    let mut layers: Vec<Arc<dyn Layer>> = overlays
+        .into_iter()
+        .map(|o| Arc::new(o) as Arc<dyn Layer>)
+        .collect();
     layers.extend(opened.disk().layers().iter().cloned());
     let disk = Disk::new(layers);
 
@@ -190,7 +266,7 @@ pub(super) fn publish_overlay(
         }
     }
     let out = store.tmp_file()?;
-    let stats = qcow2_delta::write_delta(&disk, 1, &backing_name(top), out.file(), out.path())
+    let stats = qcow2_delta::write_delta(&disk, depth, &backing_name(top), out.file(), out.path())
         .map_err(|e| publish::source_error(e.into()))?;
     out.file().sync_all().map_err(|source| store::Error::Io {
         path: out.path().to_path_buf(),

@@ -239,3 +239,7 @@ pub fn assert_qemu_accepts(
         "compare {file} {src}: {out}"
     );
 }
+
+#[path = "../tests/common/foreign.rs"]
+mod foreign;
+pub use foreign::{FOREIGN_FORMATS, foreign_bytes, foreign_image};

@@ -400,6 +400,43 @@ fn a_file_of_unknown_content_is_imported_as_raw_with_pcoccs_warning() {
 }
 
 #[test]
+fn formats_qemu_knows_and_pcocc_does_not_list_are_refused_with_pcoccs_message() {
+    let Some(f) = Fixture::new() else { return };
+    for fmt in common::foreign::FOREIGN_FORMATS {
+        let name = format!("disk-{fmt}");
+        common::foreign::foreign_image(&f.work(""), fmt, &name);
+        // pcocc 0.7.5: the detected format is refused before anything is said or stored,
+        // whether given plainly, forced (raw too), or under a known suffix.
+        f.pcocc(&["import", &name, "img"])
+            .expect_error(&format!("{fmt} is not a valid image format"));
+        for forced in ["raw", "qcow2"] {
+            f.pcocc(&["import", "-t", forced, &name, "img"])
+                .expect_error(&format!(
+                    "Mismatch between specified format {forced} and detected image type {fmt}"
+                ));
+        }
+        let suffixed = format!("{name}.qcow2");
+        fs::copy(f.work(&name), f.work(&suffixed)).expect("copy");
+        f.pcocc(&["import", &suffixed, "img"])
+            .expect_error(&format!(
+                "Mismatch between specified format qcow2 and detected image type {fmt}"
+            ));
+        // An export never overwrites such a file.
+        let before = fs::read(f.work(&name)).expect("fixture");
+        f.pcocc(&["export", "nosuch", &name])
+            .expect_error("Object nosuch not found in configured repositories");
+        assert_eq!(fs::read(f.work(&name)).expect("fixture"), before);
+    }
+    assert!(f.meta("user", "img", 0).is_none());
+    assert!(f.entries("user", "data").is_empty(), "layers left");
+    f.stored_image();
+    f.pcocc(&["export", "img", "disk-vhdx"])
+        .expect_error("vhdx is not a valid image format");
+    f.pcocc(&["export", "-t", "qcow2", "img", "disk-vhdx"])
+        .expect_error("Mismatch between specified format qcow2 and detected image type vhdx");
+}
+
+#[test]
 fn a_text_file_named_qcow2_fails_cleanly_naming_the_file() {
     let Some(f) = Fixture::new() else { return };
     fs::write(f.work("fake.qcow2"), "this is not a qcow2 image at all\n").expect("fake");

@@ -84,6 +84,11 @@ struct Fs {
 impl Fs {
     /// Mounts a daemon over the repositories `repos` (the first one the default).
     fn start(repos: &[&str]) -> Option<Fs> {
+        Fs::start_with(repos, &[])
+    }
+
+    /// [`Fs::start`] with more daemon options (`extra`, before the mountpoint).
+    fn start_with(repos: &[&str], extra: &[&str]) -> Option<Fs> {
         let dir = common::required_mount_scratch("files", TOOLS)?;
         let mut fs = Fs {
             mnt: dir.path().join("mnt"),
@@ -103,7 +108,9 @@ impl Fs {
         }
         let config = fs.dir.path().join("repos.yaml");
         fs::write(&config, yaml).unwrap();
-        let args = ["--config", s(&config), "-o", "allow_other", s(&fs.mnt)];
+        let mut args = vec!["--config", s(&config), "-o", "allow_other"];
+        args.extend_from_slice(extra);
+        args.push(s(&fs.mnt));
         common::start_daemon(&args, &fs.mnt, "info");
         fs.daemon = daemon_pid(&fs.mnt);
         Some(fs)
@@ -733,6 +740,51 @@ fn failed_cp_r_of_a_directory_of_text_files() {
         r#"mkdir -p "$R/../../d" && printf 'hello\n' > "$R/../../d/t.txt" && cp -r "$R/../../d" "$R/d""#,
         "d",
     );
+}
+
+#[test]
+fn formats_pcocc_does_not_list_are_refused_at_close_naming_the_format() {
+    // vhdx, parallels, qcow (version 1) and luks made by qemu-img; dmg, cloop and bochs
+    // as the minimal headers of tests/common/foreign.rs.
+    let Some(scratch) = common::required_mount_scratch("files", TOOLS) else {
+        return;
+    };
+    let log = scratch.path().join("daemon.log");
+    let Some(fs) = Fs::start_with(&["r"], &["--log-file", s(&log)]) else {
+        return;
+    };
+    let before = fs.state("r");
+    let r = fs.at("r");
+    for fmt in common::foreign::FOREIGN_FORMATS {
+        let name = format!("d-{fmt}");
+        let src = common::foreign::foreign_image(&fs.work(), fmt, &name);
+        let out = fs.sh(
+            r#"cp "$SRC" "$R/""#,
+            &[("SRC", s(&src)), ("R", s(&r))],
+            WRITER_LIMIT,
+        );
+        assert!(
+            !out.status.success(),
+            "cp of a {fmt} file: {}",
+            describe(&out)
+        );
+        assert!(
+            text(&out.stderr).contains("Invalid argument"),
+            "cp of a {fmt} file fails with EINVAL: {}",
+            describe(&out)
+        );
+        if let Err(e) = fs.check_nothing("r", &name, &before) {
+            panic!("cp of a {fmt} file must leave nothing: {e}");
+        }
+        let reason = format!("{fmt} is not a valid image format");
+        assert!(
+            common::eventually(Duration::from_secs(5), || {
+                fs::read_to_string(&log).is_ok_and(|l| l.contains(&reason))
+            }),
+            "the daemon's log names the reason {reason:?}: {}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
 }
 
 #[test]

@@ -66,7 +66,10 @@ pub enum GuessError {
     #[error("Mismatch between specified image format {option} and import URI prefix {prefix}")]
     PrefixMismatch { option: String, prefix: String },
     #[error("Mismatch between specified format {specified} and detected image type {detected}")]
-    DetectedMismatch { specified: String, detected: Format },
+    DetectedMismatch {
+        specified: String,
+        detected: &'static str,
+    },
     #[error("{0} is not a valid image format")]
     NotAFormat(String),
     #[error(
@@ -77,7 +80,17 @@ pub enum GuessError {
     Undetectable,
     /// The file exists but could not be probed (permissions, I/O).
     #[error(transparent)]
-    Probe(#[from] image::Error),
+    Probe(image::Error),
+}
+
+impl From<image::Error> for GuessError {
+    /// Content of a format pcocc does not import is pcocc's plain message.
+    fn from(e: image::Error) -> GuessError {
+        match e {
+            image::Error::NotAFormat { name, .. } => GuessError::NotAFormat(name.to_string()),
+            e => GuessError::Probe(e),
+        }
+    }
 }
 
 /// Decides the format of `arg` (a path, maybe with a `FMT:` prefix) given `-t` (`option`).
@@ -124,10 +137,10 @@ pub fn guess(option: Option<&str>, arg: &str, side: Side) -> Result<Guess, Guess
                     }
                 }
                 (Some(format), None) => Ok(decided(format, false)),
-                (None, Some(file)) => match detect::detect_file(&file, &path)? {
+                (None, Some(file)) => match detect::probe_found(&file, &path)? {
                     Some(detected) => Err(GuessError::DetectedMismatch {
                         specified: name,
-                        detected,
+                        detected: detected.name(),
                     }),
                     None => Err(not_a_format(name)),
                 },

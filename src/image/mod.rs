@@ -109,13 +109,17 @@ pub enum Error {
         format: Format,
         reason: String,
     },
-    /// A forced format (`-t`) that the content contradicts.
+    /// A forced format (`-t`) that the content contradicts; `detected` is qemu's name
+    /// of the content's format, which may be one pcocc does not import.
     #[error("{path}: format mismatch: {forced} was specified but the file is a {detected} image")]
     FormatMismatch {
         path: PathBuf,
         forced: Format,
-        detected: Format,
+        detected: &'static str,
     },
+    /// Content of a format qemu knows and pcocc does not import (pcocc's message).
+    #[error("{path}: {name} is not a valid image format")]
+    NotAFormat { path: PathBuf, name: &'static str },
     /// A read or map request outside the disk.
     #[error("{path}: offset {offset} is past the end of the disk ({size} bytes)")]
     OutOfRange {
@@ -139,7 +143,7 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            Error::OutOfRange { .. } => libc::EINVAL,
+            Error::OutOfRange { .. } | Error::NotAFormat { .. } => libc::EINVAL,
             _ => libc::EIO,
         }
     }

@@ -489,7 +489,10 @@ pub enum Error {
     ImportFailed { reason: String, errno: i32 },
     /// pcocc's export refusal to overwrite a file of another format.
     #[error("Mismatch between specified format {forced} and detected image type {detected}")]
-    FormatMismatch { forced: Format, detected: Format },
+    FormatMismatch {
+        forced: Format,
+        detected: &'static str,
+    },
     /// An import source that is missing or not a file (pcocc's message).
     #[error("Could not detect image format")]
     UndetectableFormat(PathBuf),

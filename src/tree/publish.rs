@@ -67,7 +67,7 @@ pub fn choose_format(
             image::Error::FormatMismatch {
                 forced, detected, ..
             } => Error::FormatMismatch { forced, detected },
-            e => e.into(),
+            e => source_error(e.into()),
         });
     }
     Ok(detect::detect_file(file, path)
@@ -91,6 +91,7 @@ pub(super) fn source_error(e: Error) -> Error {
         Error::Image(
             e @ (image::Error::Invalid { .. }
             | image::Error::Unsupported { .. }
+            | image::Error::NotAFormat { .. }
             | image::Error::OutOfRange { .. }),
         ) => Error::BadImage(e),
         e => e,

@@ -7,6 +7,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+pub mod foreign;
+
 /// Runs `prog` with `args` and returns what it did, panicking only if it cannot start.
 #[track_caller]
 pub fn run(prog: &str, args: &[&str]) -> Output {

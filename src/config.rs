@@ -4,7 +4,7 @@
 //! first, then the system file (`$PCOCC_SYSTEM_CONF_DIR/repos.yaml`, default
 //! `/etc/pcocc/repos.yaml`); the first repository is the default one. An explicit file
 //! (`pcocc --config FILE`) replaces both, and when no file exists at all the built-in
-//! default is pcocc's stock one, a repository `user` at `%{homedir}/.pcocc/images`.
+//! default is pcocc's stock one, a repository `user` at `%homedir/.pcocc/images`.
 //! This module knows nothing of what a repository holds; YAML parsing sits behind one
 //! small function ([`parse_yaml`]) so the YAML crate can be swapped in one line.
 
@@ -19,7 +19,7 @@ const DEFAULT_USER_CONF_SUBDIR: &str = ".pcocc";
 const DEFAULT_SYSTEM_CONF_DIR: &str = "/etc/pcocc";
 /// pcocc's stock repository, used when no configuration file exists at all.
 const BUILTIN_REPO_NAME: &str = "user";
-const BUILTIN_REPO_PATH: &str = "%{homedir}/.pcocc/images";
+const BUILTIN_REPO_PATH: &str = "%homedir/.pcocc/images";
 
 /// Where a repository's definition came from (pcocc's "tag").
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -339,28 +339,54 @@ fn py_repr(v: &serde_yaml::Value) -> String {
     }
 }
 
-/// Expands `%{homedir}`, `%{user}` and `%{env:VAR}`, then a leading `~` (pcocc applies
-/// `expanduser` after its own tags). Unknown `%{…}` tags are left as written, as pcocc
-/// does; an unset variable is an error naming it (pcocc would leave the tag in place and
-/// fail later on a directory that does not exist).
+/// Expands the `%` tags of a repository path as pcocc does, then a leading `~` (pcocc
+/// applies `expanduser` after its own tags).
+///
+/// pcocc substitutes with Python's `string.Template` (delimiter `%`, leaving what it does
+/// not know) and does so twice, so `%%user` is the user name and `%%%%` is one `%`:
+///
+/// * `%homedir` and `%user` (a whole identifier: `%users` is not `%user` + `s`), and the
+///   braced `%{homedir}`, `%{user}` and `%{env:VAR}`;
+/// * `%%` is one `%`;
+/// * anything else (`%foo`, `%{foo}`, `%env:VAR`, a lone `%`) is left as written.
+///
+/// An unset variable is an error naming it (pcocc would leave the tag in place and fail
+/// later on a directory that does not exist).
 fn expand_path(raw: &str, env: &Env, file: &Path, repo: &str) -> Result<PathBuf, Error> {
+    let once = substitute(raw, env, file, repo)?;
+    let out = substitute(&once, env, file, repo)?;
+    if out == "~" {
+        return Ok(env.homedir.clone());
+    }
+    if let Some(tail) = out.strip_prefix("~/") {
+        return Ok(env.homedir.join(tail));
+    }
+    Ok(PathBuf::from(out))
+}
+
+/// One pass of `string.Template.safe_substitute` with pcocc's tags (see [`expand_path`]).
+fn substitute(raw: &str, env: &Env, file: &Path, repo: &str) -> Result<String, Error> {
+    let value = |tag: &str| match tag {
+        "homedir" => Some(env.homedir.to_string_lossy().into_owned()),
+        "user" => Some(env.user.clone()),
+        _ => None,
+    };
     let mut out = String::with_capacity(raw.len());
     let mut rest = raw;
-    while let Some(start) = rest.find("%{") {
+    while let Some(start) = rest.find('%') {
         out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let Some(end) = after.find('}') else {
-            out.push_str(&rest[start..]);
-            rest = "";
-            break;
-        };
-        let tag = &after[..end];
-        match tag {
-            "homedir" => out.push_str(&env.homedir.to_string_lossy()),
-            "user" => out.push_str(&env.user),
-            _ => match tag.strip_prefix("env:") {
+        let after = &rest[start + 1..];
+        if let Some(tail) = after.strip_prefix('%') {
+            out.push('%');
+            rest = tail;
+        } else if let Some(braced) = after.strip_prefix('{')
+            && let Some(end) = braced.find('}')
+        {
+            let tag = &braced[..end];
+            let whole = &rest[start..start + 1 + 1 + end + 1];
+            let expanded = match tag.strip_prefix("env:") {
                 Some(var) => match env.vars.get(var) {
-                    Some(val) => out.push_str(val),
+                    Some(val) => Some(val.clone()),
                     None => {
                         return Err(Error::UnsetVariable {
                             path: file.to_path_buf(),
@@ -369,19 +395,28 @@ fn expand_path(raw: &str, env: &Env, file: &Path, repo: &str) -> Result<PathBuf,
                         });
                     }
                 },
-                None => out.push_str(&rest[start..start + 2 + end + 1]),
-            },
+                None => value(tag),
+            };
+            out.push_str(expanded.as_deref().unwrap_or(whole));
+            rest = &braced[end + 1..];
+        } else {
+            // An identifier as Python's Template reads one: [_a-z][_a-z0-9]*, any case.
+            let len = after
+                .char_indices()
+                .take_while(|&(i, c)| {
+                    c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit())
+                })
+                .count();
+            let ident = &after[..len];
+            match value(ident) {
+                Some(v) if len > 0 => out.push_str(&v),
+                _ => out.push_str(&rest[start..start + 1 + len]),
+            }
+            rest = &after[len..];
         }
-        rest = &after[end + 1..];
     }
     out.push_str(rest);
-    if out == "~" {
-        return Ok(env.homedir.clone());
-    }
-    if let Some(tail) = out.strip_prefix("~/") {
-        return Ok(env.homedir.join(tail));
-    }
-    Ok(PathBuf::from(out))
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -539,6 +574,39 @@ mod tests {
                 PathBuf::from("/keep/%{unknown}/$HOME"),
             ]
         );
+    }
+
+    #[test]
+    fn tags_expand_as_pcoccs_two_template_passes() {
+        // Each case as pcocc 0.7.5 lists the repository's path (user `alice`).
+        let s = scratch();
+        let home = s.env.homedir.to_string_lossy().into_owned();
+        let cases = [
+            ("/t/%homedir/x", format!("/t/{home}/x")),
+            ("/t/%user-y/%%z", "/t/alice-y/%z".to_string()),
+            ("/t/%{user}w%{homedir}", format!("/t/alicew{home}")),
+            (
+                "/t/%{env:SCRATCH}/%env:SCRATCH/%foo/%{foo}/a%b/%",
+                "/t//scratch/%env:SCRATCH/%foo/%{foo}/a%b/%".to_string(),
+            ),
+            (
+                "/t/%users/%homedirx/%user_x/%9/%-/%USER",
+                "/t/%users/%homedirx/%user_x/%9/%-/%USER".to_string(),
+            ),
+            ("~/ff/%%{user}", format!("{home}/ff/alice")),
+            ("/t/q%%%%q/%%user", "/t/q%q/alice".to_string()),
+            ("/t/q%%%%%%%%q", "/t/q%%q".to_string()),
+            ("%homedir/.pcocc/images", format!("{home}/.pcocc/images")),
+        ];
+        let mut yaml = String::from("repos:\n");
+        for (i, (raw, _)) in cases.iter().enumerate() {
+            yaml += &format!("  - name: r{i}\n    path: \"{raw}\"\n");
+        }
+        s.write_user(&yaml);
+        let c = s.load().unwrap();
+        for ((raw, want), repo) in cases.iter().zip(&c.repos) {
+            assert_eq!(repo.path, PathBuf::from(want), "{raw}");
+        }
     }
 
     #[test]

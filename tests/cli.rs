@@ -280,6 +280,23 @@ img1    vm      2           user    root     2026-11-27 03:17:34
 }
 
 #[test]
+fn list_with_an_empty_repository_lists_them_all_and_the_last_repo_option_wins() {
+    // As pcocc 0.7.5 answers: `-R ''` is no restriction, and of several `-R` the last
+    // one counts (an empty last one included).
+    let Some(f) = Fixture::standard() else { return };
+    let all = format!("{LIST_USER_ALL}{LIST_GLOBAL_ALL}");
+    f.pcocc(&["image", "list", "-R", ""]).expect(&all, "", 0);
+    f.pcocc(&["image", "list", "-R", "user", "-R", "global"])
+        .expect(LIST_GLOBAL_ALL, "", 0);
+    f.pcocc(&["image", "list", "-R", "", "--repo", "global"])
+        .expect(LIST_GLOBAL_ALL, "", 0);
+    f.pcocc(&["image", "list", "-R", "global", "-R", ""])
+        .expect(&all, "", 0);
+    f.pcocc(&["image", "list", "-R", "nosuch", "-R", "global"])
+        .expect(LIST_GLOBAL_ALL, "", 0);
+}
+
+#[test]
 fn list_matching_nothing_prints_nothing_and_succeeds() {
     let Some(f) = Fixture::standard() else { return };
     f.pcocc(&["image", "list", "zzz"]).expect("", "", 0);

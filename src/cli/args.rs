@@ -62,8 +62,14 @@ pub enum ImageCommand {
         help_template = help::LIST
     )]
     List {
-        /// Only this repository.
-        #[arg(short = 'R', long = "repo", value_name = "TEXT")]
+        /// Only this repository: the last one given, as pcocc (its option may be repeated),
+        /// and an empty name means every repository.
+        #[arg(
+            short = 'R',
+            long = "repo",
+            value_name = "TEXT",
+            overrides_with = "repo"
+        )]
         repo: Option<String>,
         /// Only names where this regular expression matches (anywhere).
         #[arg(value_name = "REGEX")]

@@ -151,7 +151,9 @@ fn execute(args: &Args) -> Result<(), CliError> {
     };
     let result = match command {
         ImageCommand::List { repo, regex } => {
-            image::list(&mut context, repo.as_deref(), regex.as_deref())
+            // pcocc tests the option's truth: `-R ''` lists every repository.
+            let repo = repo.as_deref().filter(|r| !r.is_empty());
+            image::list(&mut context, repo, regex.as_deref())
         }
         ImageCommand::Show { image } => image::show(&mut context, image),
         ImageCommand::Copy { source, dest } => image::copy(&mut context, source, dest),

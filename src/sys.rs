@@ -905,6 +905,13 @@ pub fn user_name_and_home(uid: u32) -> Option<(String, PathBuf)> {
     Some((name, PathBuf::from(OsString::from_vec(p.dir))))
 }
 
+/// The home directory of the user `name`, if such a user exists.
+pub fn home_of(name: &str) -> Option<PathBuf> {
+    let c = CString::new(name).ok()?;
+    let p = passwd(PasswdKey::Name(&c))?;
+    Some(PathBuf::from(OsString::from_vec(p.dir)))
+}
+
 /// The uid and primary gid of the user `name`, if such a user exists.
 pub fn user_by_name(name: &str) -> Option<(u32, u32)> {
     let c = CString::new(name).ok()?;

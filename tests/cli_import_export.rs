@@ -437,6 +437,32 @@ fn formats_qemu_knows_and_pcocc_does_not_list_are_refused_with_pcoccs_message() 
 }
 
 #[test]
+fn a_tilde_in_the_source_or_the_destination_is_the_home_directory() {
+    // pcocc 0.7.5 expands `~` after splitting a format prefix off, for both commands.
+    let Some(f) = Fixture::new() else { return };
+    let home = f.root().join("home");
+    let source = f.source("qcow2", "src.qcow2");
+    fs::copy(&source, home.join("h.qcow2")).expect("copy to the home");
+    f.pcocc(&["import", "~/h.qcow2", "t1"]).expect(
+        &format!("{}{COPYING}", storing("user", "t1")),
+        "",
+        0,
+    );
+    f.pcocc(&["import", "qcow2:~/h.qcow2", "t2"]).expect(
+        &format!("{}{COPYING}", storing("user", "t2")),
+        "",
+        0,
+    );
+    f.pcocc(&["export", "t1", "~/o.raw"])
+        .expect(CONVERTING, "", 0);
+    f.pcocc(&["export", "t1", "vmdk:~/o2"])
+        .expect(CONVERTING, "", 0);
+    assert!(f.identical(("qcow2", &source), ("raw", &home.join("o.raw"))));
+    assert!(f.identical(("qcow2", &source), ("vmdk", &home.join("o2"))));
+    assert!(!f.work("~").exists());
+}
+
+#[test]
 fn a_text_file_named_qcow2_fails_cleanly_naming_the_file() {
     let Some(f) = Fixture::new() else { return };
     fs::write(f.work("fake.qcow2"), "this is not a qcow2 image at all\n").expect("fake");

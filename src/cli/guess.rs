@@ -15,6 +15,9 @@
 //!    warning) when the file exists and cannot be told apart ("Could not detect image
 //!    format" when it does not); an export writes raw.
 //!
+//! A leading `~` or `~user` of the path (after any prefix) is the home directory, as
+//! pcocc expands it (Python's `os.path.expanduser`).
+//!
 //! Only then is the specified name checked against the formats this project writes and
 //! reads (`iso is not a valid image format`), which is why a mismatch with the content is
 //! reported first, as pcocc does. pcocc also routed container formats (`docker`, `oci`,
@@ -106,7 +109,7 @@ pub fn guess(option: Option<&str>, arg: &str, side: Side) -> Result<Guess, Guess
             prefix: prefix.clone(),
         });
     }
-    let path = PathBuf::from(path);
+    let path = PathBuf::from(expand_user(path).into_owned());
     let specified = option
         .or(prefix)
         .or_else(|| detect::format_from_suffix(&path).map(|f| f.name().to_string()));
@@ -156,6 +159,35 @@ pub fn guess(option: Option<&str>, arg: &str, side: Side) -> Result<Guess, Guess
             Side::Export => Ok(decided(Format::Raw, false)),
         },
     }
+}
+
+/// Python's `os.path.expanduser`: `~` (alone or before `/`) is `$HOME`, else the passwd
+/// home of the process's user; `~name` is the home of `name`; anything else, an unknown
+/// user included, is left as written.
+pub fn expand_user(path: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let Some(rest) = path.strip_prefix('~') else {
+        return Cow::Borrowed(path);
+    };
+    let end = rest.find('/').unwrap_or(rest.len());
+    let (name, tail) = rest.split_at(end);
+    let home = if name.is_empty() {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .or_else(|| crate::sys::user_name_and_home(crate::sys::uid()).map(|(_, h)| h))
+    } else {
+        crate::sys::home_of(name)
+    };
+    let Some(home) = home else {
+        return Cow::Borrowed(path);
+    };
+    let home = home.to_string_lossy();
+    let joined = format!("{}{tail}", home.trim_end_matches('/'));
+    Cow::Owned(if joined.is_empty() {
+        "/".into()
+    } else {
+        joined
+    })
 }
 
 /// Splits a known format prefix (case-insensitive, returned lower-cased) off `arg`.
@@ -234,6 +266,22 @@ mod tests {
         assert_eq!(split_prefix("iso:a"), (None, "iso:a"));
         assert_eq!(split_prefix("./qcow2:a"), (None, "./qcow2:a"));
         assert_eq!(split_prefix("plain"), (None, "plain"));
+    }
+
+    #[test]
+    fn a_tilde_is_the_home_directory_as_python_expands_it() {
+        let home = std::env::var("HOME").unwrap_or_default();
+        let home = home.trim_end_matches('/');
+        assert_eq!(expand_user("~/a/b"), format!("{home}/a/b"));
+        assert_eq!(expand_user("~"), if home.is_empty() { "/" } else { home });
+        let root = crate::sys::home_of("root").unwrap();
+        assert_eq!(
+            expand_user("~root/x"),
+            format!("{}/x", root.to_string_lossy().trim_end_matches('/'))
+        );
+        for kept in ["a/~/b", "./~", "~no-such-user-here/x", "x~"] {
+            assert_eq!(expand_user(kept), kept);
+        }
     }
 
     #[test]

@@ -571,6 +571,34 @@ fn copy_to_another_repository_writes_revision_0_with_the_same_layers() {
 }
 
 #[test]
+fn a_null_custom_meta_is_read_as_an_empty_object_and_never_copied() {
+    // pcocc 0.7.5 refuses `"custom_meta": null` ("Bad metadata for N: None is not of type
+    // 'object'"), failing every list of the repository: here it reads as `{}`, and what
+    // a copy writes is `{}`, which pcocc reads.
+    let Some(f) = Fixture::standard() else { return };
+    let meta = fs::read_to_string(f.meta_path("user", "diskimg", 0)).unwrap();
+    let nulled = meta.replace("\"custom_meta\": {}", "\"custom_meta\": null");
+    assert_ne!(meta, nulled);
+    fs::write(f.meta_path("user", "diskimg", 0), nulled).unwrap();
+    f.pcocc(&["image", "list"])
+        .expect(&format!("{LIST_USER_ALL}{LIST_GLOBAL_ALL}"), "", 0);
+    f.pcocc(&["image", "copy", "diskimg", "global:copied"])
+        .expect(COPIED, "", 0);
+    let written = fs::read_to_string(f.meta_path("global", "copied", 0)).unwrap();
+    assert!(written.ends_with(", \"custom_meta\": {}}"), "{written}");
+    // Any other non-object is bad metadata, skipped with a warning, as pcocc refuses it.
+    let listed = fs::read_to_string(f.meta_path("user", "vmdkimg", 0)).unwrap();
+    fs::write(
+        f.meta_path("user", "vmdkimg", 0),
+        listed.replace("\"custom_meta\": {}", "\"custom_meta\": [1]"),
+    )
+    .unwrap();
+    let run = f.pcocc(&["image", "list", "-R", "user"]);
+    assert!(!run.stdout.contains("vmdkimg"), "{run:?}");
+    assert!(run.stderr.contains("vmdkimg@0"), "{run:?}");
+}
+
+#[test]
 fn copy_of_a_revision_copies_that_revision() {
     let Some(f) = Fixture::standard() else { return };
     f.pcocc(&["image", "copy", "img1@1", "user:img1one@7"])

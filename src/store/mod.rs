@@ -53,13 +53,27 @@ pub struct Meta {
     pub timestamp: f64,
     /// Layer hashes, base first, top last; entries may carry a `sha256:` prefix.
     pub data_blobs: Vec<String>,
-    /// Free-form; `{}` for VM images.
-    #[serde(default = "empty_object")]
+    /// Free-form object; `{}` for VM images. A `null` (which pcocc's schema refuses,
+    /// failing every listing of the repository) is read as `{}`, so it is never written
+    /// back or copied; any other non-object makes the metadata bad, as in pcocc.
+    #[serde(default = "empty_object", deserialize_with = "object_or_null")]
     pub custom_meta: serde_json::Value,
 }
 
 fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(serde_json::Map::new())
+}
+
+/// `custom_meta`: an object, or `null` read as `{}`.
+fn object_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<serde_json::Value, D::Error> {
+    use serde::Deserialize;
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Null => Ok(empty_object()),
+        v @ serde_json::Value::Object(_) => Ok(v),
+        other => Err(serde::de::Error::custom(format!(
+            "custom_meta is not of type 'object': {other}"
+        ))),
+    }
 }
 
 /// Errors of the store. Messages are pcocc's where pcocc has one, and otherwise name the

@@ -788,6 +788,70 @@ fn formats_pcocc_does_not_list_are_refused_at_close_naming_the_format() {
 }
 
 #[test]
+fn a_container_image_shows_as_a_directory_of_metadata_without_disks() {
+    // A `kind: ctr` revision (an OCI blob, not a disk) next to a VM image: every listing
+    // works, its revision holds meta.json only, and the VM image is untouched.
+    let Some(fs) = Fs::start(&["r"]) else {
+        return;
+    };
+    let r = fs.at("r");
+    let src = fs.small_source("src.qcow2", 0x61);
+    let out = fs.sh(
+        r#"cp "$SRC" "$R/vm""#,
+        &[("SRC", s(&src)), ("R", s(&r))],
+        WRITER_LIMIT,
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let blob = b"an OCI layer, not a disk\n".repeat(1000);
+    let hash = text(&ok_bytes("sha256sum", &blob));
+    let hash = hash.split_whitespace().next().unwrap().to_string();
+    let data = fs.repo("r").join("data").join(&hash[..2]);
+    fs::create_dir_all(&data).unwrap();
+    fs::write(data.join(&hash), &blob).unwrap();
+    let meta = format!(
+        "{{\"name\": \"ctr1\", \"revision\": 0, \"kind\": \"ctr\", \"owner\": \"root\", \
+         \"timestamp\": 1796493157.267927, \"data_blobs\": [\"{hash}\"], \
+         \"custom_meta\": {{\"index\": {{}}}}}}"
+    );
+    fs::write(fs.repo("r").join("meta/ctr1@0"), meta).unwrap();
+    let script = r#"set -e
+        ls -l "$R" >/dev/null
+        ls -lR "$R" >/dev/null
+        test "$(cd "$R/ctr1/@0" && ls)" = meta.json
+        test "$(readlink "$R/ctr1/latest")" = @0
+        grep -q '"kind": "ctr"' "$R/ctr1/@0/meta.json"
+        grep -q '"virtual_size": null' "$R/ctr1/@0/meta.json"
+        for f in disk.raw disk.qcow2 disk.vmdk; do
+            test ! -e "$R/ctr1/@0/$f"
+            ! cat "$R/ctr1/@0/$f" 2>/dev/null
+        done
+        test "$(find "$R/ctr1" -type f | wc -l)" = 1
+        test "$(find "$R/vm/@0" -type f | wc -l)" = 7
+        qemu-img compare -q -f raw -F qcow2 "$R/vm/@0/disk.raw" "$SRC"
+    "#;
+    let out = fs.sh(script, &[("R", s(&r)), ("SRC", s(&src))], WRITER_LIMIT);
+    assert!(out.status.success(), "{}", describe(&out));
+    // The container image is removed as any image.
+    let out = fs.sh(r#"rm -r "$R/ctr1""#, &[("R", s(&r))], WRITER_LIMIT);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(fs.meta_names("r"), ["vm@0"]);
+}
+
+/// Runs `prog` with `input` on its standard input; its standard output.
+fn ok_bytes(prog: &str, input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new(prog)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{prog} failed");
+    out.stdout
+}
+
+#[test]
 fn a_text_file_written_by_a_shell_builtin_leaves_nothing() {
     // `echo > F` restores its standard output with dup2(2), which drops the error of
     // the close it makes: the command succeeds whatever happens; nothing may be left.

@@ -43,8 +43,10 @@ pub fn render(store: &Store, meta: &Meta) -> Vec<u8> {
             json!({"sha256": h, "path": path.display().to_string(), "size": size})
         })
         .collect();
+    // Only a VM image's top layer is a qcow2 disk.
     let virtual_size = hashes
         .last()
+        .filter(|_| super::is_vm(meta))
         .and_then(|h| store.open_layer(h).ok())
         .and_then(|(f, _)| qcow2_virtual_size(&f));
     obj.insert("repo".into(), Value::from(store.name()));

@@ -66,6 +66,15 @@ use std::time::{Duration, SystemTime};
 use crate::config::Config;
 pub use crate::image::Format;
 pub use crate::store::Meta;
+
+/// The kind pcocc records for VM images; other kinds (`ctr`: container images) have no
+/// disk, so the tree shows their revisions with `meta.json` only.
+pub const VM_KIND: &str = "vm";
+
+/// True when `meta` describes a VM disk (kind [`VM_KIND`]).
+pub fn is_vm(meta: &Meta) -> bool {
+    meta.kind == VM_KIND
+}
 use crate::store::Store;
 
 /// The identity a call is carried out as: the FUSE request's uid/gid and the caller's

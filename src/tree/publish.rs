@@ -23,7 +23,7 @@ use crate::store::{self, Meta, Store};
 /// Attempts at taking the next revision number when other writers take it first.
 pub(super) const REVISION_ATTEMPTS: u32 = 16;
 /// The kind pcocc records for VM images.
-pub(super) const KIND_VM: &str = "vm";
+pub(super) const KIND_VM: &str = super::VM_KIND;
 
 /// Where an import lands.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -223,6 +223,15 @@ impl Tree {
         store: &Store,
         meta: &Meta,
     ) -> Result<Arc<OpenedRevision>, Error> {
+        if !super::is_vm(meta) {
+            return Err(Error::NoEntry(format!(
+                "{}:{}@{}: a {} image, which has no disk",
+                store.name(),
+                meta.name,
+                meta.revision,
+                meta.kind
+            )));
+        }
         let hashes = meta.layer_hashes().map_err(crate::store::Error::BadHash)?;
         let key = (
             store.name().to_string(),
@@ -238,11 +247,11 @@ impl Tree {
     }
 
     /// True when revision `meta` has file `kind`: `meta.json` always; views when the
-    /// revision has layers, `disk.vpc` only where VHD can hold the disk.
+    /// revision is a VM disk with layers, `disk.vpc` only where VHD can hold the disk.
     pub(super) fn has_file(&self, store: &Store, meta: &Meta, kind: FileKind) -> bool {
         match kind {
             FileKind::MetaJson => true,
-            FileKind::View(_) if meta.data_blobs.is_empty() => false,
+            FileKind::View(_) if meta.data_blobs.is_empty() || !super::is_vm(meta) => false,
             // A revision the caller may not open still lists the file: opening it then
             // says why (EACCES), rather than a name that comes and goes with the caller.
             FileKind::View(Format::Vpc) => match self.opened_revision(store, meta) {

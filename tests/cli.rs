@@ -598,6 +598,78 @@ fn a_null_custom_meta_is_read_as_an_empty_object_and_never_copied() {
     assert!(run.stderr.contains("vmdkimg@0"), "{run:?}");
 }
 
+/// A container image `name@0` in `repo` as pcocc keeps one: kind `ctr`, a layer that is
+/// no disk (here 384 KiB of text standing for an OCI blob) and an OCI index in
+/// `custom_meta`.
+fn write_container_image(f: &Fixture, repo: &str, name: &str) {
+    let blob = f.root().join("work/oci-blob");
+    fs::write(
+        &blob,
+        &"not a disk\n".repeat(393216 / 11 + 1).as_bytes()[..393216],
+    )
+    .unwrap();
+    let hash = f.store_layer(repo, &blob);
+    let json = format!(
+        "{{\"name\": \"{name}\", \"revision\": 0, \"kind\": \"ctr\", \"owner\": \"root\", \
+         \"timestamp\": 1796493157.267927, \"data_blobs\": [\"{hash}\"], \
+         \"custom_meta\": {{\"index\": {{\"schemaVersion\": 2}}}}}}"
+    );
+    fs::write(f.meta_path(repo, name, 0), json).unwrap();
+}
+
+#[test]
+fn container_images_are_listed_shown_and_copied_but_not_exported_to_a_vm_format() {
+    // pcocc 0.7.5's answers for a `kind: ctr` image.
+    let Some(f) = Fixture::new() else { return };
+    write_container_image(&f, "user", "ctr1");
+    let list = "\
+User images:
+NAME    TYPE    REVISION    REPO    OWNER    DATE
+----    ----    --------    ----    -----    ----
+ctr1    ctr     0           user    root     2026-12-05 17:52:37
+
+";
+    f.pcocc(&["image", "list"]).expect(list, "", 0);
+    let show = "\
+------------------------------
+Repo:                     user
+Name:                     ctr1
+Type:                      ctr
+------------------------------
+URI:               user:ctr1@0
+Layers:                      1
+------------------------------
+Owner:                    root
+Date:      2026-12-05 17:52:37
+------------------------------
+
+REVISION    SIZE        CREATION DATE
+--------    ----        -------- ----
+0           384.0 KB    2026-12-05 17:52:37
+";
+    f.pcocc(&["image", "show", "ctr1"]).expect(show, "", 0);
+    f.pcocc(&["image", "export", "ctr1", "out.raw"])
+        .expect_error("raw is not a valid ctr format");
+    f.pcocc(&["image", "export", "ctr1", "out.qcow2"])
+        .expect_error("qcow2 is not a valid ctr format");
+    f.pcocc(&["image", "export", "-t", "vmdk", "ctr1", "x"])
+        .expect_error("vmdk is not a valid ctr format");
+    // With no format pcocc hands the image to skopeo; here it is refused, saying why.
+    f.pcocc(&["image", "export", "ctr1", "noext"])
+        .expect_error("ctr1 is a ctr image: container images are not handled here, only VM images");
+    for out in ["out.raw", "out.qcow2", "x", "noext"] {
+        assert!(!f.root().join("work").join(out).exists(), "{out} written");
+    }
+    f.pcocc(&["image", "copy", "ctr1", "global:ctr2"])
+        .expect(COPIED, "", 0);
+    let copied = fs::read_to_string(f.meta_path("global", "ctr2", 0)).unwrap();
+    assert!(copied.contains("\"kind\": \"ctr\""), "{copied}");
+    assert!(
+        copied.ends_with("\"custom_meta\": {\"index\": {\"schemaVersion\": 2}}}"),
+        "{copied}"
+    );
+}
+
 #[test]
 fn copy_of_a_revision_copies_that_revision() {
     let Some(f) = Fixture::standard() else { return };

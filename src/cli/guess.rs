@@ -60,6 +60,8 @@ pub struct Guess {
     /// Nothing specified and nothing detected: an import reads the file as raw, and says
     /// so (pcocc's warning "Could not detect image format, assuming raw VM").
     pub assumed_raw: bool,
+    /// Nothing specified and nothing detected, on either side: raw is a default.
+    pub defaulted: bool,
 }
 
 /// Why no format could be decided; messages are pcocc's where it has one.
@@ -118,10 +120,11 @@ pub fn guess(option: Option<&str>, arg: &str, side: Side) -> Result<Guess, Guess
     } else {
         None
     };
-    let decided = |format, assumed_raw| Guess {
+    let decided = |format, defaulted: bool| Guess {
         path: path.clone(),
         format,
-        assumed_raw,
+        assumed_raw: defaulted && side == Side::Import,
+        defaulted,
     };
     match (specified, probe) {
         (Some(name), probe) => {
@@ -152,11 +155,11 @@ pub fn guess(option: Option<&str>, arg: &str, side: Side) -> Result<Guess, Guess
         }
         (None, Some(file)) => match detect::detect_file(&file, &path)? {
             Some(format) => Ok(decided(format, false)),
-            None => Ok(decided(Format::Raw, side == Side::Import)),
+            None => Ok(decided(Format::Raw, true)),
         },
         (None, None) => match side {
             Side::Import => Err(GuessError::Undetectable),
-            Side::Export => Ok(decided(Format::Raw, false)),
+            Side::Export => Ok(decided(Format::Raw, true)),
         },
     }
 }

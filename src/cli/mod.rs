@@ -60,6 +60,13 @@ pub enum CliError {
     /// An import source that is not a regular file (pcocc's wording, space included).
     #[error("Failed to import {0} : not an image file")]
     NotAnImage(String),
+    /// An export of an image of another kind (`ctr`) to a VM format (pcocc's message).
+    #[error("{format} is not a valid {kind} format")]
+    KindFormat { format: &'static str, kind: String },
+    /// An export of an image of another kind with no format: pcocc hands container
+    /// images to skopeo, which this project does not do.
+    #[error("{name} is a {kind} image: container images are not handled here, only VM images")]
+    NotAVmImage { name: String, kind: String },
     /// A command line clap accepted but that makes no sense (an old `KIND` other than
     /// `vm`): told like clap's usage errors, exit 2. `usage` is the command's usage line.
     #[error("{message}")]

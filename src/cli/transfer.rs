@@ -77,6 +77,7 @@ pub fn import(
         path,
         format,
         assumed_raw,
+        ..
     } = guess::guess(fmt, source, Side::Import)?;
     if assumed_raw {
         log::warn!("Could not detect image format, assuming raw VM");
@@ -142,7 +143,27 @@ pub fn export(
 ) -> Result<(), CliError> {
     let source = Uri::parse(source)?;
     let found = ctx.tree.resolve(&ctx.caller, &source)?;
-    let Guess { path, format, .. } = guess::guess(fmt, dest, Side::Export)?;
+    let Guess {
+        path,
+        format,
+        defaulted,
+        ..
+    } = guess::guess(fmt, dest, Side::Export)?;
+    if !tree::is_vm(&found.meta) {
+        // pcocc refuses a VM format for another kind, and hands a container image with
+        // no format to skopeo, which this project does not do.
+        return Err(if defaulted {
+            CliError::NotAVmImage {
+                name: found.meta.name,
+                kind: found.meta.kind,
+            }
+        } else {
+            CliError::KindFormat {
+                format: format.name(),
+                kind: found.meta.kind,
+            }
+        });
+    }
     ctx.out.line(announcement(format))?;
     ctx.out.flush()?;
     let revision = Uri {

@@ -462,6 +462,259 @@ fn a_tilde_in_the_source_or_the_destination_is_the_home_directory() {
     assert!(!f.work("~").exists());
 }
 
+/// Asserts that `name@0` of `user` is one standalone layer (no backing file, `qemu-img
+/// check` clean) holding the same disk as `source` read as `format`.
+#[track_caller]
+fn assert_flattened(f: &Fixture, name: &str, format: &str, source: &Path) {
+    let layers = f.layers("user", name);
+    assert_eq!(layers.len(), 1, "{name}: one layer");
+    let json = f.tool(
+        "qemu-img",
+        &["info", "--output=json", layers[0].to_str().expect("utf-8")],
+    );
+    assert!(!json.contains("backing-filename"), "{name}: {json}");
+    f.tool(
+        "qemu-img",
+        &[
+            "check",
+            "-q",
+            "-f",
+            "qcow2",
+            layers[0].to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        f.identical((format, source), ("qcow2", &layers[0])),
+        "{name}: the stored layer differs from the source"
+    );
+}
+
+#[test]
+fn a_qcow2_with_a_backing_chain_is_imported_flattened_as_pcocc_does() {
+    // pcocc 0.7.5 (qemu-img convert) flattens the chain into one standalone layer and
+    // says "Copying image..." for a qcow2 whatever its chain.
+    let Some(f) = Fixture::new() else { return };
+    fs::create_dir_all(f.work("chain/base")).expect("dirs");
+    let base = f.source("qcow2", "chain/base/base.qcow2");
+    let _ = base;
+    // mid names its backing file relative to its own directory, top by absolute path
+    // (with a raw base under a second chain, below).
+    f.tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base/base.qcow2",
+            "-F",
+            "qcow2",
+            "chain/mid.qcow2",
+        ],
+    );
+    f.tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x44 1M 2M",
+            "chain/mid.qcow2",
+        ],
+    );
+    let mid = f.work("chain/mid.qcow2");
+    f.tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            mid.to_str().unwrap(),
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    f.tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -z 5M 64k",
+            "-c",
+            "write -P 0x55 7M 4k",
+            "top.qcow2",
+        ],
+    );
+    f.pcocc(&["import", "top.qcow2", "chained"]).expect(
+        &format!("{}{COPYING}", storing("user", "chained")),
+        "",
+        0,
+    );
+    assert_flattened(&f, "chained", "qcow2", &f.work("top.qcow2"));
+    // Imported from another directory: names are relative to the image's directory.
+    f.pcocc(&["import", "chain/mid.qcow2", "mid"]).expect(
+        &format!("{}{COPYING}", storing("user", "mid")),
+        "",
+        0,
+    );
+    assert_flattened(&f, "mid", "qcow2", &mid);
+    // A raw backing file, and an overlay larger than it.
+    f.tool(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "chain/base.raw", "4M"],
+    );
+    f.tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x66 0 1M", "chain/base.raw"],
+    );
+    f.tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "chain/big.qcow2",
+            "16M",
+        ],
+    );
+    f.tool(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x77 12M 1M",
+            "chain/big.qcow2",
+        ],
+    );
+    f.pcocc(&["import", "chain/big.qcow2", "big"]).expect(
+        &format!("{}{COPYING}", storing("user", "big")),
+        "",
+        0,
+    );
+    assert_flattened(&f, "big", "qcow2", &f.work("chain/big.qcow2"));
+    // A missing backing file fails naming it, leaving nothing.
+    fs::rename(f.work("chain/base.raw"), f.work("chain/gone.raw")).expect("rename");
+    let run = f.pcocc(&["import", "chain/big.qcow2", "broken"]);
+    assert_eq!(run.code, 255, "{run:?}");
+    assert!(run.stderr.contains("base.raw"), "{run:?}");
+    assert!(f.meta("user", "broken", 0).is_none());
+    assert!(f.entries("user", ".tmp").is_empty(), "scratch files left");
+}
+
+#[test]
+fn multi_file_vmdks_are_imported_flattened_as_pcocc_does() {
+    let Some(f) = Fixture::new() else { return };
+    let write = |fmt: &str, file: &str, cmds: &[&str]| {
+        for c in cmds {
+            f.tool("qemu-io", &["-f", fmt, "-c", c, file]);
+        }
+    };
+    // monolithicFlat: a descriptor and one raw extent.
+    f.tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            "flat.vmdk",
+            "8M",
+        ],
+    );
+    write(
+        "vmdk",
+        "flat.vmdk",
+        &["write -P 0x11 0 64k", "write -P 0x12 7M 1M"],
+    );
+    // twoGbMaxExtentSparse: three sparse extents, data in each and across the first
+    // boundary.
+    f.tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=twoGbMaxExtentSparse",
+            "split.vmdk",
+            "5G",
+        ],
+    );
+    write(
+        "vmdk",
+        "split.vmdk",
+        &[
+            "write -P 0x21 0 64k",
+            "write -P 0x22 2047M 2M",
+            "write -P 0x23 4500M 1M",
+        ],
+    );
+    // Hand-written: ESXi's VMFS extent, two FLAT extents with offsets, in a subdirectory
+    // with the descriptor imported from elsewhere.
+    fs::create_dir_all(f.work("esx")).expect("dir");
+    f.tool(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "esx/disk-flat.vmdk", "4M"],
+    );
+    write(
+        "raw",
+        "esx/disk-flat.vmdk",
+        &["write -P 0x31 0 1M", "write -P 0x32 3M 1M"],
+    );
+    fs::write(
+        f.work("esx/disk.vmdk"),
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+         createType=\"vmfs\"\n\n# Extent description\nRW 8192 VMFS \"disk-flat.vmdk\"\n\n\
+         ddb.adapterType = \"lsilogic\"\n",
+    )
+    .expect("descriptor");
+    fs::write(
+        f.work("esx/parts.vmdk"),
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+         createType=\"twoGbMaxExtentFlat\"\nRW 2048 FLAT \"disk-flat.vmdk\" 4096\n\
+         RW 4096 FLAT \"disk-flat.vmdk\" 0\n",
+    )
+    .expect("descriptor");
+    for (source, name) in [
+        ("flat.vmdk", "flat"),
+        ("split.vmdk", "split"),
+        ("esx/disk.vmdk", "esx"),
+        ("esx/parts.vmdk", "parts"),
+    ] {
+        f.pcocc(&["import", source, name]).expect(
+            &format!("{}{CONVERTING}", storing("user", name)),
+            "",
+            0,
+        );
+        assert_flattened(&f, name, "vmdk", &f.work(source));
+    }
+    // A parent disk is not followed: refused naming it, nothing stored.
+    fs::write(
+        f.work("esx/child.vmdk"),
+        "version=1\nCID=12345678\nparentCID=fffffffe\nparentFileNameHint=\"disk.vmdk\"\n\
+         RW 8192 SPARSE \"child-delta.vmdk\"\n",
+    )
+    .expect("descriptor");
+    let run = f.pcocc(&["import", "esx/child.vmdk", "child"]);
+    assert_eq!(run.code, 255, "{run:?}");
+    assert!(run.stderr.contains("parent"), "{run:?}");
+    assert!(f.meta("user", "child", 0).is_none());
+}
+
 #[test]
 fn a_text_file_named_qcow2_fails_cleanly_naming_the_file() {
     let Some(f) = Fixture::new() else { return };

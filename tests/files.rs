@@ -788,6 +788,62 @@ fn formats_pcocc_does_not_list_are_refused_at_close_naming_the_format() {
 }
 
 #[test]
+fn a_qcow2_with_a_backing_file_is_refused_at_close_saying_why() {
+    // The daemon cannot read the writer's files with the writer's rights: the overlay is
+    // refused (pcocc image import flattens it instead), nothing is published.
+    let Some(scratch) = common::required_mount_scratch("files", TOOLS) else {
+        return;
+    };
+    let log = scratch.path().join("daemon.log");
+    let Some(fs) = Fs::start_with(&["r"], &["--log-file", s(&log)]) else {
+        return;
+    };
+    let before = fs.state("r");
+    let r = fs.at("r");
+    let base = fs.small_source("base.qcow2", 0x61);
+    let top = fs.work().join("top.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&base),
+            "-F",
+            "qcow2",
+            s(&top),
+        ],
+    );
+    let out = fs.sh(
+        r#"cp "$SRC" "$R/top""#,
+        &[("SRC", s(&top)), ("R", s(&r))],
+        WRITER_LIMIT,
+    );
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("Invalid argument"),
+        "{}",
+        describe(&out)
+    );
+    if let Err(e) = fs.check_nothing("r", "top", &before) {
+        panic!("cp of an overlay must leave nothing: {e}");
+    }
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            fs::read_to_string(&log).is_ok_and(|l| {
+                l.contains("base.qcow2")
+                    && l.contains("import through the mount cannot read")
+                    && l.contains("pcocc image import")
+            })
+        }),
+        "the daemon's log says why: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
+#[test]
 fn a_container_image_shows_as_a_directory_of_metadata_without_disks() {
     // A `kind: ctr` revision (an OCI blob, not a disk) next to a VM image: every listing
     // works, its revision holds meta.json only, and the VM image is untouched.

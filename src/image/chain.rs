@@ -26,7 +26,8 @@ pub trait BackingPolicy: Send + Sync {
     fn open(&self, layer_path: &Path, backing: &BackingRef) -> Result<(PathBuf, File)>;
 }
 
-/// Allows no backing file at all (imports must be standalone images).
+/// Allows no backing file at all (imports through the mount, which cannot read the
+/// writer's files with the writer's rights, must be standalone images).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoBacking;
 
@@ -36,10 +37,63 @@ impl BackingPolicy for NoBacking {
             path: layer_path.to_path_buf(),
             format: Format::Qcow2,
             reason: format!(
-                "it has a backing file {:?}; a standalone image is required (flatten it with `qemu-img convert`)",
+                "it has a backing file {:?}, which an import through the mount cannot read \
+                 with the writer's rights; a standalone image is required (flatten it with \
+                 `qemu-img convert`, or import it with `pcocc image import`, which reads \
+                 backing files)",
                 backing.name
             ),
         })
+    }
+}
+
+/// Opens backing files and VMDK extent files as the running process can, as qemu-img
+/// does for pcocc: names relative to the naming file's directory, absolute names as they
+/// are. Only for a process acting for its own user (`pcocc image import`): the files
+/// are the user's, read with the user's rights. Names must be regular files (not a
+/// device or a FIFO); `json:` pseudo-names and protocols are refused.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CallerFiles;
+
+impl CallerFiles {
+    /// Opens `name` as named by the file at `from`.
+    pub fn open_named(&self, from: &Path, name: &str, format: Format) -> Result<(PathBuf, File)> {
+        let refuse = |why: &str| Error::Unsupported {
+            path: from.to_path_buf(),
+            format,
+            reason: format!("{name:?} {why}"),
+        };
+        if name.is_empty() {
+            return Err(refuse("is an empty file name"));
+        }
+        if name.starts_with("json:") || name.contains("://") {
+            return Err(refuse(
+                "is not a file name (a json: specification or a protocol)",
+            ));
+        }
+        let path = from.parent().unwrap_or(Path::new(".")).join(name);
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        if !file.metadata().map_err(|e| Error::io(&path, e))?.is_file() {
+            return Err(refuse("is not a regular file"));
+        }
+        Ok((path, file))
+    }
+}
+
+impl BackingPolicy for CallerFiles {
+    fn open(&self, layer_path: &Path, backing: &BackingRef) -> Result<(PathBuf, File)> {
+        self.open_named(layer_path, &backing.name, Format::Qcow2)
+    }
+}
+
+impl super::vmdk_extents::ExtentFiles for CallerFiles {
+    fn open(&self, descriptor: &Path, name: &str) -> Result<(PathBuf, File)> {
+        self.open_named(descriptor, name, Format::Vmdk)
     }
 }
 

@@ -31,6 +31,7 @@ pub mod raw;
 pub(crate) mod tables;
 pub mod vdi;
 pub mod vmdk;
+pub mod vmdk_extents;
 pub mod vpc;
 
 use std::fmt;

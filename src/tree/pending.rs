@@ -521,6 +521,7 @@ impl Import {
                     path: tmp.path(),
                     format,
                     scratch: Some(scratch),
+                    reader: publish::Reader::Standalone,
                 },
                 target,
                 &mut |_, _| {},

@@ -1,9 +1,12 @@
 //! Publishing an import: the one path every import takes (a file written into the mount,
 //! a staging file renamed into place, `pcocc image import`).
 //!
-//! The source is an untrusted file in any supported format. It is opened standalone (no
-//! backing file, no VMDK naming other files: [`NoBacking`] and the readers' own checks),
-//! converted into one standalone qcow2 layer under `.tmp/` (always: the layer is then
+//! The source is an untrusted file in any supported format. Through the mount it is
+//! opened standalone (no backing file, no VMDK naming other files: [`NoBacking`] and the
+//! readers' own checks): the daemon cannot read the writer's other files with the
+//! writer's rights. `pcocc image import`, the user's own process, reads the backing chain
+//! of a qcow2 and the extents of a multi-file VMDK as the user can ([`CallerFiles`]) and
+//! flattens them, as pcocc (`qemu-img convert`) does. Either way the source is converted into one standalone qcow2 layer under `.tmp/` (always: the layer is then
 //! clean, deterministic for its content and deduplicated whatever the source format
 //! was), added to `data/` (synced, 0444, renamed, deduplicated) and finally described by
 //! metadata created exclusively, so that two writers of one name give one winner. The
@@ -16,7 +19,7 @@ use std::path::Path;
 
 use super::ops::now_timestamp;
 use super::{Error, Format};
-use crate::image::chain::{NoBacking, open_chain_file};
+use crate::image::chain::{CallerFiles, NoBacking, open_chain_file};
 use crate::image::{self, Disk, Layer, convert, detect};
 use crate::store::{self, Meta, Store};
 
@@ -80,7 +83,17 @@ pub fn choose_format(
 /// external files are refused, headers and tables are checked by the reader. The reader
 /// gets a duplicate of the descriptor, never a reopen by name.
 pub fn open_standalone(file: &File, path: &Path, format: Format) -> Result<Disk, Error> {
-    open_source(file, path, format).map_err(source_error)
+    open_source(file, path, format, Reader::Standalone).map_err(source_error)
+}
+
+/// Which other files reading a source may open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reader {
+    /// None: the source must be one standalone file (imports through the mount).
+    Standalone,
+    /// The qcow2 backing chain and the VMDK extent files the source names, opened with
+    /// the rights of this process, which acts for its own user (`pcocc image import`).
+    CallerFiles,
 }
 
 /// An error met reading an import's source: the content's fault ([`Error::BadImage`],
@@ -98,8 +111,41 @@ pub(super) fn source_error(e: Error) -> Error {
     }
 }
 
-fn open_source(file: &File, path: &Path, format: Format) -> Result<Disk, Error> {
+fn open_source(file: &File, path: &Path, format: Format, reader: Reader) -> Result<Disk, Error> {
     let file = file.try_clone().map_err(|e| image::Error::io(path, e))?;
+    let layer: std::sync::Arc<dyn Layer> = match (format, reader) {
+        (Format::Qcow2, Reader::Standalone) => {
+            return Ok(open_chain_file(file, path, &NoBacking)?);
+        }
+        (Format::Qcow2, Reader::CallerFiles) => {
+            return Ok(open_chain_file(file, path, &CallerFiles)?);
+        }
+        (Format::Vmdk, Reader::CallerFiles) if is_vmdk_descriptor(&file, path)? => {
+            std::sync::Arc::new(image::vmdk_extents::open(&file, path, &CallerFiles)?)
+        }
+        (format, _) => return open_one(file, path, format),
+    };
+    Ok(Disk::new(vec![layer]))
+}
+
+/// True when `file` starts as a VMDK text descriptor.
+fn is_vmdk_descriptor(file: &File, path: &Path) -> Result<bool, Error> {
+    use std::os::unix::fs::FileExt;
+    let mut head = [0u8; 512];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read_at(&mut head[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(image::Error::io(path, e).into()),
+        }
+    }
+    Ok(image::vmdk_extents::is_descriptor(&head[..got]))
+}
+
+/// A source of a format that names no other file (a VMDK: a single-file one).
+fn open_one(file: File, path: &Path, format: Format) -> Result<Disk, Error> {
     let layer: std::sync::Arc<dyn Layer> = match format {
         Format::Qcow2 => return Ok(open_chain_file(file, path, &NoBacking)?),
         Format::Raw => std::sync::Arc::new(image::raw::RawLayer::new(file, path)?),
@@ -136,6 +182,8 @@ pub struct Source<'a> {
     pub format: Format,
     /// Set when the file is the daemon's own scratch copy of what a writer sent.
     pub scratch: Option<Scratch>,
+    /// Which other files reading it may open.
+    pub reader: Reader,
 }
 
 /// What is known of a scratch copy, and what may be done to it.
@@ -166,7 +214,8 @@ pub fn publish(
 ) -> Result<Meta, Error> {
     check_target(store, target)?;
     let started = std::time::Instant::now();
-    let disk = open_standalone(source.file, source.path, source.format)?;
+    let disk = open_source(source.file, source.path, source.format, source.reader)
+        .map_err(source_error)?;
     let out = store.tmp_file()?;
     let raw_scratch = source.scratch.filter(|_| source.format == Format::Raw);
     let mut opts = convert::Options::new(progress);

@@ -55,6 +55,8 @@ impl Tree {
                 path: src,
                 format,
                 scratch: None,
+                // The CLI is the user's own process: it reads what the source names.
+                reader: publish::Reader::CallerFiles,
             },
             &target,
             progress,

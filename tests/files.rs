@@ -841,6 +841,37 @@ fn a_qcow2_with_a_backing_file_is_refused_at_close_saying_why() {
         "the daemon's log says why: {}",
         fs::read_to_string(&log).unwrap_or_default()
     );
+    // The same for a VMDK descriptor naming its extent file.
+    let desc = fs.work().join("flat.vmdk");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            s(&desc),
+            "4M",
+        ],
+    );
+    let out = fs.sh(
+        r#"cp "$SRC" "$R/flat""#,
+        &[("SRC", s(&desc)), ("R", s(&r))],
+        WRITER_LIMIT,
+    );
+    assert!(!out.status.success(), "{}", describe(&out));
+    if let Err(e) = fs.check_nothing("r", "flat", &before) {
+        panic!("cp of a VMDK descriptor must leave nothing: {e}");
+    }
+    assert!(
+        common::eventually(Duration::from_secs(5), || {
+            fs::read_to_string(&log).is_ok_and(|l| l.contains("`pcocc image import` does"))
+        }),
+        "the daemon's log says why: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
 }
 
 #[test]

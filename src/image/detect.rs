@@ -62,7 +62,9 @@ const BOCHS_SUBTYPE: &[u8] = b"Growing";
 /// cloop images start with the shell script that mounts them, "#V2.0 Format" version.
 const CLOOP_HEAD: &[u8] =
     b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";
-/// Apple UDIF (dmg) images end with a 512-byte "koly" trailer, version 4.
+/// Apple UDIF (dmg) images end with a 512-byte "koly" trailer, version 4. qemu probes
+/// dmg by the name's `.dmg` suffix only (a misnamed dmg is raw to it, and pcocc would
+/// import its container bytes as the disk); the trailer is refused whatever the name.
 const DMG_TRAILER_LEN: usize = 512;
 const DMG_MAGIC: &[u8] = b"koly";
 const DMG_VERSION: u32 = 4;

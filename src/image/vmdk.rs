@@ -214,8 +214,9 @@ impl VmdkLayer {
             }
             if &h[..4] != SPARSE_MAGIC && looks_like_descriptor(&h[..got]) {
                 return Err(unsupported(format!(
-                    "a VMDK descriptor file, which describes the disk by naming other files; \
-                     {ONE_FILE_ADVICE}"
+                    "a VMDK descriptor file, which describes the disk by naming other files \
+                     (an import through the mount cannot read them with the writer's rights; \
+                     `pcocc image import` does); {ONE_FILE_ADVICE}"
                 )));
             }
             if &h[..4] == SPARSE_MAGIC {

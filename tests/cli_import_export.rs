@@ -603,6 +603,34 @@ fn a_qcow2_with_a_backing_chain_is_imported_flattened_as_pcocc_does() {
         0,
     );
     assert_flattened(&f, "big", "qcow2", &f.work("chain/big.qcow2"));
+    // Backing files of the other formats qemu reads, as qemu-img convert follows them.
+    for format in ["qed", "vdi", "vpc", "vmdk"] {
+        let base = format!("chain/base.{format}");
+        let over = format!("chain/over-{format}.qcow2");
+        f.tool("qemu-img", &["create", "-q", "-f", format, &base, "4M"]);
+        f.tool(
+            "qemu-io",
+            &["-f", format, "-c", "write -P 0x68 64k 1M", &base],
+        );
+        let name = base.trim_start_matches("chain/");
+        f.tool(
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-b", name, "-F", format, &over,
+            ],
+        );
+        f.tool(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x69 1M 64k", &over],
+        );
+        let image = format!("over-{format}");
+        f.pcocc(&["import", &over, &image]).expect(
+            &format!("{}{COPYING}", storing("user", &image)),
+            "",
+            0,
+        );
+        assert_flattened(&f, &image, "qcow2", &f.work(&over));
+    }
     // A missing backing file fails naming it, leaving nothing.
     fs::rename(f.work("chain/base.raw"), f.work("chain/gone.raw")).expect("rename");
     let run = f.pcocc(&["import", "chain/big.qcow2", "broken"]);

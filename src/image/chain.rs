@@ -24,6 +24,12 @@ pub trait BackingPolicy: Send + Sync {
     /// Opens the backing file `backing` named by the layer at `layer_path`: the path it
     /// is known by and the open file; an error if the name is not allowed.
     fn open(&self, layer_path: &Path, backing: &BackingRef) -> Result<(PathBuf, File)>;
+
+    /// Whether a backing file may be of a format other than qcow2 and raw (read as a
+    /// standalone image of that format, the bottom of the chain).
+    fn any_format(&self) -> bool {
+        false
+    }
 }
 
 /// Allows no backing file at all (imports through the mount, which cannot read the
@@ -88,6 +94,11 @@ impl CallerFiles {
 impl BackingPolicy for CallerFiles {
     fn open(&self, layer_path: &Path, backing: &BackingRef) -> Result<(PathBuf, File)> {
         self.open_named(layer_path, &backing.name, Format::Qcow2)
+    }
+
+    /// qemu-img follows a backing file of any format it reads.
+    fn any_format(&self) -> bool {
+        true
     }
 }
 
@@ -230,6 +241,18 @@ pub fn open_chain_file(file: File, path: &Path, policy: &dyn BackingPolicy) -> R
                 layers.push(Arc::new(layer));
             }
             Format::Raw => layers.push(Arc::new(RawLayer::new(file, &resolved)?)),
+            Format::Qed if policy.any_format() => {
+                layers.push(Arc::new(super::qed::open(file, &resolved)?));
+            }
+            Format::Vdi if policy.any_format() => {
+                layers.push(Arc::new(super::vdi::open(file, &resolved)?));
+            }
+            Format::Vpc if policy.any_format() => {
+                layers.push(Arc::new(super::vpc::open(file, &resolved)?));
+            }
+            Format::Vmdk if policy.any_format() => {
+                layers.push(Arc::new(super::vmdk::open(file, &resolved)?));
+            }
             other => {
                 return Err(Error::Unsupported {
                     path: from,

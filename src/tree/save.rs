@@ -112,7 +112,9 @@ pub(super) fn backing_view(
                 path,
                 format!(
                     "backing file {:?} is not a view of this mount: only overlays of a \
-                     revision in this mount can be saved by cp",
+                     revision in this mount can be saved by cp (the daemon cannot read other \
+                     files with the writer's rights; `pcocc image import` reads them and \
+                     stores the image flattened)",
                     backing.name
                 ),
             )

@@ -3,10 +3,11 @@
 //!
 //! The source is an untrusted file in any supported format. Through the mount it is
 //! opened standalone (no backing file, no VMDK naming other files: [`NoBacking`] and the
-//! readers' own checks): the daemon cannot read the writer's other files with the
-//! writer's rights. `pcocc image import`, the user's own process, reads the backing chain
-//! of a qcow2 and the extents of a multi-file VMDK as the user can ([`CallerFiles`]) and
-//! flattens them, as pcocc (`qemu-img convert`) does. Either way the source is converted into one standalone qcow2 layer under `.tmp/` (always: the layer is then
+//! readers' own checks), except a qcow2 overlay of a view of the mount, which is saved
+//! as a layer above that revision (`super::save`). `pcocc image import`, the user's own
+//! process, reads the backing chain of a qcow2 and the extents of a multi-file VMDK as
+//! the user can ([`CallerFiles`]) and flattens them, as pcocc (`qemu-img convert`) does.
+//! Either way the source is converted into one standalone qcow2 layer under `.tmp/` (always: the layer is then
 //! clean, deterministic for its content and deduplicated whatever the source format
 //! was), added to `data/` (synced, 0444, renamed, deduplicated) and finally described by
 //! metadata created exclusively, so that two writers of one name give one winner. The

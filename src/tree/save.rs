@@ -78,6 +78,10 @@ pub(super) fn parse_view_path(mountpoint: &Path, name: &str) -> Option<ViewPath>
 /// mount before the chain must reach a view.
 pub(super) const MAX_LOCAL_OVERLAYS: usize = 8;
 
+/// Where an image on any other chain of backing files goes.
+const IMPORT_HINT: &str = "`pcocc image import` reads any chain of backing files and \
+                           stores the image flattened";
+
 /// The error of an overlay that cannot be saved: the content's fault, EINVAL.
 fn refuse(path: &Path, reason: String) -> Error {
     Error::BadImage(image::Error::Unsupported {
@@ -112,9 +116,7 @@ pub(super) fn backing_view(
                 path,
                 format!(
                     "backing file {:?} is not a view of this mount: only overlays of a \
-                     revision in this mount can be saved by cp (the daemon cannot read other \
-                     files with the writer's rights; `pcocc image import` reads them and \
-                     stores the image flattened)",
+                     revision in this mount can be saved by cp ({IMPORT_HINT})",
                     backing.name
                 ),
             )
@@ -173,7 +175,8 @@ fn chain_to_view(
                 path,
                 format!(
                     "its chain of backing files ends at {:?}, not at a view of this mount: \
-                     only overlays of a revision in this mount can be saved by cp",
+                     only overlays of a revision in this mount can be saved by cp \
+                     ({IMPORT_HINT})",
                     backing.name
                 ),
             )

@@ -1261,3 +1261,38 @@ fn an_image_renamed_onto_an_empty_directory_is_removed_whole() {
         RmImage { image: 1 },
     ]);
 }
+
+/// `close` returns before the kernel releases the handle: a writer that closes its new
+/// file and opens it again at once (`qemu-img convert`) must not be told the file is
+/// taken.
+#[test]
+fn a_writer_reopens_its_file_before_the_kernel_releases_the_first_handle() {
+    let mut w = World::new();
+    let repo = w.repo_ino();
+    let me = w.me.clone();
+    let (entry, first) = w
+        .session
+        .create(&me, repo, OsStr::new(".new"), 0o644)
+        .unwrap();
+    w.session.flush(first, 1000).unwrap();
+    let again = w
+        .session
+        .open(&me, entry.ino, libc::O_WRONLY)
+        .expect("reopen after the last close, before the release");
+    w.session.release(first);
+    w.session.write(again.fh, &[0x5a; WRITE], 0).unwrap();
+    w.session.flush(again.fh, 1000).unwrap();
+    w.session.release(again.fh);
+    // While the first handle's descriptor is still open, a second writer is refused.
+    let (entry, held) = w
+        .session
+        .create(&me, repo, OsStr::new(".other"), 0o644)
+        .unwrap();
+    let err = w
+        .session
+        .open(&me, entry.ino, libc::O_WRONLY)
+        .err()
+        .expect("a second writer while the first holds the file");
+    assert_eq!(err.errno(), libc::EEXIST);
+    w.session.release(held);
+}

@@ -51,16 +51,22 @@ pub struct ImportHandle {
     /// Opened for writing: only closing such a handle publishes (a reader peeking at
     /// the file while it is written must not publish half of it).
     writer: bool,
+    /// Its last descriptor was closed (counted off `Import::writers`).
+    closed: AtomicBool,
 }
 
 impl ImportHandle {
     fn new(import: Arc<Import>, pending: Arc<Pending>, writer: bool) -> ImportHandle {
         import.opens.fetch_add(1, Ordering::AcqRel);
+        if writer {
+            import.writers.fetch_add(1, Ordering::AcqRel);
+        }
         *import.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
         ImportHandle {
             import,
             pending,
             writer,
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -155,6 +161,9 @@ impl ImportHandle {
     /// (or for [`ImportHandle::release`]).
     pub(super) fn flush(&self, last: bool) -> Result<Changes, Error> {
         let imp = &self.import;
+        if last {
+            self.closed_last();
+        }
         let Some(target) = &imp.target else {
             return imp.check().map(|()| Changes::default());
         };
@@ -188,6 +197,14 @@ impl ImportHandle {
         }
     }
 
+    /// Nothing holds this handle's descriptors any more: a writer may open the file
+    /// again even before the kernel releases the handle.
+    fn closed_last(&self) {
+        if self.writer && !self.closed.swap(true, Ordering::AcqRel) {
+            self.import.writers.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     /// The writer is gone without finishing (killed by a signal): its file is
     /// incomplete and is never published.
     pub(super) fn abandon(&self) {
@@ -208,6 +225,7 @@ impl ImportHandle {
     /// mapping say, that has gone since), the file is published now; a failure can no
     /// longer reach anyone but the log, and leaves nothing. Then the file is forgotten.
     pub(super) fn release(&self) -> Changes {
+        self.closed_last();
         let left = self
             .import
             .opens
@@ -310,6 +328,7 @@ impl Tree {
             }),
             writing: AtomicBool::new(true),
             opens: AtomicUsize::new(0),
+            writers: AtomicUsize::new(0),
             idle_since: Mutex::new(None),
             published: Mutex::new(None),
         });
@@ -337,12 +356,12 @@ impl Tree {
             .pending
             .find(node, caller, true)
             .ok_or_else(|| Error::NoEntry(display(node)))?;
-        // An import has one writer at a time: a second open for writing while the file
-        // is open means two imports of one name racing (two `cp` by one user), which
+        // An import has one writer at a time: a second open for writing while a
+        // descriptor of the file is open means two imports of one name racing (two `cp` by one user), which
         // would mix their bytes and see the file published under them. The newcomer
         // is told the name is taken, as a second create(2) would be. (The kernel
         // truncates for O_TRUNC after this open, so this also protects the bytes.)
-        if write && imp.opens.load(Ordering::Acquire) > 0 {
+        if write && imp.writers.load(Ordering::Acquire) > 0 {
             return Err(Error::Exists(display(node)));
         }
         if truncate {

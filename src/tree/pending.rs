@@ -75,6 +75,11 @@ pub(super) struct Import {
     /// holds for as long as the conversion takes: lookups and listings must not wait.
     pub(super) writing: AtomicBool,
     pub(super) opens: AtomicUsize,
+    /// Handles open for writing whose descriptors are not all closed yet. A `close`
+    /// returns before the kernel releases the handle, so a writer that closes and
+    /// reopens (`qemu-img convert`) can open again while `opens` still counts the old
+    /// handle; this counts it no more once its last descriptor was closed.
+    pub(super) writers: AtomicUsize,
     /// Since when a blank file (see [`Import::is_blank`]) has had no open handle: it is
     /// kept [`BLANK_GRACE`] for its writer to reopen, then dropped.
     pub(super) idle_since: Mutex<Option<Instant>>,

@@ -293,7 +293,7 @@ struct InstalledHelper {
 impl InstalledHelper {
     fn install(bin: &Path) -> InstalledHelper {
         fs::create_dir_all(bin).unwrap();
-        fs::copy(HELPER, bin.join("mount.pcocc-imagefs")).unwrap();
+        copy_helper(&bin.join("mount.pcocc-imagefs"));
         std::os::unix::fs::symlink(DAEMON, bin.join("pcocc-imagefs")).unwrap();
         let link = PathBuf::from("/sbin/mount.fuse.pcocc-imagefs");
         let mut saved = None;
@@ -391,7 +391,7 @@ fn the_helper_finds_the_daemon_next_to_it_without_a_path() {
     let Some(t) = Scratch::new() else { return };
     let bin = t.path().join("bin");
     fs::create_dir_all(&bin).unwrap();
-    fs::copy(HELPER, bin.join("mount.pcocc-imagefs")).unwrap();
+    copy_helper(&bin.join("mount.pcocc-imagefs"));
     std::os::unix::fs::symlink(DAEMON, bin.join("pcocc-imagefs")).unwrap();
     let mnt = t.dir("mnt");
     let out = Command::new(bin.join("mount.pcocc-imagefs"))
@@ -407,4 +407,11 @@ fn the_helper_finds_the_daemon_next_to_it_without_a_path() {
     );
     assert_eq!(mounts_at(&mnt).len(), 1);
     assert!(mnt.join("user").is_dir());
+}
+
+/// Copies the mount helper to `dst` with cp(1): written by this process, the file could
+/// still be open for writing in a child another test thread forks at that moment, and
+/// executing it would then fail with ETXTBSY.
+fn copy_helper(dst: &Path) {
+    common::ok("cp", &[HELPER, s(dst)]);
 }

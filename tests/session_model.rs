@@ -46,6 +46,13 @@ enum Op {
         p: usize,
         fd: usize,
     },
+    /// `open(NAME, O_WRONLY)` by `p` of a file being written (its writer reopening it,
+    /// as `qemu-img convert` does after creating it).
+    Reopen {
+        p: usize,
+        dir: Option<usize>,
+        name: usize,
+    },
     Dup {
         p: usize,
         fd: usize,
@@ -115,6 +122,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (p.clone(), dir.clone(), n.clone()).prop_map(|(p, dir, name)| Op::Create { p, dir, name }),
         4 => (p.clone(), fd.clone()).prop_map(|(p, fd)| Op::Write { p, fd }),
         1 => (p.clone(), fd.clone()).prop_map(|(p, fd)| Op::Dup { p, fd }),
+        2 => (p.clone(), dir.clone(), n.clone()).prop_map(|(p, dir, name)| Op::Reopen { p, dir, name }),
         1 => (p.clone(), p.clone()).prop_map(|(p, q)| Op::Fork { p, q }),
         4 => (p.clone(), fd.clone()).prop_map(|(p, fd)| Op::Close { p, fd }),
         1 => (p.clone(), fd.clone()).prop_map(|(p, fd)| Op::CloseUnsure { p, fd }),
@@ -631,6 +639,42 @@ impl World {
                     self.files[file].size += WRITE as u64;
                 }
                 (expect, got.map_err(|e| e.errno()))
+            }
+            Op::Reopen { p, dir, name } => {
+                let dname = Self::dir_name(dir);
+                let name = NAMES[name];
+                let Some(file) = self.file_at(&dname, name) else {
+                    return (Expect::Ok, Ok(()));
+                };
+                let parent = match self.dir_ino(dir) {
+                    Ok(i) => i,
+                    Err(e) => return (Expect::Ok, Err(e)),
+                };
+                let (ino, kind) = match self.resolve(parent, name) {
+                    Ok(found) => found,
+                    Err(e) => return (Expect::Ok, Err(e)),
+                };
+                assert_eq!(kind, NodeType::RegularFile, "{name}: a file being written");
+                // One writer at a time: refused while a descriptor of it is open.
+                let open = self.descs.iter().any(|d| d.refs > 0 && d.file == file);
+                let expect = if open {
+                    Expect::Err(libc::EEXIST)
+                } else {
+                    Expect::Ok
+                };
+                match self.session.open(&me, ino, libc::O_WRONLY) {
+                    Ok(o) => {
+                        self.descs.push(Desc {
+                            fh: o.fh,
+                            ino,
+                            file,
+                            refs: 1,
+                        });
+                        self.procs[p].push(self.descs.len() - 1);
+                        (expect, Ok(()))
+                    }
+                    Err(e) => (expect, Err(e.errno())),
+                }
             }
             Op::Dup { p, fd } => {
                 if let Some(d) = self.fd(p, fd) {

@@ -1,8 +1,8 @@
 //! Model-based test of the mount's session (`tree::session::Session`), without a mount.
 //!
-//! Random sequences of what processes do to a mount — create, write, dup, fork, close,
-//! kill, rename, link, unlink, mkdir, rmdir, stat, list — run against a session on real
-//! repositories in a temporary directory, beside two small reference models: the
+//! Random sequences of what processes do to a mount — create, reopen, write, dup, fork,
+//! close, kill, rename, move to another repository, link, unlink, mkdir, rmdir, stat,
+//! list — run against a session on real repositories in a temporary directory, beside two small reference models: the
 //! namespace (images, their revisions, files being written) and the kernel (its cached
 //! names with their inode numbers, the kind of each inode it holds, the descriptors of
 //! each process). After every step every name the kernel caches must still resolve to
@@ -24,6 +24,8 @@ use std::ffi::OsStr;
 use std::sync::{Arc, Mutex};
 
 const REPO: &str = "r";
+/// A second repository, that images move to whole.
+const OTHER: &str = "q";
 /// Names used at every level: two image names and a staging name.
 const NAMES: [&str; 3] = ["a", "b", ".s"];
 const PROCS: usize = 3;
@@ -81,6 +83,10 @@ enum Op {
         from: usize,
         to: usize,
     },
+    /// `mv REPO/NAME OTHER/`: the whole image moves to the other repository.
+    MoveAcross {
+        image: usize,
+    },
     /// `ln IMAGE/@LAST/disk.qcow2 REPO/NAME`.
     Link {
         src: usize,
@@ -129,6 +135,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => p.clone().prop_map(|p| Op::Kill { p }),
         2 => (n.clone(), n.clone()).prop_map(|(from, to)| Op::Rename { from, to }),
         1 => (0..2usize, n.clone()).prop_map(|(src, to)| Op::Link { src, to }),
+        1 => (0..2usize).prop_map(|image| Op::MoveAcross { image }),
         1 => (dir.clone(), n.clone()).prop_map(|(dir, name)| Op::Unlink { dir, name }),
         1 => n.clone().prop_map(|name| Op::Mkdir { name }),
         1 => (0..2usize).prop_map(|image| Op::RmRev { image }),
@@ -169,6 +176,8 @@ struct Namespace {
     images: BTreeMap<String, BTreeSet<u64>>,
     /// Files being written that their writer sees: (image directory or `None`, name).
     files: BTreeSet<(Option<String>, String)>,
+    /// The images of the other repository with their revisions.
+    other: BTreeMap<String, BTreeSet<u64>>,
 }
 
 /// A file being written, as the model knows it.
@@ -237,11 +246,14 @@ impl World {
     fn new() -> World {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
-            repos: vec![RepoConfig {
-                name: REPO.into(),
-                path: dir.path().join(REPO),
-                origin: Origin::Default,
-            }],
+            repos: [REPO, OTHER]
+                .into_iter()
+                .map(|name| RepoConfig {
+                    name: name.into(),
+                    path: dir.path().join(name),
+                    origin: Origin::Default,
+                })
+                .collect(),
         };
         let tree = Arc::new(Tree::new(&config).unwrap());
         let holders = ModelHolders::default();
@@ -432,6 +444,26 @@ impl World {
         let tree = self.session.tree();
         let repo = Node::Repo { repo: REPO.into() };
         let mut ns = Namespace::default();
+        let other = Node::Repo { repo: OTHER.into() };
+        for e in tree.readdir(&self.me, &other).unwrap() {
+            let Node::Image { image, .. } = e.node else {
+                panic!("unexpected entry {:?} in {OTHER}", e.node);
+            };
+            let dir = Node::Image {
+                repo: OTHER.into(),
+                image: image.clone(),
+            };
+            let revs = tree
+                .readdir(&self.me, &dir)
+                .unwrap()
+                .into_iter()
+                .filter_map(|c| match c.node {
+                    Node::Revision { rev, .. } => Some(rev),
+                    _ => None,
+                })
+                .collect();
+            ns.other.insert(image, revs);
+        }
         for e in tree.readdir(&self.me, &repo).unwrap() {
             match e.node {
                 Node::Image { image, .. } => {
@@ -751,6 +783,46 @@ impl World {
                         .is_some()
                     {
                         self.kernel.dentries.insert((repo, to.to_string()), src);
+                    }
+                }
+                (expect, got)
+            }
+            Op::MoveAcross { image } => {
+                let repo = self.repo_ino();
+                let other = self.resolve(ROOT, OTHER).expect("the other repository").0;
+                let name = NAMES[image];
+                let Ok((src, NodeType::Directory)) = self.resolve(repo, name) else {
+                    return (Expect::Ok, Ok(()));
+                };
+                let target_taken = self.resolve(other, name).is_ok();
+                let writing_into = self
+                    .files
+                    .iter()
+                    .any(|f| f.writing && f.dir.as_deref() == Some(name));
+                let revs = self.model.images.get(name).cloned().unwrap_or_default();
+                let expect = if writing_into {
+                    Expect::Err(libc::EBUSY)
+                } else if target_taken || revs.is_empty() {
+                    Expect::Any
+                } else {
+                    self.model.images.remove(name);
+                    self.made_by_mkdir.remove(name);
+                    self.model.other.insert(name.to_string(), revs);
+                    Expect::Ok
+                };
+                let got = self
+                    .session
+                    .rename(&me, repo, OsStr::new(name), other, OsStr::new(name), 0)
+                    .map_err(|e| e.errno());
+                if got.is_ok() {
+                    self.kernel.dentries.remove(&(other, name.to_string()));
+                    if self
+                        .kernel
+                        .dentries
+                        .remove(&(repo, name.to_string()))
+                        .is_some()
+                    {
+                        self.kernel.dentries.insert((other, name.to_string()), src);
                     }
                 }
                 (expect, got)

@@ -269,36 +269,14 @@ impl Disk {
                 size,
             });
         }
-        let mut len = max_len.min(size - offset);
-        for layer in &self.layers {
-            if offset >= layer.virtual_size() {
-                // A backing layer shorter than the disk above it reads as zeroes there.
-                return Ok(Extent {
-                    len,
-                    mapping: Mapping::Zero,
-                });
-            }
-            let asked = len.min(layer.virtual_size() - offset);
-            let ext = layer.map(offset, asked)?;
-            if ext.len == 0 || ext.len > asked {
-                // Every loop over extents relies on this: an empty answer would spin.
-                return Err(Error::Invalid {
-                    path: layer.path().to_path_buf(),
-                    format: layer.format(),
-                    reason: format!(
-                        "its tables map {} bytes at guest offset {offset} ({asked} asked)",
-                        ext.len
-                    ),
-                });
-            }
-            match ext.mapping {
-                Mapping::Unallocated => len = ext.len.min(len),
-                _ => return Ok(ext),
-            }
-        }
-        Ok(Extent {
-            len,
-            mapping: Mapping::Zero,
+        let ext = map_layers(&self.layers, offset, max_len.min(size - offset))?;
+        Ok(match ext.mapping {
+            // Past every layer: the disk reads as zeroes there.
+            Mapping::Unallocated => Extent {
+                len: ext.len,
+                mapping: Mapping::Zero,
+            },
+            _ => ext,
         })
     }
 
@@ -513,4 +491,40 @@ pub fn read_exact_at(
 /// (bounds, caching and decoders: see [`compressed`]).
 pub fn decompress_into(c: &CompressedCluster, out: &mut [u8]) -> Result<()> {
     compressed::decompress_into(c, out)
+}
+
+/// What backs guest offset `offset` for at most `len` bytes in `layers` (top first):
+/// the first layer that does not fall through decides; [`Mapping::Unallocated`] where
+/// every one does. A layer shorter than the one above it reads as zeroes past its end.
+pub fn map_layers(layers: &[Arc<dyn Layer>], offset: u64, len: u64) -> Result<Extent> {
+    let mut len = len;
+    for layer in layers {
+        if offset >= layer.virtual_size() {
+            return Ok(Extent {
+                len,
+                mapping: Mapping::Zero,
+            });
+        }
+        let asked = len.min(layer.virtual_size() - offset);
+        let ext = layer.map(offset, asked)?;
+        if ext.len == 0 || ext.len > asked {
+            // Every loop over extents relies on this: an empty answer would spin.
+            return Err(Error::Invalid {
+                path: layer.path().to_path_buf(),
+                format: layer.format(),
+                reason: format!(
+                    "its tables map {} bytes at guest offset {offset} ({asked} asked)",
+                    ext.len
+                ),
+            });
+        }
+        match ext.mapping {
+            Mapping::Unallocated => len = ext.len.min(len),
+            _ => return Ok(ext),
+        }
+    }
+    Ok(Extent {
+        len,
+        mapping: Mapping::Unallocated,
+    })
 }

@@ -296,36 +296,7 @@ fn push_data(entries: &mut Vec<Run<Entry>>, guest: u64, host: u64) {
 /// What backs `[offset, offset + max_len)` in the top `depth` layers only:
 /// [`Mapping::Unallocated`] where every one of them falls through.
 fn delta_map(disk: &Disk, depth: usize, offset: u64, max_len: u64) -> Result<Extent> {
-    let mut len = max_len;
-    for layer in &disk.layers()[..depth] {
-        if offset >= layer.virtual_size() {
-            // A delta layer shorter than the one above it reads as zeroes there.
-            return Ok(Extent {
-                len,
-                mapping: Mapping::Zero,
-            });
-        }
-        let asked = len.min(layer.virtual_size() - offset);
-        let ext = layer.map(offset, asked)?;
-        if ext.len == 0 || ext.len > asked {
-            return Err(Error::Invalid {
-                path: layer.path().to_path_buf(),
-                format: layer.format(),
-                reason: format!(
-                    "its tables map {} bytes at guest offset {offset} ({asked} asked)",
-                    ext.len
-                ),
-            });
-        }
-        match ext.mapping {
-            Mapping::Unallocated => len = ext.len.min(len),
-            _ => return Ok(ext),
-        }
-    }
-    Ok(Extent {
-        len,
-        mapping: Mapping::Unallocated,
-    })
+    crate::image::map_layers(&disk.layers()[..depth], offset, max_len)
 }
 
 /// The class of every guest cluster, as runs (unallocated ones left out). Past

@@ -9,7 +9,7 @@
 //! missing.
 
 mod common;
-use common::{Run, have_qemu};
+use common::have_qemu;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,15 @@ const ASSUMING_RAW: &str = "WARNING:root:Could not detect image format, assuming
 /// A scratch directory with repositories `user` (the default) and `global` and a work
 /// directory where the commands run.
 struct Fixture {
-    dir: tempfile::TempDir,
+    cli: common::CliScratch,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = common::CliScratch;
+
+    fn deref(&self) -> &common::CliScratch {
+        &self.cli
+    }
 }
 
 impl Fixture {
@@ -34,50 +42,9 @@ impl Fixture {
         if !have_qemu() {
             return None;
         }
-        let f = Fixture {
-            dir: tempfile::tempdir().expect("a temporary directory"),
-        };
-        for sub in ["etc", "user-conf", "home", "work", "repos"] {
-            fs::create_dir_all(f.root().join(sub)).expect("fixture directories");
-        }
-        let mut yaml = String::from("repos:\n");
-        for repo in ["user", "global"] {
-            yaml.push_str(&format!(
-                "  - name: {repo}\n    path: {}\n",
-                f.repo(repo).display()
-            ));
-        }
-        fs::write(f.root().join("etc/repos.yaml"), yaml).expect("repos.yaml");
-        Some(f)
-    }
-
-    fn root(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn repo(&self, name: &str) -> PathBuf {
-        self.root().join("repos").join(name)
-    }
-
-    fn work(&self, name: &str) -> PathBuf {
-        self.root().join("work").join(name)
-    }
-
-    fn run(&self, program: &str, args: &[&str]) -> Run {
-        common::run_in_fixture(self.root(), program, args)
-    }
-
-    fn pcocc(&self, args: &[&str]) -> Run {
-        let mut all = vec!["image"];
-        all.extend_from_slice(args);
-        self.run(env!("CARGO_BIN_EXE_pcocc"), &all)
-    }
-
-    #[track_caller]
-    fn tool(&self, program: &str, args: &[&str]) -> String {
-        let run = self.run(program, args);
-        assert_eq!(run.code, 0, "{program} {args:?}: {run:?}");
-        run.stdout
+        Some(Fixture {
+            cli: common::CliScratch::new(),
+        })
     }
 
     /// A `format` image `name` of 8 MiB (virtual) with three written areas, one of them

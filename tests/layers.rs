@@ -6,7 +6,7 @@
 //! the exported disks. Output and errors are pcocc's, except its tracebacks.
 
 mod common;
-use common::{Run, have_qemu};
+use common::have_qemu;
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -18,7 +18,15 @@ const IMPORTED: &str = "Storing image in repository 'user' as 'img' ... \nCopyin
 /// Repositories `user` (default) and `global`, a work directory, and `user:img@0`
 /// imported from an 8 MiB qcow2 with data in its first 64 KiB and at 5 MiB.
 struct Fixture {
-    dir: tempfile::TempDir,
+    cli: common::CliScratch,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = common::CliScratch;
+
+    fn deref(&self) -> &common::CliScratch {
+        &self.cli
+    }
 }
 
 impl Fixture {
@@ -27,19 +35,8 @@ impl Fixture {
             return None;
         }
         let f = Fixture {
-            dir: tempfile::tempdir().expect("a temporary directory"),
+            cli: common::CliScratch::new(),
         };
-        for sub in ["etc", "user-conf", "home", "work", "repos"] {
-            fs::create_dir_all(f.root().join(sub)).expect("fixture directories");
-        }
-        let mut yaml = String::from("repos:\n");
-        for repo in ["user", "global"] {
-            yaml.push_str(&format!(
-                "  - name: {repo}\n    path: {}\n",
-                f.repo(repo).display()
-            ));
-        }
-        fs::write(f.root().join("etc/repos.yaml"), yaml).expect("repos.yaml");
         f.tool(
             "qemu-img",
             &["create", "-q", "-f", "qcow2", "src.qcow2", "8M"],
@@ -51,35 +48,6 @@ impl Fixture {
         f.pcocc(&["import", "src.qcow2", "img"])
             .expect(IMPORTED, "", 0);
         Some(f)
-    }
-
-    fn root(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn repo(&self, name: &str) -> PathBuf {
-        self.root().join("repos").join(name)
-    }
-
-    fn work(&self, name: &str) -> PathBuf {
-        self.root().join("work").join(name)
-    }
-
-    fn run(&self, program: &str, args: &[&str]) -> Run {
-        common::run_in_fixture(self.root(), program, args)
-    }
-
-    fn pcocc(&self, args: &[&str]) -> Run {
-        let mut all = vec!["image"];
-        all.extend_from_slice(args);
-        self.run(env!("CARGO_BIN_EXE_pcocc"), &all)
-    }
-
-    #[track_caller]
-    fn tool(&self, program: &str, args: &[&str]) -> String {
-        let run = self.run(program, args);
-        assert_eq!(run.code, 0, "{program} {args:?}: {run:?}");
-        run.stdout
     }
 
     /// The metadata of `repo:name@rev`, parsed, and its text.

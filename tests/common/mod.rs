@@ -262,3 +262,61 @@ pub fn stop_daemon(mnt: &Path, pid: Option<i32>) {
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
+
+/// A scratch directory for the pcocc command: repositories `user` (the default) and
+/// `global` under `repos/`, pcocc's configuration directories, a home, and the work
+/// directory where commands run (see [`run_in_fixture`]).
+pub struct CliScratch {
+    dir: tempfile::TempDir,
+}
+
+impl CliScratch {
+    pub fn new() -> CliScratch {
+        let f = CliScratch {
+            dir: tempfile::tempdir().expect("a temporary directory"),
+        };
+        for sub in ["etc", "user-conf", "home", "work", "repos"] {
+            std::fs::create_dir_all(f.root().join(sub)).expect("fixture directories");
+        }
+        let mut yaml = String::from("repos:\n");
+        for repo in ["user", "global"] {
+            yaml.push_str(&format!(
+                "  - name: {repo}\n    path: {}\n",
+                f.repo(repo).display()
+            ));
+        }
+        std::fs::write(f.root().join("etc/repos.yaml"), yaml).expect("repos.yaml");
+        f
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn repo(&self, name: &str) -> std::path::PathBuf {
+        self.root().join("repos").join(name)
+    }
+
+    pub fn work(&self, name: &str) -> std::path::PathBuf {
+        self.root().join("work").join(name)
+    }
+
+    pub fn run(&self, program: &str, args: &[&str]) -> Run {
+        run_in_fixture(self.root(), program, args)
+    }
+
+    /// `pcocc image ARGS`.
+    pub fn pcocc(&self, args: &[&str]) -> Run {
+        let mut all = vec!["image"];
+        all.extend_from_slice(args);
+        self.run(env!("CARGO_BIN_EXE_pcocc"), &all)
+    }
+
+    /// Runs `program ARGS` in the work directory; asserts it succeeded; its stdout.
+    #[track_caller]
+    pub fn tool(&self, program: &str, args: &[&str]) -> String {
+        let run = self.run(program, args);
+        assert_eq!(run.code, 0, "{program} {args:?}: {run:?}");
+        run.stdout
+    }
+}

@@ -3,8 +3,7 @@
 //! `pcocc image resize`).
 
 use super::access::{self, W, X};
-use super::ops::now_timestamp;
-use super::publish::{KIND_VM, REVISION_ATTEMPTS};
+use super::publish::{self, KIND_VM, Target};
 use super::{Caller, Error, Tree, Uri};
 use crate::image::qcow2_overlay::EmptyOverlay;
 use crate::store::{self, Meta, Store};
@@ -59,46 +58,29 @@ impl Tree {
         let overlay = EmptyOverlay::new(tmp.path(), size, &backing_name(top), LAYER_FORMAT)?;
         overlay.write_to(tmp.file(), tmp.path())?;
         let hash = store.add_layer(tmp, None)?;
-        add_revision_layer(store, &access::user_name(caller.uid), &from.meta, &hash)
+        let target = Target::NextRevision(from.meta.name.clone());
+        add_revision_layer(
+            store,
+            &access::user_name(caller.uid),
+            &from.meta,
+            &hash,
+            &target,
+        )
     }
 }
 
-/// Writes the metadata of the next revision of `parent`'s image in `store`: `parent`'s
-/// layers plus `hash` on top, its kind and custom metadata, owned by `owner`, dated now.
-/// The number is the image's latest + 1, taken again if another writer takes it first.
+/// Writes the metadata of `target` in `store` as pcocc's `add_revision_layer` does:
+/// `parent`'s layers plus `hash` on top, `parent`'s custom metadata, owned by `owner`,
+/// dated now (see [`publish::write_meta`], which takes the next number again if another
+/// writer takes it first).
 pub fn add_revision_layer(
     store: &Store,
     owner: &str,
     parent: &Meta,
     hash: &str,
+    target: &Target,
 ) -> Result<Meta, Error> {
     let mut data_blobs = parent.data_blobs.clone();
     data_blobs.push(hash.to_string());
-    let mut attempts = 0;
-    loop {
-        let revision = store.revisions(&parent.name)?.last().map_or(0, |r| r + 1);
-        let meta = Meta {
-            name: parent.name.clone(),
-            revision,
-            kind: parent.kind.clone(),
-            owner: owner.to_string(),
-            timestamp: now_timestamp(),
-            data_blobs: data_blobs.clone(),
-            custom_meta: parent.custom_meta.clone(),
-        };
-        match store.put_meta(&meta) {
-            Ok(()) => return Ok(meta),
-            Err(store::Error::AlreadyExists { .. }) if attempts + 1 < REVISION_ATTEMPTS => {
-                attempts += 1;
-            }
-            Err(store::Error::AlreadyExists { .. }) => {
-                return Err(Error::RevisionExists {
-                    name: meta.name,
-                    rev: revision,
-                    repo: store.name().to_string(),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    publish::write_meta(store, owner, data_blobs, parent.custom_meta.clone(), target)
 }

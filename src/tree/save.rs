@@ -286,9 +286,7 @@ pub(super) fn publish_overlay(
         stats.zero_clusters
     );
     let hash = store.add_layer(out, None)?;
-    let mut blobs = base.data_blobs.clone();
-    blobs.push(hash);
-    publish::write_meta(store, owner, blobs, base.custom_meta.clone(), target)
+    super::layers::add_revision_layer(store, owner, &base, &hash, target)
 }
 
 #[cfg(test)]

@@ -102,20 +102,18 @@ pub struct MountIds {
 impl MountIds {
     /// The topmost mount at `path` in `/proc/self/mountinfo`.
     pub fn find(path: &std::path::Path) -> Option<MountIds> {
-        let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-        parse_mountinfo(&info, path)
+        super::mountinfo::topmost(path).map(|m| MountIds::of(path, &m))
     }
-}
 
-/// The topmost mount at `path` in a mountinfo text (see [`super::mountinfo`]).
-fn parse_mountinfo(info: &str, path: &std::path::Path) -> Option<MountIds> {
-    let m = super::mountinfo::topmost_in(info, path)?;
-    let (major, minor) = m.dev;
-    Some(MountIds {
-        path: path.to_path_buf(),
-        mnt_id: m.id,
-        dev: format!("{major:02x}:{minor:02x}"),
-    })
+    /// The ids of mount `m` at `path`.
+    fn of(path: &std::path::Path, m: &super::mountinfo::MountEntry) -> MountIds {
+        let (major, minor) = m.dev;
+        MountIds {
+            path: path.to_path_buf(),
+            mnt_id: m.id,
+            dev: format!("{major:02x}:{minor:02x}"),
+        }
+    }
 }
 
 /// How long a close waits for [`inspect_close`]. Reading another process's `/proc`
@@ -282,9 +280,12 @@ mod tests {
         let info = "22 1 0:21 / /proc rw - proc proc rw\n\
                     90 30 0:50 / /var/tmp/m\\040x rw - fuse pcocc rw\n\
                     91 90 0:51 / /var/tmp/m\\040x rw - fuse pcocc rw\n";
-        let m = parse_mountinfo(info, std::path::Path::new("/var/tmp/m x")).unwrap();
+        let at = std::path::Path::new("/var/tmp/m x");
+        let top = crate::fuse::mountinfo::topmost_in(info, at).unwrap();
+        let m = MountIds::of(at, &top);
         assert_eq!((m.mnt_id, m.dev.as_str()), (91, "00:33"));
-        assert!(parse_mountinfo(info, std::path::Path::new("/nope")).is_none());
+        let nope = std::path::Path::new("/nope");
+        assert!(crate::fuse::mountinfo::topmost_in(info, nope).is_none());
     }
 
     #[test]

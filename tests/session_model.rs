@@ -348,6 +348,20 @@ impl World {
         }
     }
 
+    /// A rename of `from` (parent, name) to `to`, inode `ino`, succeeded: the kernel
+    /// moves the cached name with its inode, replacing whatever `to` named.
+    fn kernel_renamed(&mut self, from: (u64, &str), to: (u64, &str), ino: u64) {
+        self.kernel.dentries.remove(&(to.0, to.1.to_string()));
+        if self
+            .kernel
+            .dentries
+            .remove(&(from.0, from.1.to_string()))
+            .is_some()
+        {
+            self.kernel.dentries.insert((to.0, to.1.to_string()), ino);
+        }
+    }
+
     /// Invalidations sent during the last operation reach the kernel.
     fn deliver_invalidations(&mut self) {
         let sent: Vec<_> = std::mem::take(&mut *self.invalidations.0.lock().unwrap());
@@ -377,6 +391,13 @@ impl World {
             .rposition(|f| f.writing && &f.dir == dir && f.name == name)
     }
 
+    /// Whether a file is being written into image directory `image`.
+    fn writing_into(&self, image: &str) -> bool {
+        self.files
+            .iter()
+            .any(|f| f.writing && f.dir.as_deref() == Some(image))
+    }
+
     fn end_file(&mut self, f: usize) {
         let file = &mut self.files[f];
         if file.writing {
@@ -397,15 +418,10 @@ impl World {
         }
         if file.size == 0 {
             // Not an image; an empty directory its writer made for it goes too.
-            let written_into = |image: &String| {
-                self.files
-                    .iter()
-                    .any(|f| f.writing && f.dir.as_ref() == Some(image))
-            };
             if let Some(image) = &file.dir
                 && self.made_by_mkdir.contains(image)
                 && self.model.images.get(image).is_some_and(|r| r.is_empty())
-                && !written_into(image)
+                && !self.writing_into(image)
             {
                 self.model.images.remove(image);
                 self.made_by_mkdir.remove(image);
@@ -774,16 +790,7 @@ impl World {
                     // A renamed directory no longer counts as made by mkdir.
                     self.made_by_mkdir.remove(from);
                     self.made_by_mkdir.remove(to);
-                    // The kernel moves the name with its inode.
-                    self.kernel.dentries.remove(&(repo, to.to_string()));
-                    if self
-                        .kernel
-                        .dentries
-                        .remove(&(repo, from.to_string()))
-                        .is_some()
-                    {
-                        self.kernel.dentries.insert((repo, to.to_string()), src);
-                    }
+                    self.kernel_renamed((repo, from), (repo, to), src);
                 }
                 (expect, got)
             }
@@ -795,10 +802,7 @@ impl World {
                     return (Expect::Ok, Ok(()));
                 };
                 let target_taken = self.resolve(other, name).is_ok();
-                let writing_into = self
-                    .files
-                    .iter()
-                    .any(|f| f.writing && f.dir.as_deref() == Some(name));
+                let writing_into = self.writing_into(name);
                 let revs = self.model.images.get(name).cloned().unwrap_or_default();
                 let expect = if writing_into {
                     Expect::Err(libc::EBUSY)
@@ -815,15 +819,7 @@ impl World {
                     .rename(&me, repo, OsStr::new(name), other, OsStr::new(name), 0)
                     .map_err(|e| e.errno());
                 if got.is_ok() {
-                    self.kernel.dentries.remove(&(other, name.to_string()));
-                    if self
-                        .kernel
-                        .dentries
-                        .remove(&(repo, name.to_string()))
-                        .is_some()
-                    {
-                        self.kernel.dentries.insert((other, name.to_string()), src);
-                    }
+                    self.kernel_renamed((repo, name), (other, name), src);
                 }
                 (expect, got)
             }
@@ -946,11 +942,7 @@ impl World {
                 let Ok((_, NodeType::Directory)) = self.resolve(repo, image) else {
                     return (Expect::Ok, Ok(()));
                 };
-                let writing_into = self
-                    .files
-                    .iter()
-                    .any(|f| f.writing && f.dir.as_deref() == Some(image));
-                let expect = if writing_into {
+                let expect = if self.writing_into(image) {
                     Expect::Err(libc::EBUSY)
                 } else if self.model.images.remove(image).is_some() {
                     Expect::Ok

@@ -69,6 +69,8 @@ pub struct ImageFs {
     open_gate: Arc<readahead::OpenGate>,
     /// Whether the kernel agreed to FUSE passthrough (decided in `init`).
     passthrough: bool,
+    /// The kernel maps files opened with `FOPEN_DIRECT_IO` (files being imported).
+    direct_imports: bool,
     backings: passthrough::Backings,
 }
 
@@ -150,6 +152,7 @@ impl ImageFs {
             invalidator,
             open_gate: Arc::default(),
             passthrough: false,
+            direct_imports: false,
             backings: passthrough::Backings::default(),
         }
     }
@@ -195,6 +198,11 @@ impl Filesystem for ImageFs {
         {
             self.passthrough = true;
         }
+        // Files being imported are written straight through (`FOPEN_DIRECT_IO`); a
+        // shared mapping of one still works where the kernel allows it.
+        self.direct_imports = config
+            .add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            .is_ok();
         Ok(())
     }
 
@@ -348,7 +356,11 @@ impl Filesystem for ImageFs {
                 &fuse_attr(e.ino, &e.attr),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                if self.direct_imports {
+                    FopenFlags::FOPEN_DIRECT_IO
+                } else {
+                    FopenFlags::empty()
+                },
             ),
             Err(e) => reply.error(errno(e)),
         }

@@ -11,21 +11,17 @@
 //! as. The output depends only on the disk's content: the same content gives the same
 //! bytes and the same hash, whatever the source format or its allocation.
 //!
-//! The layer is synced by the caller, and a multi-GiB file synced at the end would keep
-//! the disk idle while the conversion computes, then the caller waiting while it writes.
-//! So the second pass starts the write-back of what it has written every
-//! `WRITEBACK_WINDOW` bytes and waits for the write-back `WRITEBACK_LAG` behind: the
-//! disk works while the conversion does, the final sync finds little left to write, and
-//! the layer never holds more than a few windows of dirty pages (which would otherwise
-//! make the kernel throttle this writer, and every other one, for all of them at once).
+//! The layer is synced by the caller; its write-back is paced as it is written
+//! ([`super::writeback`]), so the disk works while the conversion does and the final
+//! sync finds little left to write.
 
 use super::qcow2_layout::{CLUSTER_SIZE, Part, Qcow2Layout, ZERO_BLOCK, allocated_clusters};
+use super::writeback::Writeback;
 use super::{Disk, Error, Result};
 use crate::sys::MappedBuf;
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsFd;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::Instant;
@@ -41,12 +37,6 @@ const BLOCK: usize = ZERO_BLOCK as usize;
 /// system when the conversion ends: a daemon keeps no conversion memory between
 /// imports, whichever of its threads ran them.
 const BUFFERS: usize = 3;
-/// Written bytes whose write-back is started at once (`sync_file_range`): big enough
-/// for large disk requests, small next to the page cache.
-const WRITEBACK_WINDOW: u64 = 16 << 20;
-/// How far behind the writer the write-back is waited for: the layer's dirty and
-/// in-flight pages stay below this plus one window.
-const WRITEBACK_LAG: u64 = 64 << 20;
 
 /// What a conversion may use or do besides the disk and the output.
 pub struct Options<'a> {
@@ -147,7 +137,7 @@ pub fn convert(disk: &Disk, out: &File, out_path: &Path, opts: Options) -> Resul
         let mut spare = Some(buf);
         let mut made = 1;
         let mut pos = 0u64;
-        let mut writeback = Writeback::new(out);
+        let mut writeback = Writeback::new();
         while pos < file_size {
             let mut buf = match spare.take() {
                 Some(b) => b,
@@ -179,7 +169,7 @@ pub fn convert(disk: &Disk, out: &File, out_path: &Path, opts: Options) -> Resul
             }
             write_sparse(out, out_path, chunk, pos)?;
             pos += n as u64;
-            writeback.advance(pos);
+            writeback.wrote(out, pos - n as u64, n as u64);
             if to_hash.send((buf, n)).is_err() {
                 break; // the hasher is gone: its join below reports why
             }
@@ -248,60 +238,6 @@ pub fn push_run(runs: &mut Vec<(u64, u64)>, at: u64) {
         Some((s, k)) if *s + *k == at => *k += 1,
         Some((s, k)) if at < *s + *k => {}
         _ => runs.push((at, 1)),
-    }
-}
-
-/// Starts and paces the write-back of the layer being written (see the module text).
-/// Only a hint to the kernel: the caller's sync is what makes the file durable, so a
-/// filesystem without `sync_file_range` just skips it.
-struct Writeback<'f> {
-    out: &'f File,
-    /// Write-back started for `[0, started)`.
-    started: u64,
-    /// Write-back waited for on `[0, waited)`.
-    waited: u64,
-    enabled: bool,
-}
-
-impl<'f> Writeback<'f> {
-    fn new(out: &'f File) -> Writeback<'f> {
-        Writeback {
-            out,
-            started: 0,
-            waited: 0,
-            enabled: true,
-        }
-    }
-
-    /// Everything below `written` has been written.
-    fn advance(&mut self, written: u64) {
-        if !self.enabled || written < self.started + WRITEBACK_WINDOW {
-            return;
-        }
-        self.range(self.started, written, libc::SYNC_FILE_RANGE_WRITE);
-        self.started = written;
-        let behind = written.saturating_sub(WRITEBACK_LAG);
-        if behind > self.waited {
-            self.range(
-                self.waited,
-                behind,
-                libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-            );
-            self.waited = behind;
-        }
-    }
-
-    fn range(&mut self, from: u64, to: u64, flags: libc::c_uint) {
-        let (Ok(off), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) else {
-            self.enabled = false;
-            return;
-        };
-        if let Err(e) = crate::sys::sync_file_range(self.out.as_fd(), off, len, flags) {
-            log::debug!("no paced write-back ({e}): the final sync writes it all");
-            self.enabled = false;
-        }
     }
 }
 

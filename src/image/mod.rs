@@ -33,6 +33,7 @@ pub mod vdi;
 pub mod vmdk;
 pub mod vmdk_extents;
 pub mod vpc;
+pub mod writeback;
 
 use std::fmt;
 use std::fs::File;

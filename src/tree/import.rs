@@ -23,6 +23,7 @@ use super::pending::{Import, Pending, State, publish_changes};
 use super::publish::{self, Target, split_suffix};
 use super::{Attr, Caller, Error, Node, Tree};
 use crate::image::convert::WRITE_PIECE;
+use crate::image::writeback::Writeback;
 use crate::store::Store;
 
 /// Permission bits of a file being imported when the creator gives none.
@@ -113,7 +114,12 @@ impl ImportHandle {
     pub(super) fn write(&self, data: &[u8], offset: u64) -> Result<usize, Error> {
         let mut st = self.import.lock();
         match &mut *st {
-            State::Writing { tmp, size, arrival } => {
+            State::Writing {
+                tmp,
+                size,
+                arrival,
+                writeback,
+            } => {
                 // In pieces, for smaller page-cache folios (see convert::WRITE_PIECE).
                 let written = data
                     .chunks(WRITE_PIECE)
@@ -136,6 +142,7 @@ impl ImportHandle {
                 }
                 *size = (*size).max(offset + data.len() as u64);
                 arrival.write(offset, data);
+                writeback.wrote(tmp.file(), offset, data.len() as u64);
                 Ok(data.len())
             }
             State::Published(_) => Err(Error::ReadOnly(display(&self.import.node()))),
@@ -325,6 +332,7 @@ impl Tree {
                 tmp,
                 size: 0,
                 arrival: Arrival::new(),
+                writeback: Writeback::new(),
             }),
             writing: AtomicBool::new(true),
             opens: AtomicUsize::new(0),

@@ -32,17 +32,21 @@ use super::open::Changes;
 use super::publish::{self, Target, choose_format};
 use super::save;
 use super::{Attr, Caller, Error, Format, IMPORT_BLKSIZE, Node, NodeType};
+use crate::image::writeback::Writeback;
 use crate::store::{Store, TmpFile};
 
 /// Name of the symlink to the highest revision (see [`super::nodes::LATEST`]).
 const LATEST: &str = super::nodes::LATEST;
 
 pub(super) enum State {
-    /// Being written: the scratch file, its current length and what its writes showed.
+    /// Being written: the scratch file, its current length, what its writes showed and
+    /// the pacing of its write-back (a multi-GiB scratch copy left to the kernel's
+    /// dirty-page limits is received at a fraction of the disk's speed).
     Writing {
         tmp: TmpFile,
         size: u64,
         arrival: Arrival,
+        writeback: Writeback,
     },
     /// Published; the attributes it had, for handles still open.
     Published(Attr),
@@ -381,7 +385,10 @@ impl Import {
     /// before it reopens it to write. Such a file is not published by its last close.
     pub(super) fn is_blank(&self) -> bool {
         let st = self.lock();
-        let State::Writing { tmp, size, arrival } = &*st else {
+        let State::Writing {
+            tmp, size, arrival, ..
+        } = &*st
+        else {
             return false;
         };
         if *size == 0 {
@@ -456,7 +463,9 @@ impl Import {
     pub(super) fn set_size(&self, len: u64) -> Result<(), Error> {
         let mut st = self.lock();
         match &mut *st {
-            State::Writing { tmp, size, arrival } => {
+            State::Writing {
+                tmp, size, arrival, ..
+            } => {
                 tmp.file().set_len(len).map_err(|source| {
                     Error::Store(crate::store::Error::Io {
                         path: tmp.path().to_path_buf(),

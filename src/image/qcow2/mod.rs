@@ -27,6 +27,7 @@
 //! read costs few lookups and few `pread`s.
 
 pub mod header;
+pub mod keep;
 
 #[cfg(test)]
 mod tests;

@@ -1408,3 +1408,145 @@ done
         fs.meta_names("r")
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 5. Imports converted or kept as their bytes arrive, in any order
+// ---------------------------------------------------------------------------------------
+
+/// Python writing `argv[1]` into the new file `argv[2]` in 256 KiB pieces from the last to
+/// the first: every write goes back, as a parallel or sparse-aware copier may write.
+const PY_BACKWARDS: &str = r#"
+import os, sys
+data = open(sys.argv[1], "rb").read()
+fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+step = 256 << 10
+for at in reversed(range(0, len(data), step)):
+    os.pwrite(fd, data[at:at + step], at)
+os.close(fd)
+"#;
+
+/// The two writers of part 5: `cp` (in order) and [`PY_BACKWARDS`].
+const ORDERS: [(&str, &str); 2] = [
+    ("cp", r#"cp "$SRC" "$M/$R/$NAME""#),
+    (
+        "backwards",
+        r#""$PY" -c "$PY_BACKWARDS" "$SRC" "$M/$R/$NAME""#,
+    ),
+];
+
+/// The virtual size qemu-img reads in `src` (in `fmt`).
+fn virtual_size(src: &Path, fmt: &str) -> u64 {
+    let info = ok("qemu-img", &["info", "--output=json", "-f", fmt, s(src)]);
+    let info: serde_json::Value = serde_json::from_str(&info).expect("qemu-img info JSON");
+    info["virtual-size"].as_u64().expect("virtual-size in qemu-img info")
+}
+
+/// The layer files of repository `repo` on disk (`data/XX/<sha256>` names).
+fn layer_names(fs: &Fs, repo: &str) -> Vec<String> {
+    let data = fs.repo(repo).join("data");
+    let mut names: Vec<String> = sorted_names(&data)
+        .iter()
+        .flat_map(|xx| sorted_names(&data.join(xx)))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Writes `src` into `M/repo/name` the way `order` (of [`ORDERS`]) writes.
+fn write_in(fs: &Fs, order: &str, src: &Path, repo: &str, name: &str) -> Result<(), String> {
+    let script = ORDERS.iter().find(|(o, _)| *o == order).unwrap().1;
+    let out = fs.sh(
+        script,
+        &[
+            ("SRC", s(src)),
+            ("R", repo),
+            ("NAME", name),
+            ("PY_BACKWARDS", PY_BACKWARDS),
+        ],
+        WRITER_LIMIT,
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{script}` failed: {}", describe(&out)))
+    }
+}
+
+/// Every source format, written in order by `cp` and backwards by python, imports the
+/// source's disk: its raw view `qemu-img compare`s identical to the source, its qcow2
+/// view is clean.
+#[test]
+fn every_format_imports_whatever_the_order_of_its_writes() {
+    let Some(fs) = Fs::start(&["r"]) else {
+        return;
+    };
+    let formats = [
+        ("raw", ""),
+        ("qcow2", ""),
+        ("qcow2", "compression_type=zlib"),
+        ("vmdk", "subformat=monolithicSparse"),
+        ("vmdk", "subformat=streamOptimized"),
+        ("vdi", ""),
+        ("vpc", ""),
+        ("qed", ""),
+    ];
+    let mut failures = Vec::new();
+    for (i, (fmt, opts)) in formats.iter().enumerate() {
+        let raw = fs.source_raw(&format!("s{i}.img"));
+        let src = fs.work().join(format!("s{i}.{fmt}"));
+        let mut args = vec!["convert", "-q", "-f", "raw", "-O", fmt];
+        // The zlib case is compressed: a qcow2 that is converted, not kept.
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        if opts.starts_with("compression") {
+            args.push("-c");
+        }
+        args.extend([s(&raw), s(&src)]);
+        ok("qemu-img", &args);
+        let size = virtual_size(&src, fmt);
+        for (order, _) in ORDERS {
+            let name = format!("{order}-{i}");
+            let result = write_in(&fs, order, &src, "r", &name)
+                .and_then(|()| fs.check_image("r", &name, &src, fmt, size));
+            if let Err(e) = result {
+                failures.push(format!("[{fmt} {opts} written by {order}] {e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// A clean standalone qcow2 is stored as it is, whatever the order it was written in:
+/// the layer is the file itself (its sha256 is the source's), shared by both imports. A
+/// compressed one is converted (a layer of its own, not the source's bytes).
+#[test]
+fn a_clean_qcow2_is_stored_as_it_is() {
+    let Some(fs) = Fs::start(&["r"]) else {
+        return;
+    };
+    let src = fs.source("qcow2");
+    let sha = |p: &Path| ok("sha256sum", &[s(p)])[..64].to_string();
+    let src_sha = sha(&src);
+    let size = virtual_size(&src, "qcow2");
+    for (order, _) in ORDERS {
+        let name = format!("kept-{order}");
+        write_in(&fs, order, &src, "r", &name).unwrap();
+        fs.check_image("r", &name, &src, "qcow2", size).unwrap();
+        assert_eq!(layer_names(&fs, "r"), [src_sha.as_str()], "after {order}");
+    }
+    let zipped = fs.work().join("zipped.qcow2");
+    ok(
+        "qemu-img",
+        &["convert", "-q", "-c", "-O", "qcow2", s(&src), s(&zipped)],
+    );
+    write_in(&fs, "cp", &zipped, "r", "zipped").unwrap();
+    fs.check_image("r", "zipped", &zipped, "qcow2", size)
+        .unwrap();
+    let layers = layer_names(&fs, "r");
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    assert!(
+        !layers.contains(&sha(&zipped)),
+        "a compressed qcow2 is converted"
+    );
+}

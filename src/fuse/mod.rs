@@ -139,6 +139,17 @@ fn reply_xattr(r: Result<Vec<u8>, tree::Error>, size: u32, reply: ReplyXattr) {
 }
 
 impl ImageFs {
+    /// How a file being imported is opened: straight through, without a page cache of
+    /// its own, where the kernel still allows a shared mapping of it (a multi-GiB `cp`
+    /// into the mount then fills one page cache, the scratch copy's, instead of two).
+    fn import_flags(&self) -> FopenFlags {
+        if self.direct_imports {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::empty()
+        }
+    }
+
     pub fn new(tree: Arc<Tree>, settings: FsSettings) -> ImageFs {
         let invalidator = Arc::new(notify::Invalidator::default());
         let session = Session::new(
@@ -332,9 +343,12 @@ impl Filesystem for ImageFs {
         // caller's offsets and lengths, bypassing the page cache for that descriptor
         // only, while buffered readers of the same immutable file keep the cached pages
         // FOPEN_KEEP_CACHE preserves.
+        // A file being imported (reopened by its writer) is written straight through,
+        // as when it was created.
         match backing {
             Some(id) => reply.opened_passthrough(fh, FopenFlags::empty(), &id),
             None if opened.keep_cache => reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE),
+            None if !opened.file.immutable() => reply.opened(fh, self.import_flags()),
             None => reply.opened(fh, FopenFlags::empty()),
         }
     }
@@ -356,11 +370,7 @@ impl Filesystem for ImageFs {
                 &fuse_attr(e.ino, &e.attr),
                 Generation(0),
                 FileHandle(fh),
-                if self.direct_imports {
-                    FopenFlags::FOPEN_DIRECT_IO
-                } else {
-                    FopenFlags::empty()
-                },
+                self.import_flags(),
             ),
             Err(e) => reply.error(errno(e)),
         }

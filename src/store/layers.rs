@@ -9,7 +9,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek};
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::os::unix::io::AsFd;
+use std::os::unix::io::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -120,15 +120,38 @@ impl Store {
     /// instead.
     pub fn add_layer(&self, mut tmp: TmpFile, hash: Option<&str>) -> Result<String, Error> {
         let hash = match hash {
-            Some(h) if is_hash(h) => h.to_string(),
-            Some(h) => return Err(Error::BadHash(h.to_string())),
+            Some(h) => h.to_string(),
             None => sha256_of(&tmp.file, &tmp.path)?,
         };
+        if self.place_layer(&tmp, &hash, rename_over)? {
+            tmp.keep = true;
+        }
+        Ok(hash)
+    }
+
+    /// [`Store::add_layer`] of a scratch file whose hash `hash` is known, by a hard
+    /// link: `tmp` keeps its name (and loses it when dropped), so a caller that must
+    /// keep the scratch file if what follows fails still has it.
+    pub fn link_layer(&self, tmp: &TmpFile, hash: &str) -> Result<(), Error> {
+        self.place_layer(tmp, hash, sys::link_at).map(|_| ())
+    }
+
+    /// Makes `tmp` layer `hash` with `place` (rename or link) unless that layer exists;
+    /// true when it was placed.
+    fn place_layer(
+        &self,
+        tmp: &TmpFile,
+        hash: &str,
+        place: fn(BorrowedFd<'_>, &OsStr, BorrowedFd<'_>, &OsStr) -> io::Result<()>,
+    ) -> Result<bool, Error> {
+        if !is_hash(hash) {
+            return Err(Error::BadHash(hash.to_string()));
+        }
         let data = self.dir("data")?;
-        let rel = Self::layer_rel(&hash);
+        let rel = Self::layer_rel(hash);
         if data.has(&rel) {
             refresh_ctime(&data, &rel);
-            return Ok(hash);
+            return Ok(false);
         }
         // The mode first, then the sync, so that the mode is as durable as the bytes.
         tmp.file
@@ -136,19 +159,22 @@ impl Store {
             .and_then(|()| tmp.file.sync_all())
             .map_err(|e| io_err(&tmp.path, e))?;
         // Overwriting a layer that appeared meanwhile is harmless: same name, same bytes.
-        let placed = self.place_in_prefix_dir(&data, &hash, |xx| {
-            sys::rename_at(
+        let placed = self.place_in_prefix_dir(&data, hash, |xx| {
+            place(
                 tmp.dir.fd(),
                 OsStr::new(&tmp.name),
                 xx.fd(),
-                OsStr::new(&hash),
-                false,
+                OsStr::new(hash),
             )
         })?;
-        let xx = placed.map_err(|e| io_err(&data.show(&rel), e))?;
-        tmp.keep = true;
+        let xx = match placed {
+            Ok(xx) => xx,
+            // A link loses to a layer placed meanwhile: same name, same bytes.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(io_err(&data.show(&rel), e)),
+        };
         fsutil::sync_dir(xx.fd(), &xx.path)?;
-        Ok(hash)
+        Ok(true)
     }
 
     /// Makes layer `hash` of `src` present in this repository: nothing to do if it is
@@ -331,4 +357,14 @@ fn next_extent(f: &File, pos: u64, size: u64) -> io::Result<Option<(u64, u64)>> 
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENXIO))?
         .min(size);
     Ok(Some((data, hole)))
+}
+
+/// `renameat` replacing what the target name holds.
+fn rename_over(
+    from_dir: BorrowedFd,
+    from: &OsStr,
+    to_dir: BorrowedFd,
+    to: &OsStr,
+) -> io::Result<()> {
+    sys::rename_at(from_dir, from, to_dir, to, false)
 }

@@ -23,7 +23,7 @@ mod v1;
 
 pub use gc::GcReport;
 pub use json::{python_float_repr, to_python_json};
-pub use layers::{LayerTransfer, TmpFile, sha256_file, sparse_copy_hashing};
+pub use layers::{LayerTransfer, TmpFile, sha256_file, sha256_of, sparse_copy_hashing};
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

@@ -106,6 +106,12 @@ impl Arrival {
         }
     }
 
+    /// Below this offset every byte is final while the stream stays in order (a write
+    /// never goes back); `None` once it did not.
+    pub fn in_order_end(&self) -> Option<u64> {
+        self.runs.as_ref().map(|_| self.end)
+    }
+
     /// The file was truncated or extended to `len`.
     pub fn set_len(&mut self, len: u64) {
         if len == 0 {

@@ -21,8 +21,10 @@ use super::nodes::display;
 use super::open::{Changes, OpenFile, seek_file};
 use super::pending::{Import, Pending, State, publish_changes};
 use super::publish::{self, Target, split_suffix};
+use super::stream_hash::StreamHash;
 use super::{Attr, Caller, Error, Node, Tree};
 use crate::image::convert::WRITE_PIECE;
+use crate::image::qcow2::header::MAGIC as QCOW2_MAGIC;
 use crate::image::writeback::Writeback;
 use crate::store::Store;
 
@@ -119,6 +121,7 @@ impl ImportHandle {
                 size,
                 arrival,
                 writeback,
+                hash,
             } => {
                 // In pieces, for smaller page-cache folios (see convert::WRITE_PIECE).
                 let written = data
@@ -143,6 +146,18 @@ impl ImportHandle {
                 *size = (*size).max(offset + data.len() as u64);
                 arrival.write(offset, data);
                 writeback.wrote(tmp.file(), offset, data.len() as u64);
+                match arrival.in_order_end() {
+                    Some(end) => {
+                        // A qcow2 file may be stored as it is: hash it as it arrives.
+                        if hash.is_none() && offset == 0 && data.starts_with(&QCOW2_MAGIC) {
+                            *hash = StreamHash::start(tmp.file());
+                        }
+                        if let Some(h) = hash {
+                            h.advance(end);
+                        }
+                    }
+                    None => *hash = None,
+                }
                 Ok(data.len())
             }
             State::Published(_) => Err(Error::ReadOnly(display(&self.import.node()))),
@@ -333,6 +348,7 @@ impl Tree {
                 size: 0,
                 arrival: Arrival::new(),
                 writeback: Writeback::new(),
+                hash: None,
             }),
             writing: AtomicBool::new(true),
             opens: AtomicUsize::new(0),

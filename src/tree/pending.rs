@@ -31,7 +31,9 @@ use super::nodes::{display, revision_dir_name};
 use super::open::Changes;
 use super::publish::{self, Target, choose_format};
 use super::save;
+use super::stream_hash::StreamHash;
 use super::{Attr, Caller, Error, Format, IMPORT_BLKSIZE, Node, NodeType};
+use crate::image::qcow2::keep;
 use crate::image::writeback::Writeback;
 use crate::store::{Store, TmpFile};
 
@@ -47,6 +49,9 @@ pub(super) enum State {
         size: u64,
         arrival: Arrival,
         writeback: Writeback,
+        /// The sha256 of an in-order stream that may be stored as it is, computed as
+        /// it arrives.
+        hash: Option<StreamHash>,
     },
     /// Published; the attributes it had, for handles still open.
     Published(Attr),
@@ -464,7 +469,11 @@ impl Import {
         let mut st = self.lock();
         match &mut *st {
             State::Writing {
-                tmp, size, arrival, ..
+                tmp,
+                size,
+                arrival,
+                hash,
+                ..
             } => {
                 tmp.file().set_len(len).map_err(|source| {
                     Error::Store(crate::store::Error::Io {
@@ -474,6 +483,9 @@ impl Import {
                 })?;
                 *size = len;
                 arrival.set_len(len);
+                if arrival.in_order_end().is_none() || len == 0 {
+                    *hash = None;
+                }
                 Ok(())
             }
             State::Published(_) => Err(Error::ReadOnly(display(&self.node()))),
@@ -490,11 +502,14 @@ impl Import {
         pending: &Pending,
     ) -> Result<crate::store::Meta, Error> {
         let mut st = self.lock();
-        let State::Writing { tmp, arrival, .. } = &*st else {
-            return Err(self.gone());
-        };
         // Taken now: a created file's scratch copy is consumed by its publish.
         let attr = self.attr_of(&st)?;
+        let State::Writing {
+            tmp, arrival, hash, ..
+        } = &mut *st
+        else {
+            return Err(self.gone());
+        };
         log::debug!(
             "publishing {}: {} bytes received in {:.2?}",
             display(&self.node()),
@@ -519,6 +534,22 @@ impl Import {
                     tmp.path(),
                     target,
                 );
+            }
+            if format == Format::Qcow2 {
+                match keep::keepable(tmp.file(), tmp.path(), attr.size) {
+                    Ok(()) => {
+                        let hash = hash.take().and_then(|h| h.finish(attr.size));
+                        return publish::publish_as_is(
+                            &self.store,
+                            &self.siblings,
+                            &owner,
+                            tmp,
+                            hash,
+                            target,
+                        );
+                    }
+                    Err(why) => log::debug!("{}: converted: {why}", display(&self.node())),
+                }
             }
             // A staging file that fails to publish stays for its writer to fix, so only
             // a created file's bytes may be dropped as they are converted.

@@ -265,6 +265,41 @@ pub fn publish(
     write_meta(store, owner, vec![hash], custom_meta, target)
 }
 
+/// Publishes a scratch file that is already a clean standalone qcow2
+/// ([`crate::image::qcow2::keep`]) as it is: its bytes are the layer, named by `hash`
+/// when it was computed while they arrived (else hashed here), and the scratch file is
+/// linked into `data/` (it keeps its own name until its owner drops it). The caller
+/// checked that the file may be kept.
+pub(super) fn publish_as_is(
+    store: &Store,
+    siblings: &[std::sync::Arc<Store>],
+    owner: &str,
+    tmp: &store::TmpFile,
+    hash: Option<String>,
+    target: &Target,
+) -> Result<Meta, Error> {
+    check_target(store, target)?;
+    let started = std::time::Instant::now();
+    let hash = match hash {
+        Some(h) => h,
+        None => store::sha256_of(tmp.file(), tmp.path())?,
+    };
+    let shared = siblings
+        .iter()
+        .filter(|s| s.name() != store.name())
+        .find_map(|s| store.link_layer_from(s, &hash).ok().flatten());
+    if shared.is_none() {
+        store.link_layer(tmp, &hash)?;
+    }
+    log::debug!(
+        "{}: kept as it is ({hash}), stored in {:.2?}",
+        tmp.path().display(),
+        started.elapsed()
+    );
+    let custom_meta = serde_json::Value::Object(serde_json::Map::new());
+    write_meta(store, owner, vec![hash], custom_meta, target)
+}
+
 /// Drops the converted part of a raw scratch file by punching it out: its dirty pages
 /// then leave the page cache without being written to the disk.
 struct Dropper {

@@ -1,0 +1,214 @@
+//! The sha256 of a file being imported, computed while its bytes arrive.
+//!
+//! A file that may be stored as it is (a clean standalone qcow2,
+//! [`crate::image::qcow2::keep`]) is named by the sha256 of its bytes. Hashing 4 GiB
+//! takes seconds; done at the last close, it is time its writer waits after the last
+//! byte was sent. So while the file is written in order (every write at or past the end
+//! of the previous one, as `cp`, `cat`, `dd` and `rsync` write), a thread of its own
+//! reads back from the page cache what can no longer change (everything below the
+//! stream's end) and hashes it. A write going back, a file cut shorter, or a close that
+//! comes first stops it: the hash is then computed at publish as before.
+
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// Bytes read back per step.
+const STEP: usize = 1 << 20;
+
+#[derive(Default)]
+struct Progress {
+    /// Every byte below is final.
+    ready: u64,
+    /// No more bytes: `ready` is the file's length.
+    done: bool,
+    /// The stream left its order, or its owner went: stop.
+    stopped: bool,
+    /// The hash of the whole file, once `done` and reached.
+    hash: Option<String>,
+}
+
+struct Shared {
+    progress: Mutex<Progress>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The hashing of one in-order stream (see the module text).
+pub struct StreamHash {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for StreamHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamHash").finish_non_exhaustive()
+    }
+}
+
+impl StreamHash {
+    /// Starts hashing `file` (through a duplicate of its descriptor) from its start.
+    /// `None` when no thread or descriptor can be had: the hash is then computed later.
+    pub fn start(file: &File) -> Option<StreamHash> {
+        let file = file.try_clone().ok()?;
+        let shared = Arc::new(Shared {
+            progress: Mutex::new(Progress::default()),
+            changed: Condvar::new(),
+        });
+        let theirs = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("import-hash".into())
+            .spawn(move || hash_stream(&file, &theirs))
+            .ok()?;
+        Some(StreamHash {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Every byte below `ready` is final.
+    pub fn advance(&self, ready: u64) {
+        let mut p = self.shared.lock();
+        if ready > p.ready {
+            p.ready = ready;
+            self.shared.changed.notify_all();
+        }
+    }
+
+    /// The file is complete at `len` bytes: its hash, once the thread has read it all;
+    /// `None` if the stream was stopped.
+    pub fn finish(mut self, len: u64) -> Option<String> {
+        {
+            let mut p = self.shared.lock();
+            if len < p.ready {
+                return None;
+            }
+            p.ready = len;
+            p.done = true;
+            self.shared.changed.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.shared.lock().hash.take()
+    }
+}
+
+impl Drop for StreamHash {
+    fn drop(&mut self) {
+        self.shared.lock().stopped = true;
+        self.shared.changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn hash_stream(file: &File, shared: &Shared) {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; STEP];
+    let mut at = 0u64;
+    loop {
+        let (ready, done) = {
+            let mut p = shared.lock();
+            while !p.stopped && !p.done && p.ready < at + STEP as u64 {
+                p = shared.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            if p.stopped {
+                return;
+            }
+            (p.ready, p.done)
+        };
+        while at < ready && (done || ready - at >= STEP as u64) {
+            let n = ((ready - at) as usize).min(STEP);
+            let chunk = &mut buf[..n];
+            let mut got = 0;
+            while got < n {
+                match file.read_at(&mut chunk[got..], at + got as u64) {
+                    // Past the end of a file sized by its writer: zeroes.
+                    Ok(0) => {
+                        chunk[got..].fill(0);
+                        got = n;
+                    }
+                    Ok(k) => got += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => return,
+                }
+            }
+            h.update(&chunk[..]);
+            at += n as u64;
+            if shared.lock().stopped {
+                return;
+            }
+        }
+        if done && at >= ready {
+            shared.lock().hash = Some(format!("{:x}", h.finalize()));
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(bytes: &[u8]) -> String {
+        format!("{:x}", Sha256::digest(bytes))
+    }
+
+    fn scratch() -> (tempfile::TempDir, File) {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        (dir, f)
+    }
+
+    #[test]
+    fn an_in_order_stream_with_holes_and_a_sized_tail_hashes_as_its_bytes() {
+        let (_d, f) = scratch();
+        let h = StreamHash::start(&f).unwrap();
+        let mut expect = Vec::new();
+        for i in 0..7u8 {
+            let piece = vec![i + 1; 700_000];
+            let at = expect.len() as u64 + if i == 3 { 3 << 20 } else { 0 };
+            expect.resize(at as usize, 0);
+            f.write_all_at(&piece, at).unwrap();
+            expect.extend_from_slice(&piece);
+            h.advance(expect.len() as u64);
+        }
+        // `cp` of a sparse file ends with an ftruncate past its last write.
+        let len = expect.len() as u64 + 5_000_000;
+        f.set_len(len).unwrap();
+        expect.resize(len as usize, 0);
+        assert_eq!(h.finish(len).unwrap(), sha(&expect));
+    }
+
+    #[test]
+    fn a_stream_finished_shorter_than_it_went_has_no_hash() {
+        let (_d, f) = scratch();
+        f.write_all_at(&[1u8; 3 << 20], 0).unwrap();
+        let h = StreamHash::start(&f).unwrap();
+        h.advance(3 << 20);
+        assert_eq!(h.finish(1 << 20), None);
+    }
+
+    #[test]
+    fn dropping_a_stream_stops_its_thread() {
+        let (_d, f) = scratch();
+        let h = StreamHash::start(&f).unwrap();
+        h.advance(10);
+        drop(h); // returns: the thread was waiting for more and saw the stop
+    }
+}

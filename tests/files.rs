@@ -1438,7 +1438,9 @@ const ORDERS: [(&str, &str); 2] = [
 fn virtual_size(src: &Path, fmt: &str) -> u64 {
     let info = ok("qemu-img", &["info", "--output=json", "-f", fmt, s(src)]);
     let info: serde_json::Value = serde_json::from_str(&info).expect("qemu-img info JSON");
-    info["virtual-size"].as_u64().expect("virtual-size in qemu-img info")
+    info["virtual-size"]
+        .as_u64()
+        .expect("virtual-size in qemu-img info")
 }
 
 /// The layer files of repository `repo` on disk (`data/XX/<sha256>` names).

@@ -1087,3 +1087,75 @@ fn the_mount_reads_ahead_by_the_window_asked_for() {
     );
     assert_eq!(fs::read_to_string(&file).unwrap().trim(), "2048", "{file}");
 }
+
+/// A raw disk of `mib` MiB with 1 MiB of data every 2 MiB (so every generated view is
+/// about half its size, and reads sequentially for long).
+fn striped_raw(m: &Mounted, name: &str, mib: u64) -> PathBuf {
+    let p = m.work().join(name);
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", s(&p), &format!("{mib}M")],
+    );
+    let cmds: Vec<String> = (0..mib / 2)
+        .map(|i| format!("write -P {} {}M 1M", i % 250 + 1, 2 * i))
+        .collect();
+    let mut args = vec!["-f", "raw"];
+    for c in &cmds {
+        args.extend(["-c", c.as_str()]);
+    }
+    args.push(s(&p));
+    ok("qemu-io", &args);
+    p
+}
+
+/// `cp` of each generated view out reads it sequentially, so the daemon stores the view
+/// into the page cache ahead of it: the copy is the view qemu expects, and reading the
+/// view again (from those cached pages) gives the same bytes.
+#[test]
+fn views_copied_out_while_pushed_ahead_are_exactly_the_views() {
+    let Some(m) = Mounted::start() else { return };
+    let src = striped_raw(&m, "striped.raw", 96);
+    ok("cp", &[s(&src), s(&m.at("user/"))]);
+    for (file, fmt) in VIEWS {
+        let view = m.at(&format!("user/striped/@0/{file}"));
+        let out = m.work().join(format!("out-{file}"));
+        ok("cp", &[s(&view), s(&out)]);
+        assert_view_is(&out, fmt, &src);
+        ok("cmp", &[s(&view), s(&out)]);
+    }
+}
+
+/// What is stored ahead of a reader is bounded: while a reader that read the first
+/// 8 MiB of a 192 MiB view sequentially keeps it open, the view holds at most the bytes
+/// read, the kernel's window, the push's reach (`PUSH_AHEAD`, 64 MiB) and one piece in
+/// the page cache (`fincore`), however long it waits.
+#[test]
+fn a_view_is_pushed_ahead_of_its_reader_only_so_far() {
+    let Some(m) = Mounted::start() else { return };
+    let src = striped_raw(&m, "wide.raw", 384);
+    ok("cp", &[s(&src), s(&m.at("user/"))]);
+    let view = m.at("user/wide/@0/disk.vdi");
+    let size = fs::metadata(&view).unwrap().len();
+    assert!(
+        size > 190 << 20,
+        "the vdi view holds the 192 MiB of data: {size}"
+    );
+    let resident = ok(
+        "bash",
+        &[
+            "-c",
+            r#"exec 3<"$1"
+               dd bs=1M count=8 status=none <&3 >/dev/null
+               sleep 2
+               fincore --bytes --noheadings --output RES "$1""#,
+            "bash",
+            s(&view),
+        ],
+    );
+    let resident: u64 = resident.trim().parse().unwrap();
+    let bound = (8 << 20) + (4 << 20) + (64 << 20) + (1 << 20);
+    assert!(
+        resident <= bound,
+        "{resident} bytes of the view cached after an 8 MiB read: more than {bound}"
+    );
+}

@@ -20,6 +20,7 @@ pub mod mountpoint;
 pub mod notify;
 pub mod options;
 pub mod passthrough;
+pub mod push;
 pub mod readahead;
 
 use crate::tree::session::{Entry, Seek, Session, SessionSettings};
@@ -65,6 +66,8 @@ pub struct FsSettings {
 pub struct ImageFs {
     session: Session,
     invalidator: Arc<notify::Invalidator>,
+    /// Stores generated views into the page cache ahead of sequential readers.
+    pusher: Arc<push::Pusher>,
     /// Opens wait here until the mount's read-ahead window is set (see [`readahead`]).
     open_gate: Arc<readahead::OpenGate>,
     /// Whether the kernel agreed to FUSE passthrough (decided in `init`).
@@ -161,6 +164,7 @@ impl ImageFs {
         ImageFs {
             session,
             invalidator,
+            pusher: Arc::new(push::Pusher::default()),
             open_gate: Arc::default(),
             passthrough: false,
             direct_imports: false,
@@ -176,6 +180,10 @@ impl ImageFs {
     /// The invalidation forwarder, to start once the session is mounted.
     pub fn invalidator(&self) -> Arc<notify::Invalidator> {
         self.invalidator.clone()
+    }
+
+    pub fn pusher(&self) -> Arc<push::Pusher> {
+        self.pusher.clone()
     }
 
     /// The caller of `req`, with the serving thread acting as them until the value is
@@ -379,7 +387,7 @@ impl Filesystem for ImageFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -397,7 +405,12 @@ impl Filesystem for ImageFs {
             }
             let buf = &mut buf[..size.min(MAX_IO) as usize];
             match self.session.read(fh.0, buf, offset) {
-                Ok(n) => reply.data(&buf[..n]),
+                Ok(n) => {
+                    reply.data(&buf[..n]);
+                    if let Some(file) = self.session.open_file(fh.0) {
+                        self.pusher.on_read(fh.0, ino.0, &file, offset, n as u64);
+                    }
+                }
                 Err(e) => reply.error(errno(e)),
             }
         })
@@ -443,6 +456,7 @@ impl Filesystem for ImageFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.pusher.release(fh.0);
         self.session.release(fh.0);
         self.backings.release(fh.0);
         reply.ok();

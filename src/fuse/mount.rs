@@ -86,6 +86,7 @@ pub fn serve(
     cfg.clone_fd = threads > 1;
 
     let invalidator = fs.invalidator();
+    let pusher = fs.pusher();
     let readahead_kib = settings
         .readahead_kib
         .unwrap_or(readahead::DEFAULT_READAHEAD_KIB);
@@ -118,6 +119,15 @@ pub fn serve(
             }
         };
     invalidator.start(session.notifier());
+    // The kernel's window: what it sets, or its own 128 KiB when left alone.
+    pusher.start(
+        session.notifier(),
+        u64::from(if readahead_kib > 0 {
+            readahead_kib
+        } else {
+            128
+        }) * 1024,
+    );
     if readahead_kib > 0 {
         // Set from its own thread: the stat it needs is answered by the session loop.
         let at = mountpoint.to_path_buf();

@@ -147,6 +147,14 @@ impl OpenFile {
         }
     }
 
+    /// The generated view this open file reads, when it is one.
+    pub fn view(&self) -> Option<&View> {
+        match &self.inner {
+            Inner::View { view, .. } => Some(view),
+            _ => None,
+        }
+    }
+
     /// True when the content never changes (revision files).
     pub fn immutable(&self) -> bool {
         !matches!(self.inner, Inner::Import(_))

@@ -310,6 +310,11 @@ impl Session {
     }
 
     /// Open file `fh`, its inode number and the uid that opened it.
+    /// The open file behind `fh`, if it is open.
+    pub fn open_file(&self, fh: u64) -> Option<Arc<OpenFile>> {
+        self.file(fh).ok().map(|(f, _, _)| f)
+    }
+
     fn file(&self, fh: u64) -> Result<OpenHandle, Error> {
         let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         files.get(&fh).cloned().ok_or(Error::BadHandle(fh))

@@ -1,0 +1,176 @@
+//! Generated views pushed into the kernel's page cache ahead of a sequential reader.
+//!
+//! A reader of a generated view (`cp disk.vdi OUT`) pays, on its own core, for every
+//! page of the view the kernel allocates and fills from the daemon's replies: measured,
+//! three quarters of the daemon's time was the kernel copying replies into freshly
+//! allocated page cache, and `cp` most of a second of system time allocating it. So once
+//! a reader is seen reading an open view sequentially (large reads, each starting where
+//! the previous one ended), a thread of the mount generates the view further on and
+//! stores it into the kernel's cache itself (`FUSE_NOTIFY_STORE`), on the other core,
+//! where the reader then finds it. Bounded: at most [`PUSH_AHEAD`] bytes past the end of
+//! the latest read the kernel asked for (the reader's cached reads are not seen, so the
+//! push waits there until the reader misses again), one [`PUSH_PIECE`] buffer, one
+//! thread for the whole mount, and nothing once the file is closed.
+//!
+//! Views never change (revision files are immutable and kept across opens), so a page
+//! stored ahead holds exactly what a read would have brought.
+
+use crate::tree::OpenFile;
+use crate::view::ReadAhead;
+use fuser::{INodeNo, Notifier};
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+/// How far past the end of the latest read asked by the kernel the view is pushed.
+pub const PUSH_AHEAD: u64 = 64 << 20;
+/// Bytes generated and stored at a time (one notification).
+pub const PUSH_PIECE: usize = 1 << 20;
+/// Reads smaller than this are not a sequential stream worth pushing for (the kernel's
+/// read-ahead of a sequential reader asks for 1 MiB at a time on this mount).
+const MIN_READ: u64 = 128 << 10;
+
+/// One open view being pushed.
+struct Job {
+    ino: u64,
+    file: Arc<OpenFile>,
+    /// End of the latest read the kernel asked for.
+    last_end: u64,
+    /// Pushed up to here.
+    pushed: u64,
+    /// Push up to here.
+    want: u64,
+    /// The pusher's own read-ahead of the view's stored bytes.
+    ahead: ReadAhead,
+}
+
+#[derive(Default)]
+struct Jobs {
+    by_fh: HashMap<u64, Job>,
+    /// Served last, so that several readers take turns.
+    turn: u64,
+}
+
+/// The mount's pusher (see the module text). Does nothing until [`Pusher::start`].
+#[derive(Default)]
+pub struct Pusher {
+    shared: Arc<(Mutex<Jobs>, Condvar)>,
+    /// Set when started: the kernel's own read-ahead window, in bytes.
+    window: OnceLock<u64>,
+}
+
+impl std::fmt::Debug for Pusher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pusher").finish_non_exhaustive()
+    }
+}
+
+impl Pusher {
+    /// Starts the pushing thread, storing through `notifier`, past the kernel's own
+    /// read-ahead of `window` bytes.
+    pub fn start(&self, notifier: Notifier, window: u64) {
+        if self.window.set(window).is_err() {
+            return;
+        }
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("push".into())
+            .spawn(move || push_loop(&shared, &notifier));
+        if let Err(e) = spawned {
+            log::warn!("cannot start the view push thread: {e}");
+        }
+    }
+
+    /// The kernel asked for `len` bytes at `offset` of the open file `fh` (inode `ino`).
+    pub fn on_read(&self, fh: u64, ino: u64, file: &Arc<OpenFile>, offset: u64, len: u64) {
+        let Some(&window) = self.window.get() else {
+            return;
+        };
+        if len < MIN_READ || file.view().is_none() {
+            return;
+        }
+        let Ok(size) = file.size() else {
+            return;
+        };
+        let end = offset.saturating_add(len);
+        let (lock, wake) = &*self.shared;
+        let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let job = jobs.by_fh.entry(fh).or_insert_with(|| Job {
+            ino,
+            file: file.clone(),
+            last_end: end,
+            pushed: 0,
+            want: 0,
+            ahead: ReadAhead::default(),
+        });
+        // Requests of one stream arrive nearly in order; anything else is not pushed for.
+        let sequential = offset.abs_diff(job.last_end) <= PUSH_AHEAD;
+        job.last_end = end;
+        if !sequential {
+            return;
+        }
+        // The kernel reads its own window past `end`; the push starts beyond it.
+        job.pushed = job.pushed.max(end.saturating_add(window));
+        let want = end.saturating_add(PUSH_AHEAD).min(size);
+        if want > job.want {
+            job.want = want;
+        }
+        if job.pushed < job.want {
+            wake.notify_one();
+        }
+    }
+
+    /// The open file `fh` was closed: nothing more is pushed for it.
+    pub fn release(&self, fh: u64) {
+        let (lock, _) = &*self.shared;
+        lock.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_fh
+            .remove(&fh);
+    }
+}
+
+fn push_loop(shared: &(Mutex<Jobs>, Condvar), notifier: &Notifier) {
+    let (lock, wake) = shared;
+    let mut buf = vec![0u8; PUSH_PIECE];
+    loop {
+        // The next piece of the job after the one served last.
+        let (fh, ino, file, at, n) = {
+            let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                let turn = jobs.turn;
+                let next = jobs
+                    .by_fh
+                    .iter()
+                    .filter(|(_, j)| j.pushed < j.want)
+                    .map(|(&fh, _)| fh)
+                    .min_by_key(|&fh| (fh <= turn, fh));
+                if let Some(fh) = next {
+                    jobs.turn = fh;
+                    let j = &jobs.by_fh[&fh];
+                    let n = (j.want - j.pushed).min(PUSH_PIECE as u64) as usize;
+                    if let Some(view) = j.file.view() {
+                        j.ahead.on_read(view, j.pushed, n as u64);
+                    }
+                    break (fh, j.ino, j.file.clone(), j.pushed, n);
+                }
+                jobs = wake.wait(jobs).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let stored = match file.view().map(|v| v.read_at(&mut buf[..n], at)) {
+            Some(Ok(got)) if got > 0 => notifier.store(INodeNo(ino), at, &buf[..got]).map(|()| got),
+            _ => Err(std::io::Error::other("nothing to push")),
+        };
+        let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(j) = jobs.by_fh.get_mut(&fh) {
+            match stored {
+                Ok(got) => j.pushed = j.pushed.max(at + got as u64),
+                // The kernel no longer knows the inode, or the view cannot be read here
+                // (the reader's own reads will say why): stop pushing this file.
+                Err(e) => {
+                    log::debug!("push of inode {ino} stopped at {at}: {e}");
+                    j.want = 0;
+                }
+            }
+        }
+    }
+}

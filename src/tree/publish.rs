@@ -7,9 +7,11 @@
 //! as a layer above that revision (`super::save`). `pcocc image import`, the user's own
 //! process, reads the backing chain of a qcow2 and the extents of a multi-file VMDK as
 //! the user can ([`CallerFiles`]) and flattens them, as pcocc (`qemu-img convert`) does.
-//! Either way the source is converted into one standalone qcow2 layer under `.tmp/` (always: the layer is then
-//! clean, deterministic for its content and deduplicated whatever the source format
-//! was), added to `data/` (synced, 0444, renamed, deduplicated) and finally described by
+//! Either way the source is converted into one standalone qcow2 layer under `.tmp/` (the
+//! layer is then clean, deterministic for its content and deduplicated whatever the
+//! source format was) — except a file written into the mount that is already a clean
+//! standalone qcow2, which is its own layer ([`publish_as_is`]) — added to `data/`
+//! (synced, 0444, renamed or linked, deduplicated) and finally described by
 //! metadata created exclusively, so that two writers of one name give one winner. The
 //! name is checked before any data is converted, and nothing but an unreferenced layer
 //! (which gc removes, and which may already be shared by a concurrent import) can remain

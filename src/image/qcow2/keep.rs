@@ -22,8 +22,8 @@ const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
 /// L2 entry flag: reads as zeroes (spec, bit 0; version 3 only).
 const ZERO: u64 = 1;
-/// Most clusters in a file this check counts (one byte each): 64 Mi, a 4 TiB file of
-/// 64 KiB clusters. A bigger file is converted.
+/// Most clusters in a file this check tracks (one bit each, 8 MiB at most): 64 Mi, a
+/// 4 TiB file of 64 KiB clusters. A bigger file is converted.
 const MAX_CLUSTERS: u64 = 1 << 26;
 
 /// Why a file is converted rather than kept; `Ok(())` when it may be kept.
@@ -83,7 +83,8 @@ pub fn keepable(file: &File, path: &Path, file_len: u64) -> Verdict {
         return Err(format!("{clusters} clusters"));
     }
     let mut refs = Refs {
-        counts: vec![0u8; clusters as usize],
+        used: vec![0u64; clusters.div_ceil(64) as usize],
+        clusters,
         cs,
     };
     refs.mark(0, 1)?;
@@ -161,7 +162,7 @@ pub fn keepable(file: &File, path: &Path, file_len: u64) -> Verdict {
         let first = i as u64 * per_block;
         if b == 0 {
             let end = (first + per_block).min(clusters);
-            if (first..end).any(|c| refs.counts[c as usize] > 0) {
+            if (first..end).any(|c| refs.is_used(c)) {
                 return Err(format!(
                     "clusters from {first} are in use with no refcount block"
                 ));
@@ -172,8 +173,8 @@ pub fn keepable(file: &File, path: &Path, file_len: u64) -> Verdict {
         for (j, entry) in block.chunks_exact(width).enumerate() {
             let c = first + j as u64;
             let stored = entry.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
-            let counted = refs.counts.get(c as usize).copied().unwrap_or(0);
-            if stored != u64::from(counted) {
+            let counted = u64::from(refs.is_used(c));
+            if stored != counted {
                 return Err(format!(
                     "cluster {c} has refcount {stored} and {counted} references"
                 ));
@@ -181,31 +182,39 @@ pub fn keepable(file: &File, path: &Path, file_len: u64) -> Verdict {
         }
     }
     let covered = blocks.len() as u64 * per_block;
-    if covered < clusters && refs.counts[covered as usize..].iter().any(|&c| c > 0) {
+    if (covered..clusters).any(|c| refs.is_used(c)) {
         return Err("clusters past the refcount table are in use".into());
     }
     Ok(())
 }
 
-/// References counted per cluster of the file.
+/// The clusters of the file some header field or table points to (each at most once).
 struct Refs {
-    counts: Vec<u8>,
+    used: Vec<u64>,
+    clusters: u64,
     cs: u64,
 }
 
 impl Refs {
-    /// `n` clusters from byte `offset` are referenced once more.
+    fn is_used(&self, c: u64) -> bool {
+        c < self.clusters && self.used[(c / 64) as usize] & (1 << (c % 64)) != 0
+    }
+
+    /// `n` clusters from byte `offset` are referenced: they must be inside the file and
+    /// referenced nowhere else.
     fn mark(&mut self, offset: u64, n: u64) -> Verdict {
         if !offset.is_multiple_of(self.cs) {
             return Err(format!("offset {offset} is not cluster-aligned"));
         }
         let first = offset / self.cs;
         for c in first..first.saturating_add(n) {
-            match self.counts.get_mut(c as usize) {
-                Some(0) => self.counts[c as usize] = 1,
-                Some(_) => return Err(format!("cluster {c} is referenced twice")),
-                None => return Err(format!("cluster {c} is past the end of the file")),
+            if c >= self.clusters {
+                return Err(format!("cluster {c} is past the end of the file"));
             }
+            if self.is_used(c) {
+                return Err(format!("cluster {c} is referenced twice"));
+            }
+            self.used[(c / 64) as usize] |= 1 << (c % 64);
         }
         Ok(())
     }

@@ -34,6 +34,8 @@ pub struct Writeback {
     /// Windows started and not waited for, with the bytes written after each started.
     started: VecDeque<((u64, u64), u64)>,
     enabled: bool,
+    /// Bytes to be written before the pacing starts.
+    free: u64,
 }
 
 impl Default for Writeback {
@@ -44,17 +46,33 @@ impl Default for Writeback {
 
 impl Writeback {
     pub fn new() -> Writeback {
+        Writeback::after(0)
+    }
+
+    /// Paces only once `free` bytes were written: what a smaller file holds is left to
+    /// the page cache, where its owner may drop it before it ever reaches the disk.
+    pub fn after(free: u64) -> Writeback {
         Writeback {
             span: None,
             bytes: 0,
             started: VecDeque::new(),
             enabled: true,
+            free,
         }
+    }
+
+    /// Paces from now on, whatever was written.
+    pub fn now(&mut self) {
+        self.free = 0;
     }
 
     /// `len` bytes were written at `offset` of `file`.
     pub fn wrote(&mut self, file: &File, offset: u64, len: u64) {
         if !self.enabled || len == 0 {
+            return;
+        }
+        if self.free > 0 {
+            self.free = self.free.saturating_sub(len);
             return;
         }
         let end = offset.saturating_add(len);
@@ -145,5 +163,24 @@ mod tests {
         let mut back = vec![0u8; 1 << 20];
         f.read_exact_at(&mut back, base).unwrap();
         assert_eq!(back, piece);
+    }
+
+    #[test]
+    fn nothing_is_paced_before_the_free_bytes_unless_told_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::create(dir.path().join("f")).unwrap();
+        let mut w = Writeback::after(2 * WINDOW);
+        w.wrote(&f, 0, WINDOW);
+        w.wrote(&f, WINDOW, WINDOW);
+        assert!(
+            w.started.is_empty() && w.span.is_none(),
+            "within the free bytes"
+        );
+        w.wrote(&f, 2 * WINDOW, WINDOW);
+        assert_eq!(w.started.len(), 1, "paced past them");
+        let mut w = Writeback::after(u64::MAX);
+        w.now();
+        w.wrote(&f, 0, WINDOW);
+        assert_eq!(w.started.len(), 1, "paced at once");
     }
 }

@@ -28,6 +28,12 @@ use crate::image::qcow2::header::MAGIC as QCOW2_MAGIC;
 use crate::image::writeback::Writeback;
 use crate::store::Store;
 
+/// Bytes of a scratch copy left to the page cache before its write-back is paced: a
+/// smaller file converted at its close may be dropped before it reaches the disk; a
+/// bigger one left alone passes the kernel's dirty-page limits, which then throttle its
+/// writer far below the disk's speed (see `image::writeback`).
+const SCRATCH_IN_MEMORY: u64 = 512 << 20;
+
 /// Permission bits of a file being imported when the creator gives none.
 const DEFAULT_IMPORT_PERM: u16 = 0o644;
 
@@ -151,6 +157,8 @@ impl ImportHandle {
                         // A qcow2 file may be stored as it is: hash it as it arrives.
                         if hash.is_none() && offset == 0 && data.starts_with(&QCOW2_MAGIC) {
                             *hash = StreamHash::start(tmp.file());
+                            // It may be its own layer, which must reach the disk.
+                            writeback.now();
                         }
                         if let Some(h) = hash {
                             h.advance(end);
@@ -347,7 +355,7 @@ impl Tree {
                 tmp,
                 size: 0,
                 arrival: Arrival::new(),
-                writeback: Writeback::new(),
+                writeback: Writeback::after(SCRATCH_IN_MEMORY),
                 hash: None,
             }),
             writing: AtomicBool::new(true),

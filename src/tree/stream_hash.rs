@@ -113,7 +113,10 @@ impl Drop for StreamHash {
 
 fn hash_stream(file: &File, shared: &Shared) {
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; STEP];
+    // Its own mapping, returned to the system when the stream ends.
+    let Ok(mut buf) = crate::sys::MappedBuf::new(STEP) else {
+        return;
+    };
     let mut at = 0u64;
     loop {
         let (ready, done) = {

@@ -75,6 +75,20 @@ pub fn qemu_create(dir: &Path, fmt: &str, name: &str, size: &str, opts: &str) ->
     p
 }
 
+/// A new empty file `f` in a fresh temporary directory, open for reading and writing
+/// (the directory goes when its handle is dropped).
+pub fn scratch_file() -> (tempfile::TempDir, std::fs::File) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.path().join("f"))
+        .unwrap();
+    (dir, f)
+}
+
 /// `qemu-io -f FMT -c CMD… FILE` (each command a separate `-c`).
 pub fn qemu_io(fmt: &str, file: &Path, cmds: &[&str]) {
     let mut args = vec!["-f", fmt];

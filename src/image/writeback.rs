@@ -130,14 +130,7 @@ mod tests {
     /// with them is its business: the file reads back as written either way).
     #[test]
     fn windows_are_started_and_waited_in_order_whatever_the_write_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("f"))
-            .unwrap();
+        let (_dir, f) = crate::testutil::scratch_file();
         let mut w = Writeback::new();
         let piece = vec![7u8; 1 << 20];
         // In order: one window every 16 MiB, waited for 64 MiB later.
@@ -167,8 +160,7 @@ mod tests {
 
     #[test]
     fn nothing_is_paced_before_the_free_bytes_unless_told_now() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = File::create(dir.path().join("f")).unwrap();
+        let (_dir, f) = crate::testutil::scratch_file();
         let mut w = Writeback::after(2 * WINDOW);
         w.wrote(&f, 0, WINDOW);
         w.wrote(&f, WINDOW, WINDOW);

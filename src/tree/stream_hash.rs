@@ -161,26 +161,15 @@ fn hash_stream(file: &File, shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::scratch_file;
 
     fn sha(bytes: &[u8]) -> String {
         format!("{:x}", Sha256::digest(bytes))
     }
 
-    fn scratch() -> (tempfile::TempDir, File) {
-        let dir = tempfile::tempdir().unwrap();
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("f"))
-            .unwrap();
-        (dir, f)
-    }
-
     #[test]
     fn an_in_order_stream_with_holes_and_a_sized_tail_hashes_as_its_bytes() {
-        let (_d, f) = scratch();
+        let (_d, f) = scratch_file();
         let h = StreamHash::start(&f).unwrap();
         let mut expect = Vec::new();
         for i in 0..7u8 {
@@ -200,7 +189,7 @@ mod tests {
 
     #[test]
     fn a_stream_finished_shorter_than_it_went_has_no_hash() {
-        let (_d, f) = scratch();
+        let (_d, f) = scratch_file();
         f.write_all_at(&[1u8; 3 << 20], 0).unwrap();
         let h = StreamHash::start(&f).unwrap();
         h.advance(3 << 20);
@@ -209,7 +198,7 @@ mod tests {
 
     #[test]
     fn dropping_a_stream_stops_its_thread() {
-        let (_d, f) = scratch();
+        let (_d, f) = scratch_file();
         let h = StreamHash::start(&f).unwrap();
         h.advance(10);
         drop(h); // returns: the thread was waiting for more and saw the stop

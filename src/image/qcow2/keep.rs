@@ -309,19 +309,8 @@ mod tests {
         let base = written(d, "base.qcow2", "");
         let cases: Vec<(&str, std::path::PathBuf)> = vec![
             ("backing", {
-                let p = d.join("over.qcow2");
-                qemu_img(&[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-F",
-                    "qcow2",
-                    "-b",
-                    base.to_str().unwrap(),
-                    p.to_str().unwrap(),
-                ]);
-                p
+                let opts = format!("backing_file={},backing_fmt=qcow2", base.display());
+                qemu_create(d, "qcow2", "over.qcow2", "64M", &opts)
             }),
             ("snapshot", {
                 let p = written(d, "snap.qcow2", "");

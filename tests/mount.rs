@@ -1158,4 +1158,24 @@ fn a_view_is_pushed_ahead_of_its_reader_only_so_far() {
         resident <= bound,
         "{resident} bytes of the view cached after an 8 MiB read: more than {bound}"
     );
+    // An O_DIRECT reader (qemu's cache=none) never reads the page cache: nothing is
+    // stored there for it, however sequentially it reads.
+    let view = m.at("user/wide/@0/disk.vpc");
+    let direct = r#"
+import mmap, os, subprocess, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 1 << 20)
+for i in range(8):
+    assert os.preadv(fd, [buf], i << 20) == 1 << 20
+time.sleep(2)
+sys.stdout.write(subprocess.check_output(
+    ["fincore", "--bytes", "--noheadings", "--output", "RES", sys.argv[1]]).decode())
+os.close(fd)
+"#;
+    let resident = ok("/usr/bin/python3", &["-c", direct, s(&view)]);
+    let resident: u64 = resident.trim().parse().unwrap();
+    assert_eq!(
+        resident, 0,
+        "pages of the view cached for an O_DIRECT reader"
+    );
 }

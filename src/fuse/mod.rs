@@ -391,10 +391,13 @@ impl Filesystem for ImageFs {
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // An O_DIRECT reader (qemu's cache=none) never reads the page cache: nothing is
+        // pushed into it for such a descriptor.
+        let cached_reader = flags.0 & libc::O_DIRECT == 0;
         // Each request thread keeps one buffer of the largest request and reuses it: a
         // fresh zeroed megabyte per request costs a page-fault storm and a memset for
         // every read. Stale bytes never leave: every reader fills exactly the count it
@@ -407,7 +410,7 @@ impl Filesystem for ImageFs {
             match self.session.read(fh.0, buf, offset) {
                 Ok(n) => {
                     reply.data(&buf[..n]);
-                    if let Some(file) = self.session.open_file(fh.0) {
+                    if cached_reader && let Some(file) = self.session.open_file(fh.0) {
                         self.pusher.on_read(fh.0, ino.0, &file, offset, n as u64);
                     }
                 }

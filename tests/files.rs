@@ -24,7 +24,7 @@
 //! that cannot run fails.
 
 mod common;
-use common::{daemon_pid, ok, run, s, sorted_names};
+use common::{ok, run, s, sorted_names};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -72,13 +72,14 @@ fn rounds() -> u32 {
         .unwrap_or(100)
 }
 
-/// Repositories in a scratch directory, a configuration naming them, and one daemon
-/// mounted as root with `allow_other` (default options otherwise); unmounted (and the
-/// daemon killed if it hangs) when dropped, even by a panic.
-struct Fs {
-    dir: tempfile::TempDir,
-    mnt: PathBuf,
-    daemon: Option<i32>,
+/// The suite's mounted repositories ([`common::MountedRepos`]) and its own helpers.
+struct Fs(common::MountedRepos);
+
+impl std::ops::Deref for Fs {
+    type Target = common::MountedRepos;
+    fn deref(&self) -> &common::MountedRepos {
+        &self.0
+    }
 }
 
 impl Fs {
@@ -89,43 +90,11 @@ impl Fs {
 
     /// [`Fs::start`] with more daemon options (`extra`, before the mountpoint).
     fn start_with(repos: &[&str], extra: &[&str]) -> Option<Fs> {
-        let dir = common::required_mount_scratch("files", TOOLS)?;
-        let mut fs = Fs {
-            mnt: dir.path().join("mnt"),
-            dir,
-            daemon: None,
-        };
-        for sub in ["repos", "work", "mnt"] {
-            fs::create_dir_all(fs.dir.path().join(sub)).unwrap();
-        }
-        for sub in ["", "repos", "work"] {
-            fs::set_permissions(fs.dir.path().join(sub), fs::Permissions::from_mode(0o755))
-                .unwrap();
-        }
-        let mut yaml = String::from("repos:\n");
-        for r in repos {
-            yaml += &format!("  - name: {r}\n    path: {}\n", s(&fs.repo(r)));
-        }
-        let config = fs.dir.path().join("repos.yaml");
-        fs::write(&config, yaml).unwrap();
-        let mut args = vec!["--config", s(&config), "-o", "allow_other"];
-        args.extend_from_slice(extra);
-        args.push(s(&fs.mnt));
-        common::start_daemon(&args, &fs.mnt, "info");
-        fs.daemon = daemon_pid(&fs.mnt);
-        Some(fs)
-    }
-
-    fn repo(&self, name: &str) -> PathBuf {
-        self.dir.path().join("repos").join(name)
+        common::MountedRepos::start("files", TOOLS, repos, extra).map(Fs)
     }
 
     fn work(&self) -> PathBuf {
-        self.dir.path().join("work")
-    }
-
-    fn at(&self, rel: &str) -> PathBuf {
-        self.mnt.join(rel)
+        self.work_dir()
     }
 
     /// The names in the repository's `meta/` on disk.
@@ -362,12 +331,6 @@ impl Fs {
     /// What `M/repo` and the repository's `meta/` hold, for [`Fs::check_nothing`].
     fn state(&self, repo: &str) -> (Vec<String>, Vec<String>) {
         (sorted_names(&self.at(repo)), self.meta_names(repo))
-    }
-}
-
-impl Drop for Fs {
-    fn drop(&mut self) {
-        common::stop_daemon(&self.mnt, self.daemon);
     }
 }
 

@@ -30,10 +30,14 @@ fn sha256_file(p: &Path) -> String {
 const DEFAULT_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A mounted daemon over two repositories `user` (the default) and `global`, in a
-/// temporary directory; unmounted when dropped.
-struct Mounted {
-    dir: tempfile::TempDir,
-    mnt: PathBuf,
+/// temporary directory ([`common::MountedRepos`]), and this suite's helpers.
+struct Mounted(common::MountedRepos);
+
+impl std::ops::Deref for Mounted {
+    type Target = common::MountedRepos;
+    fn deref(&self) -> &common::MountedRepos {
+        &self.0
+    }
 }
 
 impl Mounted {
@@ -42,65 +46,11 @@ impl Mounted {
     }
 
     fn start_with(extra: &[&str]) -> Option<Mounted> {
-        let dir = common::mount_scratch("mount", &["qemu-img"])?;
-        let m = Mounted {
-            mnt: dir.path().join("mnt"),
-            dir,
-        };
-        fs::create_dir_all(m.dir.path().join("repos")).unwrap();
-        fs::create_dir_all(m.work()).unwrap();
-        // Others must be able to reach the repositories for the other-user tests.
-        fs::set_permissions(m.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        fs::set_permissions(
-            m.dir.path().join("repos"),
-            fs::Permissions::from_mode(0o755),
-        )
-        .unwrap();
-        fs::write(
-            m.config(),
-            format!(
-                "repos:\n  - name: user\n    path: {}\n  - name: global\n    path: {}\n",
-                s(&m.repo("user")),
-                s(&m.repo("global"))
-            ),
-        )
-        .unwrap();
-        m.mount(extra);
-        Some(m)
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("repos.yaml")
-    }
-
-    /// Starts the daemon in the background, with the options users have (`allow_other`
-    /// and `extra`); it returns once the mount is live.
-    fn mount(&self, extra: &[&str]) {
-        let config = self.config();
-        let mut args = vec!["--config", s(&config), "-o", "allow_other"];
-        args.extend_from_slice(extra);
-        args.push(s(&self.mnt));
-        common::start_daemon(&args, &self.mnt, "info");
-    }
-
-    fn is_mounted(&self) -> bool {
-        common::is_mounted(&self.mnt)
-    }
-
-    fn unmount(&self) {
-        common::unmount(&self.mnt);
-    }
-
-    fn repo(&self, name: &str) -> PathBuf {
-        self.dir.path().join("repos").join(name)
+        common::MountedRepos::start("mount", &["qemu-img"], &["user", "global"], extra).map(Mounted)
     }
 
     fn work(&self) -> PathBuf {
-        self.dir.path().join("work")
-    }
-
-    fn at(&self, rel: &str) -> PathBuf {
-        self.mnt.join(rel)
+        self.work_dir()
     }
 
     fn meta_names(&self, repo: &str) -> Vec<String> {
@@ -255,12 +205,6 @@ impl Mounted {
             &["convert", "-f", "qcow2", "-O", "raw", s(&layer), s(&out)],
         );
         out
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        self.unmount();
     }
 }
 

@@ -16,7 +16,7 @@
 //! returns, except in CI (env `CI` set), where a test that cannot run fails.
 
 mod common;
-use common::{daemon_pid, ok, run, s, sorted_names};
+use common::{ok, run, s, sorted_names};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -38,42 +38,23 @@ const VIEWS: [(&str, &str); 6] = [
 /// Repositories `user` (default) and `global` in a scratch directory, one daemon
 /// mounted as root with `allow_other`, and `user/img@0` imported by `cp` of a 16 MiB
 /// qcow2 with data at 0, 3M and 7M; unmounted when dropped.
-struct Fs {
-    dir: tempfile::TempDir,
-    mnt: PathBuf,
-    daemon: Option<i32>,
-}
+struct Fs(common::MountedRepos);
 
-impl Drop for Fs {
-    fn drop(&mut self) {
-        common::stop_daemon(&self.mnt, self.daemon);
+impl std::ops::Deref for Fs {
+    type Target = common::MountedRepos;
+    fn deref(&self) -> &common::MountedRepos {
+        &self.0
     }
 }
 
 impl Fs {
     fn start() -> Option<Fs> {
-        let dir = common::required_mount_scratch("save", TOOLS)?;
-        let mut fs = Fs {
-            mnt: dir.path().join("mnt"),
-            dir,
-            daemon: None,
-        };
-        for sub in ["repos", "work", "mnt"] {
-            fs::create_dir_all(fs.dir.path().join(sub)).unwrap();
-        }
-        for sub in ["", "repos", "work"] {
-            fs::set_permissions(fs.dir.path().join(sub), fs::Permissions::from_mode(0o755))
-                .unwrap();
-        }
-        let mut yaml = String::from("repos:\n");
-        for r in ["user", "global"] {
-            yaml += &format!("  - name: {r}\n    path: {}\n", s(&fs.repo(r)));
-        }
-        let config = fs.dir.path().join("repos.yaml");
-        fs::write(&config, yaml).unwrap();
-        let args = ["--config", s(&config), "-o", "allow_other", s(&fs.mnt)];
-        common::start_daemon(&args, &fs.mnt, "info");
-        fs.daemon = daemon_pid(&fs.mnt);
+        let fs = Fs(common::MountedRepos::start(
+            "save",
+            TOOLS,
+            &["user", "global"],
+            &[],
+        )?);
 
         let base = fs.work("base.qcow2");
         ok(
@@ -99,16 +80,8 @@ impl Fs {
         Some(fs)
     }
 
-    fn repo(&self, name: &str) -> PathBuf {
-        self.dir.path().join("repos").join(name)
-    }
-
     fn work(&self, name: &str) -> PathBuf {
-        self.dir.path().join("work").join(name)
-    }
-
-    fn at(&self, rel: &str) -> PathBuf {
-        self.mnt.join(rel)
+        self.work_dir().join(name)
     }
 
     /// An overlay `work/NAME` backed by `backing` (read as `fmt`), then written by

@@ -263,6 +263,86 @@ pub fn stop_daemon(mnt: &Path, pid: Option<i32>) {
     }
 }
 
+/// Repositories `repos/NAME` in a scratch directory (with `work/`, reachable by other
+/// users), a configuration naming them (the first the default) and one daemon mounted on
+/// `mnt/` as root with `allow_other` and default options otherwise (plus `extra`);
+/// unmounted, and its daemon killed if it hangs, when dropped, even by a panic.
+pub struct MountedRepos {
+    pub dir: tempfile::TempDir,
+    pub mnt: std::path::PathBuf,
+    /// The daemon last started on `mnt`.
+    daemon: std::cell::Cell<Option<i32>>,
+}
+
+impl MountedRepos {
+    /// `None` (the test then returns) when this run cannot mount; see [`mount_scratch`]
+    /// for `suite` and `tools`.
+    pub fn start(suite: &str, tools: &[&str], repos: &[&str], extra: &[&str]) -> Option<Self> {
+        let dir = required_mount_scratch(suite, tools)?;
+        let m = MountedRepos {
+            mnt: dir.path().join("mnt"),
+            dir,
+            daemon: std::cell::Cell::new(None),
+        };
+        for sub in ["repos", "work", "mnt"] {
+            std::fs::create_dir_all(m.dir.path().join(sub)).unwrap();
+        }
+        for sub in ["", "repos", "work"] {
+            let mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+            std::fs::set_permissions(m.dir.path().join(sub), mode).unwrap();
+        }
+        let mut yaml = String::from("repos:\n");
+        for r in repos {
+            yaml += &format!("  - name: {r}\n    path: {}\n", s(&m.repo(r)));
+        }
+        std::fs::write(m.config(), yaml).unwrap();
+        m.mount(extra);
+        Some(m)
+    }
+
+    /// Starts the daemon on `mnt` with the options users have (`allow_other` and
+    /// `extra`); returns once the mount is live.
+    pub fn mount(&self, extra: &[&str]) {
+        let config = self.config();
+        let mut args = vec!["--config", s(&config), "-o", "allow_other"];
+        args.extend_from_slice(extra);
+        args.push(s(&self.mnt));
+        start_daemon(&args, &self.mnt, "info");
+        self.daemon.set(daemon_pid(&self.mnt));
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        is_mounted(&self.mnt)
+    }
+
+    pub fn unmount(&self) {
+        unmount(&self.mnt);
+    }
+
+    pub fn config(&self) -> std::path::PathBuf {
+        self.dir.path().join("repos.yaml")
+    }
+
+    pub fn repo(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join("repos").join(name)
+    }
+
+    pub fn work_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("work")
+    }
+
+    /// `rel` under the mountpoint.
+    pub fn at(&self, rel: &str) -> std::path::PathBuf {
+        self.mnt.join(rel)
+    }
+}
+
+impl Drop for MountedRepos {
+    fn drop(&mut self) {
+        stop_daemon(&self.mnt, self.daemon.get());
+    }
+}
+
 /// A scratch directory for the pcocc command: repositories `user` (the default) and
 /// `global` under `repos/`, pcocc's configuration directories, a home, and the work
 /// directory where commands run (see [`run_in_fixture`]).

@@ -52,6 +52,15 @@ pub struct Options<'a> {
     /// source is a scratch copy of a raw disk can drop what was read (its dirty pages
     /// then never reach the disk). An error stops the conversion.
     pub consumed: Option<&'a mut dyn FnMut(u64) -> Result<()>>,
+    /// Called with each guest range `(offset, len)` before it is read, for a source whose
+    /// bytes are still arriving: returns once they can be read, or fails to stop the
+    /// conversion.
+    pub gate: Option<&'a mut dyn FnMut(u64, u64) -> Result<()>>,
+    /// `nonzero` is a guess (the allocated clusters of a source still arriving), not
+    /// knowledge: every data cluster read is checked, and the first one that holds only
+    /// zeroes stops the conversion with [`Error::Unsupported`] (the layout would not be
+    /// the one the disk's content gives).
+    pub guessed: bool,
 }
 
 impl<'a> Options<'a> {
@@ -61,6 +70,8 @@ impl<'a> Options<'a> {
             progress,
             nonzero: None,
             consumed: None,
+            gate: None,
+            guessed: false,
         }
     }
 }
@@ -93,6 +104,8 @@ pub fn convert(disk: &Disk, out: &File, out_path: &Path, opts: Options) -> Resul
         progress,
         nonzero,
         mut consumed,
+        mut gate,
+        guessed,
     } = opts;
     let size = disk.virtual_size();
     // Refuse a disk too big for the format before reading any of it.
@@ -158,7 +171,17 @@ pub fn convert(disk: &Disk, out: &File, out_path: &Path, opts: Options) -> Resul
                 Part::Zero => chunk.fill(0),
                 Part::Data(guest) => {
                     let real = size.saturating_sub(guest).min(n as u64) as usize;
+                    if let Some(gate) = gate.as_mut() {
+                        gate(guest, real as u64)?;
+                    }
                     disk.read_at(&mut chunk[..real], guest)?;
+                    if guessed && chunk[..real].chunks(CLUSTER_SIZE as usize).any(is_zero) {
+                        return Err(Error::Unsupported {
+                            path: disk.top().path().to_path_buf(),
+                            format: disk.top().format(),
+                            reason: "a cluster guessed to hold data reads as zeroes".into(),
+                        });
+                    }
                     chunk[real..].fill(0);
                     if let Some(consumed) = consumed.as_mut() {
                         consumed(guest + real as u64)?;

@@ -56,8 +56,31 @@ pub fn open(file: File, path: &Path) -> Result<VdiLayer> {
     VdiLayer::new(file, path)
 }
 
+/// Where the data blocks of a VDI file start, read from its first bytes (`head`, at least
+/// its 512-byte header): the header and the block map, all the reader needs besides the
+/// blocks, lie below. `None` when `head` holds no VDI header.
+pub fn data_start(head: &[u8]) -> Option<u64> {
+    if head.len() < HEADER_LEN || le_u32(head, 64) != SIGNATURE {
+        return None;
+    }
+    Some(u64::from(le_u32(head, 344)))
+}
+
+/// Opens a VDI file still being written front to back, once its first
+/// [`data_start`] bytes are final: checked as [`open`] checks a whole file, except that
+/// its blocks are checked against `assumed_len` rather than its current length (the
+/// caller checks the complete file again with [`open`]).
+pub fn open_arriving(file: File, path: &Path, assumed_len: u64) -> Result<VdiLayer> {
+    VdiLayer::checked(file, path, Some(assumed_len))
+}
+
 impl VdiLayer {
     pub fn new(file: File, path: &Path) -> Result<VdiLayer> {
+        VdiLayer::checked(file, path, None)
+    }
+
+    /// [`VdiLayer::new`], its blocks checked against `assumed_len` when given.
+    fn checked(file: File, path: &Path, assumed_len: Option<u64>) -> Result<VdiLayer> {
         let invalid = |reason: String| Error::Invalid {
             path: path.to_path_buf(),
             format: Format::Vdi,
@@ -69,7 +92,7 @@ impl VdiLayer {
             reason,
         };
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        let file_len = meta.len();
+        let file_len = assumed_len.unwrap_or(meta.len());
         if file_len < HEADER_LEN as u64 {
             return Err(invalid(format!(
                 "the file is {file_len} bytes, too short for a VDI header"

@@ -21,10 +21,12 @@ use super::nodes::display;
 use super::open::{Changes, OpenFile, seek_file};
 use super::pending::{Import, Pending, State, publish_changes};
 use super::publish::{self, Target, split_suffix};
+use super::stream_convert::StreamConvert;
 use super::stream_hash::StreamHash;
 use super::{Attr, Caller, Error, Node, Tree};
 use crate::image::convert::WRITE_PIECE;
 use crate::image::qcow2::header::MAGIC as QCOW2_MAGIC;
+use crate::image::vdi;
 use crate::image::writeback::Writeback;
 use crate::store::Store;
 
@@ -128,6 +130,8 @@ impl ImportHandle {
                 arrival,
                 writeback,
                 hash,
+                stream,
+                stream_from,
             } => {
                 // In pieces, for smaller page-cache folios (see convert::WRITE_PIECE).
                 let written = data
@@ -163,8 +167,34 @@ impl ImportHandle {
                         if let Some(h) = hash {
                             h.advance(end);
                         }
+                        // A VDI is converted as it arrives, once its tables are in.
+                        if offset == 0 && stream.is_none() {
+                            *stream_from = vdi::data_start(data);
+                        }
+                        if let Some(from) = *stream_from
+                            && end >= from
+                        {
+                            *stream_from = None;
+                            // Its layer is made by the writer, as a conversion at close.
+                            let writer = self.import.writer.act().ok();
+                            *stream = writer.and_then(|_as| {
+                                StreamConvert::start(
+                                    &self.import.store,
+                                    tmp.file(),
+                                    tmp.path(),
+                                    end,
+                                )
+                            });
+                        }
+                        if let Some(s) = stream {
+                            s.advance(end);
+                        }
                     }
-                    None => *hash = None,
+                    None => {
+                        *hash = None;
+                        *stream = None;
+                        *stream_from = None;
+                    }
                 }
                 Ok(data.len())
             }
@@ -357,6 +387,8 @@ impl Tree {
                 arrival: Arrival::new(),
                 writeback: Writeback::after(SCRATCH_IN_MEMORY),
                 hash: None,
+                stream: None,
+                stream_from: None,
             }),
             writing: AtomicBool::new(true),
             opens: AtomicUsize::new(0),

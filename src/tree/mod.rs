@@ -45,6 +45,7 @@ mod pending;
 mod publish;
 mod save;
 pub mod session;
+mod stream_convert;
 mod stream_hash;
 mod transfer;
 mod uri;

@@ -31,6 +31,7 @@ use super::nodes::{display, revision_dir_name};
 use super::open::Changes;
 use super::publish::{self, Target, choose_format};
 use super::save;
+use super::stream_convert::StreamConvert;
 use super::stream_hash::StreamHash;
 use super::{Attr, Caller, Error, Format, IMPORT_BLKSIZE, Node, NodeType};
 use crate::image::qcow2::keep;
@@ -40,6 +41,8 @@ use crate::store::{Store, TmpFile};
 /// Name of the symlink to the highest revision (see [`super::nodes::LATEST`]).
 const LATEST: &str = super::nodes::LATEST;
 
+// One per file being imported, a handful at a time: the size of `Writing` costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum State {
     /// Being written: the scratch file, its current length, what its writes showed and
     /// the pacing of its write-back (a multi-GiB scratch copy left to the kernel's
@@ -52,6 +55,10 @@ pub(super) enum State {
         /// The sha256 of an in-order stream that may be stored as it is, computed as
         /// it arrives.
         hash: Option<StreamHash>,
+        /// The conversion of an in-order VDI stream, running as it arrives; before it
+        /// starts, the offset of the VDI's data (`stream_from`).
+        stream: Option<StreamConvert>,
+        stream_from: Option<u64>,
     },
     /// Published; the attributes it had, for handles still open.
     Published(Attr),
@@ -473,6 +480,8 @@ impl Import {
                 size,
                 arrival,
                 hash,
+                stream,
+                stream_from,
                 ..
             } => {
                 tmp.file().set_len(len).map_err(|source| {
@@ -485,6 +494,8 @@ impl Import {
                 arrival.set_len(len);
                 if arrival.in_order_end().is_none() || len == 0 {
                     *hash = None;
+                    *stream = None;
+                    *stream_from = None;
                 }
                 Ok(())
             }
@@ -505,7 +516,11 @@ impl Import {
         // Taken now: a created file's scratch copy is consumed by its publish.
         let attr = self.attr_of(&st)?;
         let State::Writing {
-            tmp, arrival, hash, ..
+            tmp,
+            arrival,
+            hash,
+            stream,
+            ..
         } = &mut *st
         else {
             return Err(self.gone());
@@ -550,6 +565,22 @@ impl Import {
                     }
                     Err(why) => log::debug!("{}: converted: {why}", display(&self.node())),
                 }
+            }
+            // A VDI converted while it arrived: its layer, if the complete file opens.
+            if let Some(streamed) = stream.take().and_then(|s| s.finish(attr.size))
+                && format == Format::Vdi
+                && publish::open_standalone(tmp.file(), tmp.path(), format).is_ok()
+            {
+                let (out, converted) = streamed;
+                log::debug!("{}: converted while it arrived", display(&self.node()));
+                return publish::store_converted(
+                    &self.store,
+                    &self.siblings,
+                    &owner,
+                    out,
+                    &converted.sha256,
+                    target,
+                );
             }
             // A staging file that fails to publish stays for its writer to fix, so only
             // a created file's bytes may be dropped as they are converted.

@@ -240,28 +240,35 @@ pub fn publish(
     // repository's filesystem (full, over quota), whose errno passes through.
     let converted = convert::convert(&disk, out.file(), out.path(), opts)
         .map_err(|e| source_error(e.into()))?;
-    let converted_at = std::time::Instant::now();
-    let io = |source| store::Error::Io {
-        path: out.path().to_path_buf(),
-        source,
-    };
-    out.file().sync_all().map_err(io)?;
     log::debug!(
-        "{}: converted in {:.2?}, synced in {:.2?}",
+        "{}: converted in {:.2?}",
         source.path.display(),
-        converted_at - started,
-        converted_at.elapsed()
+        started.elapsed()
     );
+    store_converted(store, siblings, owner, out, &converted.sha256, target)
+}
+
+/// Stores `out`, a standalone qcow2 layer of hash `sha256` (converted from an import),
+/// as the one layer of `target`.
+pub(super) fn store_converted(
+    store: &Store,
+    siblings: &[std::sync::Arc<Store>],
+    owner: &str,
+    out: store::TmpFile,
+    sha256: &str,
+    target: &Target,
+) -> Result<Meta, Error> {
+    check_target(store, target)?;
     // Another repository may hold the very same layer (a view copied between
     // repositories with `cp`): share it by a hard link rather than keep a second copy.
     let shared = siblings
         .iter()
         .filter(|s| s.name() != store.name())
-        .find_map(|s| store.link_layer_from(s, &converted.sha256).ok().flatten());
+        .find_map(|s| store.link_layer_from(s, sha256).ok().flatten());
     let hash = match shared {
-        Some(_) => converted.sha256,
-        // The scratch file becomes the layer (or is removed as a duplicate).
-        None => store.add_layer(out, Some(&converted.sha256))?,
+        Some(_) => sha256.to_string(),
+        // The scratch file becomes the layer, synced (or is removed as a duplicate).
+        None => store.add_layer(out, Some(sha256))?,
     };
     let custom_meta = serde_json::Value::Object(serde_json::Map::new());
     write_meta(store, owner, vec![hash], custom_meta, target)

@@ -1,0 +1,287 @@
+//! A VDI file being imported, converted while its bytes arrive.
+//!
+//! A VDI holds its header and its whole block map before its first data block, and
+//! `cp`, `cat` or `dd` write it front to back. So once a file written in order has passed
+//! its data start, a thread of its own opens it ([`vdi::open_arriving`]) and converts it
+//! ([`convert::convert`]) as the blocks come, each read waiting until the stream has gone
+//! past the bytes it needs. The layer's layout must be the one the disk's content gives
+//! (the same bytes and the same name whatever the source), which needs to know which
+//! clusters hold data before the first byte of the layer is written: it is guessed from
+//! the block map (every allocated cluster holds data, true of a fully written disk) and
+//! checked cluster by cluster; the first cluster that reads as zeroes ends the attempt.
+//! A write going back, a file cut shorter, or a failed guess stop the thread and leave
+//! the file to the conversion at its close, as before; so does anything the complete
+//! file fails at its close that the early open let pass (it is opened again then).
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use crate::image::convert::{self, Converted};
+use crate::image::qcow2_layout::{CLUSTER_SIZE, allocated_clusters};
+use crate::image::{self, Disk, Mapping, vdi};
+use crate::store::{Store, TmpFile};
+
+/// The length a VDI still arriving is assumed to have when it is opened: its blocks are
+/// only read once they have arrived, and the complete file is checked again at its close.
+const ASSUMED_LEN: u64 = 1 << 50;
+
+#[derive(Default)]
+struct Progress {
+    /// Every byte below is final.
+    ready: u64,
+    /// No more bytes: `ready` is the file's length.
+    done: bool,
+    /// The stream left its order, or its owner went.
+    stopped: bool,
+}
+
+#[derive(Default)]
+struct Gate {
+    progress: Mutex<Progress>,
+    changed: Condvar,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until the bytes below `end` are final; an error once that cannot happen.
+    fn wait_for(&self, end: u64, path: &Path) -> image::Result<()> {
+        let mut p = self.lock();
+        loop {
+            if p.stopped {
+                return Err(stopped(path, "the stream was stopped"));
+            }
+            if p.ready >= end {
+                return Ok(());
+            }
+            if p.done {
+                return Err(stopped(path, "the file ends before its blocks"));
+            }
+            p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+fn stopped(path: &Path, why: &str) -> image::Error {
+    image::Error::io(path, std::io::Error::other(why.to_string()))
+}
+
+/// The conversion of one VDI stream (see the module text).
+pub struct StreamConvert {
+    gate: Arc<Gate>,
+    thread: Option<JoinHandle<image::Result<(TmpFile, Converted)>>>,
+}
+
+impl std::fmt::Debug for StreamConvert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamConvert").finish_non_exhaustive()
+    }
+}
+
+impl StreamConvert {
+    /// Starts converting the VDI `file` (named `path`), whose first `ready` bytes (past
+    /// its data start) are final, into a new scratch file of `store` (made now, by the
+    /// caller's identity, as the layer must be). `None` when it cannot start.
+    pub fn start(store: &Store, file: &File, path: &Path, ready: u64) -> Option<StreamConvert> {
+        let out = store.tmp_file().ok()?;
+        let file = file.try_clone().ok()?;
+        let path = path.to_path_buf();
+        let gate = Arc::new(Gate::default());
+        gate.lock().ready = ready;
+        let theirs = gate.clone();
+        let thread = std::thread::Builder::new()
+            .name("import-convert".into())
+            .spawn(move || convert_stream(file, &path, out, &theirs))
+            .ok()?;
+        Some(StreamConvert {
+            gate,
+            thread: Some(thread),
+        })
+    }
+
+    /// Every byte below `ready` is final.
+    pub fn advance(&self, ready: u64) {
+        let mut p = self.gate.lock();
+        if ready > p.ready {
+            p.ready = ready;
+            self.gate.changed.notify_all();
+        }
+    }
+
+    /// The file is complete at `len` bytes: the converted layer, once the thread is
+    /// done, or `None` if the conversion stopped (the caller converts the file itself).
+    pub fn finish(mut self, len: u64) -> Option<(TmpFile, Converted)> {
+        {
+            let mut p = self.gate.lock();
+            if len < p.ready {
+                return None;
+            }
+            p.ready = len;
+            p.done = true;
+            self.gate.changed.notify_all();
+        }
+        let result = self.thread.take()?.join().ok()?;
+        result
+            .inspect_err(|e| log::debug!("converted at close: {e}"))
+            .ok()
+    }
+}
+
+impl Drop for StreamConvert {
+    fn drop(&mut self) {
+        self.gate.lock().stopped = true;
+        self.gate.changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn convert_stream(
+    file: File,
+    path: &Path,
+    out: TmpFile,
+    gate: &Gate,
+) -> image::Result<(TmpFile, Converted)> {
+    let layer = vdi::open_arriving(file, path, ASSUMED_LEN)?;
+    let disk = Disk::new(vec![Arc::new(layer)]);
+    let guess = allocated_clusters(&disk, CLUSTER_SIZE)?;
+    let mut progress = |_, _| {};
+    let mut opts = convert::Options::new(&mut progress);
+    opts.nonzero = Some(guess);
+    opts.guessed = true;
+    // A guest range can be read once the stream is past the stored bytes it maps to.
+    let mut wait = |guest: u64, len: u64| {
+        let mut end = 0u64;
+        disk.walk(guest, guest + len, |_, ext| {
+            if let Mapping::Data { offset, .. } = ext.mapping {
+                end = end.max(offset + ext.len);
+            }
+            Ok(())
+        })?;
+        gate.wait_for(end, path)
+    };
+    opts.gate = Some(&mut wait);
+    let converted = convert::convert(&disk, out.file(), out.path(), opts)?;
+    Ok((out, converted))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::convert::to_qcow2_layer;
+    use crate::testutil::{have_qemu, qemu_create, qemu_img, qemu_io};
+    use std::os::unix::fs::FileExt;
+
+    /// A VDI of 24 MiB made by qemu-img from a raw disk written by `cmds`.
+    fn vdi_of(dir: &Path, cmds: &[&str]) -> Vec<u8> {
+        let raw = qemu_create(dir, "raw", "src.raw", "24M", "");
+        qemu_io("raw", &raw, cmds);
+        let vdi = dir.join("src.vdi");
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vdi",
+            raw.to_str().unwrap(),
+            vdi.to_str().unwrap(),
+        ]);
+        std::fs::read(&vdi).unwrap()
+    }
+
+    /// Writes `bytes` into a scratch file front to back in 1 MiB pieces, converting as
+    /// they arrive as an import does; the streamed layer, if any, and the file.
+    fn stream(store: &Store, dir: &Path, bytes: &[u8]) -> (Option<(TmpFile, Converted)>, File) {
+        let path = dir.join("arriving.vdi");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let from = vdi::data_start(bytes).unwrap();
+        let mut conv = None;
+        for (i, piece) in bytes.chunks(1 << 20).enumerate() {
+            let at = (i << 20) as u64;
+            f.write_all_at(piece, at).unwrap();
+            let end = at + piece.len() as u64;
+            if conv.is_none() && end >= from {
+                conv = StreamConvert::start(store, &f, &path, end);
+            }
+            if let Some(c) = &conv {
+                c.advance(end);
+            }
+        }
+        (conv.unwrap().finish(bytes.len() as u64), f)
+    }
+
+    #[test]
+    fn a_fully_written_vdi_streamed_gives_the_layer_its_conversion_gives() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("user", &dir.path().join("repo")).unwrap();
+        let bytes = vdi_of(dir.path(), &["write -P 0x5a 0 24M"]);
+        let (streamed, file) = stream(&store, dir.path(), &bytes);
+        let (out, converted) = streamed.expect("a fully written VDI converts as it arrives");
+        // The same layer, byte for byte, as the conversion of the complete file.
+        let disk =
+            crate::tree::publish::open_standalone(&file, Path::new("x.vdi"), image::Format::Vdi)
+                .unwrap();
+        let whole = store.tmp_file().unwrap();
+        let expect = to_qcow2_layer(&disk, whole.file(), whole.path(), &mut |_, _| {}).unwrap();
+        assert_eq!(converted, expect);
+        assert_eq!(
+            std::fs::read(out.path()).unwrap(),
+            std::fs::read(whole.path()).unwrap()
+        );
+        qemu_img(&["check", out.path().to_str().unwrap()]);
+    }
+
+    #[test]
+    fn a_vdi_with_zeroes_in_its_blocks_is_left_to_the_conversion_at_close() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("user", &dir.path().join("repo")).unwrap();
+        // 1 MiB blocks holding 64 KiB of data each: most of their clusters are zeroes.
+        let cmds: Vec<String> = (0..24).map(|i| format!("write -P 7 {i}M 64k")).collect();
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        let bytes = vdi_of(dir.path(), &cmds);
+        let (streamed, _) = stream(&store, dir.path(), &bytes);
+        assert!(streamed.is_none());
+    }
+
+    #[test]
+    fn a_stream_dropped_or_finished_short_stops_its_thread() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("user", &dir.path().join("repo")).unwrap();
+        let bytes = vdi_of(dir.path(), &["write -P 0x5a 0 24M"]);
+        let path = dir.path().join("cut.vdi");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let from = vdi::data_start(&bytes).unwrap() as usize;
+        f.write_all_at(&bytes[..from + 4096], 0).unwrap();
+        let c = StreamConvert::start(&store, &f, &path, from as u64 + 4096).unwrap();
+        // The file ends before its blocks: no layer, and finish returns.
+        assert!(c.finish(from as u64 + 4096).is_none());
+        let c = StreamConvert::start(&store, &f, &path, from as u64 + 4096).unwrap();
+        drop(c); // returns: the waiting thread saw the stop
+    }
+}

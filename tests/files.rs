@@ -1455,6 +1455,7 @@ fn every_format_imports_whatever_the_order_of_its_writes() {
         // Every block full: converted while it arrives (in order) rather than at close.
         ("vdi", "full"),
         ("vpc", ""),
+        ("vpc", "full"),
         ("qed", ""),
     ];
     let mut failures = Vec::new();

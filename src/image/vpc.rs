@@ -81,8 +81,38 @@ fn checksum(b: &[u8], at: usize) -> u32 {
     !sum
 }
 
+/// Where the blocks of a dynamic VHD file start, read from its first bytes (`head`:
+/// the footer copy and the dynamic disk header): where its block table ends, which is
+/// all the reader needs besides the blocks. `None` when `head` starts no dynamic VHD.
+pub fn data_start(head: &[u8]) -> Option<u64> {
+    let footer = head.get(..FOOTER_LEN as usize)?;
+    if &footer[..8] != FOOTER_COOKIE || be_u32(footer, 60) != DISK_DYNAMIC {
+        return None;
+    }
+    let at = usize::try_from(be_u64(footer, 16)).ok()?;
+    let h = head.get(at..at.checked_add(DYN_HEADER_LEN)?)?;
+    if &h[..8] != DYN_HEADER_COOKIE {
+        return None;
+    }
+    let table_end = be_u64(h, 16).checked_add(u64::from(be_u32(h, 28)) * 4)?;
+    Some(table_end.next_multiple_of(SECTOR))
+}
+
+/// Opens a dynamic VHD file still being written front to back, once its first
+/// [`data_start`] bytes are final: checked as [`open`] checks a whole file, except that
+/// its blocks are checked against `assumed_len` rather than its current length (the
+/// caller checks the complete file again with [`open`]).
+pub fn open_arriving(file: File, path: &Path, assumed_len: u64) -> Result<VpcLayer> {
+    VpcLayer::checked(file, path, Some(assumed_len))
+}
+
 impl VpcLayer {
     pub fn new(file: File, path: &Path) -> Result<VpcLayer> {
+        VpcLayer::checked(file, path, None)
+    }
+
+    /// [`VpcLayer::new`], its blocks checked against `assumed_len` when given.
+    fn checked(file: File, path: &Path, assumed_len: Option<u64>) -> Result<VpcLayer> {
         let invalid = |reason: String| Error::Invalid {
             path: path.to_path_buf(),
             format: Format::Vpc,
@@ -94,7 +124,7 @@ impl VpcLayer {
             reason,
         };
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        let file_len = meta.len();
+        let file_len = assumed_len.unwrap_or(meta.len());
         if file_len < FOOTER_LEN {
             return Err(invalid(format!(
                 "the file is {file_len} bytes, too short for a VHD footer"

@@ -21,12 +21,11 @@ use super::nodes::display;
 use super::open::{Changes, OpenFile, seek_file};
 use super::pending::{Import, Pending, State, publish_changes};
 use super::publish::{self, Target, split_suffix};
-use super::stream_convert::StreamConvert;
+use super::stream_convert::{self, StreamConvert};
 use super::stream_hash::StreamHash;
 use super::{Attr, Caller, Error, Node, Tree};
 use crate::image::convert::WRITE_PIECE;
 use crate::image::qcow2::header::MAGIC as QCOW2_MAGIC;
-use crate::image::vdi;
 use crate::image::writeback::Writeback;
 use crate::store::Store;
 
@@ -167,11 +166,11 @@ impl ImportHandle {
                         if let Some(h) = hash {
                             h.advance(end);
                         }
-                        // A VDI is converted as it arrives, once its tables are in.
+                        // A VDI or VHD is converted as it arrives, once its tables are in.
                         if offset == 0 && stream.is_none() {
-                            *stream_from = vdi::data_start(data);
+                            *stream_from = stream_convert::data_start(data);
                         }
-                        if let Some(from) = *stream_from
+                        if let Some((from, format)) = *stream_from
                             && end >= from
                         {
                             *stream_from = None;
@@ -182,11 +181,13 @@ impl ImportHandle {
                                     &self.import.store,
                                     tmp.file(),
                                     tmp.path(),
+                                    format,
                                     end,
                                 )
+                                .map(|s| (s, format))
                             });
                         }
-                        if let Some(s) = stream {
+                        if let Some((s, _)) = stream {
                             s.advance(end);
                         }
                     }

@@ -55,10 +55,10 @@ pub(super) enum State {
         /// The sha256 of an in-order stream that may be stored as it is, computed as
         /// it arrives.
         hash: Option<StreamHash>,
-        /// The conversion of an in-order VDI stream, running as it arrives; before it
-        /// starts, the offset of the VDI's data (`stream_from`).
-        stream: Option<StreamConvert>,
-        stream_from: Option<u64>,
+        /// The conversion of an in-order VDI or VHD stream, running as it arrives;
+        /// before it starts, where the data starts and the format (`stream_from`).
+        stream: Option<(StreamConvert, Format)>,
+        stream_from: Option<(u64, Format)>,
     },
     /// Published; the attributes it had, for handles still open.
     Published(Attr),
@@ -566,9 +566,10 @@ impl Import {
                     Err(why) => log::debug!("{}: converted: {why}", display(&self.node())),
                 }
             }
-            // A VDI converted while it arrived: its layer, if the complete file opens.
-            if let Some(streamed) = stream.take().and_then(|s| s.finish(attr.size))
-                && format == Format::Vdi
+            // A file converted while it arrived: its layer, if the complete file opens.
+            if let Some((conversion, streamed_as)) = stream.take()
+                && streamed_as == format
+                && let Some(streamed) = conversion.finish(attr.size)
                 && publish::open_standalone(tmp.file(), tmp.path(), format).is_ok()
             {
                 let (out, converted) = streamed;

@@ -1,8 +1,9 @@
-//! A VDI file being imported, converted while its bytes arrive.
+//! A VDI or dynamic VHD file being imported, converted while its bytes arrive.
 //!
-//! A VDI holds its header and its whole block map before its first data block, and
-//! `cp`, `cat` or `dd` write it front to back. So once a file written in order has passed
-//! its data start, a thread of its own opens it ([`vdi::open_arriving`]) and converts it
+//! Both formats hold their headers and their whole block table before their first data
+//! block, and `cp`, `cat` or `dd` write them front to back. So once a file written in
+//! order has passed its data start ([`data_start`]), a thread of its own opens it
+//! ([`vdi::open_arriving`], [`vpc::open_arriving`]) and converts it
 //! ([`convert::convert`]) as the blocks come, each read waiting until the stream has gone
 //! past the bytes it needs. The layer's layout must be the one the disk's content gives
 //! (the same bytes and the same name whatever the source), which needs to know which
@@ -20,10 +21,10 @@ use std::thread::JoinHandle;
 
 use crate::image::convert::{self, Converted};
 use crate::image::qcow2_layout::{CLUSTER_SIZE, allocated_clusters};
-use crate::image::{self, Disk, Mapping, vdi};
+use crate::image::{self, Disk, Format, Layer, Mapping, vdi, vpc};
 use crate::store::{Store, TmpFile};
 
-/// The length a VDI still arriving is assumed to have when it is opened: its blocks are
+/// The length a file still arriving is assumed to have when it is opened: its blocks are
 /// only read once they have arrived, and the complete file is checked again at its close.
 const ASSUMED_LEN: u64 = 1 << 50;
 
@@ -70,7 +71,15 @@ fn stopped(path: &Path, why: &str) -> image::Error {
     image::Error::io(path, std::io::Error::other(why.to_string()))
 }
 
-/// The conversion of one VDI stream (see the module text).
+/// Where the data of a file starting with `head` starts, and its format, when it is one
+/// converted while it arrives.
+pub fn data_start(head: &[u8]) -> Option<(u64, Format)> {
+    vdi::data_start(head)
+        .map(|at| (at, Format::Vdi))
+        .or_else(|| vpc::data_start(head).map(|at| (at, Format::Vpc)))
+}
+
+/// The conversion of one stream (see the module text).
 pub struct StreamConvert {
     gate: Arc<Gate>,
     thread: Option<JoinHandle<image::Result<(TmpFile, Converted)>>>,
@@ -83,10 +92,17 @@ impl std::fmt::Debug for StreamConvert {
 }
 
 impl StreamConvert {
-    /// Starts converting the VDI `file` (named `path`), whose first `ready` bytes (past
-    /// its data start) are final, into a new scratch file of `store` (made now, by the
-    /// caller's identity, as the layer must be). `None` when it cannot start.
-    pub fn start(store: &Store, file: &File, path: &Path, ready: u64) -> Option<StreamConvert> {
+    /// Starts converting `file` (named `path`, in `format`, one [`data_start`] named),
+    /// whose first `ready` bytes (past its data start) are final, into a new scratch file
+    /// of `store` (made now, by the caller's identity, as the layer must be). `None` when
+    /// it cannot start.
+    pub fn start(
+        store: &Store,
+        file: &File,
+        path: &Path,
+        format: Format,
+        ready: u64,
+    ) -> Option<StreamConvert> {
         let out = store.tmp_file().ok()?;
         let file = file.try_clone().ok()?;
         let path = path.to_path_buf();
@@ -95,7 +111,7 @@ impl StreamConvert {
         let theirs = gate.clone();
         let thread = std::thread::Builder::new()
             .name("import-convert".into())
-            .spawn(move || convert_stream(file, &path, out, &theirs))
+            .spawn(move || convert_stream(file, &path, format, out, &theirs))
             .ok()?;
         Some(StreamConvert {
             gate,
@@ -144,11 +160,16 @@ impl Drop for StreamConvert {
 fn convert_stream(
     file: File,
     path: &Path,
+    format: Format,
     out: TmpFile,
     gate: &Gate,
 ) -> image::Result<(TmpFile, Converted)> {
-    let layer = vdi::open_arriving(file, path, ASSUMED_LEN)?;
-    let disk = Disk::new(vec![Arc::new(layer)]);
+    let layer: Arc<dyn Layer> = match format {
+        Format::Vdi => Arc::new(vdi::open_arriving(file, path, ASSUMED_LEN)?),
+        Format::Vpc => Arc::new(vpc::open_arriving(file, path, ASSUMED_LEN)?),
+        _ => return Err(stopped(path, "not a format converted while it arrives")),
+    };
+    let disk = Disk::new(vec![layer]);
     let guess = allocated_clusters(&disk, CLUSTER_SIZE)?;
     let mut progress = |_, _| {};
     let mut opts = convert::Options::new(&mut progress);
@@ -177,27 +198,28 @@ mod tests {
     use crate::testutil::{have_qemu, qemu_create, qemu_img, qemu_io};
     use std::os::unix::fs::FileExt;
 
-    /// A VDI of 24 MiB made by qemu-img from a raw disk written by `cmds`.
-    fn vdi_of(dir: &Path, cmds: &[&str]) -> Vec<u8> {
+    /// A disk of 24 MiB in `fmt` (`vdi` or `vpc`) made by qemu-img from a raw disk
+    /// written by `cmds`.
+    fn image_of(dir: &Path, fmt: &str, cmds: &[&str]) -> Vec<u8> {
         let raw = qemu_create(dir, "raw", "src.raw", "24M", "");
         qemu_io("raw", &raw, cmds);
-        let vdi = dir.join("src.vdi");
+        let out = dir.join(format!("src.{fmt}"));
         qemu_img(&[
             "convert",
             "-f",
             "raw",
             "-O",
-            "vdi",
+            fmt,
             raw.to_str().unwrap(),
-            vdi.to_str().unwrap(),
+            out.to_str().unwrap(),
         ]);
-        std::fs::read(&vdi).unwrap()
+        std::fs::read(&out).unwrap()
     }
 
     /// Writes `bytes` into a scratch file front to back in 1 MiB pieces, converting as
     /// they arrive as an import does; the streamed layer, if any, and the file.
     fn stream(store: &Store, dir: &Path, bytes: &[u8]) -> (Option<(TmpFile, Converted)>, File) {
-        let path = dir.join("arriving.vdi");
+        let path = dir.join("arriving");
         let f = File::options()
             .read(true)
             .write(true)
@@ -205,14 +227,14 @@ mod tests {
             .truncate(true)
             .open(&path)
             .unwrap();
-        let from = vdi::data_start(bytes).unwrap();
+        let (from, format) = data_start(bytes).unwrap();
         let mut conv = None;
         for (i, piece) in bytes.chunks(1 << 20).enumerate() {
             let at = (i << 20) as u64;
             f.write_all_at(piece, at).unwrap();
             let end = at + piece.len() as u64;
             if conv.is_none() && end >= from {
-                conv = StreamConvert::start(store, &f, &path, end);
+                conv = StreamConvert::start(store, &f, &path, format, end);
             }
             if let Some(c) = &conv {
                 c.advance(end);
@@ -222,27 +244,30 @@ mod tests {
     }
 
     #[test]
-    fn a_fully_written_vdi_streamed_gives_the_layer_its_conversion_gives() {
+    fn a_fully_written_vdi_or_vhd_streamed_gives_the_layer_its_conversion_gives() {
         if !have_qemu() {
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open("user", &dir.path().join("repo")).unwrap();
-        let bytes = vdi_of(dir.path(), &["write -P 0x5a 0 24M"]);
-        let (streamed, file) = stream(&store, dir.path(), &bytes);
-        let (out, converted) = streamed.expect("a fully written VDI converts as it arrives");
-        // The same layer, byte for byte, as the conversion of the complete file.
-        let disk =
-            crate::tree::publish::open_standalone(&file, Path::new("x.vdi"), image::Format::Vdi)
-                .unwrap();
-        let whole = store.tmp_file().unwrap();
-        let expect = to_qcow2_layer(&disk, whole.file(), whole.path(), &mut |_, _| {}).unwrap();
-        assert_eq!(converted, expect);
-        assert_eq!(
-            std::fs::read(out.path()).unwrap(),
-            std::fs::read(whole.path()).unwrap()
-        );
-        qemu_img(&["check", out.path().to_str().unwrap()]);
+        for (fmt, format) in [("vdi", Format::Vdi), ("vpc", Format::Vpc)] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open("user", &dir.path().join("repo")).unwrap();
+            let bytes = image_of(dir.path(), fmt, &["write -P 0x5a 0 24M"]);
+            assert_eq!(data_start(&bytes).map(|(_, f)| f), Some(format));
+            let (streamed, file) = stream(&store, dir.path(), &bytes);
+            let (out, converted) = streamed.expect("a fully written disk converts as it arrives");
+            // The same layer, byte for byte, as the conversion of the complete file.
+            let disk =
+                crate::tree::publish::open_standalone(&file, Path::new("x"), format).unwrap();
+            let whole = store.tmp_file().unwrap();
+            let expect = to_qcow2_layer(&disk, whole.file(), whole.path(), &mut |_, _| {}).unwrap();
+            assert_eq!(converted, expect, "{fmt}");
+            assert_eq!(
+                std::fs::read(out.path()).unwrap(),
+                std::fs::read(whole.path()).unwrap(),
+                "{fmt}"
+            );
+            qemu_img(&["check", out.path().to_str().unwrap()]);
+        }
     }
 
     #[test]
@@ -255,7 +280,7 @@ mod tests {
         // 1 MiB blocks holding 64 KiB of data each: most of their clusters are zeroes.
         let cmds: Vec<String> = (0..24).map(|i| format!("write -P 7 {i}M 64k")).collect();
         let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-        let bytes = vdi_of(dir.path(), &cmds);
+        let bytes = image_of(dir.path(), "vdi", &cmds);
         let (streamed, _) = stream(&store, dir.path(), &bytes);
         assert!(streamed.is_none());
     }
@@ -267,7 +292,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open("user", &dir.path().join("repo")).unwrap();
-        let bytes = vdi_of(dir.path(), &["write -P 0x5a 0 24M"]);
+        let bytes = image_of(dir.path(), "vdi", &["write -P 0x5a 0 24M"]);
         let path = dir.path().join("cut.vdi");
         let f = File::options()
             .read(true)
@@ -278,10 +303,11 @@ mod tests {
             .unwrap();
         let from = vdi::data_start(&bytes).unwrap() as usize;
         f.write_all_at(&bytes[..from + 4096], 0).unwrap();
-        let c = StreamConvert::start(&store, &f, &path, from as u64 + 4096).unwrap();
+        let vdi = Format::Vdi;
+        let c = StreamConvert::start(&store, &f, &path, vdi, from as u64 + 4096).unwrap();
         // The file ends before its blocks: no layer, and finish returns.
         assert!(c.finish(from as u64 + 4096).is_none());
-        let c = StreamConvert::start(&store, &f, &path, from as u64 + 4096).unwrap();
+        let c = StreamConvert::start(&store, &f, &path, vdi, from as u64 + 4096).unwrap();
         drop(c); // returns: the waiting thread saw the stop
     }
 }

@@ -1451,6 +1451,7 @@ fn every_format_imports_whatever_the_order_of_its_writes() {
         ("qcow2", "compression_type=zlib"),
         ("vmdk", "subformat=monolithicSparse"),
         ("vmdk", "subformat=streamOptimized"),
+        ("vmdk", "full"),
         ("vdi", ""),
         // Every block full: converted while it arrives (in order) rather than at close.
         ("vdi", "full"),

@@ -190,8 +190,61 @@ fn check_descriptor(text: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Where the grains of a hosted sparse VMDK file (monolithicSparse, not compressed)
+/// start, read from its first bytes (`head`, at least its header): its header's
+/// `overHead`, the sectors of header, descriptor and tables before the first grain.
+/// `None` when `head` starts no such file.
+pub fn data_start(head: &[u8]) -> Option<u64> {
+    if head.len() < HEADER_LEN || &head[..4] != SPARSE_MAGIC {
+        return None;
+    }
+    let hdr = Header::parse(head);
+    if hdr.gd_offset == GD_AT_END || hdr.compress_algorithm != COMPRESSION_NONE {
+        return None;
+    }
+    le_u64(head, 64).checked_mul(SECTOR)
+}
+
+/// Opens a hosted sparse VMDK file still being written front to back, once its first
+/// `tables_end` bytes ([`data_start`]) are final: checked as [`open`] checks a whole
+/// file, except that grains are checked against `assumed_len` rather than its current
+/// length (the caller checks the complete file again with [`open`]); its grain
+/// directory and every grain table must lie below `tables_end`, since they are read
+/// while the grains arrive.
+pub fn open_arriving(
+    file: File,
+    path: &Path,
+    assumed_len: u64,
+    tables_end: u64,
+) -> Result<VmdkLayer> {
+    let layer = VmdkLayer::checked(file, path, Some(assumed_len))?;
+    let below = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= tables_end);
+    let mut ok = below(layer.gd_offset, layer.gd_entries * 4);
+    for i in 0..layer.gd_entries {
+        if !ok {
+            break;
+        }
+        if let Some(gt) = layer.grain_table(i)? {
+            ok = below(gt, layer.gtes_per_gt * 4);
+        }
+    }
+    if !ok {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            format: Format::Vmdk,
+            reason: "grain tables among the grains".into(),
+        });
+    }
+    Ok(layer)
+}
+
 impl VmdkLayer {
     pub fn new(file: File, path: &Path) -> Result<VmdkLayer> {
+        VmdkLayer::checked(file, path, None)
+    }
+
+    /// [`VmdkLayer::new`], its grains checked against `assumed_len` when given.
+    fn checked(file: File, path: &Path, assumed_len: Option<u64>) -> Result<VmdkLayer> {
         let invalid = |reason: String| Error::Invalid {
             path: path.to_path_buf(),
             format: Format::Vmdk,
@@ -203,7 +256,7 @@ impl VmdkLayer {
             reason,
         };
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        let file_len = meta.len();
+        let file_len = assumed_len.unwrap_or(meta.len());
         let mut h = [0u8; HEADER_LEN];
         let got = read_upto_at(&file, path, &mut h, 0)?;
         if &h[..4] != SPARSE_MAGIC || got < HEADER_LEN {
@@ -335,7 +388,8 @@ impl VmdkLayer {
         }
         .check_distinct()?;
 
-        let src = LayerFile::new(file, path, &meta);
+        let mut src = LayerFile::new(file, path, &meta);
+        src.len = file_len;
         let cache = PageCache::new(
             src.file.clone(),
             src.path.clone(),

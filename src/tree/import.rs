@@ -166,12 +166,13 @@ impl ImportHandle {
                         if let Some(h) = hash {
                             h.advance(end);
                         }
-                        // A VDI or VHD is converted as it arrives, once its tables are in.
+                        // A VDI, VHD or sparse VMDK is converted as it arrives, once its
+                        // tables are in.
                         if offset == 0 && stream.is_none() {
                             *stream_from = stream_convert::data_start(data);
                         }
-                        if let Some((from, format)) = *stream_from
-                            && end >= from
+                        if let Some(start) = *stream_from
+                            && end >= start.0
                         {
                             *stream_from = None;
                             // Its layer is made by the writer, as a conversion at close.
@@ -181,10 +182,10 @@ impl ImportHandle {
                                     &self.import.store,
                                     tmp.file(),
                                     tmp.path(),
-                                    format,
+                                    start,
                                     end,
                                 )
-                                .map(|s| (s, format))
+                                .map(|s| (s, start.1))
                             });
                         }
                         if let Some((s, _)) = stream {

@@ -55,7 +55,8 @@ pub(super) enum State {
         /// The sha256 of an in-order stream that may be stored as it is, computed as
         /// it arrives.
         hash: Option<StreamHash>,
-        /// The conversion of an in-order VDI or VHD stream, running as it arrives;
+        /// The conversion of an in-order VDI, VHD or sparse VMDK stream, running as it
+        /// arrives;
         /// before it starts, where the data starts and the format (`stream_from`).
         stream: Option<(StreamConvert, Format)>,
         stream_from: Option<(u64, Format)>,

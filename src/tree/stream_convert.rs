@@ -1,9 +1,11 @@
-//! A VDI or dynamic VHD file being imported, converted while its bytes arrive.
+//! A VDI, dynamic VHD or hosted sparse VMDK file being imported, converted while its
+//! bytes arrive.
 //!
-//! Both formats hold their headers and their whole block table before their first data
-//! block, and `cp`, `cat` or `dd` write them front to back. So once a file written in
-//! order has passed its data start ([`data_start`]), a thread of its own opens it
-//! ([`vdi::open_arriving`], [`vpc::open_arriving`]) and converts it
+//! These formats hold their headers and their tables before their first data block
+//! (a VMDK whose grain tables do not is left alone), and `cp`, `cat` or `dd` write them
+//! front to back. So once a file written in order has passed its data start
+//! ([`data_start`]), a thread of its own opens it ([`vdi::open_arriving`],
+//! [`vpc::open_arriving`], [`vmdk::open_arriving`]) and converts it
 //! ([`convert::convert`]) as the blocks come, each read waiting until the stream has gone
 //! past the bytes it needs. The layer's layout must be the one the disk's content gives
 //! (the same bytes and the same name whatever the source), which needs to know which
@@ -21,7 +23,7 @@ use std::thread::JoinHandle;
 
 use crate::image::convert::{self, Converted};
 use crate::image::qcow2_layout::{CLUSTER_SIZE, allocated_clusters};
-use crate::image::{self, Disk, Format, Layer, Mapping, vdi, vpc};
+use crate::image::{self, Disk, Format, Layer, Mapping, vdi, vmdk, vpc};
 use crate::store::{Store, TmpFile};
 
 /// The length a file still arriving is assumed to have when it is opened: its blocks are
@@ -77,6 +79,7 @@ pub fn data_start(head: &[u8]) -> Option<(u64, Format)> {
     vdi::data_start(head)
         .map(|at| (at, Format::Vdi))
         .or_else(|| vpc::data_start(head).map(|at| (at, Format::Vpc)))
+        .or_else(|| vmdk::data_start(head).map(|at| (at, Format::Vmdk)))
 }
 
 /// The conversion of one stream (see the module text).
@@ -92,15 +95,15 @@ impl std::fmt::Debug for StreamConvert {
 }
 
 impl StreamConvert {
-    /// Starts converting `file` (named `path`, in `format`, one [`data_start`] named),
-    /// whose first `ready` bytes (past its data start) are final, into a new scratch file
-    /// of `store` (made now, by the caller's identity, as the layer must be). `None` when
-    /// it cannot start.
+    /// Starts converting `file` (named `path`; its data start and format as
+    /// [`data_start`] gives them), whose first `ready` bytes (past its data start) are
+    /// final, into a new scratch file of `store` (made now, by the caller's identity, as
+    /// the layer must be). `None` when it cannot start.
     pub fn start(
         store: &Store,
         file: &File,
         path: &Path,
-        format: Format,
+        (from, format): (u64, Format),
         ready: u64,
     ) -> Option<StreamConvert> {
         let out = store.tmp_file().ok()?;
@@ -111,7 +114,7 @@ impl StreamConvert {
         let theirs = gate.clone();
         let thread = std::thread::Builder::new()
             .name("import-convert".into())
-            .spawn(move || convert_stream(file, &path, format, out, &theirs))
+            .spawn(move || convert_stream(file, &path, (from, format), out, &theirs))
             .ok()?;
         Some(StreamConvert {
             gate,
@@ -160,13 +163,14 @@ impl Drop for StreamConvert {
 fn convert_stream(
     file: File,
     path: &Path,
-    format: Format,
+    (from, format): (u64, Format),
     out: TmpFile,
     gate: &Gate,
 ) -> image::Result<(TmpFile, Converted)> {
     let layer: Arc<dyn Layer> = match format {
         Format::Vdi => Arc::new(vdi::open_arriving(file, path, ASSUMED_LEN)?),
         Format::Vpc => Arc::new(vpc::open_arriving(file, path, ASSUMED_LEN)?),
+        Format::Vmdk => Arc::new(vmdk::open_arriving(file, path, ASSUMED_LEN, from)?),
         _ => return Err(stopped(path, "not a format converted while it arrives")),
     };
     let disk = Disk::new(vec![layer]);
@@ -198,8 +202,8 @@ mod tests {
     use crate::testutil::{have_qemu, qemu_create, qemu_img, qemu_io};
     use std::os::unix::fs::FileExt;
 
-    /// A disk of 24 MiB in `fmt` (`vdi` or `vpc`) made by qemu-img from a raw disk
-    /// written by `cmds`.
+    /// A disk of 24 MiB in `fmt` (`vdi`, `vpc` or `vmdk`) made by qemu-img from a raw
+    /// disk written by `cmds`.
     fn image_of(dir: &Path, fmt: &str, cmds: &[&str]) -> Vec<u8> {
         let raw = qemu_create(dir, "raw", "src.raw", "24M", "");
         qemu_io("raw", &raw, cmds);
@@ -227,14 +231,14 @@ mod tests {
             .truncate(true)
             .open(&path)
             .unwrap();
-        let (from, format) = data_start(bytes).unwrap();
+        let start = data_start(bytes).unwrap();
         let mut conv = None;
         for (i, piece) in bytes.chunks(1 << 20).enumerate() {
             let at = (i << 20) as u64;
             f.write_all_at(piece, at).unwrap();
             let end = at + piece.len() as u64;
-            if conv.is_none() && end >= from {
-                conv = StreamConvert::start(store, &f, &path, format, end);
+            if conv.is_none() && end >= start.0 {
+                conv = StreamConvert::start(store, &f, &path, start, end);
             }
             if let Some(c) = &conv {
                 c.advance(end);
@@ -244,11 +248,15 @@ mod tests {
     }
 
     #[test]
-    fn a_fully_written_vdi_or_vhd_streamed_gives_the_layer_its_conversion_gives() {
+    fn a_fully_written_vdi_vhd_or_vmdk_streamed_gives_the_layer_its_conversion_gives() {
         if !have_qemu() {
             return;
         }
-        for (fmt, format) in [("vdi", Format::Vdi), ("vpc", Format::Vpc)] {
+        for (fmt, format) in [
+            ("vdi", Format::Vdi),
+            ("vpc", Format::Vpc),
+            ("vmdk", Format::Vmdk),
+        ] {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open("user", &dir.path().join("repo")).unwrap();
             let bytes = image_of(dir.path(), fmt, &["write -P 0x5a 0 24M"]);
@@ -303,7 +311,7 @@ mod tests {
             .unwrap();
         let from = vdi::data_start(&bytes).unwrap() as usize;
         f.write_all_at(&bytes[..from + 4096], 0).unwrap();
-        let vdi = Format::Vdi;
+        let vdi = (from as u64, Format::Vdi);
         let c = StreamConvert::start(&store, &f, &path, vdi, from as u64 + 4096).unwrap();
         // The file ends before its blocks: no layer, and finish returns.
         assert!(c.finish(from as u64 + 4096).is_none());

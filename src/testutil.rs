@@ -79,14 +79,19 @@ pub fn qemu_create(dir: &Path, fmt: &str, name: &str, size: &str, opts: &str) ->
 /// (the directory goes when its handle is dropped).
 pub fn scratch_file() -> (tempfile::TempDir, std::fs::File) {
     let dir = tempfile::tempdir().unwrap();
-    let f = std::fs::File::options()
+    let f = new_rw_file(&dir.path().join("f"));
+    (dir, f)
+}
+
+/// `path` created empty (or emptied), open for reading and writing.
+pub fn new_rw_file(path: &Path) -> std::fs::File {
+    std::fs::File::options()
         .read(true)
         .write(true)
         .create(true)
         .truncate(true)
-        .open(dir.path().join("f"))
-        .unwrap();
-    (dir, f)
+        .open(path)
+        .unwrap()
 }
 
 /// `qemu-io -f FMT -c CMD… FILE` (each command a separate `-c`).

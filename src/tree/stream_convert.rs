@@ -199,7 +199,7 @@ fn convert_stream(
 mod tests {
     use super::*;
     use crate::image::convert::to_qcow2_layer;
-    use crate::testutil::{have_qemu, qemu_create, qemu_img, qemu_io};
+    use crate::testutil::{have_qemu, new_rw_file, qemu_create, qemu_img, qemu_io};
     use std::os::unix::fs::FileExt;
 
     /// A disk of 24 MiB in `fmt` (`vdi`, `vpc` or `vmdk`) made by qemu-img from a raw
@@ -224,13 +224,7 @@ mod tests {
     /// they arrive as an import does; the streamed layer, if any, and the file.
     fn stream(store: &Store, dir: &Path, bytes: &[u8]) -> (Option<(TmpFile, Converted)>, File) {
         let path = dir.join("arriving");
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let f = new_rw_file(&path);
         let start = data_start(bytes).unwrap();
         let mut conv = None;
         for (i, piece) in bytes.chunks(1 << 20).enumerate() {
@@ -302,13 +296,7 @@ mod tests {
         let store = Store::open("user", &dir.path().join("repo")).unwrap();
         let bytes = image_of(dir.path(), "vdi", &["write -P 0x5a 0 24M"]);
         let path = dir.path().join("cut.vdi");
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let f = new_rw_file(&path);
         let from = vdi::data_start(&bytes).unwrap() as usize;
         f.write_all_at(&bytes[..from + 4096], 0).unwrap();
         let vdi = (from as u64, Format::Vdi);

@@ -259,19 +259,33 @@ pub(super) fn store_converted(
     target: &Target,
 ) -> Result<Meta, Error> {
     check_target(store, target)?;
-    // Another repository may hold the very same layer (a view copied between
-    // repositories with `cp`): share it by a hard link rather than keep a second copy.
+    // The scratch file becomes the layer, synced (or is removed as a duplicate).
+    store_one_layer(store, siblings, owner, sha256, target, || {
+        store.add_layer(out, Some(sha256)).map(drop)
+    })
+}
+
+/// Makes layer `hash` present in `store` and describes it as the one layer of `target`.
+/// Another repository may hold the very same layer (a view copied between repositories
+/// with `cp`): it is shared by a hard link rather than kept twice; else `place` puts it
+/// there.
+fn store_one_layer(
+    store: &Store,
+    siblings: &[std::sync::Arc<Store>],
+    owner: &str,
+    hash: &str,
+    target: &Target,
+    place: impl FnOnce() -> Result<(), store::Error>,
+) -> Result<Meta, Error> {
     let shared = siblings
         .iter()
         .filter(|s| s.name() != store.name())
-        .find_map(|s| store.link_layer_from(s, sha256).ok().flatten());
-    let hash = match shared {
-        Some(_) => sha256.to_string(),
-        // The scratch file becomes the layer, synced (or is removed as a duplicate).
-        None => store.add_layer(out, Some(sha256))?,
-    };
+        .find_map(|s| store.link_layer_from(s, hash).ok().flatten());
+    if shared.is_none() {
+        place()?;
+    }
     let custom_meta = serde_json::Value::Object(serde_json::Map::new());
-    write_meta(store, owner, vec![hash], custom_meta, target)
+    write_meta(store, owner, vec![hash.to_string()], custom_meta, target)
 }
 
 /// Publishes a scratch file that is already a clean standalone qcow2
@@ -293,20 +307,15 @@ pub(super) fn publish_as_is(
         Some(h) => h,
         None => store::sha256_of(tmp.file(), tmp.path())?,
     };
-    let shared = siblings
-        .iter()
-        .filter(|s| s.name() != store.name())
-        .find_map(|s| store.link_layer_from(s, &hash).ok().flatten());
-    if shared.is_none() {
-        store.link_layer(tmp, &hash)?;
-    }
+    let meta = store_one_layer(store, siblings, owner, &hash, target, || {
+        store.link_layer(tmp, &hash)
+    })?;
     log::debug!(
         "{}: kept as it is ({hash}), stored in {:.2?}",
         tmp.path().display(),
         started.elapsed()
     );
-    let custom_meta = serde_json::Value::Object(serde_json::Map::new());
-    write_meta(store, owner, vec![hash], custom_meta, target)
+    Ok(meta)
 }
 
 /// Drops the converted part of a raw scratch file by punching it out: its dirty pages

@@ -85,12 +85,12 @@ impl std::ops::Deref for Fs {
 impl Fs {
     /// Mounts a daemon over the repositories `repos` (the first one the default).
     fn start(repos: &[&str]) -> Option<Fs> {
-        Fs::start_with(repos, &[])
+        common::MountedRepos::start("files", TOOLS, repos, &[]).map(Fs)
     }
 
-    /// [`Fs::start`] with more daemon options (`extra`, before the mountpoint).
-    fn start_with(repos: &[&str], extra: &[&str]) -> Option<Fs> {
-        common::MountedRepos::start("files", TOOLS, repos, extra).map(Fs)
+    /// [`Fs::start`] with the daemon logging to `log_file()`.
+    fn start_logged(repos: &[&str]) -> Option<Fs> {
+        common::MountedRepos::start_logged("files", TOOLS, repos).map(Fs)
     }
 
     fn work(&self) -> PathBuf {
@@ -709,13 +709,10 @@ fn failed_cp_r_of_a_directory_of_text_files() {
 fn formats_pcocc_does_not_list_are_refused_at_close_naming_the_format() {
     // vhdx, parallels, qcow (version 1) and luks made by qemu-img; dmg, cloop and bochs
     // as the minimal headers of tests/common/foreign.rs.
-    let Some(scratch) = common::required_mount_scratch("files", TOOLS) else {
+    let Some(fs) = Fs::start_logged(&["r"]) else {
         return;
     };
-    let log = scratch.path().join("daemon.log");
-    let Some(fs) = Fs::start_with(&["r"], &["--log-file", s(&log)]) else {
-        return;
-    };
+    let log = fs.log_file();
     let before = fs.state("r");
     let r = fs.at("r");
     for fmt in common::foreign::FOREIGN_FORMATS {
@@ -754,13 +751,10 @@ fn formats_pcocc_does_not_list_are_refused_at_close_naming_the_format() {
 fn a_qcow2_with_a_backing_file_is_refused_at_close_saying_why() {
     // An overlay whose chain of backing files does not end on a view of the mount is
     // refused (pcocc image import flattens it instead), nothing is published.
-    let Some(scratch) = common::required_mount_scratch("files", TOOLS) else {
+    let Some(fs) = Fs::start_logged(&["r"]) else {
         return;
     };
-    let log = scratch.path().join("daemon.log");
-    let Some(fs) = Fs::start_with(&["r"], &["--log-file", s(&log)]) else {
-        return;
-    };
+    let log = fs.log_file();
     let before = fs.state("r");
     let r = fs.at("r");
     let base = fs.small_source("base.qcow2", 0x61);

@@ -278,6 +278,21 @@ impl MountedRepos {
     /// `None` (the test then returns) when this run cannot mount; see [`mount_scratch`]
     /// for `suite` and `tools`.
     pub fn start(suite: &str, tools: &[&str], repos: &[&str], extra: &[&str]) -> Option<Self> {
+        let m = Self::prepare(suite, tools, repos)?;
+        m.mount(extra);
+        Some(m)
+    }
+
+    /// [`MountedRepos::start`] with the daemon logging to [`MountedRepos::log_file`].
+    pub fn start_logged(suite: &str, tools: &[&str], repos: &[&str]) -> Option<Self> {
+        let m = Self::prepare(suite, tools, repos)?;
+        let log = m.log_file();
+        m.mount(&["--log-file", s(&log)]);
+        Some(m)
+    }
+
+    /// The scratch directory, its repositories and the configuration, nothing mounted.
+    fn prepare(suite: &str, tools: &[&str], repos: &[&str]) -> Option<Self> {
         let dir = required_mount_scratch(suite, tools)?;
         let m = MountedRepos {
             mnt: dir.path().join("mnt"),
@@ -296,8 +311,12 @@ impl MountedRepos {
             yaml += &format!("  - name: {r}\n    path: {}\n", s(&m.repo(r)));
         }
         std::fs::write(m.config(), yaml).unwrap();
-        m.mount(extra);
         Some(m)
+    }
+
+    /// Where a daemon started by [`MountedRepos::start_logged`] logs.
+    pub fn log_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("daemon.log")
     }
 
     /// Starts the daemon on `mnt` with the options users have (`allow_other` and

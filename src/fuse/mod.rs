@@ -396,8 +396,9 @@ impl Filesystem for ImageFs {
         reply: ReplyData,
     ) {
         // An O_DIRECT reader (qemu's cache=none) never reads the page cache: nothing is
-        // pushed into it for such a descriptor.
-        let cached_reader = flags.0 & libc::O_DIRECT == 0;
+        // pushed into it for such a descriptor; nor for small reads (random access),
+        // which then cost no second lookup of their file.
+        let pushable = flags.0 & libc::O_DIRECT == 0 && u64::from(size) >= push::MIN_READ;
         // Each request thread keeps one buffer of the largest request and reuses it: a
         // fresh zeroed megabyte per request costs a page-fault storm and a memset for
         // every read. Stale bytes never leave: every reader fills exactly the count it
@@ -410,7 +411,7 @@ impl Filesystem for ImageFs {
             match self.session.read(fh.0, buf, offset) {
                 Ok(n) => {
                     reply.data(&buf[..n]);
-                    if cached_reader && let Some(file) = self.session.open_file(fh.0) {
+                    if pushable && let Some(file) = self.session.open_file(fh.0) {
                         self.pusher.on_read(fh.0, ino.0, &file, offset, n as u64);
                     }
                 }

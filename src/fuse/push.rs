@@ -27,7 +27,7 @@ pub const PUSH_AHEAD: u64 = 64 << 20;
 pub const PUSH_PIECE: usize = 1 << 20;
 /// Reads smaller than this are not a sequential stream worth pushing for (the kernel's
 /// read-ahead of a sequential reader asks for 1 MiB at a time on this mount).
-const MIN_READ: u64 = 128 << 10;
+pub const MIN_READ: u64 = 128 << 10;
 
 /// One open view being pushed.
 struct Job {

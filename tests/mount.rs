@@ -1072,9 +1072,10 @@ fn views_copied_out_while_pushed_ahead_are_exactly_the_views() {
 /// What is stored ahead of a reader is bounded: while a reader that read the first
 /// 8 MiB of a 192 MiB view sequentially keeps it open, the view holds at most the bytes
 /// read, the kernel's window, the push's reach (`PUSH_AHEAD`, 64 MiB) and one piece in
-/// the page cache (`fincore`), however long it waits.
+/// the page cache (`fincore`), however long it waits; once it has read it all, the
+/// pages it passed are gone from the cache.
 #[test]
-fn a_view_is_pushed_ahead_of_its_reader_only_so_far() {
+fn a_view_is_pushed_ahead_of_its_reader_only_so_far_and_dropped_behind_it() {
     let Some(m) = Mounted::start() else { return };
     let src = striped_raw(&m, "wide.raw", 384);
     ok("cp", &[s(&src), s(&m.at("user/"))]);
@@ -1101,6 +1102,27 @@ fn a_view_is_pushed_ahead_of_its_reader_only_so_far() {
     assert!(
         resident <= bound,
         "{resident} bytes of the view cached after an 8 MiB read: more than {bound}"
+    );
+    // A reader that went through the whole view keeps only its last stretch cached: the
+    // pages it has passed are dropped behind it (16 MiB behind the latest read the kernel
+    // asked for), not left to fill memory with a view read once.
+    let resident = ok(
+        "bash",
+        &[
+            "-c",
+            r#"exec 3<"$1"
+               dd bs=1M status=none <&3 >/dev/null
+               sleep 2
+               fincore --bytes --noheadings --output RES "$1""#,
+            "bash",
+            s(&view),
+        ],
+    );
+    let resident: u64 = resident.trim().parse().unwrap();
+    let bound = (16 << 20) + (4 << 20) + (64 << 20) + (1 << 20);
+    assert!(
+        resident <= bound,
+        "{resident} bytes of the {size}-byte view cached after reading it all: more than {bound}"
     );
     // An O_DIRECT reader (qemu's cache=none) never reads the page cache: nothing is
     // stored there for it, however sequentially it reads.

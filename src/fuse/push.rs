@@ -10,7 +10,16 @@
 //! where the reader then finds it. Bounded: at most [`PUSH_AHEAD`] bytes past the end of
 //! the latest read the kernel asked for (the reader's cached reads are not seen, so the
 //! push waits there until the reader misses again), one [`PUSH_PIECE`] buffer, one
-//! thread for the whole mount, and nothing once the file is closed.
+//! thread for the whole mount, and nothing once the file is closed. Holes the view
+//! reports (`SEEK_HOLE`) are skipped, as a sparse-aware reader skips them.
+//!
+//! Behind the reader, the pages it has passed are dropped from the cache
+//! ([`DROP_BEHIND`]): a view is copied out once, and its pages would otherwise stay until
+//! memory runs short, each copy taking as much fresh memory as the view holds on top of
+//! the memory the copy itself fills. Dropped, their memory is what the next pieces reuse
+//! (measured on a 2-CPU VM whose freed memory goes back to the host: `cp` of a 2.7 GB
+//! view 2.0–3.0 s before, 1.5–1.6 s after). Not done while another reader of the same
+//! view is being pushed for.
 //!
 //! Views never change (revision files are immutable and kept across opens), so a page
 //! stored ahead holds exactly what a read would have brought.
@@ -28,6 +37,9 @@ pub const PUSH_PIECE: usize = 1 << 20;
 /// Reads smaller than this are not a sequential stream worth pushing for (the kernel's
 /// read-ahead of a sequential reader asks for 1 MiB at a time on this mount).
 pub const MIN_READ: u64 = 128 << 10;
+/// Pages of a pushed view further than this behind the latest read the kernel asked for
+/// are dropped from the cache (the reader is past them).
+pub const DROP_BEHIND: u64 = 16 << 20;
 
 /// One open view being pushed.
 struct Job {
@@ -41,6 +53,10 @@ struct Job {
     want: u64,
     /// The pusher's own read-ahead of the view's stored bytes.
     ahead: ReadAhead,
+    /// Dropped from the kernel's cache up to here.
+    dropped: u64,
+    /// Drop up to here.
+    drop_to: u64,
 }
 
 #[derive(Default)]
@@ -101,6 +117,8 @@ impl Pusher {
             pushed: 0,
             want: 0,
             ahead: ReadAhead::default(),
+            dropped: 0,
+            drop_to: 0,
         });
         // Requests of one stream arrive nearly in order; anything else is not pushed for.
         let sequential = offset.abs_diff(job.last_end) <= PUSH_AHEAD;
@@ -114,7 +132,11 @@ impl Pusher {
         if want > job.want {
             job.want = want;
         }
-        if job.pushed < job.want {
+        let behind = offset.saturating_sub(DROP_BEHIND) & !(PUSH_PIECE as u64 - 1);
+        if behind > job.drop_to {
+            job.drop_to = behind;
+        }
+        if job.pushed < job.want || job.dropped < job.drop_to {
             wake.notify_one();
         }
     }
@@ -137,6 +159,19 @@ fn push_loop(shared: &(Mutex<Jobs>, Condvar), notifier: &Notifier) {
         let (fh, ino, file, at, n) = {
             let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
             loop {
+                // Pages behind a reader first: their memory is what the next pieces reuse.
+                let behind = jobs.by_fh.values_mut().find(|j| j.dropped < j.drop_to);
+                if let Some(j) = behind {
+                    let (ino, from, to) = (j.ino, j.dropped, j.drop_to);
+                    j.dropped = to;
+                    let shared = jobs.by_fh.values().filter(|j| j.ino == ino).count() > 1;
+                    drop(jobs);
+                    if !shared {
+                        let _ = notifier.inval_inode(INodeNo(ino), from as i64, (to - from) as i64);
+                    }
+                    jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
                 let turn = jobs.turn;
                 let next = jobs
                     .by_fh
@@ -146,8 +181,26 @@ fn push_loop(shared: &(Mutex<Jobs>, Condvar), notifier: &Notifier) {
                     .min_by_key(|&fh| (fh <= turn, fh));
                 if let Some(fh) = next {
                     jobs.turn = fh;
-                    let j = &jobs.by_fh[&fh];
-                    let n = (j.want - j.pushed).min(PUSH_PIECE as u64) as usize;
+                    let Some(j) = jobs.by_fh.get_mut(&fh) else {
+                        continue;
+                    };
+                    // A hole the reader is told of (SEEK_HOLE) is skipped, as it skips it.
+                    match j.file.view().map(|v| v.next_data(j.pushed)) {
+                        Some(Ok(Some(data))) if data > j.pushed => {
+                            j.pushed = data.min(j.want);
+                            continue;
+                        }
+                        Some(Ok(None)) => {
+                            j.pushed = j.want;
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    let mut n = (j.want - j.pushed).min(PUSH_PIECE as u64);
+                    if let Some(Ok(Some(hole))) = j.file.view().map(|v| v.next_hole(j.pushed)) {
+                        n = n.min(hole - j.pushed).max(1);
+                    }
+                    let n = n as usize;
                     if let Some(view) = j.file.view() {
                         j.ahead.on_read(view, j.pushed, n as u64);
                     }

@@ -228,12 +228,14 @@ impl View {
 /// Shortest run of holes that `SEEK_HOLE`/`SEEK_DATA` report as a hole (a run that
 /// reaches the end of the file is always reported); shorter runs read as zeroes and are
 /// reported as data. A sparse-aware copier (GNU `cp`) pays two `lseek` round trips through
-/// FUSE and a stall of the kernel's read-ahead for every extent, and the read-ahead window
-/// (4 MiB by default) reads a shorter hole anyway when the copier seeks past it; `cp` still
-/// finds the zeroes by itself and leaves them out of the copy. Holes within the stored
-/// blocks of `disk.vdi`/`disk.vpc` and between close extents of a disk are mostly this
-/// short.
-pub const MIN_SEEK_HOLE: u64 = 4 << 20;
+/// FUSE for every extent, and finds the zeroes of a short run by itself anyway; a longer
+/// run it skips is neither generated, nor stored in the page cache, nor scanned. The
+/// zeroes within the stored blocks of `disk.vdi` (1 MiB) and `disk.vpc` (2 MiB) around a
+/// disk's data are mostly such runs: on a 4 GiB disk holding 2 GiB in extents of
+/// 4 KiB–16 MiB, the runs of 256 KiB or more are 2,800 and hold 1.6 GB of the 1.9 GB of
+/// zeroes in its `disk.vpc` (measured: `cp` of that view 2.0–2.3 s with 4 MiB, 1.6–2.0 s with
+/// 256 KiB, no better with 64 KiB and twice the round trips).
+pub const MIN_SEEK_HOLE: u64 = 256 << 10;
 
 /// Read-ahead of one open view, for sequential readers: each large read that starts
 /// near where the previous one ended moves a window of [`READ_AHEAD_WINDOW`] bytes past
@@ -392,12 +394,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let k = |n: u64| n << 10;
         let long = MIN_SEEK_HOLE;
-        // Data at 0 and 128 KiB (a 64 KiB gap), then after a gap of exactly the minimum,
-        // then after a gap 4 KiB short of it; the file ends 508 KiB after the last write.
-        let (third, fourth) = (k(192) + long, k(256) + 2 * long - k(4));
+        // 64 KiB of data at 0, then after a gap 4 KiB short of the minimum, then after a
+        // gap of exactly the minimum, then after a gap 4 KiB short of it again; the file
+        // ends 508 KiB after the last write.
+        let second = k(64) + long - k(4);
+        let third = second + k(64) + long;
+        let fourth = third + k(64) + long - k(4);
         let cmds = [
             "write -P 0x11 0 64k".to_string(),
-            "write -P 0x22 128k 64k".to_string(),
+            format!("write -P 0x22 {second} 64k"),
             format!("write -P 0x33 {third} 64k"),
             format!("write -P 0x44 {fourth} 4k"),
         ];
@@ -405,16 +410,17 @@ mod tests {
         let size = fourth + k(512);
         let src = raw_source(dir.path(), "src.raw", size, &cmds);
         let view = View::new(raw_disk(&src), Format::Raw, TEST_ID).unwrap();
+        let gap = second + k(64);
         assert_eq!(
             seek_walk(&view),
-            vec![(0, k(192)), (third, fourth + k(4) - third)]
+            vec![(0, gap), (third, fourth + k(4) - third)]
         );
         assert_eq!(view.next_data(k(64)).unwrap(), Some(k(64)));
-        assert_eq!(view.next_hole(k(64)).unwrap(), Some(k(192)));
+        assert_eq!(view.next_hole(k(64)).unwrap(), Some(gap));
         // Inside a long hole: its rest, when still long enough, is a hole.
-        assert_eq!(view.next_hole(k(192)).unwrap(), Some(k(192)));
-        assert_eq!(view.next_data(k(192)).unwrap(), Some(third));
-        assert_eq!(view.next_data(k(196)).unwrap(), Some(k(196)));
+        assert_eq!(view.next_hole(gap).unwrap(), Some(gap));
+        assert_eq!(view.next_data(gap).unwrap(), Some(third));
+        assert_eq!(view.next_data(gap + k(4)).unwrap(), Some(gap + k(4)));
         // The short run ending the file is a hole.
         assert_eq!(view.next_hole(fourth).unwrap(), Some(fourth + k(4)));
         assert_eq!(view.next_data(fourth + k(4)).unwrap(), None);

@@ -151,72 +151,118 @@ impl Pusher {
     }
 }
 
+/// What the pushing thread does next.
+enum Task {
+    /// Drop view bytes `[from, to)` of inode `ino` from the kernel's cache.
+    Drop { ino: u64, from: u64, to: u64 },
+    /// Push the open file `fh` (inode `ino`) on from `at`, up to `want`.
+    Push {
+        fh: u64,
+        ino: u64,
+        file: Arc<OpenFile>,
+        at: u64,
+        want: u64,
+    },
+}
+
+/// Waits for the next task: pages behind a reader first (their memory is what the next
+/// pieces reuse), then the job after the one served last.
+fn next_task(lock: &Mutex<Jobs>, wake: &Condvar) -> Task {
+    let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let behind = jobs.by_fh.values_mut().find(|j| j.dropped < j.drop_to);
+        if let Some(j) = behind {
+            let (ino, from, to) = (j.ino, j.dropped, j.drop_to);
+            j.dropped = to;
+            if jobs.by_fh.values().filter(|j| j.ino == ino).count() == 1 {
+                return Task::Drop { ino, from, to };
+            }
+            continue;
+        }
+        let turn = jobs.turn;
+        let next = jobs
+            .by_fh
+            .iter()
+            .filter(|(_, j)| j.pushed < j.want)
+            .map(|(&fh, _)| fh)
+            .min_by_key(|&fh| (fh <= turn, fh));
+        if let Some(fh) = next {
+            // Found in the map under this very lock.
+            let j = &jobs.by_fh[&fh];
+            let (at, want) = (j.pushed, j.want);
+            if let Some(view) = j.file.view() {
+                j.ahead
+                    .on_read(view, at, (want - at).min(PUSH_PIECE as u64));
+            }
+            let task = Task::Push {
+                fh,
+                ino: j.ino,
+                file: j.file.clone(),
+                at,
+                want,
+            };
+            jobs.turn = fh;
+            return task;
+        }
+        jobs = wake.wait(jobs).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Stores the view of `file` into the cache of inode `ino` from `at`: one piece of at
+/// most [`PUSH_PIECE`] bytes that stops at `want` and at the next reported hole, or
+/// nothing when `at` is in a reported hole. Returns where the next piece starts.
+fn push_piece(
+    notifier: &Notifier,
+    buf: &mut [u8],
+    ino: u64,
+    file: &OpenFile,
+    at: u64,
+    want: u64,
+) -> std::io::Result<u64> {
+    let view = file
+        .view()
+        .ok_or_else(|| std::io::Error::other("not a view"))?;
+    let io = |e: crate::view::Error| std::io::Error::other(e.to_string());
+    // A hole the reader is told of (SEEK_HOLE) is skipped, as the reader skips it.
+    let Some(data) = view.next_data(at).map_err(io)? else {
+        return Ok(want);
+    };
+    if data > at {
+        return Ok(data.min(want));
+    }
+    let hole = view.next_hole(at).map_err(io)?.unwrap_or(want);
+    let n = (want - at).min(buf.len() as u64).min(hole - at).max(1) as usize;
+    let got = view.read_at(&mut buf[..n], at).map_err(io)?;
+    if got == 0 {
+        return Err(std::io::Error::other("nothing to push"));
+    }
+    notifier.store(INodeNo(ino), at, &buf[..got])?;
+    Ok(at + got as u64)
+}
+
 fn push_loop(shared: &(Mutex<Jobs>, Condvar), notifier: &Notifier) {
     let (lock, wake) = shared;
     let mut buf = vec![0u8; PUSH_PIECE];
     loop {
-        // The next piece of the job after the one served last.
-        let (fh, ino, file, at, n) = {
-            let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                // Pages behind a reader first: their memory is what the next pieces reuse.
-                let behind = jobs.by_fh.values_mut().find(|j| j.dropped < j.drop_to);
-                if let Some(j) = behind {
-                    let (ino, from, to) = (j.ino, j.dropped, j.drop_to);
-                    j.dropped = to;
-                    let shared = jobs.by_fh.values().filter(|j| j.ino == ino).count() > 1;
-                    drop(jobs);
-                    if !shared {
-                        let _ = notifier.inval_inode(INodeNo(ino), from as i64, (to - from) as i64);
-                    }
-                    jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
-                    continue;
-                }
-                let turn = jobs.turn;
-                let next = jobs
-                    .by_fh
-                    .iter()
-                    .filter(|(_, j)| j.pushed < j.want)
-                    .map(|(&fh, _)| fh)
-                    .min_by_key(|&fh| (fh <= turn, fh));
-                if let Some(fh) = next {
-                    jobs.turn = fh;
-                    let Some(j) = jobs.by_fh.get_mut(&fh) else {
-                        continue;
-                    };
-                    // A hole the reader is told of (SEEK_HOLE) is skipped, as it skips it.
-                    match j.file.view().map(|v| v.next_data(j.pushed)) {
-                        Some(Ok(Some(data))) if data > j.pushed => {
-                            j.pushed = data.min(j.want);
-                            continue;
-                        }
-                        Some(Ok(None)) => {
-                            j.pushed = j.want;
-                            continue;
-                        }
-                        _ => {}
-                    }
-                    let mut n = (j.want - j.pushed).min(PUSH_PIECE as u64);
-                    if let Some(Ok(Some(hole))) = j.file.view().map(|v| v.next_hole(j.pushed)) {
-                        n = n.min(hole - j.pushed).max(1);
-                    }
-                    let n = n as usize;
-                    if let Some(view) = j.file.view() {
-                        j.ahead.on_read(view, j.pushed, n as u64);
-                    }
-                    break (fh, j.ino, j.file.clone(), j.pushed, n);
-                }
-                jobs = wake.wait(jobs).unwrap_or_else(|e| e.into_inner());
+        let (fh, ino, file, at, want) = match next_task(lock, wake) {
+            Task::Drop { ino, from, to } => {
+                // ENOENT: the kernel no longer knows the inode, nothing is cached.
+                let _ = notifier.inval_inode(INodeNo(ino), from as i64, (to - from) as i64);
+                continue;
             }
+            Task::Push {
+                fh,
+                ino,
+                file,
+                at,
+                want,
+            } => (fh, ino, file, at, want),
         };
-        let stored = match file.view().map(|v| v.read_at(&mut buf[..n], at)) {
-            Some(Ok(got)) if got > 0 => notifier.store(INodeNo(ino), at, &buf[..got]).map(|()| got),
-            _ => Err(std::io::Error::other("nothing to push")),
-        };
+        let pushed = push_piece(notifier, &mut buf, ino, &file, at, want);
         let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(j) = jobs.by_fh.get_mut(&fh) {
-            match stored {
-                Ok(got) => j.pushed = j.pushed.max(at + got as u64),
+            match pushed {
+                Ok(next) => j.pushed = j.pushed.max(next),
                 // The kernel no longer knows the inode, or the view cannot be read here
                 // (the reader's own reads will say why): stop pushing this file.
                 Err(e) => {

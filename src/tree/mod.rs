@@ -34,6 +34,7 @@ mod access;
 mod arrival;
 mod entries;
 mod extras;
+mod follow;
 mod import;
 pub mod inodes;
 mod layers;

@@ -18,9 +18,9 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
+use super::follow::{Followed, Follower};
 use crate::image::convert::{self, Converted};
 use crate::image::qcow2_layout::{CLUSTER_SIZE, allocated_clusters};
 use crate::image::{self, Disk, Format, Layer, Mapping, vdi, vmdk, vpc};
@@ -29,45 +29,6 @@ use crate::store::{Store, TmpFile};
 /// The length a file still arriving is assumed to have when it is opened: its blocks are
 /// only read once they have arrived, and the complete file is checked again at its close.
 const ASSUMED_LEN: u64 = 1 << 50;
-
-#[derive(Default)]
-struct Progress {
-    /// Every byte below is final.
-    ready: u64,
-    /// No more bytes: `ready` is the file's length.
-    done: bool,
-    /// The stream left its order, or its owner went.
-    stopped: bool,
-}
-
-#[derive(Default)]
-struct Gate {
-    progress: Mutex<Progress>,
-    changed: Condvar,
-}
-
-impl Gate {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
-        self.progress.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Waits until the bytes below `end` are final; an error once that cannot happen.
-    fn wait_for(&self, end: u64, path: &Path) -> image::Result<()> {
-        let mut p = self.lock();
-        loop {
-            if p.stopped {
-                return Err(stopped(path, "the stream was stopped"));
-            }
-            if p.ready >= end {
-                return Ok(());
-            }
-            if p.done {
-                return Err(stopped(path, "the file ends before its blocks"));
-            }
-            p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-}
 
 fn stopped(path: &Path, why: &str) -> image::Error {
     image::Error::io(path, std::io::Error::other(why.to_string()))
@@ -83,16 +44,8 @@ pub fn data_start(head: &[u8]) -> Option<(u64, Format)> {
 }
 
 /// The conversion of one stream (see the module text).
-pub struct StreamConvert {
-    gate: Arc<Gate>,
-    thread: Option<JoinHandle<image::Result<(TmpFile, Converted)>>>,
-}
-
-impl std::fmt::Debug for StreamConvert {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamConvert").finish_non_exhaustive()
-    }
-}
+#[derive(Debug)]
+pub struct StreamConvert(Follower<image::Result<(TmpFile, Converted)>>);
 
 impl StreamConvert {
     /// Starts converting `file` (named `path`; its data start and format as
@@ -109,54 +62,24 @@ impl StreamConvert {
         let out = store.tmp_file().ok()?;
         let file = file.try_clone().ok()?;
         let path = path.to_path_buf();
-        let gate = Arc::new(Gate::default());
-        gate.lock().ready = ready;
-        let theirs = gate.clone();
-        let thread = std::thread::Builder::new()
-            .name("import-convert".into())
-            .spawn(move || convert_stream(file, &path, (from, format), out, &theirs))
-            .ok()?;
-        Some(StreamConvert {
-            gate,
-            thread: Some(thread),
+        Follower::spawn("import-convert", ready, move |followed| {
+            convert_stream(file, &path, (from, format), out, followed)
         })
+        .map(StreamConvert)
     }
 
     /// Every byte below `ready` is final.
     pub fn advance(&self, ready: u64) {
-        let mut p = self.gate.lock();
-        if ready > p.ready {
-            p.ready = ready;
-            self.gate.changed.notify_all();
-        }
+        self.0.advance(ready);
     }
 
     /// The file is complete at `len` bytes: the converted layer, once the thread is
     /// done, or `None` if the conversion stopped (the caller converts the file itself).
-    pub fn finish(mut self, len: u64) -> Option<(TmpFile, Converted)> {
-        {
-            let mut p = self.gate.lock();
-            if len < p.ready {
-                return None;
-            }
-            p.ready = len;
-            p.done = true;
-            self.gate.changed.notify_all();
-        }
-        let result = self.thread.take()?.join().ok()?;
-        result
+    pub fn finish(self, len: u64) -> Option<(TmpFile, Converted)> {
+        self.0
+            .finish(len)?
             .inspect_err(|e| log::debug!("converted at close: {e}"))
             .ok()
-    }
-}
-
-impl Drop for StreamConvert {
-    fn drop(&mut self) {
-        self.gate.lock().stopped = true;
-        self.gate.changed.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -165,7 +88,7 @@ fn convert_stream(
     path: &Path,
     (from, format): (u64, Format),
     out: TmpFile,
-    gate: &Gate,
+    followed: &Followed,
 ) -> image::Result<(TmpFile, Converted)> {
     let layer: Arc<dyn Layer> = match format {
         Format::Vdi => Arc::new(vdi::open_arriving(file, path, ASSUMED_LEN)?),
@@ -188,7 +111,11 @@ fn convert_stream(
             }
             Ok(())
         })?;
-        gate.wait_for(end, path)
+        match followed.wait(end) {
+            Some((ready, _)) if ready >= end => Ok(()),
+            Some(_) => Err(stopped(path, "the file ends before its blocks")),
+            None => Err(stopped(path, "the stream was stopped")),
+        }
     };
     opts.gate = Some(&mut wait);
     let converted = convert::convert(&disk, out.file(), out.path(), opts)?;

@@ -9,126 +9,48 @@
 //! stream's end) and hashes it. A write going back, a file cut shorter, or a close that
 //! comes first stops it: the hash is then computed at publish as before.
 
+use super::follow::{Followed, Follower};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 
 /// Bytes read back per step.
 const STEP: usize = 1 << 20;
 
-#[derive(Default)]
-struct Progress {
-    /// Every byte below is final.
-    ready: u64,
-    /// No more bytes: `ready` is the file's length.
-    done: bool,
-    /// The stream left its order, or its owner went: stop.
-    stopped: bool,
-    /// The hash of the whole file, once `done` and reached.
-    hash: Option<String>,
-}
-
-struct Shared {
-    progress: Mutex<Progress>,
-    changed: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
-        self.progress.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 /// The hashing of one in-order stream (see the module text).
-pub struct StreamHash {
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for StreamHash {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamHash").finish_non_exhaustive()
-    }
-}
+#[derive(Debug)]
+pub struct StreamHash(Follower<Option<String>>);
 
 impl StreamHash {
     /// Starts hashing `file` (through a duplicate of its descriptor) from its start.
     /// `None` when no thread or descriptor can be had: the hash is then computed later.
     pub fn start(file: &File) -> Option<StreamHash> {
         let file = file.try_clone().ok()?;
-        let shared = Arc::new(Shared {
-            progress: Mutex::new(Progress::default()),
-            changed: Condvar::new(),
-        });
-        let theirs = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("import-hash".into())
-            .spawn(move || hash_stream(&file, &theirs))
-            .ok()?;
-        Some(StreamHash {
-            shared,
-            thread: Some(thread),
+        Follower::spawn("import-hash", 0, move |followed| {
+            hash_stream(&file, followed)
         })
+        .map(StreamHash)
     }
 
     /// Every byte below `ready` is final.
     pub fn advance(&self, ready: u64) {
-        let mut p = self.shared.lock();
-        if ready > p.ready {
-            p.ready = ready;
-            self.shared.changed.notify_all();
-        }
+        self.0.advance(ready);
     }
 
     /// The file is complete at `len` bytes: its hash, once the thread has read it all;
     /// `None` if the stream was stopped.
-    pub fn finish(mut self, len: u64) -> Option<String> {
-        {
-            let mut p = self.shared.lock();
-            if len < p.ready {
-                return None;
-            }
-            p.ready = len;
-            p.done = true;
-            self.shared.changed.notify_all();
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.shared.lock().hash.take()
+    pub fn finish(self, len: u64) -> Option<String> {
+        self.0.finish(len).flatten()
     }
 }
 
-impl Drop for StreamHash {
-    fn drop(&mut self) {
-        self.shared.lock().stopped = true;
-        self.shared.changed.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn hash_stream(file: &File, shared: &Shared) {
+fn hash_stream(file: &File, followed: &Followed) -> Option<String> {
     let mut h = Sha256::new();
     // Its own mapping, returned to the system when the stream ends.
-    let Ok(mut buf) = crate::sys::MappedBuf::new(STEP) else {
-        return;
-    };
+    let mut buf = crate::sys::MappedBuf::new(STEP).ok()?;
     let mut at = 0u64;
     loop {
-        let (ready, done) = {
-            let mut p = shared.lock();
-            while !p.stopped && !p.done && p.ready < at + STEP as u64 {
-                p = shared.changed.wait(p).unwrap_or_else(|e| e.into_inner());
-            }
-            if p.stopped {
-                return;
-            }
-            (p.ready, p.done)
-        };
+        let (ready, done) = followed.wait(at + STEP as u64)?;
         while at < ready && (done || ready - at >= STEP as u64) {
             let n = ((ready - at) as usize).min(STEP);
             let chunk = &mut buf[..n];
@@ -142,18 +64,17 @@ fn hash_stream(file: &File, shared: &Shared) {
                     }
                     Ok(k) => got += k,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => return,
+                    Err(_) => return None,
                 }
             }
             h.update(&chunk[..]);
             at += n as u64;
-            if shared.lock().stopped {
-                return;
+            if followed.stopped() {
+                return None;
             }
         }
         if done && at >= ready {
-            shared.lock().hash = Some(format!("{:x}", h.finalize()));
-            return;
+            return Some(format!("{:x}", h.finalize()));
         }
     }
 }

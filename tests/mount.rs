@@ -1069,6 +1069,19 @@ fn views_copied_out_while_pushed_ahead_are_exactly_the_views() {
     }
 }
 
+/// Bytes of `view` in the page cache (`fincore`) two seconds after the shell command
+/// `read` read it from descriptor 3, still open.
+fn cached_while_open(view: &Path, read: &str) -> u64 {
+    let script = format!(
+        r#"exec 3<"$1"
+           {read}
+           sleep 2
+           fincore --bytes --noheadings --output RES "$1""#
+    );
+    let out = ok("bash", &["-c", &script, "bash", s(view)]);
+    out.trim().parse().unwrap()
+}
+
 /// What is stored ahead of a reader is bounded: while a reader that read the first
 /// 8 MiB of a 192 MiB view sequentially keeps it open, the view holds at most the bytes
 /// read, the kernel's window, the push's reach (`PUSH_AHEAD`, 64 MiB) and one piece in
@@ -1085,19 +1098,7 @@ fn a_view_is_pushed_ahead_of_its_reader_only_so_far_and_dropped_behind_it() {
         size > 190 << 20,
         "the vdi view holds the 192 MiB of data: {size}"
     );
-    let resident = ok(
-        "bash",
-        &[
-            "-c",
-            r#"exec 3<"$1"
-               dd bs=1M count=8 status=none <&3 >/dev/null
-               sleep 2
-               fincore --bytes --noheadings --output RES "$1""#,
-            "bash",
-            s(&view),
-        ],
-    );
-    let resident: u64 = resident.trim().parse().unwrap();
+    let resident = cached_while_open(&view, "dd bs=1M count=8 status=none <&3 >/dev/null");
     let bound = (8 << 20) + (4 << 20) + (64 << 20) + (1 << 20);
     assert!(
         resident <= bound,
@@ -1106,19 +1107,7 @@ fn a_view_is_pushed_ahead_of_its_reader_only_so_far_and_dropped_behind_it() {
     // A reader that went through the whole view keeps only its last stretch cached: the
     // pages it has passed are dropped behind it (16 MiB behind the latest read the kernel
     // asked for), not left to fill memory with a view read once.
-    let resident = ok(
-        "bash",
-        &[
-            "-c",
-            r#"exec 3<"$1"
-               dd bs=1M status=none <&3 >/dev/null
-               sleep 2
-               fincore --bytes --noheadings --output RES "$1""#,
-            "bash",
-            s(&view),
-        ],
-    );
-    let resident: u64 = resident.trim().parse().unwrap();
+    let resident = cached_while_open(&view, "dd bs=1M status=none <&3 >/dev/null");
     let bound = (16 << 20) + (4 << 20) + (64 << 20) + (1 << 20);
     assert!(
         resident <= bound,

@@ -1085,10 +1085,9 @@ fn cached_while_open(view: &Path, read: &str) -> u64 {
 /// What is stored ahead of a reader is bounded: while a reader that read the first
 /// 8 MiB of a 192 MiB view sequentially keeps it open, the view holds at most the bytes
 /// read, the kernel's window, the push's reach (`PUSH_AHEAD`, 64 MiB) and one piece in
-/// the page cache (`fincore`), however long it waits; once it has read it all, the
-/// pages it passed are gone from the cache.
+/// the page cache (`fincore`), however long it waits; read to its end, all of it is.
 #[test]
-fn a_view_is_pushed_ahead_of_its_reader_only_so_far_and_dropped_behind_it() {
+fn a_view_is_pushed_ahead_of_its_reader_only_so_far() {
     let Some(m) = Mounted::start() else { return };
     let src = striped_raw(&m, "wide.raw", 384);
     ok("cp", &[s(&src), s(&m.at("user/"))]);
@@ -1104,14 +1103,12 @@ fn a_view_is_pushed_ahead_of_its_reader_only_so_far_and_dropped_behind_it() {
         resident <= bound,
         "{resident} bytes of the view cached after an 8 MiB read: more than {bound}"
     );
-    // A reader that went through the whole view keeps only its last stretch cached: the
-    // pages it has passed are dropped behind it (16 MiB behind the latest read the kernel
-    // asked for), not left to fill memory with a view read once.
+    // Read to its end, the view stays in the page cache, as any file read does: a second
+    // reader (qemu-img compare after a cp, a guest booted again) is served from there.
     let resident = cached_while_open(&view, "dd bs=1M status=none <&3 >/dev/null");
-    let bound = (16 << 20) + (4 << 20) + (64 << 20) + (1 << 20);
     assert!(
-        resident <= bound,
-        "{resident} bytes of the {size}-byte view cached after reading it all: more than {bound}"
+        resident >= size - (1 << 20),
+        "{resident} bytes of the {size}-byte view cached after reading it all"
     );
     // An O_DIRECT reader (qemu's cache=none) never reads the page cache: nothing is
     // stored there for it, however sequentially it reads.

@@ -13,14 +13,6 @@
 //! thread for the whole mount, and nothing once the file is closed. Holes the view
 //! reports (`SEEK_HOLE`) are skipped, as a sparse-aware reader skips them.
 //!
-//! Behind the reader, the pages it has passed are dropped from the cache
-//! ([`DROP_BEHIND`]): a view is copied out once, and its pages would otherwise stay until
-//! memory runs short, each copy taking as much fresh memory as the view holds on top of
-//! the memory the copy itself fills. Dropped, their memory is what the next pieces reuse
-//! (measured on a 2-CPU VM whose freed memory goes back to the host: `cp` of a 2.7 GB
-//! view 2.0–3.0 s before, 1.5–1.6 s after). Not done while another reader of the same
-//! view is being pushed for.
-//!
 //! Views never change (revision files are immutable and kept across opens), so a page
 //! stored ahead holds exactly what a read would have brought.
 
@@ -37,9 +29,6 @@ pub const PUSH_PIECE: usize = 1 << 20;
 /// Reads smaller than this are not a sequential stream worth pushing for (the kernel's
 /// read-ahead of a sequential reader asks for 1 MiB at a time on this mount).
 pub const MIN_READ: u64 = 128 << 10;
-/// Pages of a pushed view further than this behind the latest read the kernel asked for
-/// are dropped from the cache (the reader is past them).
-pub const DROP_BEHIND: u64 = 16 << 20;
 
 /// One open view being pushed.
 struct Job {
@@ -53,10 +42,6 @@ struct Job {
     want: u64,
     /// The pusher's own read-ahead of the view's stored bytes.
     ahead: ReadAhead,
-    /// Dropped from the kernel's cache up to here.
-    dropped: u64,
-    /// Drop up to here.
-    drop_to: u64,
 }
 
 #[derive(Default)]
@@ -117,8 +102,6 @@ impl Pusher {
             pushed: 0,
             want: 0,
             ahead: ReadAhead::default(),
-            dropped: 0,
-            drop_to: 0,
         });
         // Requests of one stream arrive nearly in order; anything else is not pushed for.
         let sequential = offset.abs_diff(job.last_end) <= PUSH_AHEAD;
@@ -132,11 +115,7 @@ impl Pusher {
         if want > job.want {
             job.want = want;
         }
-        let behind = offset.saturating_sub(DROP_BEHIND) & !(PUSH_PIECE as u64 - 1);
-        if behind > job.drop_to {
-            job.drop_to = behind;
-        }
-        if job.pushed < job.want || job.dropped < job.drop_to {
+        if job.pushed < job.want {
             wake.notify_one();
         }
     }
@@ -151,34 +130,19 @@ impl Pusher {
     }
 }
 
-/// What the pushing thread does next.
-enum Task {
-    /// Drop view bytes `[from, to)` of inode `ino` from the kernel's cache.
-    Drop { ino: u64, from: u64, to: u64 },
-    /// Push the open file `fh` (inode `ino`) on from `at`, up to `want`.
-    Push {
-        fh: u64,
-        ino: u64,
-        file: Arc<OpenFile>,
-        at: u64,
-        want: u64,
-    },
+/// The next piece to push: the open file `fh` (inode `ino`) from `at`, up to `want`.
+struct Task {
+    fh: u64,
+    ino: u64,
+    file: Arc<OpenFile>,
+    at: u64,
+    want: u64,
 }
 
-/// Waits for the next task: pages behind a reader first (their memory is what the next
-/// pieces reuse), then the job after the one served last.
+/// Waits for the next piece to push: of the job after the one served last.
 fn next_task(lock: &Mutex<Jobs>, wake: &Condvar) -> Task {
     let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
     loop {
-        let behind = jobs.by_fh.values_mut().find(|j| j.dropped < j.drop_to);
-        if let Some(j) = behind {
-            let (ino, from, to) = (j.ino, j.dropped, j.drop_to);
-            j.dropped = to;
-            if jobs.by_fh.values().filter(|j| j.ino == ino).count() == 1 {
-                return Task::Drop { ino, from, to };
-            }
-            continue;
-        }
         let turn = jobs.turn;
         let next = jobs
             .by_fh
@@ -194,7 +158,7 @@ fn next_task(lock: &Mutex<Jobs>, wake: &Condvar) -> Task {
                 j.ahead
                     .on_read(view, at, (want - at).min(PUSH_PIECE as u64));
             }
-            let task = Task::Push {
+            let task = Task {
                 fh,
                 ino: j.ino,
                 file: j.file.clone(),
@@ -244,20 +208,13 @@ fn push_loop(shared: &(Mutex<Jobs>, Condvar), notifier: &Notifier) {
     let (lock, wake) = shared;
     let mut buf = vec![0u8; PUSH_PIECE];
     loop {
-        let (fh, ino, file, at, want) = match next_task(lock, wake) {
-            Task::Drop { ino, from, to } => {
-                // ENOENT: the kernel no longer knows the inode, nothing is cached.
-                let _ = notifier.inval_inode(INodeNo(ino), from as i64, (to - from) as i64);
-                continue;
-            }
-            Task::Push {
-                fh,
-                ino,
-                file,
-                at,
-                want,
-            } => (fh, ino, file, at, want),
-        };
+        let Task {
+            fh,
+            ino,
+            file,
+            at,
+            want,
+        } = next_task(lock, wake);
         let pushed = push_piece(notifier, &mut buf, ino, &file, at, want);
         let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(j) = jobs.by_fh.get_mut(&fh) {

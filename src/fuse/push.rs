@@ -194,8 +194,10 @@ fn push_piece(
     if data > at {
         return Ok(data.min(want));
     }
-    let hole = view.next_hole(at).map_err(io)?.unwrap_or(want);
-    let n = (want - at).min(buf.len() as u64).min(hole - at).max(1) as usize;
+    // Only as far as this piece goes: a view with no hole left would be walked to its end
+    // for every piece.
+    let end = want.min(at + buf.len() as u64);
+    let n = (view.hole_before(at, end).map_err(io)? - at).max(1) as usize;
     let got = view.read_at(&mut buf[..n], at).map_err(io)?;
     if got == 0 {
         return Err(std::io::Error::other("nothing to push"));

@@ -192,19 +192,25 @@ impl View {
     /// [`MIN_SEEK_HOLE`]), the size when the rest is data, `None` (ENXIO) when `offset`
     /// is past the end.
     pub fn next_hole(&self, offset: u64) -> Result<Option<u64>> {
-        let size = self.size();
-        if offset >= size {
+        if offset >= self.size() {
             return Ok(None);
         }
+        self.hole_before(offset, self.size()).map(Some)
+    }
+
+    /// The first offset in `[offset, limit)` in a reported hole, or `limit` (at most the
+    /// size) when there is none: a walk that stops at `limit`.
+    pub fn hole_before(&self, offset: u64, limit: u64) -> Result<u64> {
+        let limit = limit.min(self.size());
         let mut pos = offset;
-        while pos < size {
+        while pos < limit {
             let seg = self.layout.segment(pos)?;
             if seg.piece == Piece::Hole && self.seek_hole_at(pos)? {
-                return Ok(Some(pos));
+                return Ok(pos);
             }
             pos += seg.len;
         }
-        Ok(Some(size))
+        Ok(limit)
     }
 
     /// The data runs of the view as `(offset, length)`, merged.
@@ -417,6 +423,9 @@ mod tests {
         );
         assert_eq!(view.next_data(k(64)).unwrap(), Some(k(64)));
         assert_eq!(view.next_hole(k(64)).unwrap(), Some(gap));
+        // A walk bounded short of the hole stops at its bound.
+        assert_eq!(view.hole_before(k(64), gap - k(4)).unwrap(), gap - k(4));
+        assert_eq!(view.hole_before(k(64), size + k(4)).unwrap(), gap);
         // Inside a long hole: its rest, when still long enough, is a hole.
         assert_eq!(view.next_hole(gap).unwrap(), Some(gap));
         assert_eq!(view.next_data(gap).unwrap(), Some(third));

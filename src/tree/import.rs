@@ -21,7 +21,7 @@ use super::nodes::display;
 use super::open::{Changes, OpenFile, seek_file};
 use super::pending::{Import, Pending, State, publish_changes};
 use super::publish::{self, Target, split_suffix};
-use super::stream_convert::{self, StreamConvert};
+use super::stream_convert::{self, StreamConvert, Streaming};
 use super::stream_hash::StreamHash;
 use super::{Attr, Caller, Error, Node, Tree};
 use crate::image::convert::WRITE_PIECE;
@@ -130,7 +130,6 @@ impl ImportHandle {
                 writeback,
                 hash,
                 stream,
-                stream_from,
             } => {
                 // In pieces, for smaller page-cache folios (see convert::WRITE_PIECE).
                 let written = data
@@ -168,34 +167,33 @@ impl ImportHandle {
                         }
                         // A VDI, VHD or sparse VMDK is converted as it arrives, once its
                         // tables are in.
-                        if offset == 0 && stream.is_none() {
-                            *stream_from = stream_convert::data_start(data);
+                        if offset == 0 && !matches!(stream, Some(Streaming::Running(_))) {
+                            *stream = stream_convert::data_start(data).map(Streaming::Before);
                         }
-                        if let Some(start) = *stream_from
+                        if let Some(Streaming::Before(start)) = *stream
                             && end >= start.0
                         {
-                            *stream_from = None;
                             // Its layer is made by the writer, as a conversion at close.
                             let writer = self.import.writer.act().ok();
-                            *stream = writer.and_then(|_as| {
-                                StreamConvert::start(
-                                    &self.import.store,
-                                    tmp.file(),
-                                    tmp.path(),
-                                    start,
-                                    end,
-                                )
-                                .map(|s| (s, start.1))
-                            });
+                            *stream = writer
+                                .and_then(|_as| {
+                                    StreamConvert::start(
+                                        &self.import.store,
+                                        tmp.file(),
+                                        tmp.path(),
+                                        start,
+                                        end,
+                                    )
+                                })
+                                .map(Streaming::Running);
                         }
-                        if let Some((s, _)) = stream {
+                        if let Some(Streaming::Running(s)) = stream {
                             s.advance(end);
                         }
                     }
                     None => {
                         *hash = None;
                         *stream = None;
-                        *stream_from = None;
                     }
                 }
                 Ok(data.len())
@@ -390,7 +388,6 @@ impl Tree {
                 writeback: Writeback::after(SCRATCH_IN_MEMORY),
                 hash: None,
                 stream: None,
-                stream_from: None,
             }),
             writing: AtomicBool::new(true),
             opens: AtomicUsize::new(0),

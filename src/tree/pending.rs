@@ -31,7 +31,7 @@ use super::nodes::{display, revision_dir_name};
 use super::open::Changes;
 use super::publish::{self, Target, choose_format};
 use super::save;
-use super::stream_convert::StreamConvert;
+use super::stream_convert::Streaming;
 use super::stream_hash::StreamHash;
 use super::{Attr, Caller, Error, Format, IMPORT_BLKSIZE, Node, NodeType};
 use crate::image::qcow2::keep;
@@ -55,11 +55,8 @@ pub(super) enum State {
         /// The sha256 of an in-order stream that may be stored as it is, computed as
         /// it arrives.
         hash: Option<StreamHash>,
-        /// The conversion of an in-order VDI, VHD or sparse VMDK stream, running as it
-        /// arrives;
-        /// before it starts, where the data starts and the format (`stream_from`).
-        stream: Option<(StreamConvert, Format)>,
-        stream_from: Option<(u64, Format)>,
+        /// The conversion of an in-order VDI, VHD or sparse VMDK stream as it arrives.
+        stream: Option<Streaming>,
     },
     /// Published; the attributes it had, for handles still open.
     Published(Attr),
@@ -482,7 +479,6 @@ impl Import {
                 arrival,
                 hash,
                 stream,
-                stream_from,
                 ..
             } => {
                 tmp.file().set_len(len).map_err(|source| {
@@ -496,7 +492,6 @@ impl Import {
                 if arrival.in_order_end().is_none() || len == 0 {
                     *hash = None;
                     *stream = None;
-                    *stream_from = None;
                 }
                 Ok(())
             }
@@ -568,8 +563,8 @@ impl Import {
                 }
             }
             // A file converted while it arrived: its layer, if the complete file opens.
-            if let Some((conversion, streamed_as)) = stream.take()
-                && streamed_as == format
+            if let Some(Streaming::Running(conversion)) = stream.take()
+                && conversion.format() == format
                 && let Some(streamed) = conversion.finish(attr.size)
                 && publish::open_standalone(tmp.file(), tmp.path(), format).is_ok()
             {

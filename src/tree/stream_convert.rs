@@ -43,9 +43,22 @@ pub fn data_start(head: &[u8]) -> Option<(u64, Format)> {
         .or_else(|| vmdk::data_start(head).map(|at| (at, Format::Vmdk)))
 }
 
+/// Where an import stands with its conversion while it arrives.
+#[derive(Debug)]
+pub enum Streaming {
+    /// Not started: where the data starts and the format ([`data_start`]).
+    Before((u64, Format)),
+    /// Running.
+    Running(StreamConvert),
+}
+
 /// The conversion of one stream (see the module text).
 #[derive(Debug)]
-pub struct StreamConvert(Follower<image::Result<(TmpFile, Converted)>>);
+pub struct StreamConvert {
+    follower: Follower<image::Result<(TmpFile, Converted)>>,
+    /// The format the stream is read as.
+    format: Format,
+}
 
 impl StreamConvert {
     /// Starts converting `file` (named `path`; its data start and format as
@@ -62,21 +75,26 @@ impl StreamConvert {
         let out = store.tmp_file().ok()?;
         let file = file.try_clone().ok()?;
         let path = path.to_path_buf();
-        Follower::spawn("import-convert", ready, move |followed| {
+        let follower = Follower::spawn("import-convert", ready, move |followed| {
             convert_stream(file, &path, (from, format), out, followed)
-        })
-        .map(StreamConvert)
+        })?;
+        Some(StreamConvert { follower, format })
+    }
+
+    /// The format the stream is read as.
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     /// Every byte below `ready` is final.
     pub fn advance(&self, ready: u64) {
-        self.0.advance(ready);
+        self.follower.advance(ready);
     }
 
     /// The file is complete at `len` bytes: the converted layer, once the thread is
     /// done, or `None` if the conversion stopped (the caller converts the file itself).
     pub fn finish(self, len: u64) -> Option<(TmpFile, Converted)> {
-        self.0
+        self.follower
             .finish(len)?
             .inspect_err(|e| log::debug!("converted at close: {e}"))
             .ok()

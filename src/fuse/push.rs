@@ -172,17 +172,18 @@ fn next_task(lock: &Mutex<Jobs>, wake: &Condvar) -> Task {
     }
 }
 
-/// Stores the view of `file` into the cache of inode `ino` from `at`: one piece of at
-/// most [`PUSH_PIECE`] bytes that stops at `want` and at the next reported hole, or
-/// nothing when `at` is in a reported hole. Returns where the next piece starts.
-fn push_piece(
-    notifier: &Notifier,
-    buf: &mut [u8],
-    ino: u64,
-    file: &OpenFile,
-    at: u64,
-    want: u64,
-) -> std::io::Result<u64> {
+/// Stores the view of `task.file` into the cache of its inode from `task.at`: one piece
+/// of at most [`PUSH_PIECE`] bytes (the size of `buf`) that stops at `task.want` and at
+/// the next reported hole, or nothing when `at` is in a reported hole. Returns where the
+/// next piece starts.
+fn push_piece(notifier: &Notifier, buf: &mut [u8], task: &Task) -> std::io::Result<u64> {
+    let &Task {
+        ino,
+        at,
+        want,
+        ref file,
+        ..
+    } = task;
     let view = file
         .view()
         .ok_or_else(|| std::io::Error::other("not a view"))?;
@@ -210,14 +211,9 @@ fn push_loop(shared: &(Mutex<Jobs>, Condvar), notifier: &Notifier) {
     let (lock, wake) = shared;
     let mut buf = vec![0u8; PUSH_PIECE];
     loop {
-        let Task {
-            fh,
-            ino,
-            file,
-            at,
-            want,
-        } = next_task(lock, wake);
-        let pushed = push_piece(notifier, &mut buf, ino, &file, at, want);
+        let task = next_task(lock, wake);
+        let pushed = push_piece(notifier, &mut buf, &task);
+        let Task { fh, ino, at, .. } = task;
         let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(j) = jobs.by_fh.get_mut(&fh) {
             match pushed {

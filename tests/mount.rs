@@ -1053,8 +1053,8 @@ fn striped_raw(m: &Mounted, name: &str, mib: u64) -> PathBuf {
 }
 
 /// `cp` of each generated view out reads it sequentially, so the daemon stores the view
-/// into the page cache ahead of it: the copy is the view qemu expects, and reading the
-/// view again (from those cached pages) gives the same bytes.
+/// into the page cache ahead of it (and drops an export view's pages behind it): the copy
+/// is the view qemu expects, and reading the view again gives the same bytes.
 #[test]
 fn views_copied_out_while_pushed_ahead_are_exactly_the_views() {
     let Some(m) = Mounted::start() else { return };
@@ -1086,7 +1086,10 @@ fn cached_while_open(view: &Path, read: &str) -> u64 {
 /// 8 MiB of a 192 MiB view sequentially keeps it open, the view holds at most the bytes
 /// read, the kernel's read-ahead (its window, and the next one it may already have asked
 /// for), the push's reach past that (`PUSH_AHEAD`, 64 MiB) and one piece in the page
-/// cache (`fincore`), however long it waits; read to its end, all of it is.
+/// cache (`fincore`), however long it waits. Read to its end, `disk.raw` stays cached as
+/// any file read does, while an export view keeps only what the reader has not yet left
+/// behind (`DROP_BEHIND`, 16 MiB, and the push's reach): it is copied out once, and its
+/// pages would take as much fresh memory again as the copy.
 #[test]
 fn a_view_is_pushed_ahead_of_its_reader_only_so_far() {
     let Some(m) = Mounted::start() else { return };
@@ -1099,17 +1102,29 @@ fn a_view_is_pushed_ahead_of_its_reader_only_so_far() {
         "the vdi view holds the 192 MiB of data: {size}"
     );
     let resident = cached_while_open(&view, "dd bs=1M count=8 status=none <&3 >/dev/null");
-    let bound = (8 << 20) + 2 * (4 << 20) + (64 << 20) + (1 << 20);
+    let window = 2 * (4 << 20) + (1 << 20);
+    let bound = (8 << 20) + (64 << 20) + window;
     assert!(
         resident <= bound,
         "{resident} bytes of the view cached after an 8 MiB read: more than {bound}"
     );
-    // Read to its end, the view stays in the page cache, as any file read does: a second
-    // reader (qemu-img compare after a cp, a guest booted again) is served from there.
     let resident = cached_while_open(&view, "dd bs=1M status=none <&3 >/dev/null");
+    let bound = (16 << 20) + (64 << 20) + window;
+    assert!(
+        resident <= bound,
+        "{resident} bytes of the {size}-byte export view cached after reading it all: \
+         more than {bound}"
+    );
+    // What was dropped is generated again for the next reader, the same bytes.
+    assert_view_is(&view, "vdi", &src);
+    // disk.raw, read to its end, stays in the page cache as any file read does: a second
+    // reader (a guest booted again, qemu-img compare after a cp) is served from there.
+    let raw = m.at("user/wide/@0/disk.raw");
+    let size = fs::metadata(&raw).unwrap().len();
+    let resident = cached_while_open(&raw, "dd bs=1M status=none <&3 >/dev/null");
     assert!(
         resident >= size - (1 << 20),
-        "{resident} bytes of the {size}-byte view cached after reading it all"
+        "{resident} bytes of the {size}-byte disk.raw cached after reading it all"
     );
     // An O_DIRECT reader (qemu's cache=none) never reads the page cache: nothing is
     // stored there for it, however sequentially it reads.

@@ -13,9 +13,21 @@
 //! thread for the whole mount, and nothing once the file is closed. Holes the view
 //! reports (`SEEK_HOLE`) are skipped, as a sparse-aware reader skips them.
 //!
+//! Behind a sequential reader of a view in an export format (every view but `disk.raw`),
+//! the pages it has passed are dropped from the cache ([`DROP_BEHIND`]). Such a view is
+//! copied out once (`cp disk.vpc OUT`, `pcocc image export`): kept, its pages would stay
+//! until memory runs short, each copy filling as much fresh memory for the view as for
+//! the copy itself, where `qemu-img convert` fills only the copy. Dropped, their memory is
+//! what the next pieces reuse (measured on a 2-CPU VM whose freed memory goes back to
+//! its host: `cp` of a 3-layer revision's `disk.qcow2`, 2.3 GB, took 3.03× `qemu-img
+//! convert` with the pages kept, 0.63× with them dropped). `disk.raw`, the view a VM
+//! reads again and again, keeps its pages like any file read. Nothing is dropped while
+//! another reader of the same view is being pushed for.
+//!
 //! Views never change (revision files are immutable and kept across opens), so a page
 //! stored ahead holds exactly what a read would have brought.
 
+use crate::image::Format;
 use crate::tree::OpenFile;
 use crate::view::ReadAhead;
 use fuser::{INodeNo, Notifier};
@@ -29,6 +41,9 @@ pub const PUSH_PIECE: usize = 1 << 20;
 /// Reads smaller than this are not a sequential stream worth pushing for (the kernel's
 /// read-ahead of a sequential reader asks for 1 MiB at a time on this mount).
 pub const MIN_READ: u64 = 128 << 10;
+/// Pages of an export view further than this behind the latest read the kernel asked
+/// for are dropped from the cache (the reader is past them).
+pub const DROP_BEHIND: u64 = 16 << 20;
 
 /// One open view being pushed.
 struct Job {
@@ -42,6 +57,12 @@ struct Job {
     want: u64,
     /// The pusher's own read-ahead of the view's stored bytes.
     ahead: ReadAhead,
+    /// Whether the pages the reader has passed are dropped (an export view).
+    drops: bool,
+    /// Dropped from the kernel's cache up to here.
+    dropped: u64,
+    /// Drop up to here.
+    drop_to: u64,
 }
 
 #[derive(Default)]
@@ -86,9 +107,13 @@ impl Pusher {
         let Some(&window) = self.window.get() else {
             return;
         };
-        if len < MIN_READ || file.view().is_none() {
+        let Some(view) = file.view() else {
+            return;
+        };
+        if len < MIN_READ {
             return;
         }
+        let drops = view.format() != Format::Raw;
         let Ok(size) = file.size() else {
             return;
         };
@@ -102,6 +127,9 @@ impl Pusher {
             pushed: 0,
             want: 0,
             ahead: ReadAhead::default(),
+            drops,
+            dropped: 0,
+            drop_to: 0,
         });
         // Requests of one stream arrive nearly in order; anything else is not pushed for.
         let sequential = offset.abs_diff(job.last_end) <= PUSH_AHEAD;
@@ -115,7 +143,11 @@ impl Pusher {
         if want > job.want {
             job.want = want;
         }
-        if job.pushed < job.want {
+        if job.drops {
+            let behind = offset.saturating_sub(DROP_BEHIND) & !(PUSH_PIECE as u64 - 1);
+            job.drop_to = job.drop_to.max(behind);
+        }
+        if job.pushed < job.want || job.dropped < job.drop_to {
             wake.notify_one();
         }
     }
@@ -130,6 +162,14 @@ impl Pusher {
     }
 }
 
+/// What the pushing thread does next.
+enum Work {
+    /// Pushes a piece.
+    Push(Task),
+    /// Drops the cached pages of inode `ino` from `from` to `to`.
+    Drop { ino: u64, from: u64, to: u64 },
+}
+
 /// The next piece to push: the open file `fh` (inode `ino`) from `at`, up to `want`.
 struct Task {
     fh: u64,
@@ -139,10 +179,20 @@ struct Task {
     want: u64,
 }
 
-/// Waits for the next piece to push: of the job after the one served last.
-fn next_task(lock: &Mutex<Jobs>, wake: &Condvar) -> Task {
+/// Waits for the next work: pages a reader has passed first (their memory is what the
+/// next pieces reuse), else the next piece of the job after the one served last.
+fn next_work(lock: &Mutex<Jobs>, wake: &Condvar) -> Work {
     let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
     loop {
+        if let Some(j) = jobs.by_fh.values_mut().find(|j| j.dropped < j.drop_to) {
+            let (ino, from, to) = (j.ino, j.dropped, j.drop_to);
+            j.dropped = to;
+            // Another reader of the same view may still be behind.
+            if jobs.by_fh.values().filter(|j| j.ino == ino).count() == 1 {
+                return Work::Drop { ino, from, to };
+            }
+            continue;
+        }
         let turn = jobs.turn;
         let next = jobs
             .by_fh
@@ -166,7 +216,7 @@ fn next_task(lock: &Mutex<Jobs>, wake: &Condvar) -> Task {
                 want,
             };
             jobs.turn = fh;
-            return task;
+            return Work::Push(task);
         }
         jobs = wake.wait(jobs).unwrap_or_else(|e| e.into_inner());
     }
@@ -211,7 +261,14 @@ fn push_loop(shared: &(Mutex<Jobs>, Condvar), notifier: &Notifier) {
     let (lock, wake) = shared;
     let mut buf = vec![0u8; PUSH_PIECE];
     loop {
-        let task = next_task(lock, wake);
+        let task = match next_work(lock, wake) {
+            Work::Push(task) => task,
+            Work::Drop { ino, from, to } => {
+                // An inode the kernel no longer knows has no pages to drop.
+                let _ = notifier.inval_inode(INodeNo(ino), from as i64, (to - from) as i64);
+                continue;
+            }
+        };
         let pushed = push_piece(notifier, &mut buf, &task);
         let Task { fh, ino, at, .. } = task;
         let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());

@@ -1451,6 +1451,7 @@ fn every_format_imports_whatever_the_order_of_its_writes() {
         ("vdi", "full"),
         ("vpc", ""),
         ("vpc", "full"),
+        ("vpc", "subformat=fixed"),
         ("qed", ""),
     ];
     let mut failures = Vec::new();
@@ -1484,6 +1485,43 @@ fn every_format_imports_whatever_the_order_of_its_writes() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// A fixed VHD is its raw disk followed by a footer: `cp`ed into the mount, it is the
+/// very layer its raw disk makes (the footer, inside the disk's last cluster here, is not
+/// taken for the guest's data).
+#[test]
+fn a_fixed_vhd_imports_as_the_layer_of_its_raw_disk() {
+    let Some(fs) = Fs::start(&["r"]) else {
+        return;
+    };
+    let raw = fs.work().join("odd.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "1000K"]);
+    ok("qemu-io", &["-f", "raw", "-c", "write -P 7 0 64k", s(&raw)]);
+    let vhd = fs.work().join("odd.vpc");
+    let opts = "subformat=fixed,force_size=on";
+    ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "vpc",
+            "-o",
+            opts,
+            s(&raw),
+            s(&vhd),
+        ],
+    );
+    for (src, name) in [(&raw, "from-raw"), (&vhd, "from-vhd")] {
+        write_in(&fs, "cp", src, "r", name).unwrap();
+    }
+    fs.check_image("r", "from-vhd", &raw, "raw", 1000 << 10)
+        .unwrap();
+    let layers = layer_names(&fs, "r");
+    assert_eq!(layers.len(), 1, "one layer for the same disk: {layers:?}");
 }
 
 /// A clean standalone qcow2 is stored as it is, whatever the order it was written in:

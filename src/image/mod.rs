@@ -224,6 +224,11 @@ pub trait Layer: Send + Sync + fmt::Debug {
     fn file_id(&self) -> Option<(u64, u64)> {
         None
     }
+    /// Whether guest byte `x` is byte `x` of the file for the whole disk (a raw file, a
+    /// fixed VHD): then what is known of the file's first bytes is known of the guest.
+    fn guest_at_file_offsets(&self) -> bool {
+        false
+    }
 }
 
 /// Upper bound of a backing chain (qcow2 layers over their base). pcocc adds one layer

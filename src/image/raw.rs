@@ -45,6 +45,10 @@ impl Layer for RawLayer {
         Some(self.src.id)
     }
 
+    fn guest_at_file_offsets(&self) -> bool {
+        true
+    }
+
     fn path(&self) -> &Path {
         &self.src.path
     }

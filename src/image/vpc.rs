@@ -334,6 +334,11 @@ impl Layer for VpcLayer {
         Format::Vpc
     }
 
+    /// A fixed disk is the guest disk followed by its footer.
+    fn guest_at_file_offsets(&self) -> bool {
+        matches!(self.kind, Kind::Fixed)
+    }
+
     fn path(&self) -> &Path {
         &self.src.path
     }

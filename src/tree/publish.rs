@@ -23,6 +23,7 @@ use std::path::Path;
 use super::ops::now_timestamp;
 use super::{Error, Format};
 use crate::image::chain::{CallerFiles, NoBacking, open_chain_file};
+use crate::image::qcow2_layout::CLUSTER_SIZE;
 use crate::image::{self, Disk, Layer, convert, detect};
 use crate::store::{self, Meta, Store};
 
@@ -192,8 +193,8 @@ pub struct Source<'a> {
 /// What is known of a scratch copy, and what may be done to it.
 #[derive(Clone, Debug, Default)]
 pub struct Scratch {
-    /// Its non-zero 64 KiB clusters, seen while its bytes arrived (used for raw only,
-    /// where clusters of the file are clusters of the disk).
+    /// Its non-zero 64 KiB clusters, seen while its bytes arrived (used where clusters
+    /// of the file are clusters of the disk: raw, fixed VHD).
     pub nonzero: Option<Vec<(u64, u64)>>,
     /// Its bytes may be dropped as soon as they are converted: nothing needs the file
     /// after this publish, successful or not.
@@ -220,12 +221,18 @@ pub fn publish(
     let disk = open_source(source.file, source.path, source.format, source.reader)
         .map_err(source_error)?;
     let out = store.tmp_file()?;
-    let raw_scratch = source.scratch.filter(|_| source.format == Format::Raw);
+    // A disk whose bytes are the file's own (raw, fixed VHD): the file's clusters seen
+    // arriving are the disk's, read front to back, and what was converted can go.
+    let flat = disk.layers().len() == 1 && disk.top().guest_at_file_offsets();
+    let flat_scratch = source.scratch.filter(|_| flat);
     let mut opts = convert::Options::new(progress);
-    // Raw clusters are read front to back: what was converted can go.
-    let mut dropper = match raw_scratch {
+    let mut dropper = match flat_scratch {
         Some(s) => {
-            opts.nonzero = s.nonzero;
+            opts.nonzero = s
+                .nonzero
+                .map(|runs| guest_clusters(&disk, runs))
+                .transpose()
+                .map_err(|e| source_error(e.into()))?;
             s.consume
                 .then(|| Dropper::new(source.file, source.path))
                 .transpose()?
@@ -246,6 +253,34 @@ pub fn publish(
         started.elapsed()
     );
     store_converted(store, siblings, owner, out, &converted.sha256, target)
+}
+
+/// The runs of non-zero clusters of a file whose first bytes are `disk` (see
+/// [`Scratch::nonzero`]), as runs of the disk's clusters: none past its end, and a last
+/// cluster that the file goes on past (a fixed VHD's footer follows the guest's bytes
+/// inside it) kept only if its guest bytes hold a non-zero one.
+fn guest_clusters(disk: &Disk, mut runs: Vec<(u64, u64)>) -> image::Result<Vec<(u64, u64)>> {
+    let size = disk.virtual_size();
+    let clusters = size.div_ceil(CLUSTER_SIZE);
+    runs.retain_mut(|(first, count)| {
+        *count = (*first + *count).min(clusters).saturating_sub(*first);
+        *count > 0
+    });
+    let tail = clusters.saturating_sub(1) * CLUSTER_SIZE;
+    if let Some((first, count)) = runs.last_mut()
+        && !size.is_multiple_of(CLUSTER_SIZE)
+        && *first + *count == clusters
+    {
+        let mut buf = vec![0u8; (size - tail) as usize];
+        disk.read_at(&mut buf, tail)?;
+        if convert::is_zero(&buf) {
+            *count -= 1;
+            if *count == 0 {
+                runs.pop();
+            }
+        }
+    }
+    Ok(runs)
 }
 
 /// Stores `out`, a standalone qcow2 layer of hash `sha256` (converted from an import),
@@ -410,5 +445,45 @@ pub(super) fn write_meta(
             },
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{have_qemu, qemu_create, qemu_io};
+
+    /// A fixed VHD of 1000 KiB: its last 64 KiB cluster holds 40 KiB of the guest, then
+    /// the footer, which a stream of its bytes sees as non-zero.
+    #[test]
+    fn the_clusters_of_a_fixed_vhd_are_the_guests_without_its_footer() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = qemu_create(
+            dir.path(),
+            "vpc",
+            "f.vpc",
+            "1000K",
+            "subformat=fixed,force_size=on",
+        );
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1000 * 1024 + 512);
+        let open = || open_standalone(&File::open(&p).unwrap(), &p, Format::Vpc).unwrap();
+        let disk = open();
+        assert!(disk.top().guest_at_file_offsets());
+        // Data in cluster 0; the footer in cluster 15; a run past the end.
+        let seen = vec![(0, 1), (15, 1), (16, 2)];
+        assert_eq!(guest_clusters(&disk, seen.clone()).unwrap(), vec![(0, 1)]);
+        // Guest data in the last cluster keeps it.
+        qemu_io("vpc", &p, &["write -P 9 960k 4k"]);
+        assert_eq!(
+            guest_clusters(&open(), seen).unwrap(),
+            vec![(0, 1), (15, 1)]
+        );
+        // A dynamic VHD's bytes are not the guest's.
+        let d = qemu_create(dir.path(), "vpc", "d.vpc", "1M", "");
+        let dynamic = open_standalone(&File::open(&d).unwrap(), &d, Format::Vpc).unwrap();
+        assert!(!dynamic.top().guest_at_file_offsets());
     }
 }

@@ -1446,6 +1446,7 @@ fn every_format_imports_whatever_the_order_of_its_writes() {
         ("vmdk", "subformat=monolithicSparse"),
         ("vmdk", "subformat=streamOptimized"),
         ("vmdk", "full"),
+        ("vmdk", "full,subformat=streamOptimized"),
         ("vdi", ""),
         // Every block full: converted while it arrives (in order) rather than at close.
         ("vdi", "full"),
@@ -1457,7 +1458,11 @@ fn every_format_imports_whatever_the_order_of_its_writes() {
     let mut failures = Vec::new();
     for (i, (fmt, opts)) in formats.iter().enumerate() {
         let raw = fs.source_raw(&format!("s{i}.img"));
-        if *opts == "full" {
+        let (full, create) = match opts.strip_prefix("full") {
+            Some(rest) => (true, rest.trim_start_matches(',')),
+            None => (false, *opts),
+        };
+        if full {
             ok(
                 "qemu-io",
                 &["-f", "raw", "-c", "write -P 0x5a 0 16M", s(&raw)],
@@ -1466,10 +1471,10 @@ fn every_format_imports_whatever_the_order_of_its_writes() {
         let src = fs.work().join(format!("s{i}.{fmt}"));
         let mut args = vec!["convert", "-q", "-f", "raw", "-O", fmt];
         // The zlib case is compressed: a qcow2 that is converted, not kept.
-        if !opts.is_empty() && *opts != "full" {
-            args.extend(["-o", opts]);
+        if !create.is_empty() {
+            args.extend(["-o", create]);
         }
-        if opts.starts_with("compression") {
+        if create.starts_with("compression") {
             args.push("-c");
         }
         args.extend([s(&raw), s(&src)]);

@@ -50,7 +50,7 @@ const GD_AT_END: u64 = u64::MAX;
 const MARKER_EOS: u32 = 0;
 const MARKER_FOOTER: u32 = 3;
 /// A grain marker: lba (u64) and compressed size (u32), then the zlib stream.
-const GRAIN_MARKER_LEN: u64 = 12;
+pub const GRAIN_MARKER_LEN: u64 = 12;
 /// GT entry values with a meaning of their own.
 const GTE_UNALLOCATED: u32 = 0;
 const GTE_ZERO: u32 = 1;
@@ -190,16 +190,23 @@ fn check_descriptor(text: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Where the grains of a hosted sparse VMDK file (monolithicSparse, not compressed)
-/// start, read from its first bytes (`head`, at least its header): its header's
-/// `overHead`, the sectors of header, descriptor and tables before the first grain.
-/// `None` when `head` starts no such file.
+/// Where the grains of a hosted sparse VMDK file whose grain directory is in its header
+/// start (monolithicSparse, and streamOptimized as qemu-img writes it: its tables before
+/// its compressed grains), read from its first bytes (`head`, at least its header): its
+/// header's `overHead`, the sectors of header, descriptor and tables before the first
+/// grain. `None` when `head` starts no such file (a streamOptimized file whose grain
+/// directory is known only from its footer, at the end).
 pub fn data_start(head: &[u8]) -> Option<u64> {
     if head.len() < HEADER_LEN || &head[..4] != SPARSE_MAGIC {
         return None;
     }
     let hdr = Header::parse(head);
-    if hdr.gd_offset == GD_AT_END || hdr.compress_algorithm != COMPRESSION_NONE {
+    let readable = match hdr.compress_algorithm {
+        COMPRESSION_NONE => true,
+        COMPRESSION_DEFLATE => hdr.flags & FLAG_MARKERS != 0,
+        _ => false,
+    };
+    if hdr.gd_offset == GD_AT_END || !readable {
         return None;
     }
     le_u64(head, 64).checked_mul(SECTOR)
@@ -446,6 +453,69 @@ impl VmdkLayer {
 
     fn grain_bytes(&self) -> u64 {
         1 << self.grain_bits
+    }
+
+    /// Whether its grains are compressed, each behind a marker.
+    pub fn compressed(&self) -> bool {
+        self.compressed
+    }
+
+    /// The runs `(first, count)` of `cluster`-byte guest clusters that hold a stored
+    /// grain, found from the grain tables alone (no marker is read); `None` past
+    /// `max_runs` runs.
+    pub fn stored_clusters(&self, cluster: u64, max_runs: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let grains = self.size.div_ceil(self.grain_bytes());
+        let mut grain = 0;
+        while grain < grains {
+            let gt_index = grain / self.gtes_per_gt;
+            let Some(gt) = self.grain_table(gt_index)? else {
+                grain = (gt_index + 1) * self.gtes_per_gt;
+                continue;
+            };
+            let at = gt + (grain % self.gtes_per_gt) * 4;
+            let entry = self.cache.page_for(at, 4, "grain table entry")?.le_u32(at);
+            if let Grain::Stored(_) = self.classify(grain, entry)? {
+                let start = grain << self.grain_bits;
+                let end = ((grain + 1) << self.grain_bits).min(self.size);
+                let (first, last) = (start / cluster, end.div_ceil(cluster));
+                let kept = runs.len() as u64;
+                match runs.last_mut() {
+                    Some((s, n)) if *s + *n >= first => *n = last.max(*s + *n) - *s,
+                    _ if kept >= max_runs => return Ok(None),
+                    _ => runs.push((first, last - first)),
+                }
+            }
+            grain += 1;
+        }
+        Ok(Some(runs))
+    }
+
+    /// For a layer of compressed grains, the marker furthest into the file among those of
+    /// the grains holding guest bytes `offset..offset + len`, found from the grain tables
+    /// alone: mapping a compressed grain reads its marker (its stored length), so a
+    /// file still arriving must be past it first. `None` when there is none.
+    pub fn last_marker(&self, offset: u64, len: u64) -> Result<Option<u64>> {
+        if !self.compressed {
+            return Ok(None);
+        }
+        let end = offset.saturating_add(len).min(self.size);
+        let mut last: Option<u64> = None;
+        let mut grain = offset >> self.grain_bits;
+        while (grain << self.grain_bits) < end {
+            let gt_index = grain / self.gtes_per_gt;
+            let Some(gt) = self.grain_table(gt_index)? else {
+                grain = (gt_index + 1) * self.gtes_per_gt;
+                continue;
+            };
+            let at = gt + (grain % self.gtes_per_gt) * 4;
+            let entry = self.cache.page_for(at, 4, "grain table entry")?.le_u32(at);
+            if let Grain::Stored(marker) = self.classify(grain, entry)? {
+                last = Some(last.map_or(marker, |l| l.max(marker)));
+            }
+            grain += 1;
+        }
+        Ok(last)
     }
 
     fn invalid(&self, reason: String) -> Error {

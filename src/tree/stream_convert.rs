@@ -1,16 +1,19 @@
-//! A VDI, dynamic VHD or hosted sparse VMDK file being imported, converted while its
-//! bytes arrive.
+//! A VDI, dynamic VHD or hosted sparse VMDK (monolithicSparse or streamOptimized) file
+//! being imported, converted while its bytes arrive.
 //!
 //! These formats hold their headers and their tables before their first data block
-//! (a VMDK whose grain tables do not is left alone), and `cp`, `cat` or `dd` write them
-//! front to back. So once a file written in order has passed its data start
-//! ([`data_start`]), a thread of its own opens it ([`vdi::open_arriving`],
-//! [`vpc::open_arriving`], [`vmdk::open_arriving`]) and converts it
-//! ([`convert::convert`]) as the blocks come, each read waiting until the stream has gone
-//! past the bytes it needs. The layer's layout must be the one the disk's content gives
+//! (a VMDK whose grain tables do not is left alone; a streamOptimized one as qemu-img
+//! writes it has them first, and each compressed grain's stored length in a marker
+//! before it, which the stream must have passed before the grain is mapped), and `cp`,
+//! `cat` or `dd` write them front to back. So once a file written in order has passed
+//! its data start ([`data_start`]), a thread of its own opens it
+//! ([`vdi::open_arriving`], [`vpc::open_arriving`], [`vmdk::open_arriving`]) and converts
+//! it ([`convert::convert`]) as the blocks come, each read waiting until the stream has
+//! gone past the bytes it needs. The layer's layout must be the one the disk's content gives
 //! (the same bytes and the same name whatever the source), which needs to know which
 //! clusters hold data before the first byte of the layer is written: it is guessed from
-//! the block map (every allocated cluster holds data, true of a fully written disk) and
+//! the block map (every allocated cluster holds data: true of a fully written disk, and
+//! of a streamOptimized VMDK, whose writer stores only the grains holding data) and
 //! checked cluster by cluster; the first cluster that reads as zeroes ends the attempt.
 //! A write going back, a file cut shorter, or a failed guess stop the thread and leave
 //! the file to the conversion at its close, as before; so does anything the complete
@@ -108,32 +111,55 @@ fn convert_stream(
     out: TmpFile,
     followed: &Followed,
 ) -> image::Result<(TmpFile, Converted)> {
+    // A VMDK of compressed grains, whose markers are read when its grains are mapped.
+    let mut markers: Option<Arc<vmdk::VmdkLayer>> = None;
     let layer: Arc<dyn Layer> = match format {
         Format::Vdi => Arc::new(vdi::open_arriving(file, path, ASSUMED_LEN)?),
         Format::Vpc => Arc::new(vpc::open_arriving(file, path, ASSUMED_LEN)?),
-        Format::Vmdk => Arc::new(vmdk::open_arriving(file, path, ASSUMED_LEN, from)?),
+        Format::Vmdk => {
+            let vmdk = Arc::new(vmdk::open_arriving(file, path, ASSUMED_LEN, from)?);
+            markers = vmdk.compressed().then(|| vmdk.clone());
+            vmdk
+        }
         _ => return Err(stopped(path, "not a format converted while it arrives")),
     };
     let disk = Disk::new(vec![layer]);
-    let guess = allocated_clusters(&disk, CLUSTER_SIZE)?;
+    let guess = match &markers {
+        // Its map cannot be walked before its grains arrive: the tables say which hold
+        // a grain.
+        Some(vmdk) => vmdk
+            .stored_clusters(CLUSTER_SIZE, disk.walk_limits().runs)?
+            .ok_or_else(|| disk.too_fragmented())?,
+        None => allocated_clusters(&disk, CLUSTER_SIZE)?,
+    };
     let mut progress = |_, _| {};
     let mut opts = convert::Options::new(&mut progress);
     opts.nonzero = Some(guess);
     opts.guessed = true;
+    let reached = |end: u64| match followed.wait(end) {
+        Some((ready, _)) if ready >= end => Ok(()),
+        Some(_) => Err(stopped(path, "the file ends before its blocks")),
+        None => Err(stopped(path, "the stream was stopped")),
+    };
     // A guest range can be read once the stream is past the stored bytes it maps to.
     let mut wait = |guest: u64, len: u64| {
+        let marker = match &markers {
+            Some(vmdk) => vmdk.last_marker(guest, len)?,
+            None => None,
+        };
+        if let Some(at) = marker {
+            reached(at + vmdk::GRAIN_MARKER_LEN)?;
+        }
         let mut end = 0u64;
         disk.walk(guest, guest + len, |_, ext| {
-            if let Mapping::Data { offset, .. } = ext.mapping {
-                end = end.max(offset + ext.len);
+            match &ext.mapping {
+                Mapping::Data { offset, .. } => end = end.max(offset + ext.len),
+                Mapping::Compressed(c) => end = end.max(c.offset + c.stored_len),
+                _ => {}
             }
             Ok(())
         })?;
-        match followed.wait(end) {
-            Some((ready, _)) if ready >= end => Ok(()),
-            Some(_) => Err(stopped(path, "the file ends before its blocks")),
-            None => Err(stopped(path, "the stream was stopped")),
-        }
+        reached(end)
     };
     opts.gate = Some(&mut wait);
     let converted = convert::convert(&disk, out.file(), out.path(), opts)?;
@@ -147,21 +173,18 @@ mod tests {
     use crate::testutil::{have_qemu, new_rw_file, qemu_create, qemu_img, qemu_io};
     use std::os::unix::fs::FileExt;
 
-    /// A disk of 24 MiB in `fmt` (`vdi`, `vpc` or `vmdk`) made by qemu-img from a raw
-    /// disk written by `cmds`.
-    fn image_of(dir: &Path, fmt: &str, cmds: &[&str]) -> Vec<u8> {
+    /// A disk of 24 MiB in `fmt` (`vdi`, `vpc` or `vmdk`, with qemu-img's options
+    /// `opts`) made by qemu-img from a raw disk written by `cmds`.
+    fn image_of(dir: &Path, fmt: &str, opts: &str, cmds: &[&str]) -> Vec<u8> {
         let raw = qemu_create(dir, "raw", "src.raw", "24M", "");
         qemu_io("raw", &raw, cmds);
         let out = dir.join(format!("src.{fmt}"));
-        qemu_img(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            fmt,
-            raw.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ]);
+        let (raw, out_path) = (raw.to_str().unwrap(), out.to_str().unwrap());
+        let mut args = vec!["convert", "-f", "raw", "-O", fmt, raw, out_path];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        qemu_img(&args);
         std::fs::read(&out).unwrap()
     }
 
@@ -191,14 +214,19 @@ mod tests {
         if !have_qemu() {
             return;
         }
-        for (fmt, format) in [
-            ("vdi", Format::Vdi),
-            ("vpc", Format::Vpc),
-            ("vmdk", Format::Vmdk),
+        for (fmt, opts, format) in [
+            ("vdi", "", Format::Vdi),
+            ("vpc", "", Format::Vpc),
+            ("vmdk", "", Format::Vmdk),
+            ("vmdk", "subformat=streamOptimized", Format::Vmdk),
         ] {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open("user", &dir.path().join("repo")).unwrap();
-            let bytes = image_of(dir.path(), fmt, &["write -P 0x5a 0 24M"]);
+            // Random bytes: the compressed grains of a streamOptimized VMDK keep their size.
+            let raw = dir.path().join("random");
+            std::fs::write(&raw, crate::testutil::noise(7, 24 << 20)).unwrap();
+            let write = format!("write -s {} 0 24M", raw.display());
+            let bytes = image_of(dir.path(), fmt, opts, &[write.as_str()]);
             assert_eq!(data_start(&bytes).map(|(_, f)| f), Some(format));
             let (streamed, file) = stream(&store, dir.path(), &bytes);
             let (out, converted) = streamed.expect("a fully written disk converts as it arrives");
@@ -217,6 +245,30 @@ mod tests {
         }
     }
 
+    /// qemu-img stores only the grains of a streamOptimized VMDK that hold data, so one
+    /// with holes converts as it arrives too, into the layer of the whole file.
+    #[test]
+    fn a_stream_optimized_vmdk_with_holes_streamed_gives_the_layer_its_conversion_gives() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("user", &dir.path().join("repo")).unwrap();
+        let cmds = ["write -P 1 0 1M", "write -P 2 8M 2M", "write -P 3 20M 4k"];
+        let bytes = image_of(dir.path(), "vmdk", "subformat=streamOptimized", &cmds);
+        let (streamed, file) = stream(&store, dir.path(), &bytes);
+        let (out, converted) = streamed.expect("its stored grains hold data");
+        let disk =
+            crate::tree::publish::open_standalone(&file, Path::new("x"), Format::Vmdk).unwrap();
+        let whole = store.tmp_file().unwrap();
+        let expect = to_qcow2_layer(&disk, whole.file(), whole.path(), &mut |_, _| {}).unwrap();
+        assert_eq!(converted, expect);
+        assert_eq!(
+            std::fs::read(out.path()).unwrap(),
+            std::fs::read(whole.path()).unwrap()
+        );
+    }
+
     #[test]
     fn a_vdi_with_zeroes_in_its_blocks_is_left_to_the_conversion_at_close() {
         if !have_qemu() {
@@ -227,7 +279,7 @@ mod tests {
         // 1 MiB blocks holding 64 KiB of data each: most of their clusters are zeroes.
         let cmds: Vec<String> = (0..24).map(|i| format!("write -P 7 {i}M 64k")).collect();
         let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-        let bytes = image_of(dir.path(), "vdi", &cmds);
+        let bytes = image_of(dir.path(), "vdi", "", &cmds);
         let (streamed, _) = stream(&store, dir.path(), &bytes);
         assert!(streamed.is_none());
     }
@@ -239,7 +291,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open("user", &dir.path().join("repo")).unwrap();
-        let bytes = image_of(dir.path(), "vdi", &["write -P 0x5a 0 24M"]);
+        let bytes = image_of(dir.path(), "vdi", "", &["write -P 0x5a 0 24M"]);
         let path = dir.path().join("cut.vdi");
         let f = new_rw_file(&path);
         let from = vdi::data_start(&bytes).unwrap() as usize;

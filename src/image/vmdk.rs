@@ -460,14 +460,17 @@ impl VmdkLayer {
         self.compressed
     }
 
-    /// The runs `(first, count)` of `cluster`-byte guest clusters that hold a stored
-    /// grain, found from the grain tables alone (no marker is read); `None` past
-    /// `max_runs` runs.
-    pub fn stored_clusters(&self, cluster: u64, max_runs: u64) -> Result<Option<Vec<(u64, u64)>>> {
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        let grains = self.size.div_ceil(self.grain_bytes());
-        let mut grain = 0;
-        while grain < grains {
+    /// Calls `each` with every grain from number `first` below number `end` that the
+    /// grain tables list as stored, and the file offset they give it (no marker is
+    /// read); `each` returns `false` to stop.
+    fn stored_grains(
+        &self,
+        first: u64,
+        end: u64,
+        mut each: impl FnMut(u64, u64) -> bool,
+    ) -> Result<()> {
+        let mut grain = first;
+        while grain < end {
             let gt_index = grain / self.gtes_per_gt;
             let Some(gt) = self.grain_table(gt_index)? else {
                 grain = (gt_index + 1) * self.gtes_per_gt;
@@ -475,20 +478,35 @@ impl VmdkLayer {
             };
             let at = gt + (grain % self.gtes_per_gt) * 4;
             let entry = self.cache.page_for(at, 4, "grain table entry")?.le_u32(at);
-            if let Grain::Stored(_) = self.classify(grain, entry)? {
-                let start = grain << self.grain_bits;
-                let end = ((grain + 1) << self.grain_bits).min(self.size);
-                let (first, last) = (start / cluster, end.div_ceil(cluster));
-                let kept = runs.len() as u64;
-                match runs.last_mut() {
-                    Some((s, n)) if *s + *n >= first => *n = last.max(*s + *n) - *s,
-                    _ if kept >= max_runs => return Ok(None),
-                    _ => runs.push((first, last - first)),
-                }
+            if let Grain::Stored(off) = self.classify(grain, entry)?
+                && !each(grain, off)
+            {
+                return Ok(());
             }
             grain += 1;
         }
-        Ok(Some(runs))
+        Ok(())
+    }
+
+    /// The runs `(first, count)` of `cluster`-byte guest clusters that hold a stored
+    /// grain, found from the grain tables alone; `None` past `max_runs` runs.
+    pub fn stored_clusters(&self, cluster: u64, max_runs: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut within = true;
+        let grains = self.size.div_ceil(self.grain_bytes());
+        self.stored_grains(0, grains, |grain, _| {
+            let start = grain << self.grain_bits;
+            let end = ((grain + 1) << self.grain_bits).min(self.size);
+            let (first, last) = (start / cluster, end.div_ceil(cluster));
+            let kept = runs.len() as u64;
+            match runs.last_mut() {
+                Some((s, n)) if *s + *n >= first => *n = last.max(*s + *n) - *s,
+                _ if kept >= max_runs => within = false,
+                _ => runs.push((first, last - first)),
+            }
+            within
+        })?;
+        Ok(within.then_some(runs))
     }
 
     /// For a layer of compressed grains, the marker furthest into the file among those of
@@ -501,20 +519,11 @@ impl VmdkLayer {
         }
         let end = offset.saturating_add(len).min(self.size);
         let mut last: Option<u64> = None;
-        let mut grain = offset >> self.grain_bits;
-        while (grain << self.grain_bits) < end {
-            let gt_index = grain / self.gtes_per_gt;
-            let Some(gt) = self.grain_table(gt_index)? else {
-                grain = (gt_index + 1) * self.gtes_per_gt;
-                continue;
-            };
-            let at = gt + (grain % self.gtes_per_gt) * 4;
-            let entry = self.cache.page_for(at, 4, "grain table entry")?.le_u32(at);
-            if let Grain::Stored(marker) = self.classify(grain, entry)? {
-                last = Some(last.map_or(marker, |l| l.max(marker)));
-            }
-            grain += 1;
-        }
+        let grains = end.div_ceil(self.grain_bytes());
+        self.stored_grains(offset >> self.grain_bits, grains, |_, marker| {
+            last = Some(last.map_or(marker, |l| l.max(marker)));
+            true
+        })?;
         Ok(last)
     }
 

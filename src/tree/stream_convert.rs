@@ -209,6 +209,25 @@ mod tests {
         (conv.unwrap().finish(bytes.len() as u64), f)
     }
 
+    /// Streams `bytes`, a `format` file: it must convert as it arrives, into the very
+    /// layer (byte for byte) that the conversion of the complete file gives.
+    fn assert_streamed_as_converted(store: &Store, dir: &Path, bytes: &[u8], format: Format) {
+        let (streamed, file) = stream(store, dir, bytes);
+        let Some((out, converted)) = streamed else {
+            panic!("{format:?}: not converted as it arrived");
+        };
+        let disk = crate::tree::publish::open_standalone(&file, Path::new("x"), format).unwrap();
+        let whole = store.tmp_file().unwrap();
+        let expect = to_qcow2_layer(&disk, whole.file(), whole.path(), &mut |_, _| {}).unwrap();
+        assert_eq!(converted, expect, "{format:?}");
+        assert_eq!(
+            std::fs::read(out.path()).unwrap(),
+            std::fs::read(whole.path()).unwrap(),
+            "{format:?}"
+        );
+        qemu_img(&["check", out.path().to_str().unwrap()]);
+    }
+
     #[test]
     fn a_fully_written_vdi_vhd_or_vmdk_streamed_gives_the_layer_its_conversion_gives() {
         if !have_qemu() {
@@ -228,20 +247,7 @@ mod tests {
             let write = format!("write -s {} 0 24M", raw.display());
             let bytes = image_of(dir.path(), fmt, opts, &[write.as_str()]);
             assert_eq!(data_start(&bytes).map(|(_, f)| f), Some(format));
-            let (streamed, file) = stream(&store, dir.path(), &bytes);
-            let (out, converted) = streamed.expect("a fully written disk converts as it arrives");
-            // The same layer, byte for byte, as the conversion of the complete file.
-            let disk =
-                crate::tree::publish::open_standalone(&file, Path::new("x"), format).unwrap();
-            let whole = store.tmp_file().unwrap();
-            let expect = to_qcow2_layer(&disk, whole.file(), whole.path(), &mut |_, _| {}).unwrap();
-            assert_eq!(converted, expect, "{fmt}");
-            assert_eq!(
-                std::fs::read(out.path()).unwrap(),
-                std::fs::read(whole.path()).unwrap(),
-                "{fmt}"
-            );
-            qemu_img(&["check", out.path().to_str().unwrap()]);
+            assert_streamed_as_converted(&store, dir.path(), &bytes, format);
         }
     }
 
@@ -256,17 +262,7 @@ mod tests {
         let store = Store::open("user", &dir.path().join("repo")).unwrap();
         let cmds = ["write -P 1 0 1M", "write -P 2 8M 2M", "write -P 3 20M 4k"];
         let bytes = image_of(dir.path(), "vmdk", "subformat=streamOptimized", &cmds);
-        let (streamed, file) = stream(&store, dir.path(), &bytes);
-        let (out, converted) = streamed.expect("its stored grains hold data");
-        let disk =
-            crate::tree::publish::open_standalone(&file, Path::new("x"), Format::Vmdk).unwrap();
-        let whole = store.tmp_file().unwrap();
-        let expect = to_qcow2_layer(&disk, whole.file(), whole.path(), &mut |_, _| {}).unwrap();
-        assert_eq!(converted, expect);
-        assert_eq!(
-            std::fs::read(out.path()).unwrap(),
-            std::fs::read(whole.path()).unwrap()
-        );
+        assert_streamed_as_converted(&store, dir.path(), &bytes, Format::Vmdk);
     }
 
     #[test]

@@ -57,8 +57,6 @@ struct Job {
     want: u64,
     /// The pusher's own read-ahead of the view's stored bytes.
     ahead: ReadAhead,
-    /// Whether the pages the reader has passed are dropped (an export view).
-    drops: bool,
     /// Dropped from the kernel's cache up to here.
     dropped: u64,
     /// Drop up to here.
@@ -107,13 +105,9 @@ impl Pusher {
         let Some(&window) = self.window.get() else {
             return;
         };
-        let Some(view) = file.view() else {
-            return;
-        };
-        if len < MIN_READ {
+        if len < MIN_READ || file.view().is_none() {
             return;
         }
-        let drops = view.format() != Format::Raw;
         let Ok(size) = file.size() else {
             return;
         };
@@ -127,7 +121,6 @@ impl Pusher {
             pushed: 0,
             want: 0,
             ahead: ReadAhead::default(),
-            drops,
             dropped: 0,
             drop_to: 0,
         });
@@ -143,7 +136,8 @@ impl Pusher {
         if want > job.want {
             job.want = want;
         }
-        if job.drops {
+        // An export view drops the pages the reader has passed (see the module text).
+        if file.view().is_some_and(|v| v.format() != Format::Raw) {
             let behind = offset.saturating_sub(DROP_BEHIND) & !(PUSH_PIECE as u64 - 1);
             job.drop_to = job.drop_to.max(behind);
         }

@@ -228,9 +228,14 @@ pub fn publish(
     let mut opts = convert::Options::new(progress);
     let mut dropper = match flat_scratch {
         Some(s) => {
+            let file_len = source
+                .file
+                .metadata()
+                .map_err(|e| Error::from(image::Error::io(source.path, e)))?
+                .len();
             opts.nonzero = s
                 .nonzero
-                .map(|runs| guest_clusters(&disk, runs))
+                .map(|runs| guest_clusters(&disk, file_len, runs))
                 .transpose()
                 .map_err(|e| source_error(e.into()))?;
             s.consume
@@ -255,11 +260,15 @@ pub fn publish(
     store_converted(store, siblings, owner, out, &converted.sha256, target)
 }
 
-/// The runs of non-zero clusters of a file whose first bytes are `disk` (see
-/// [`Scratch::nonzero`]), as runs of the disk's clusters: none past its end, and a last
-/// cluster that the file goes on past (a fixed VHD's footer follows the guest's bytes
-/// inside it) kept only if its guest bytes hold a non-zero one.
-fn guest_clusters(disk: &Disk, mut runs: Vec<(u64, u64)>) -> image::Result<Vec<(u64, u64)>> {
+/// The runs of non-zero clusters of a file of `file_len` bytes whose first bytes are
+/// `disk` (see [`Scratch::nonzero`]), as runs of the disk's clusters: none past its end,
+/// and a last cluster that the file goes on past (a fixed VHD's footer follows the
+/// guest's bytes inside it) kept only if its guest bytes hold a non-zero one.
+fn guest_clusters(
+    disk: &Disk,
+    file_len: u64,
+    mut runs: Vec<(u64, u64)>,
+) -> image::Result<Vec<(u64, u64)>> {
     let size = disk.virtual_size();
     let clusters = size.div_ceil(CLUSTER_SIZE);
     runs.retain_mut(|(first, count)| {
@@ -268,6 +277,7 @@ fn guest_clusters(disk: &Disk, mut runs: Vec<(u64, u64)>) -> image::Result<Vec<(
     });
     let tail = clusters.saturating_sub(1) * CLUSTER_SIZE;
     if let Some((first, count)) = runs.last_mut()
+        && file_len > size
         && !size.is_multiple_of(CLUSTER_SIZE)
         && *first + *count == clusters
     {
@@ -474,11 +484,15 @@ mod tests {
         assert!(disk.top().guest_at_file_offsets());
         // Data in cluster 0; the footer in cluster 15; a run past the end.
         let seen = vec![(0, 1), (15, 1), (16, 2)];
-        assert_eq!(guest_clusters(&disk, seen.clone()).unwrap(), vec![(0, 1)]);
+        let len = 1000 * 1024 + 512;
+        assert_eq!(
+            guest_clusters(&disk, len, seen.clone()).unwrap(),
+            vec![(0, 1)]
+        );
         // Guest data in the last cluster keeps it.
         qemu_io("vpc", &p, &["write -P 9 960k 4k"]);
         assert_eq!(
-            guest_clusters(&open(), seen).unwrap(),
+            guest_clusters(&open(), len, seen).unwrap(),
             vec![(0, 1), (15, 1)]
         );
         // A dynamic VHD's bytes are not the guest's.

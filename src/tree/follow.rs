@@ -3,10 +3,11 @@
 //! While a file is imported front to back (`cp`, `cat`, `dd`), work on it can start
 //! before its last byte: its hash ([`super::stream_hash`]) and its conversion
 //! ([`super::stream_convert`]). Each runs on a thread of its own that only reads bytes
-//! the writer can no longer change. The writer says how far that is ([`Follower::advance`]),
-//! and at the last close how long the file is ([`Follower::finish`]); a write going back
-//! or a shorter file ends the following (the work is then done at the close, as for any
-//! other file), and so does dropping the follower.
+//! the writer can no longer change. The writer says how far that is
+//! ([`Follower::advance`]), and at the last close how long the file is
+//! ([`Follower::finish`]); a write going back or a shorter file ends the following (the
+//! work is then done at the close, as for any other file), and so does dropping the
+//! follower.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;

@@ -9,11 +9,11 @@
 //! its data start ([`data_start`]), a thread of its own opens it
 //! ([`vdi::open_arriving`], [`vpc::open_arriving`], [`vmdk::open_arriving`]) and converts
 //! it ([`convert::convert`]) as the blocks come, each read waiting until the stream has
-//! gone past the bytes it needs. The layer's layout must be the one the disk's content gives
-//! (the same bytes and the same name whatever the source), which needs to know which
-//! clusters hold data before the first byte of the layer is written: it is guessed from
-//! the block map (every allocated cluster holds data: true of a fully written disk, and
-//! of a streamOptimized VMDK, whose writer stores only the grains holding data) and
+//! gone past the bytes it needs. The layer's layout must be the one the disk's content
+//! gives (the same bytes and the same name whatever the source), which needs to know
+//! which clusters hold data before the first byte of the layer is written: it is guessed
+//! from the block map (every allocated cluster holds data: true of a fully written disk,
+//! and of a streamOptimized VMDK, whose writer stores only the grains holding data) and
 //! checked cluster by cluster; the first cluster that reads as zeroes ends the attempt.
 //! A write going back, a file cut shorter, or a failed guess stop the thread and leave
 //! the file to the conversion at its close, as before; so does anything the complete

@@ -11,7 +11,7 @@ use common::{daemon_pid, ok, run, s, unmount};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -342,8 +342,10 @@ fn a_cli_import_killed_midway_leaves_no_partial_image_and_gc_empties_tmp() {
 fn a_writer_killed_mid_import_publishes_nothing_and_its_children_closing_publish_nothing() {
     let Some(site) = Site::start() else { return };
     let dest = site.at(0, "user/killed.raw");
-    // The shell opens the file and keeps it; each `head` inherits it, writes 64 KiB and
-    // exits (closing its copy, which must not publish the file).
+    // The shell opens the file and keeps it; each `tr` inherits it, writes 64 KiB and
+    // exits (closing its copy, which must not publish the file). The shell runs in a
+    // process group of its own, killed whole as a job is (a `tr` left running would
+    // end normally and its close would be the last).
     let script = format!(
         "exec 3>'{}'; while :; do head -c 65536 /dev/zero | tr '\\0' x >&3; sleep 0.02; done",
         s(&dest)
@@ -351,6 +353,7 @@ fn a_writer_killed_mid_import_publishes_nothing_and_its_children_closing_publish
     let mut sh = KillOnDrop(
         Command::new("sh")
             .args(["-c", &script])
+            .process_group(0)
             .spawn()
             .expect("spawn sh"),
     );
@@ -361,7 +364,13 @@ fn a_writer_killed_mid_import_publishes_nothing_and_its_children_closing_publish
     });
     assert!(tmp_grows, "the writer never wrote");
     assert_eq!(site.meta_names("user"), Vec::<String>::new());
-    sh.0.kill().expect("SIGKILL the writer");
+    let group = -(sh.0.id() as i32);
+    // SAFETY: kill(2) of the writer's own process group; no memory is involved.
+    assert_eq!(
+        unsafe { libc::kill(group, libc::SIGKILL) },
+        0,
+        "SIGKILL the writer"
+    );
     sh.0.wait().unwrap();
     // The last copy closed, the scratch file goes; no image appears.
     assert!(

@@ -608,6 +608,96 @@ fn a_qcow2_with_a_backing_chain_is_imported_flattened_as_pcocc_does() {
 }
 
 #[test]
+fn qed_and_vmdk_overlays_are_imported_flattened_as_pcocc_does() {
+    // pcocc 0.7.5 (qemu-img convert) follows a QED backing file and a VMDK parent disk
+    // like a qcow2 backing file, into one standalone layer.
+    let Some(f) = Fixture::new() else { return };
+    fs::create_dir_all(f.work("ov")).expect("dirs");
+    let io = |fmt: &str, file: &str, cmd: &str| f.tool("qemu-io", &["-f", fmt, "-c", cmd, file]);
+    let overlay = |fmt: &str, backing: &str, backing_fmt: &str, file: &str| {
+        f.tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                fmt,
+                "-b",
+                backing,
+                "-F",
+                backing_fmt,
+                file,
+            ],
+        )
+    };
+    let import = |source: &str, name: &str, format: &str| {
+        f.pcocc(&["import", source, name]).expect(
+            &format!("{}{}", storing("user", name), announcement(format)),
+            "",
+            0,
+        );
+        assert_flattened(&f, name, format, &f.work(source));
+    };
+    // QED over qcow2 (its backing format probed), QED over raw (not probed), and a qcow2
+    // over the first QED: each layer's writes partly hide the one below.
+    f.tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "ov/base.qcow2", "8M"],
+    );
+    io("qcow2", "ov/base.qcow2", "write -P 0x11 0 3M");
+    overlay("qed", "base.qcow2", "qcow2", "ov/mid.qed");
+    io("qed", "ov/mid.qed", "write -P 0x12 1M 1M");
+    io("qed", "ov/mid.qed", "write -z 2M 64k");
+    import("ov/mid.qed", "qed-over-qcow2", "qed");
+    f.tool(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "ov/base.raw", "4M"],
+    );
+    io("raw", "ov/base.raw", "write -P 0x13 0 2M");
+    overlay("qed", "base.raw", "raw", "ov/raw-under.qed");
+    io("qed", "ov/raw-under.qed", "write -P 0x14 1M 64k");
+    import("ov/raw-under.qed", "qed-over-raw", "qed");
+    overlay("qcow2", "mid.qed", "qed", "ov/top.qcow2");
+    io("qcow2", "ov/top.qcow2", "write -P 0x15 2M 4k");
+    import("ov/top.qcow2", "qcow2-over-qed", "qcow2");
+    // A VMDK snapshot of a VMDK snapshot (monolithicSparse, parent named in the embedded
+    // descriptor with its CID).
+    f.tool(
+        "qemu-img",
+        &["create", "-q", "-f", "vmdk", "ov/disk.vmdk", "8M"],
+    );
+    io("vmdk", "ov/disk.vmdk", "write -P 0x21 0 4M");
+    overlay("vmdk", "disk.vmdk", "vmdk", "ov/snap1.vmdk");
+    io("vmdk", "ov/snap1.vmdk", "write -P 0x22 1M 1M");
+    overlay("vmdk", "snap1.vmdk", "vmdk", "ov/snap2.vmdk");
+    io("vmdk", "ov/snap2.vmdk", "write -P 0x23 3M 64k");
+    import("ov/snap1.vmdk", "snap1", "vmdk");
+    import("ov/snap2.vmdk", "snap2", "vmdk");
+    // A parent disk changed after the snapshot (another CID) is refused, as qemu refuses
+    // to read through it, naming both files; nothing is stored.
+    let parent = f.work("ov/disk.vmdk");
+    let mut bytes = fs::read(&parent).expect("parent");
+    let at = bytes
+        .windows(5)
+        .position(|w| w == b"\nCID=")
+        .expect("the parent's CID")
+        + 5;
+    bytes[at..at + 8].copy_from_slice(b"0badc1d0");
+    fs::write(&parent, bytes).expect("parent");
+    let run = f.pcocc(&["import", "ov/snap1.vmdk", "stale"]);
+    assert_eq!(run.code, 255, "{run:?}");
+    assert!(
+        run.stderr.contains("snap1.vmdk")
+            && run.stderr.contains("disk.vmdk")
+            && run.stderr.contains("0badc1d0")
+            && run.stderr.contains("parentCID"),
+        "{run:?}"
+    );
+    assert!(f.meta("user", "stale", 0).is_none());
+    assert!(f.entries("user", ".tmp").is_empty(), "scratch files left");
+}
+
+#[test]
 fn multi_file_vmdks_are_imported_flattened_as_pcocc_does() {
     let Some(f) = Fixture::new() else { return };
     let write = |fmt: &str, file: &str, cmds: &[&str]| {

@@ -829,6 +829,66 @@ fn a_qcow2_with_a_backing_file_is_refused_at_close_saying_why() {
         "the daemon's log says why: {}",
         fs::read_to_string(&log).unwrap_or_default()
     );
+    // And for a QED overlay and a VMDK snapshot: the mount never reads the files they
+    // name, so they are refused whole rather than imported without what lies below.
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qed",
+            "-b",
+            s(&base),
+            "-F",
+            "qcow2",
+            s(&fs.work().join("over.qed")),
+        ],
+    );
+    let parent = fs.work().join("parent.vmdk");
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "vmdk", s(&parent), "4M"],
+    );
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            s(&parent),
+            "-F",
+            "vmdk",
+            s(&fs.work().join("snap.vmdk")),
+        ],
+    );
+    for (source, name, why) in [
+        ("over.qed", "over", "has a backing file"),
+        ("snap.vmdk", "snap", "names a parent disk"),
+    ] {
+        let out = fs.sh(
+            r#"cp "$SRC" "$R/$N""#,
+            &[
+                ("SRC", s(&fs.work().join(source))),
+                ("R", s(&r)),
+                ("N", name),
+            ],
+            WRITER_LIMIT,
+        );
+        assert!(!out.status.success(), "{source}: {}", describe(&out));
+        if let Err(e) = fs.check_nothing("r", name, &before) {
+            panic!("cp of {source} must leave nothing: {e}");
+        }
+        assert!(
+            common::eventually(Duration::from_secs(5), || {
+                fs::read_to_string(&log).is_ok_and(|l| l.contains(why))
+            }),
+            "the daemon's log says why {source} is refused: {}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
 }
 
 #[test]

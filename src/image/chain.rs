@@ -1,4 +1,5 @@
-//! Backing chains: a qcow2 image and the backing files it names, opened as one [`Disk`].
+//! Backing chains: an image and the backing files it names (a qcow2 or QED backing
+//! file, a VMDK parent disk), opened as one [`Disk`].
 //!
 //! A backing file name inside an image is untrusted: it could name `/etc/shadow`, a
 //! device, or a file of another repository. So the caller passes a [`BackingPolicy`]
@@ -21,9 +22,14 @@ use std::sync::Arc;
 
 /// Decides which backing files may be opened, and opens them.
 pub trait BackingPolicy: Send + Sync {
-    /// Opens the backing file `backing` named by the layer at `layer_path`: the path it
-    /// is known by and the open file; an error if the name is not allowed.
-    fn open(&self, layer_path: &Path, backing: &BackingRef) -> Result<(PathBuf, File)>;
+    /// Opens the backing file `backing` named by the `format` layer at `layer_path`: the
+    /// path it is known by and the open file; an error if the name is not allowed.
+    fn open(
+        &self,
+        layer_path: &Path,
+        format: Format,
+        backing: &BackingRef,
+    ) -> Result<(PathBuf, File)>;
 
     /// Whether a backing file may be of a format other than qcow2 and raw (read as a
     /// standalone image of that format, the bottom of the chain).
@@ -38,10 +44,15 @@ pub trait BackingPolicy: Send + Sync {
 pub struct NoBacking;
 
 impl BackingPolicy for NoBacking {
-    fn open(&self, layer_path: &Path, backing: &BackingRef) -> Result<(PathBuf, File)> {
+    fn open(
+        &self,
+        layer_path: &Path,
+        format: Format,
+        backing: &BackingRef,
+    ) -> Result<(PathBuf, File)> {
         Err(Error::Unsupported {
             path: layer_path.to_path_buf(),
-            format: Format::Qcow2,
+            format,
             reason: format!(
                 "it has a backing file {:?}, which an import through the mount cannot read \
                  with the writer's rights; a standalone image is required (flatten it with \
@@ -92,8 +103,13 @@ impl CallerFiles {
 }
 
 impl BackingPolicy for CallerFiles {
-    fn open(&self, layer_path: &Path, backing: &BackingRef) -> Result<(PathBuf, File)> {
-        self.open_named(layer_path, &backing.name, Format::Qcow2)
+    fn open(
+        &self,
+        layer_path: &Path,
+        format: Format,
+        backing: &BackingRef,
+    ) -> Result<(PathBuf, File)> {
+        self.open_named(layer_path, &backing.name, format)
     }
 
     /// qemu-img follows a backing file of any format it reads.
@@ -118,13 +134,18 @@ pub struct WithinDir {
 }
 
 impl BackingPolicy for WithinDir {
-    fn open(&self, layer_path: &Path, backing: &BackingRef) -> Result<(PathBuf, File)> {
+    fn open(
+        &self,
+        layer_path: &Path,
+        format: Format,
+        backing: &BackingRef,
+    ) -> Result<(PathBuf, File)> {
         let dir = crate::sys::open_dir_path(&self.root).map_err(|e| Error::io(&self.root, e))?;
         BeneathDir {
             dir,
             root: self.root.clone(),
         }
-        .open(layer_path, backing)
+        .open(layer_path, format, backing)
     }
 }
 
@@ -137,10 +158,15 @@ pub struct BeneathDir {
 }
 
 impl BackingPolicy for BeneathDir {
-    fn open(&self, layer_path: &Path, backing: &BackingRef) -> Result<(PathBuf, File)> {
+    fn open(
+        &self,
+        layer_path: &Path,
+        format: Format,
+        backing: &BackingRef,
+    ) -> Result<(PathBuf, File)> {
         let refuse = |why: &str| Error::Unsupported {
             path: layer_path.to_path_buf(),
-            format: Format::Qcow2,
+            format,
             reason: format!(
                 "backing file {:?} {why}; only layers inside {} may be used",
                 backing.name,
@@ -204,6 +230,18 @@ pub fn open_chain(path: &Path, policy: &dyn BackingPolicy) -> Result<Disk> {
 
 /// [`open_chain`] for a top layer already open as `file` (known as `path`).
 pub fn open_chain_file(file: File, path: &Path, policy: &dyn BackingPolicy) -> Result<Disk> {
+    open_image_chain(file, path, Format::Qcow2, policy)
+}
+
+/// Opens the `format` image `file` (known as `path`) and every backing file its layers
+/// name (a qcow2 or QED backing file, a VMDK parent disk), as `policy` allows, top
+/// layer first.
+pub fn open_image_chain(
+    file: File,
+    path: &Path,
+    format: Format,
+    policy: &dyn BackingPolicy,
+) -> Result<Disk> {
     let identity = |f: &File, p: &Path| {
         f.metadata()
             .map(|m| (m.dev(), m.ino()))
@@ -211,66 +249,79 @@ pub fn open_chain_file(file: File, path: &Path, policy: &dyn BackingPolicy) -> R
     };
     let mut seen = HashSet::new();
     seen.insert(identity(&file, path)?);
-    let top = Qcow2Layer::new(file, path)?;
-    let mut next = top.backing().cloned().map(|b| (path.to_path_buf(), b));
-    let mut layers: Vec<Arc<dyn Layer>> = vec![Arc::new(top)];
-    while let Some((from, backing)) = next.take() {
+    let top = open_layer(file, path, format)?;
+    let mut layers: Vec<Arc<dyn Layer>> = vec![top];
+    while let Some(backing) = layers.last().and_then(|l| l.backing().cloned()) {
+        let below = layers.last().expect("the chain has a top").clone();
+        let from = below.path().to_path_buf();
         if layers.len() >= MAX_CHAIN_DEPTH {
             return Err(Error::Unsupported {
                 path: path.to_path_buf(),
-                format: Format::Qcow2,
+                format,
                 reason: format!("its backing chain is deeper than {MAX_CHAIN_DEPTH} layers"),
             });
         }
-        let (resolved, file) = policy.open(&from, &backing)?;
+        let (resolved, file) = policy.open(&from, below.format(), &backing)?;
         if !seen.insert(identity(&file, &resolved)?) {
             return Err(Error::Invalid {
                 path: from,
-                format: Format::Qcow2,
+                format: below.format(),
                 reason: format!(
                     "backing chain loops: {} is already part of the chain",
                     resolved.display()
                 ),
             });
         }
-        let format = backing_format(&from, &backing, &file, &resolved)?;
-        match format {
-            Format::Qcow2 => {
-                let layer = Qcow2Layer::new(file, &resolved)?;
-                next = layer.backing().cloned().map(|b| (resolved.clone(), b));
-                layers.push(Arc::new(layer));
-            }
-            Format::Raw => layers.push(Arc::new(RawLayer::new(file, &resolved)?)),
-            Format::Qed if policy.any_format() => {
-                layers.push(Arc::new(super::qed::open(file, &resolved)?));
-            }
-            Format::Vdi if policy.any_format() => {
-                layers.push(Arc::new(super::vdi::open(file, &resolved)?));
-            }
-            Format::Vpc if policy.any_format() => {
-                layers.push(Arc::new(super::vpc::open(file, &resolved)?));
-            }
-            Format::Vmdk if policy.any_format() => {
-                layers.push(Arc::new(super::vmdk::open(file, &resolved)?));
-            }
-            other => {
-                return Err(Error::Unsupported {
-                    path: from,
-                    format: Format::Qcow2,
-                    reason: format!(
-                        "backing file {:?} is a {other} image; only qcow2 and raw backing files are followed",
-                        backing.name
-                    ),
-                });
-            }
+        let backing_format = backing_format(&from, below.format(), &backing, &file, &resolved)?;
+        if !matches!(backing_format, Format::Qcow2 | Format::Raw) && !policy.any_format() {
+            return Err(Error::Unsupported {
+                path: from,
+                format: below.format(),
+                reason: format!(
+                    "backing file {:?} is a {backing_format} image; only qcow2 and raw backing files are followed",
+                    backing.name
+                ),
+            });
         }
+        let layer = open_layer(file, &resolved, backing_format)?;
+        if let Some(want) = backing.content_id
+            && layer.content_id() != Some(want)
+        {
+            // qemu refuses to read such an overlay (its parent changed since).
+            return Err(Error::Invalid {
+                path: from,
+                format: below.format(),
+                reason: format!(
+                    "its parent disk {} has content ID {}, not the parentCID {want:08x} it \
+                     records: the parent changed after this disk was made from it",
+                    resolved.display(),
+                    layer
+                        .content_id()
+                        .map_or("(none)".to_string(), |c| format!("{c:08x}"))
+                ),
+            });
+        }
+        layers.push(layer);
     }
     Ok(Disk::new(layers))
+}
+
+/// Opens one layer of a chain: any backing file it names is followed by the caller.
+fn open_layer(file: File, path: &Path, format: Format) -> Result<Arc<dyn Layer>> {
+    Ok(match format {
+        Format::Qcow2 => Arc::new(Qcow2Layer::new(file, path)?),
+        Format::Raw => Arc::new(RawLayer::new(file, path)?),
+        Format::Qed => Arc::new(super::qed::open_overlay(file, path)?),
+        Format::Vdi => Arc::new(super::vdi::open(file, path)?),
+        Format::Vpc => Arc::new(super::vpc::open(file, path)?),
+        Format::Vmdk => Arc::new(super::vmdk::open_overlay(file, path)?),
+    })
 }
 
 /// The format of a backing file: its header extension if present, else its content.
 fn backing_format(
     from: &Path,
+    from_format: Format,
     backing: &BackingRef,
     file: &File,
     resolved: &Path,
@@ -278,7 +329,7 @@ fn backing_format(
     match &backing.format {
         Some(name) => Format::from_name(name).ok_or_else(|| Error::Unsupported {
             path: from.to_path_buf(),
-            format: Format::Qcow2,
+            format: from_format,
             reason: format!("backing format {name:?} of {:?} is unknown", backing.name),
         }),
         None => Ok(super::detect::detect_file(file, resolved)?.unwrap_or(Format::Raw)),

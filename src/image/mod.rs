@@ -229,6 +229,15 @@ pub trait Layer: Send + Sync + fmt::Debug {
     fn guest_at_file_offsets(&self) -> bool {
         false
     }
+    /// The backing file this layer names, read where [`Mapping::Unallocated`] (only
+    /// layers opened as overlays name one; see `chain`).
+    fn backing(&self) -> Option<&qcow2::BackingRef> {
+        None
+    }
+    /// The content ID an overlay naming this layer checks (a VMDK's `CID`).
+    fn content_id(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Upper bound of a backing chain (qcow2 layers over their base). pcocc adds one layer

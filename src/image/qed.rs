@@ -12,11 +12,13 @@
 //! cluster offsets are cluster-aligned, after the header and start inside the file; the
 //! image size is a multiple of 512 within what the tables can address; no two L1 entries
 //! name the same L2 table (checked at open, in bounded chunks). A backing file is
-//! refused: an import is one standalone file and must not open others. The "needs
+//! refused by [`open`] (a standalone image); [`open_overlay`] reads its name for the
+//! caller to follow (see `chain`). The "needs
 //! check" feature (set by a writer that crashed) is accepted, because every entry is
 //! checked as it is used and nothing is written.
 
 use super::file::{LayerFile, map_end};
+use super::qcow2::BackingRef;
 use super::tables::{Page, PageCache, TableOfTables, le_u32, le_u64};
 use super::{Error, Extent, Format, Layer, Mapping, Result, read_exact_at};
 use std::fs::File;
@@ -67,15 +69,30 @@ pub struct QedLayer {
     l1_offset: u64,
     size: u64,
     cache: PageCache,
+    backing: Option<BackingRef>,
 }
 
-/// Opens `file` (already opened from `path`) as a QED image.
+/// Opens `file` (already opened from `path`) as a standalone QED image: one that names
+/// a backing file is refused.
 pub fn open(file: File, path: &Path) -> Result<QedLayer> {
     QedLayer::new(file, path)
 }
 
+/// Opens `file` as a QED image that may name a backing file ([`Layer::backing`]), which
+/// the caller follows.
+pub fn open_overlay(file: File, path: &Path) -> Result<QedLayer> {
+    QedLayer::open_as(file, path, true)
+}
+
+/// Longest backing file name read (qemu's own limit on a backing file name).
+const MAX_BACKING_NAME: u64 = 1023;
+
 impl QedLayer {
     pub fn new(file: File, path: &Path) -> Result<QedLayer> {
+        QedLayer::open_as(file, path, false)
+    }
+
+    fn open_as(file: File, path: &Path, overlay: bool) -> Result<QedLayer> {
         let invalid = |reason: String| Error::Invalid {
             path: path.to_path_buf(),
             format: Format::Qed,
@@ -119,12 +136,13 @@ impl QedLayer {
                 reason: format!("unknown feature bits {:#x}", features & !KNOWN_FEATURES),
             });
         }
-        if features & F_BACKING_FILE != 0 {
+        if features & F_BACKING_FILE != 0 && !overlay {
             return Err(Error::Unsupported {
                 path: path.to_path_buf(),
                 format: Format::Qed,
-                reason: "the image has a backing file; imports must be standalone images \
-                         (flatten it first with `qemu-img convert`)"
+                reason: "the image has a backing file, which an import through the mount \
+                         does not read (`pcocc image import` does; or flatten it first with \
+                         `qemu-img convert`)"
                     .into(),
             });
         }
@@ -135,6 +153,28 @@ impl QedLayer {
                 "header size of {header_size} clusters does not fit in the {file_len}-byte file"
             )));
         }
+        let backing = if features & F_BACKING_FILE != 0 {
+            let (at, len) = (u64::from(le_u32(&h, 56)), u64::from(le_u32(&h, 60)));
+            if len == 0 || len > MAX_BACKING_NAME || at < HEADER_LEN as u64 || at + len > header_end
+            {
+                return Err(invalid(format!(
+                    "backing file name ({len} bytes at offset {at}) is empty, longer than \
+                     {MAX_BACKING_NAME} bytes or outside the header clusters"
+                )));
+            }
+            let mut name = vec![0u8; len as usize];
+            read_exact_at(&file, path, &mut name, at)?;
+            let name = String::from_utf8(name)
+                .map_err(|_| invalid("backing file name is not UTF-8".into()))?;
+            Some(BackingRef {
+                name,
+                // Spec: the backing file is raw, not probed, when this bit is set.
+                format: (features & F_BACKING_FORMAT_NO_PROBE != 0).then(|| "raw".to_string()),
+                content_id: None,
+            })
+        } else {
+            None
+        };
         let table_bytes = table_size * cluster_size;
         let table_entries = table_bytes / 8;
         if !l1_offset.is_multiple_of(cluster_size)
@@ -187,6 +227,7 @@ impl QedLayer {
             l1_offset,
             size,
             cache,
+            backing,
         })
     }
 
@@ -256,6 +297,10 @@ impl Layer for QedLayer {
 
     fn allocated_bytes(&self) -> u64 {
         self.src.allocated
+    }
+
+    fn backing(&self) -> Option<&BackingRef> {
+        self.backing.as_ref()
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {

@@ -14,14 +14,17 @@
 //!
 //! A VMDK can name other files: a text descriptor lists extents by path (any host file,
 //! `/etc/passwd` included), and a descriptor may name a parent disk. None of that is
-//! followed: text descriptors are refused, and an embedded descriptor must describe
-//! exactly this one sparse file, with no parent. Limits checked before anything is read
-//! through the tables: capacity, grain size and GT size within qemu's limits, the GD and
-//! every GT inside the file, grains starting inside the file, a compressed grain's
-//! marker naming its own guest sector and a stored length of at most twice the grain
-//! (qemu's read buffer).
+//! opened here: text descriptors are refused (see `vmdk_extents`), and an embedded
+//! descriptor must describe exactly this one sparse file; a parent disk is refused by
+//! [`open`] and only named by [`open_overlay`] ([`Layer::backing`], with the `CID` the
+//! parent must carry), for a caller allowed to open it (see `chain`). Limits checked
+//! before anything is read through the tables: capacity, grain size and GT size within
+//! qemu's limits, the GD and every GT inside the file, grains starting inside the file,
+//! a compressed grain's marker naming its own guest sector and a stored length of at
+//! most twice the grain (qemu's read buffer).
 
 use super::file::{LayerFile, map_end};
+use super::qcow2::BackingRef;
 use super::tables::{Page, PageCache, TableOfTables, le_u16, le_u32, le_u64, read_upto_at};
 use super::{
     CompressedCluster, Compression, Error, Extent, Format, Layer, Mapping, Result, read_exact_at,
@@ -90,11 +93,22 @@ pub struct VmdkLayer {
     zeroed_grains: bool,
     compressed: bool,
     cache: PageCache,
+    /// The descriptor's `CID`.
+    cid: Option<u32>,
+    /// The parent disk, for a layer opened as an overlay.
+    backing: Option<BackingRef>,
 }
 
-/// Opens `file` (already opened from `path`) as a single-file sparse VMDK.
+/// Opens `file` (already opened from `path`) as a single-file sparse VMDK that names
+/// no parent disk.
 pub fn open(file: File, path: &Path) -> Result<VmdkLayer> {
     VmdkLayer::new(file, path)
+}
+
+/// Opens `file` as a single-file sparse VMDK that may name a parent disk
+/// ([`Layer::backing`], with the `CID` it must carry), which the caller follows.
+pub fn open_overlay(file: File, path: &Path) -> Result<VmdkLayer> {
+    VmdkLayer::checked(file, path, None, true)
 }
 
 /// The fields of a sparse extent header (spec: SparseExtentHeader) this reader uses.
@@ -132,10 +146,30 @@ fn looks_like_descriptor(bytes: &[u8]) -> bool {
     text.trim_start().starts_with('#') || text.contains("createType") || text.contains("RW ")
 }
 
+/// What an embedded descriptor says besides its one extent.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Descriptor {
+    /// `CID`: the content ID an overlay of this disk records as its `parentCID`.
+    cid: Option<u32>,
+    /// `parentFileNameHint` and `parentCID` of a disk that is an overlay of another.
+    parent: Option<(String, u32)>,
+}
+
+/// `NO_PARENT_CID` of the spec: the disk has no parent.
+const NO_PARENT: u32 = 0xffff_ffff;
+
 /// Checks an embedded descriptor: it must describe this one sparse file and nothing
-/// else. Returns a refusal reason otherwise.
-fn check_descriptor(text: &str) -> std::result::Result<(), String> {
+/// else (a parent disk is for the caller to accept or refuse). Returns a refusal reason
+/// otherwise.
+fn check_descriptor(text: &str) -> std::result::Result<Descriptor, String> {
     let mut extents = 0;
+    let mut found = Descriptor::default();
+    let (mut parent_name, mut parent_cid) = (None, None);
+    let cid = |key: &str, value: &str| {
+        u32::from_str_radix(value, 16).map_err(|_| {
+            format!("its descriptor's {key} {value:?} is not a hexadecimal content ID")
+        })
+    };
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -174,12 +208,12 @@ fn check_descriptor(text: &str) -> std::result::Result<(), String> {
                  {ONE_FILE_ADVICE}"
             ));
         }
-        if key.eq_ignore_ascii_case("parentFileNameHint")
-            || (key.eq_ignore_ascii_case("parentCID") && !value.eq_ignore_ascii_case("ffffffff"))
-        {
-            return Err(format!(
-                "its descriptor names a parent disk; {ONE_FILE_ADVICE}"
-            ));
+        if key.eq_ignore_ascii_case("CID") {
+            found.cid = Some(cid(key, value)?);
+        } else if key.eq_ignore_ascii_case("parentCID") {
+            parent_cid = Some(cid(key, value)?).filter(|&c| c != NO_PARENT);
+        } else if key.eq_ignore_ascii_case("parentFileNameHint") {
+            parent_name = Some(value.to_string());
         }
     }
     if extents > 1 {
@@ -187,7 +221,23 @@ fn check_descriptor(text: &str) -> std::result::Result<(), String> {
             "its descriptor lists {extents} extents; {ONE_FILE_ADVICE}"
         ));
     }
-    Ok(())
+    found.parent = match (parent_name, parent_cid) {
+        (None, None) => None,
+        (Some(name), Some(cid)) => Some((name, cid)),
+        (None, Some(_)) => {
+            return Err(
+                "its descriptor has a parentCID but no parentFileNameHint naming the \
+                        parent disk"
+                    .into(),
+            );
+        }
+        (Some(name), None) => {
+            return Err(format!(
+                "its descriptor names the parent disk {name:?} without a parentCID"
+            ));
+        }
+    };
+    Ok(found)
 }
 
 /// Where the grains of a hosted sparse VMDK file whose grain directory is in its header
@@ -224,7 +274,7 @@ pub fn open_arriving(
     assumed_len: u64,
     tables_end: u64,
 ) -> Result<VmdkLayer> {
-    let layer = VmdkLayer::checked(file, path, Some(assumed_len))?;
+    let layer = VmdkLayer::checked(file, path, Some(assumed_len), false)?;
     let below = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= tables_end);
     let mut ok = below(layer.gd_offset, layer.gd_entries * 4);
     for i in 0..layer.gd_entries {
@@ -247,11 +297,17 @@ pub fn open_arriving(
 
 impl VmdkLayer {
     pub fn new(file: File, path: &Path) -> Result<VmdkLayer> {
-        VmdkLayer::checked(file, path, None)
+        VmdkLayer::checked(file, path, None, false)
     }
 
-    /// [`VmdkLayer::new`], its grains checked against `assumed_len` when given.
-    fn checked(file: File, path: &Path, assumed_len: Option<u64>) -> Result<VmdkLayer> {
+    /// [`VmdkLayer::new`], its grains checked against `assumed_len` when given, a parent
+    /// disk accepted when `overlay`.
+    fn checked(
+        file: File,
+        path: &Path,
+        assumed_len: Option<u64>,
+        overlay: bool,
+    ) -> Result<VmdkLayer> {
         let invalid = |reason: String| Error::Invalid {
             path: path.to_path_buf(),
             format: Format::Vmdk,
@@ -363,6 +419,7 @@ impl VmdkLayer {
                 ))
             })?;
 
+        let mut descriptor = Descriptor::default();
         if hdr.descriptor_size > 0 {
             let start = hdr.descriptor_offset.checked_mul(SECTOR);
             let len = hdr.descriptor_size.saturating_mul(SECTOR);
@@ -378,7 +435,14 @@ impl VmdkLayer {
             let mut text = vec![0u8; len as usize];
             read_exact_at(&file, path, &mut text, start)?;
             let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
-            check_descriptor(&String::from_utf8_lossy(&text[..end])).map_err(unsupported)?;
+            descriptor =
+                check_descriptor(&String::from_utf8_lossy(&text[..end])).map_err(unsupported)?;
+            if descriptor.parent.is_some() && !overlay {
+                return Err(unsupported(format!(
+                    "its descriptor names a parent disk, which an import through the mount \
+                     does not read (`pcocc image import` does); {ONE_FILE_ADVICE}"
+                )));
+            }
         }
 
         TableOfTables {
@@ -414,6 +478,13 @@ impl VmdkLayer {
             zeroed_grains: hdr.flags & FLAG_ZEROED_GRAIN != 0,
             compressed,
             cache,
+            cid: descriptor.cid,
+            backing: descriptor.parent.map(|(name, cid)| BackingRef {
+                name,
+                // A parent disk is a VMDK (qemu reads it as one).
+                format: Some("vmdk".into()),
+                content_id: Some(cid),
+            }),
         })
     }
 
@@ -624,6 +695,14 @@ impl Layer for VmdkLayer {
 
     fn allocated_bytes(&self) -> u64 {
         self.src.allocated
+    }
+
+    fn backing(&self) -> Option<&BackingRef> {
+        self.backing.as_ref()
+    }
+
+    fn content_id(&self) -> Option<u32> {
+        self.cid
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
@@ -1057,7 +1136,16 @@ mod tests {
         assert!(check_descriptor("RW 8 SPARSE \"a=b.vmdk\"\n").is_ok());
         assert!(check_descriptor("createType=\"vmfsSparse\"\n").is_err());
         assert!(check_descriptor("parentCID=12345678\n").is_err());
+        assert!(check_descriptor("parentFileNameHint=\"p.vmdk\"\n").is_err());
         assert!(check_descriptor("parentCID=ffffffff\nRW 8 SPARSE \"d.vmdk\"\n").is_ok());
+        assert_eq!(
+            check_descriptor("CID=0000002a\nparentCID=fffffffe\nparentFileNameHint=\"p.vmdk\"\n"),
+            Ok(Descriptor {
+                cid: Some(42),
+                parent: Some(("p.vmdk".into(), 0xffff_fffe)),
+            })
+        );
+        assert!(check_descriptor("CID=zz\n").is_err());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::path::Path;
 
 use super::ops::now_timestamp;
 use super::{Error, Format};
-use crate::image::chain::{CallerFiles, NoBacking, open_chain_file};
+use crate::image::chain::{CallerFiles, NoBacking, open_chain_file, open_image_chain};
 use crate::image::qcow2_layout::CLUSTER_SIZE;
 use crate::image::{self, Disk, Layer, convert, detect};
 use crate::store::{self, Meta, Store};
@@ -95,8 +95,9 @@ pub fn open_standalone(file: &File, path: &Path, format: Format) -> Result<Disk,
 pub enum Reader {
     /// None: the source must be one standalone file (imports through the mount).
     Standalone,
-    /// The qcow2 backing chain and the VMDK extent files the source names, opened with
-    /// the rights of this process, which acts for its own user (`pcocc image import`).
+    /// The backing chain (qcow2 and QED backing files, VMDK parent disks) and the VMDK
+    /// extent files the source names, opened with the rights of this process, which acts
+    /// for its own user (`pcocc image import`).
     CallerFiles,
 }
 
@@ -126,6 +127,10 @@ fn open_source(file: &File, path: &Path, format: Format, reader: Reader) -> Resu
         }
         (Format::Vmdk, Reader::CallerFiles) if is_vmdk_descriptor(&file, path)? => {
             std::sync::Arc::new(image::vmdk_extents::open(&file, path, &CallerFiles)?)
+        }
+        // A QED backing file or a VMDK parent disk is followed, as qemu-img does.
+        (Format::Qed | Format::Vmdk, Reader::CallerFiles) => {
+            return Ok(open_image_chain(file, path, format, &CallerFiles)?);
         }
         (format, _) => return open_one(file, path, format),
     };

@@ -75,6 +75,9 @@ pub struct BackingRef {
     pub name: String,
     /// The backing format header extension (`qcow2`, `raw`, …), when present.
     pub format: Option<String>,
+    /// The content ID the backing file must carry (a VMDK's `parentCID`), when the
+    /// format records one.
+    pub content_id: Option<u32>,
 }
 
 /// The fields of a checked header that the reader uses.
@@ -406,6 +409,7 @@ pub fn parse(file: &File, path: &Path, file_len: u64) -> Result<Header> {
         backing: backing_name.map(|name| BackingRef {
             name,
             format: ext.backing_format,
+            content_id: None,
         }),
     })
 }

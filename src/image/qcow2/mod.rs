@@ -279,6 +279,10 @@ impl Layer for Qcow2Layer {
         Format::Qcow2
     }
 
+    fn backing(&self) -> Option<&BackingRef> {
+        self.header.backing.as_ref()
+    }
+
     fn file_id(&self) -> Option<(u64, u64)> {
         Some(self.src.id)
     }

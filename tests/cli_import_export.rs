@@ -787,7 +787,37 @@ fn multi_file_vmdks_are_imported_flattened_as_pcocc_does() {
         );
         assert_flattened(&f, name, "vmdk", &f.work(source));
     }
-    // A parent disk is not followed: refused naming it, nothing stored.
+    // A snapshot of the split disk (a descriptor naming its parent and its own sparse
+    // extents) is read through to its parent, as qemu reads it.
+    f.tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=twoGbMaxExtentSparse",
+            "-b",
+            "split.vmdk",
+            "-F",
+            "vmdk",
+            "split-snap.vmdk",
+        ],
+    );
+    write(
+        "vmdk",
+        "split-snap.vmdk",
+        &["write -P 0x24 2046M 4M", "write -z 0 32k"],
+    );
+    f.pcocc(&["import", "split-snap.vmdk", "split-snap"])
+        .expect(
+            &format!("{}{CONVERTING}", storing("user", "split-snap")),
+            "",
+            0,
+        );
+    assert_flattened(&f, "split-snap", "vmdk", &f.work("split-snap.vmdk"));
+    // One whose delta file is missing fails naming it, nothing stored.
     fs::write(
         f.work("esx/child.vmdk"),
         "version=1\nCID=12345678\nparentCID=fffffffe\nparentFileNameHint=\"disk.vmdk\"\n\
@@ -796,7 +826,7 @@ fn multi_file_vmdks_are_imported_flattened_as_pcocc_does() {
     .expect("descriptor");
     let run = f.pcocc(&["import", "esx/child.vmdk", "child"]);
     assert_eq!(run.code, 255, "{run:?}");
-    assert!(run.stderr.contains("parent"), "{run:?}");
+    assert!(run.stderr.contains("child-delta.vmdk"), "{run:?}");
     assert!(f.meta("user", "child", 0).is_none());
 }
 

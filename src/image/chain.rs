@@ -36,6 +36,12 @@ pub trait BackingPolicy: Send + Sync {
     fn any_format(&self) -> bool {
         false
     }
+
+    /// How the extent files a VMDK descriptor names are opened; `None` refuses
+    /// descriptor files.
+    fn extent_files(&self) -> Option<&dyn super::vmdk_extents::ExtentFiles> {
+        None
+    }
 }
 
 /// Allows no backing file at all (imports through the mount, which cannot read the
@@ -115,6 +121,10 @@ impl BackingPolicy for CallerFiles {
     /// qemu-img follows a backing file of any format it reads.
     fn any_format(&self) -> bool {
         true
+    }
+
+    fn extent_files(&self) -> Option<&dyn super::vmdk_extents::ExtentFiles> {
+        Some(self)
     }
 }
 
@@ -249,7 +259,7 @@ pub fn open_image_chain(
     };
     let mut seen = HashSet::new();
     seen.insert(identity(&file, path)?);
-    let top = open_layer(file, path, format)?;
+    let top = open_layer(file, path, format, policy)?;
     let mut layers: Vec<Arc<dyn Layer>> = vec![top];
     while let Some(backing) = layers.last().and_then(|l| l.backing().cloned()) {
         let below = layers.last().expect("the chain has a top").clone();
@@ -283,7 +293,7 @@ pub fn open_image_chain(
                 ),
             });
         }
-        let layer = open_layer(file, &resolved, backing_format)?;
+        let layer = open_layer(file, &resolved, backing_format, policy)?;
         if let Some(want) = backing.content_id
             && layer.content_id() != Some(want)
         {
@@ -307,7 +317,20 @@ pub fn open_image_chain(
 }
 
 /// Opens one layer of a chain: any backing file it names is followed by the caller.
-fn open_layer(file: File, path: &Path, format: Format) -> Result<Arc<dyn Layer>> {
+fn open_layer(
+    file: File,
+    path: &Path,
+    format: Format,
+    policy: &dyn BackingPolicy,
+) -> Result<Arc<dyn Layer>> {
+    if format == Format::Vmdk
+        && let Some(files) = policy.extent_files()
+        && super::vmdk_extents::file_is_descriptor(&file, path)?
+    {
+        return Ok(Arc::new(super::vmdk_extents::open_overlay(
+            &file, path, files,
+        )?));
+    }
     Ok(match format {
         Format::Qcow2 => Arc::new(Qcow2Layer::new(file, path)?),
         Format::Raw => Arc::new(RawLayer::new(file, path)?),

@@ -146,30 +146,85 @@ fn looks_like_descriptor(bytes: &[u8]) -> bool {
     text.trim_start().starts_with('#') || text.contains("createType") || text.contains("RW ")
 }
 
-/// What an embedded descriptor says besides its one extent.
+/// What a descriptor says of the disk's place in a chain of snapshots.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Descriptor {
+pub(super) struct Descriptor {
     /// `CID`: the content ID an overlay of this disk records as its `parentCID`.
-    cid: Option<u32>,
+    pub cid: Option<u32>,
     /// `parentFileNameHint` and `parentCID` of a disk that is an overlay of another.
-    parent: Option<(String, u32)>,
+    pub parent: Option<(String, u32)>,
 }
 
 /// `NO_PARENT_CID` of the spec: the disk has no parent.
 const NO_PARENT: u32 = 0xffff_ffff;
+
+/// The keys of a [`Descriptor`] as they are met in a descriptor's text.
+#[derive(Debug, Default)]
+pub(super) struct DescriptorKeys {
+    cid: Option<u32>,
+    parent_cid: Option<u32>,
+    parent_name: Option<String>,
+}
+
+impl DescriptorKeys {
+    /// Notes `key = value` (quotes trimmed) when it is one of the keys.
+    pub fn note(&mut self, key: &str, value: &str) -> std::result::Result<(), String> {
+        let cid = || {
+            u32::from_str_radix(value, 16).map_err(|_| {
+                format!("its descriptor's {key} {value:?} is not a hexadecimal content ID")
+            })
+        };
+        if key.eq_ignore_ascii_case("CID") {
+            self.cid = Some(cid()?);
+        } else if key.eq_ignore_ascii_case("parentCID") {
+            self.parent_cid = Some(cid()?).filter(|&c| c != NO_PARENT);
+        } else if key.eq_ignore_ascii_case("parentFileNameHint") {
+            self.parent_name = Some(value.to_string());
+        }
+        Ok(())
+    }
+
+    /// The descriptor's keys, a parent named with both its file name and content ID.
+    pub fn finish(self) -> std::result::Result<Descriptor, String> {
+        let parent = match (self.parent_name, self.parent_cid) {
+            (None, None) => None,
+            (Some(name), Some(cid)) => Some((name, cid)),
+            (None, Some(_)) => {
+                return Err("its descriptor has a parentCID but no parentFileNameHint \
+                            naming the parent disk"
+                    .into());
+            }
+            (Some(name), None) => {
+                return Err(format!(
+                    "its descriptor names the parent disk {name:?} without a parentCID"
+                ));
+            }
+        };
+        Ok(Descriptor {
+            cid: self.cid,
+            parent,
+        })
+    }
+}
+
+impl Descriptor {
+    /// The parent disk as a backing file: a VMDK carrying the recorded content ID.
+    pub fn backing(&self) -> Option<BackingRef> {
+        self.parent.as_ref().map(|(name, cid)| BackingRef {
+            name: name.clone(),
+            // A parent disk is a VMDK (qemu reads it as one).
+            format: Some("vmdk".into()),
+            content_id: Some(*cid),
+        })
+    }
+}
 
 /// Checks an embedded descriptor: it must describe this one sparse file and nothing
 /// else (a parent disk is for the caller to accept or refuse). Returns a refusal reason
 /// otherwise.
 fn check_descriptor(text: &str) -> std::result::Result<Descriptor, String> {
     let mut extents = 0;
-    let mut found = Descriptor::default();
-    let (mut parent_name, mut parent_cid) = (None, None);
-    let cid = |key: &str, value: &str| {
-        u32::from_str_radix(value, 16).map_err(|_| {
-            format!("its descriptor's {key} {value:?} is not a hexadecimal content ID")
-        })
-    };
+    let mut keys = DescriptorKeys::default();
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -208,36 +263,14 @@ fn check_descriptor(text: &str) -> std::result::Result<Descriptor, String> {
                  {ONE_FILE_ADVICE}"
             ));
         }
-        if key.eq_ignore_ascii_case("CID") {
-            found.cid = Some(cid(key, value)?);
-        } else if key.eq_ignore_ascii_case("parentCID") {
-            parent_cid = Some(cid(key, value)?).filter(|&c| c != NO_PARENT);
-        } else if key.eq_ignore_ascii_case("parentFileNameHint") {
-            parent_name = Some(value.to_string());
-        }
+        keys.note(key, value)?;
     }
     if extents > 1 {
         return Err(format!(
             "its descriptor lists {extents} extents; {ONE_FILE_ADVICE}"
         ));
     }
-    found.parent = match (parent_name, parent_cid) {
-        (None, None) => None,
-        (Some(name), Some(cid)) => Some((name, cid)),
-        (None, Some(_)) => {
-            return Err(
-                "its descriptor has a parentCID but no parentFileNameHint naming the \
-                        parent disk"
-                    .into(),
-            );
-        }
-        (Some(name), None) => {
-            return Err(format!(
-                "its descriptor names the parent disk {name:?} without a parentCID"
-            ));
-        }
-    };
-    Ok(found)
+    keys.finish()
 }
 
 /// Where the grains of a hosted sparse VMDK file whose grain directory is in its header
@@ -479,12 +512,7 @@ impl VmdkLayer {
             compressed,
             cache,
             cid: descriptor.cid,
-            backing: descriptor.parent.map(|(name, cid)| BackingRef {
-                name,
-                // A parent disk is a VMDK (qemu reads it as one).
-                format: Some("vmdk".into()),
-                content_id: Some(cid),
-            }),
+            backing: descriptor.backing(),
         })
     }
 

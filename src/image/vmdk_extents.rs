@@ -15,13 +15,14 @@
 //! The extent files are whatever the descriptor names, so only a reader acting for a user
 //! opens them, through an [`ExtentFiles`] that opens names with that user's rights
 //! (`pcocc image import`, which is the user's own process). Imports through the mount
-//! never get here: the daemon cannot read the writer's files. Also refused: a parent
-//! disk (`parentCID` other than `ffffffff`, a `parentFileNameHint`: a snapshot's delta,
-//! whose parent chain this reader does not follow), other extent types (`VMFSSPARSE`,
-//! `SESPARSE`, raw device maps), more than [`MAX_EXTENTS`] extents, and a descriptor
-//! larger than [`MAX_DESCRIPTOR`].
+//! never get here: the daemon cannot read the writer's files. A parent disk (a
+//! snapshot's `parentFileNameHint` and `parentCID`) is refused by [`open`] and named by
+//! [`open_overlay`] for the caller to follow (see `chain`). Also refused: other extent
+//! types (`VMFSSPARSE`, `SESPARSE`, raw device maps), more than [`MAX_EXTENTS`] extents,
+//! and a descriptor larger than [`MAX_DESCRIPTOR`].
 
 use super::file::map_end;
+use super::qcow2::BackingRef;
 use super::{Error, Extent, Format, Layer, Mapping, Result};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -33,8 +34,6 @@ const SECTOR: u64 = 512;
 pub const MAX_DESCRIPTOR: u64 = 1 << 20;
 /// Extents of one disk (each keeps its file open): 2 TiB in 2 GiB extents is 1024.
 pub const MAX_EXTENTS: usize = 4096;
-/// `parentCID` of a disk without a parent.
-const NO_PARENT_CID: &str = "ffffffff";
 
 /// Opens the extent files a descriptor names.
 pub trait ExtentFiles {
@@ -71,9 +70,38 @@ pub fn is_descriptor(head: &[u8]) -> bool {
     text.starts_with('#') || text.starts_with("version=")
 }
 
+/// True when `file` (opened from `path`) starts as a text descriptor.
+pub fn file_is_descriptor(file: &File, path: &Path) -> Result<bool> {
+    let mut head = [0u8; 512];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read_at(&mut head[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+    }
+    Ok(is_descriptor(&head[..got]))
+}
+
 /// Parses a descriptor's text into its extents, refusing what is not read (see the
-/// module comment). Errors are reasons, for the caller to wrap.
+/// module comment), and a parent disk. Errors are reasons, for the caller to wrap.
 pub fn parse(text: &str) -> std::result::Result<Vec<ExtentLine>, String> {
+    let (extents, keys) = parse_with_keys(text)?;
+    if let Some((name, _)) = keys.parent {
+        return Err(format!(
+            "it names a parent disk ({name:?}), which only `pcocc image import` reads"
+        ));
+    }
+    Ok(extents)
+}
+
+/// [`parse`], a parent disk accepted: the extents and what ties the disk to a parent.
+fn parse_with_keys(
+    text: &str,
+) -> std::result::Result<(Vec<ExtentLine>, super::vmdk::Descriptor), String> {
+    let mut keys = super::vmdk::DescriptorKeys::default();
     let mut extents = Vec::new();
     for raw in text.lines() {
         let line = raw.trim();
@@ -85,18 +113,7 @@ pub fn parse(text: &str) -> std::result::Result<Vec<ExtentLine>, String> {
             && !line.starts_with("RDONLY ")
             && !line.starts_with("NOACCESS ")
         {
-            let key = key.trim();
-            let value = value.trim().trim_matches('"');
-            if key.eq_ignore_ascii_case("parentCID") && !value.eq_ignore_ascii_case(NO_PARENT_CID) {
-                return Err(format!(
-                    "it names a parent disk (parentCID={value}); parent disks are not followed"
-                ));
-            }
-            if key.eq_ignore_ascii_case("parentFileNameHint") {
-                return Err(format!(
-                    "it names a parent disk ({value:?}); parent disks are not followed"
-                ));
-            }
+            keys.note(key.trim(), value.trim().trim_matches('"'))?;
             continue;
         }
         extents.push(parse_extent(line)?);
@@ -107,7 +124,7 @@ pub fn parse(text: &str) -> std::result::Result<Vec<ExtentLine>, String> {
     if extents.is_empty() {
         return Err("the descriptor lists no extent".into());
     }
-    Ok(extents)
+    Ok((extents, keys.finish()?))
 }
 
 fn parse_extent(line: &str) -> std::result::Result<ExtentLine, String> {
@@ -189,11 +206,30 @@ pub struct ExtentsLayer {
     /// Each extent's first guest byte and its part, in guest order.
     parts: Vec<(u64, u64, Part)>,
     allocated: u64,
+    /// The descriptor's `CID`.
+    cid: Option<u32>,
+    /// The parent disk, for a layer opened as an overlay.
+    backing: Option<BackingRef>,
 }
 
 /// Opens the descriptor `file` (opened from `path`) and every extent it names through
-/// `files`.
+/// `files`; a descriptor naming a parent disk is refused.
 pub fn open(file: &File, path: &Path, files: &dyn ExtentFiles) -> Result<ExtentsLayer> {
+    open_as(file, path, files, false)
+}
+
+/// [`open`] of a descriptor that may name a parent disk ([`Layer::backing`], with the
+/// `CID` it must carry), which the caller follows.
+pub fn open_overlay(file: &File, path: &Path, files: &dyn ExtentFiles) -> Result<ExtentsLayer> {
+    open_as(file, path, files, true)
+}
+
+fn open_as(
+    file: &File,
+    path: &Path,
+    files: &dyn ExtentFiles,
+    overlay: bool,
+) -> Result<ExtentsLayer> {
     let unsupported = |reason: String| Error::Unsupported {
         path: path.to_path_buf(),
         format: Format::Vmdk,
@@ -211,7 +247,11 @@ pub fn open(file: &File, path: &Path, files: &dyn ExtentFiles) -> Result<Extents
     // qemu pads the descriptor it rewrites with NULs: the text ends at the first one.
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     let text = String::from_utf8_lossy(&bytes[..end]);
-    let lines = parse(&text).map_err(unsupported)?;
+    let (lines, keys) = if overlay {
+        parse_with_keys(&text).map_err(unsupported)?
+    } else {
+        (parse(&text).map_err(unsupported)?, Default::default())
+    };
     let mut parts = Vec::with_capacity(lines.len());
     let mut start = 0u64;
     let mut allocated = 0u64;
@@ -245,6 +285,8 @@ pub fn open(file: &File, path: &Path, files: &dyn ExtentFiles) -> Result<Extents
         size: start,
         parts,
         allocated,
+        cid: keys.cid,
+        backing: keys.backing(),
     })
 }
 
@@ -309,6 +351,14 @@ impl Layer for ExtentsLayer {
 
     fn allocated_bytes(&self) -> u64 {
         self.allocated
+    }
+
+    fn backing(&self) -> Option<&BackingRef> {
+        self.backing.as_ref()
+    }
+
+    fn content_id(&self) -> Option<u32> {
+        self.cid
     }
 }
 

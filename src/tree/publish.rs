@@ -118,39 +118,11 @@ pub(super) fn source_error(e: Error) -> Error {
 
 fn open_source(file: &File, path: &Path, format: Format, reader: Reader) -> Result<Disk, Error> {
     let file = file.try_clone().map_err(|e| image::Error::io(path, e))?;
-    let layer: std::sync::Arc<dyn Layer> = match (format, reader) {
-        (Format::Qcow2, Reader::Standalone) => {
-            return Ok(open_chain_file(file, path, &NoBacking)?);
-        }
-        (Format::Qcow2, Reader::CallerFiles) => {
-            return Ok(open_chain_file(file, path, &CallerFiles)?);
-        }
-        (Format::Vmdk, Reader::CallerFiles) if is_vmdk_descriptor(&file, path)? => {
-            std::sync::Arc::new(image::vmdk_extents::open(&file, path, &CallerFiles)?)
-        }
-        // A QED backing file or a VMDK parent disk is followed, as qemu-img does.
-        (Format::Qed | Format::Vmdk, Reader::CallerFiles) => {
-            return Ok(open_image_chain(file, path, format, &CallerFiles)?);
-        }
-        (format, _) => return open_one(file, path, format),
-    };
-    Ok(Disk::new(vec![layer]))
-}
-
-/// True when `file` starts as a VMDK text descriptor.
-fn is_vmdk_descriptor(file: &File, path: &Path) -> Result<bool, Error> {
-    use std::os::unix::fs::FileExt;
-    let mut head = [0u8; 512];
-    let mut got = 0;
-    while got < head.len() {
-        match file.read_at(&mut head[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(image::Error::io(path, e).into()),
-        }
+    match reader {
+        // Backing files, a VMDK's extent files and parent disk, read as qemu-img does.
+        Reader::CallerFiles => Ok(open_image_chain(file, path, format, &CallerFiles)?),
+        Reader::Standalone => open_one(file, path, format),
     }
-    Ok(image::vmdk_extents::is_descriptor(&head[..got]))
 }
 
 /// A source of a format that names no other file (a VMDK: a single-file one).

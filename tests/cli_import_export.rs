@@ -694,6 +694,28 @@ fn qed_and_vmdk_overlays_are_imported_flattened_as_pcocc_does() {
         "{run:?}"
     );
     assert!(f.meta("user", "stale", 0).is_none());
+    // A QED that names itself as its backing file is a loop, refused as such.
+    f.tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qed",
+            "-u",
+            "-b",
+            "self.qed",
+            "-F",
+            "qed",
+            "ov/tmp.qed",
+            "8M",
+        ],
+    );
+    fs::rename(f.work("ov/tmp.qed"), f.work("ov/self.qed")).expect("rename");
+    let run = f.pcocc(&["import", "ov/self.qed", "looped"]);
+    assert_eq!(run.code, 255, "{run:?}");
+    assert!(run.stderr.contains("loops"), "{run:?}");
+    assert!(f.meta("user", "looped", 0).is_none());
     assert!(f.entries("user", ".tmp").is_empty(), "scratch files left");
 }
 

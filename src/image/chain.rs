@@ -259,12 +259,13 @@ pub fn open_image_chain(
     };
     let mut seen = HashSet::new();
     seen.insert(identity(&file, path)?);
-    let top = open_layer(file, path, format, policy)?;
-    let mut layers: Vec<Arc<dyn Layer>> = vec![top];
-    while let Some(backing) = layers.last().and_then(|l| l.backing().cloned()) {
-        let below = layers.last().expect("the chain has a top").clone();
+    // The layers above `lowest`, top first.
+    let mut layers: Vec<Arc<dyn Layer>> = Vec::new();
+    let mut lowest = open_layer(file, path, format, policy)?;
+    while let Some(backing) = lowest.backing().cloned() {
+        let below = &lowest;
         let from = below.path().to_path_buf();
-        if layers.len() >= MAX_CHAIN_DEPTH {
+        if layers.len() + 1 >= MAX_CHAIN_DEPTH {
             return Err(Error::Unsupported {
                 path: path.to_path_buf(),
                 format,
@@ -311,8 +312,9 @@ pub fn open_image_chain(
                 ),
             });
         }
-        layers.push(layer);
+        layers.push(std::mem::replace(&mut lowest, layer));
     }
+    layers.push(lowest);
     Ok(Disk::new(layers))
 }
 

@@ -720,6 +720,48 @@ fn qed_and_vmdk_overlays_are_imported_flattened_as_pcocc_does() {
 }
 
 #[test]
+fn a_qcow2_with_an_external_data_file_is_imported_flattened_as_pcocc_does() {
+    // pcocc 0.7.5 (qemu-img convert) reads the guest clusters from the data file the
+    // image names and stores a standalone layer. A relative name is found in the
+    // image's directory, as a backing file's is (qemu looks in its working directory,
+    // so pcocc imports such an image only from there).
+    let Some(f) = Fixture::new() else { return };
+    fs::create_dir_all(f.work("ext")).expect("dirs");
+    let in_ext = |cmd: String| f.tool("sh", &["-c", &format!("cd ext && {cmd}")]);
+    for (name, options) in [
+        ("plain", "data_file=plain.data"),
+        ("raw", "data_file=raw.data,data_file_raw=on"),
+    ] {
+        in_ext(format!(
+            "qemu-img create -q -f qcow2 -o {options} {name}.qcow2 8M"
+        ));
+        for cmd in [
+            "write -P 0x31 0 1M",
+            "write -z 2M 64k",
+            "write -P 0x32 5M 192k",
+        ] {
+            in_ext(format!("qemu-io -f qcow2 -c '{cmd}' {name}.qcow2"));
+        }
+        // The disk as qemu reads it, to compare the layer with.
+        in_ext(format!("qemu-img convert -O raw {name}.qcow2 {name}.raw"));
+        let image = format!("ext/{name}.qcow2");
+        f.pcocc(&["import", &image, name]).expect(
+            &format!("{}{COPYING}", storing("user", name)),
+            "",
+            0,
+        );
+        assert_flattened(&f, name, "raw", &f.work(&format!("ext/{name}.raw")));
+    }
+    // A missing data file fails naming it; nothing is stored.
+    fs::remove_file(f.work("ext/plain.data")).expect("rm");
+    let run = f.pcocc(&["import", "ext/plain.qcow2", "gone"]);
+    assert_eq!(run.code, 255, "{run:?}");
+    assert!(run.stderr.contains("plain.data"), "{run:?}");
+    assert!(f.meta("user", "gone", 0).is_none());
+    assert!(f.entries("user", ".tmp").is_empty(), "scratch files left");
+}
+
+#[test]
 fn multi_file_vmdks_are_imported_flattened_as_pcocc_does() {
     let Some(f) = Fixture::new() else { return };
     let write = |fmt: &str, file: &str, cmds: &[&str]| {

@@ -829,8 +829,9 @@ fn a_qcow2_with_a_backing_file_is_refused_at_close_saying_why() {
         "the daemon's log says why: {}",
         fs::read_to_string(&log).unwrap_or_default()
     );
-    // And for a QED overlay and a VMDK snapshot: the mount never reads the files they
-    // name, so they are refused whole rather than imported without what lies below.
+    // And for a QED overlay, a VMDK snapshot and a qcow2 keeping its clusters in an
+    // external data file: the mount never reads the files they name, so they are
+    // refused whole rather than imported without what lies below.
     ok(
         "qemu-img",
         &[
@@ -864,9 +865,29 @@ fn a_qcow2_with_a_backing_file_is_refused_at_close_saying_why() {
             s(&fs.work().join("snap.vmdk")),
         ],
     );
+    let data_file = format!("data_file={}", s(&fs.work().join("ext.data")));
+    let ext = fs.work().join("ext.qcow2");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &data_file,
+            s(&ext),
+            "4M",
+        ],
+    );
+    ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x62 0 1M", s(&ext)],
+    );
     for (source, name, why) in [
         ("over.qed", "over", "has a backing file"),
         ("snap.vmdk", "snap", "names a parent disk"),
+        ("ext.qcow2", "ext", "external data file"),
     ] {
         let out = fs.sh(
             r#"cp "$SRC" "$R/$N""#,

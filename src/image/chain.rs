@@ -42,6 +42,12 @@ pub trait BackingPolicy: Send + Sync {
     fn extent_files(&self) -> Option<&dyn super::vmdk_extents::ExtentFiles> {
         None
     }
+
+    /// Opens the external data file `name` of the qcow2 image at `layer_path`, or
+    /// refuses it.
+    fn open_data_file(&self, layer_path: &Path, name: &str) -> Result<(PathBuf, File)> {
+        Err(super::qcow2::data_file_refused(layer_path, name))
+    }
 }
 
 /// Allows no backing file at all (imports through the mount, which cannot read the
@@ -125,6 +131,10 @@ impl BackingPolicy for CallerFiles {
 
     fn extent_files(&self) -> Option<&dyn super::vmdk_extents::ExtentFiles> {
         Some(self)
+    }
+
+    fn open_data_file(&self, layer_path: &Path, name: &str) -> Result<(PathBuf, File)> {
+        self.open_named(layer_path, name, Format::Qcow2)
     }
 }
 
@@ -334,7 +344,9 @@ fn open_layer(
         )?));
     }
     Ok(match format {
-        Format::Qcow2 => Arc::new(Qcow2Layer::new(file, path)?),
+        Format::Qcow2 => Arc::new(Qcow2Layer::with_data_file(file, path, &|name| {
+            policy.open_data_file(path, name)
+        })?),
         Format::Raw => Arc::new(RawLayer::new(file, path)?),
         Format::Qed => Arc::new(super::qed::open_overlay(file, path)?),
         Format::Vdi => Arc::new(super::vdi::open(file, path)?),

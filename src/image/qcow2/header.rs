@@ -93,6 +93,9 @@ pub struct Header {
     pub compression: Compression,
     pub extended_l2: bool,
     pub backing: Option<BackingRef>,
+    /// The external data file holding the guest clusters, by the name the header
+    /// records (relative to the image's directory, or absolute).
+    pub data_file: Option<String>,
 }
 
 impl Header {
@@ -253,15 +256,29 @@ pub fn parse(file: &File, path: &Path, file_len: u64) -> Result<Header> {
             format!("unknown incompatible feature {}", names.join(", ")),
         ));
     }
-    if incompatible & INCOMPAT_EXTERNAL_DATA != 0 || ext.external_data_file.is_some() {
-        let name = ext.external_data_file.as_deref().unwrap_or("(unnamed)");
-        return Err(unsupported(
-            path,
-            format!(
-                "its data lives in an external data file {name:?}; convert it to a standalone image with qemu-img convert"
-            ),
-        ));
-    }
+    let data_file = match (
+        incompatible & INCOMPAT_EXTERNAL_DATA != 0,
+        ext.external_data_file,
+    ) {
+        (true, Some(name)) if !name.is_empty() => Some(name),
+        (true, _) => {
+            return Err(unsupported(
+                path,
+                "its data lives in an external data file it does not name (qemu needs the \
+                 file given when opening it); convert it with qemu-img convert",
+            ));
+        }
+        (false, Some(name)) => {
+            return Err(invalid(
+                path,
+                format!(
+                    "it names the external data file {name:?} without the external data \
+                     feature bit"
+                ),
+            ));
+        }
+        (false, None) => None,
+    };
     if incompatible & INCOMPAT_CORRUPT != 0 {
         return Err(invalid(
             path,
@@ -411,6 +428,7 @@ pub fn parse(file: &File, path: &Path, file_len: u64) -> Result<Header> {
             format: ext.backing_format,
             content_id: None,
         }),
+        data_file,
     })
 }
 

@@ -44,6 +44,9 @@ pub fn keepable(file: &File, path: &Path, file_len: u64) -> Verdict {
     if h.backing.is_some() {
         return Err("it has a backing file".into());
     }
+    if h.data_file.is_some() {
+        return Err("it has an external data file".into());
+    }
     if h.extended_l2 {
         return Err("extended L2 entries".into());
     }

@@ -4,9 +4,10 @@
 //! Supported: cluster sizes 512 B to 2 MiB, zero clusters (v3), unallocated clusters
 //! (they fall through to the backing layer, see [`super::chain`]), compressed clusters
 //! (deflate and zstd, decoded by [`super::compressed`]) and extended L2 entries
-//! (32 subclusters per cluster with allocation and zero bitmaps). Refused with an error
-//! naming the file: encryption, external data files, the corrupt bit and any unknown
-//! incompatible feature.
+//! (32 subclusters per cluster with allocation and zero bitmaps), and an external data
+//! file holding the guest clusters when the caller opens it
+//! ([`Qcow2Layer::with_data_file`]). Refused with an error naming the file: encryption,
+//! the corrupt bit and any unknown incompatible feature.
 //!
 //! Limits enforced before allocating (see [`header`]): cluster bits 9..=21; L1 table at
 //! most 32 MiB, large enough for the virtual size, cluster-aligned and inside the file
@@ -44,6 +45,8 @@ use std::sync::Arc;
 
 /// L2 entry bit 62: the cluster is compressed (spec).
 const L2_COMPRESSED: u64 = 1 << 62;
+/// L2 entry bit 63: the cluster's refcount is exactly one (spec, "COPIED").
+const L2_COPIED: u64 = 1 << 63;
 /// Standard cluster descriptor bit 0: the cluster reads as zeroes (spec, v3 only).
 const L2_ZERO: u64 = 1;
 /// Extended L2 entries split a cluster into this many subclusters (spec).
@@ -60,6 +63,8 @@ const MIN_L2_CACHE_TABLES: usize = 16;
 /// A qcow2 image file, immutable after open, shared by any number of reading threads.
 pub struct Qcow2Layer {
     src: LayerFile,
+    /// The external data file holding the guest clusters, when the image has one.
+    data: Option<LayerFile>,
     header: Header,
     l1: Box<[u64]>,
     l2_cache: LruCache<u64, Arc<[u64]>>,
@@ -85,6 +90,20 @@ enum Unit {
     Compressed(u64, u64),
 }
 
+/// The refusal of the external data file `name` of the image at `path`, where the
+/// files an image names are not read.
+pub fn data_file_refused(path: &Path, name: &str) -> Error {
+    Error::Unsupported {
+        path: path.to_path_buf(),
+        format: Format::Qcow2,
+        reason: format!(
+            "its data lives in an external data file {name:?}, which is not read here \
+             (`pcocc image import` reads it); convert it to a standalone image with \
+             qemu-img convert"
+        ),
+    }
+}
+
 impl Qcow2Layer {
     /// Opens `path` as a qcow2 image (no backing file is opened here).
     pub fn open(path: &Path) -> Result<Qcow2Layer> {
@@ -92,11 +111,32 @@ impl Qcow2Layer {
         Qcow2Layer::new(file, path)
     }
 
-    /// Reads the header and L1 table of `file` (opened from `path`).
+    /// Reads the header and L1 table of `file` (opened from `path`). An image whose
+    /// guest clusters live in an external data file is refused (see
+    /// [`Qcow2Layer::with_data_file`]).
     pub fn new(file: File, path: &Path) -> Result<Qcow2Layer> {
+        Qcow2Layer::with_data_file(file, path, &|name| Err(data_file_refused(path, name)))
+    }
+
+    /// [`Qcow2Layer::new`] for an image that may keep its guest clusters in an external
+    /// data file: `open_data` opens it from the name the header records (its path and
+    /// the open file), or refuses.
+    pub fn with_data_file(
+        file: File,
+        path: &Path,
+        open_data: &dyn Fn(&str) -> Result<(std::path::PathBuf, File)>,
+    ) -> Result<Qcow2Layer> {
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         let file_len = meta.len();
         let header = header::parse(&file, path, file_len)?;
+        let data = match &header.data_file {
+            Some(name) => {
+                let (data_path, data_file) = open_data(name)?;
+                let data_meta = data_file.metadata().map_err(|e| Error::io(&data_path, e))?;
+                Some(LayerFile::new(data_file, &data_path, &data_meta))
+            }
+            None => None,
+        };
         // Bounded by the header checks: at most 32 MiB and inside the file.
         let mut raw = vec![0u8; (header.l1_entries * 8) as usize];
         super::read_exact_at(&file, path, &mut raw, header.l1_offset)?;
@@ -109,6 +149,7 @@ impl Qcow2Layer {
         let tables = (L2_CACHE_BYTES / cluster_size).max(MIN_L2_CACHE_TABLES);
         Ok(Qcow2Layer {
             src: LayerFile::new(file, path, &meta),
+            data,
             l1,
             l2_cache: LruCache::new(tables * cluster_size),
             header,
@@ -197,6 +238,11 @@ impl Qcow2Layer {
             )
         };
         if entry & L2_COMPRESSED != 0 {
+            if self.data.is_some() {
+                return Err(bad(
+                    "a compressed cluster in an image with an external data file".into(),
+                ));
+            }
             // Descriptor: offset in bits 0..x, extra sectors in bits x..62, with
             // x = 62 - (cluster_bits - 8) (spec, "Compressed Clusters Descriptor").
             let x = 62 - (h.cluster_bits - 8);
@@ -221,6 +267,9 @@ impl Qcow2Layer {
         if !host.is_multiple_of(h.cluster_size()) {
             return Err(bad("data cluster offset is not cluster-aligned".into()));
         }
+        // Offset 0 means "no cluster", except in an external data file, where the
+        // COPIED flag marks the cluster at its very start (spec).
+        let stored = host != 0 || (self.data.is_some() && entry & L2_COPIED != 0);
         if h.extended_l2 {
             let bitmap = table[index * stride + 1];
             let sub = (pos >> self.unit_bits()) % u64::from(SUBCLUSTERS);
@@ -228,7 +277,7 @@ impl Qcow2Layer {
             let zero = bitmap & (1 << (sub + 32)) != 0;
             return match (allocated, zero) {
                 (true, true) => Err(bad(format!("subcluster {sub} is both allocated and zero"))),
-                (true, false) if host == 0 => Err(bad(format!(
+                (true, false) if !stored => Err(bad(format!(
                     "subcluster {sub} is allocated in a cluster with no host offset"
                 ))),
                 (true, false) => Ok(Unit::Data(host + (sub << self.unit_bits()))),
@@ -243,10 +292,10 @@ impl Qcow2Layer {
             }
             return Ok(Unit::Zero);
         }
-        Ok(if host == 0 {
-            Unit::Unallocated
-        } else {
+        Ok(if stored {
             Unit::Data(host)
+        } else {
+            Unit::Unallocated
         })
     }
 }
@@ -296,7 +345,7 @@ impl Layer for Qcow2Layer {
     }
 
     fn allocated_bytes(&self) -> u64 {
-        self.src.allocated
+        self.src.allocated + self.data.as_ref().map_or(0, |d| d.allocated)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
@@ -358,7 +407,8 @@ impl Layer for Qcow2Layer {
         }
         let len = stop.min(end) - offset;
         let mapping = match (first, base) {
-            (Unit::Data(_), Some(host)) => self.src.data(host),
+            // With an external data file, host offsets are offsets in it.
+            (Unit::Data(_), Some(host)) => self.data.as_ref().unwrap_or(&self.src).data(host),
             (Unit::Zero, _) => Mapping::Zero,
             _ => Mapping::Unallocated,
         };

@@ -456,6 +456,20 @@ fn assert_flattened(f: &Fixture, name: &str, format: &str, source: &Path) {
     );
 }
 
+/// Asserts that `pcocc image import SOURCE NAME` fails (exit 255) with a message holding
+/// every one of `needles`, leaving no image and no scratch file.
+#[track_caller]
+fn assert_import_fails(f: &Fixture, source: &str, name: &str, needles: &[&str]) {
+    let run = f.pcocc(&["import", source, name]);
+    assert_eq!(run.code, 255, "{run:?}");
+    assert!(
+        needles.iter().all(|n| run.stderr.contains(n)),
+        "{needles:?}: {run:?}"
+    );
+    assert!(f.meta("user", name, 0).is_none(), "{name} stored");
+    assert!(f.entries("user", ".tmp").is_empty(), "scratch files left");
+}
+
 #[test]
 fn a_qcow2_with_a_backing_chain_is_imported_flattened_as_pcocc_does() {
     // pcocc 0.7.5 (qemu-img convert) flattens the chain into one standalone layer and
@@ -600,11 +614,7 @@ fn a_qcow2_with_a_backing_chain_is_imported_flattened_as_pcocc_does() {
     }
     // A missing backing file fails naming it, leaving nothing.
     fs::rename(f.work("chain/base.raw"), f.work("chain/gone.raw")).expect("rename");
-    let run = f.pcocc(&["import", "chain/big.qcow2", "broken"]);
-    assert_eq!(run.code, 255, "{run:?}");
-    assert!(run.stderr.contains("base.raw"), "{run:?}");
-    assert!(f.meta("user", "broken", 0).is_none());
-    assert!(f.entries("user", ".tmp").is_empty(), "scratch files left");
+    assert_import_fails(&f, "chain/big.qcow2", "broken", &["base.raw"]);
 }
 
 #[test]
@@ -684,16 +694,12 @@ fn qed_and_vmdk_overlays_are_imported_flattened_as_pcocc_does() {
         + 5;
     bytes[at..at + 8].copy_from_slice(b"0badc1d0");
     fs::write(&parent, bytes).expect("parent");
-    let run = f.pcocc(&["import", "ov/snap1.vmdk", "stale"]);
-    assert_eq!(run.code, 255, "{run:?}");
-    assert!(
-        run.stderr.contains("snap1.vmdk")
-            && run.stderr.contains("disk.vmdk")
-            && run.stderr.contains("0badc1d0")
-            && run.stderr.contains("parentCID"),
-        "{run:?}"
+    assert_import_fails(
+        &f,
+        "ov/snap1.vmdk",
+        "stale",
+        &["snap1.vmdk", "disk.vmdk", "0badc1d0", "parentCID"],
     );
-    assert!(f.meta("user", "stale", 0).is_none());
     // A QED that names itself as its backing file is a loop, refused as such.
     f.tool(
         "qemu-img",
@@ -712,11 +718,7 @@ fn qed_and_vmdk_overlays_are_imported_flattened_as_pcocc_does() {
         ],
     );
     fs::rename(f.work("ov/tmp.qed"), f.work("ov/self.qed")).expect("rename");
-    let run = f.pcocc(&["import", "ov/self.qed", "looped"]);
-    assert_eq!(run.code, 255, "{run:?}");
-    assert!(run.stderr.contains("loops"), "{run:?}");
-    assert!(f.meta("user", "looped", 0).is_none());
-    assert!(f.entries("user", ".tmp").is_empty(), "scratch files left");
+    assert_import_fails(&f, "ov/self.qed", "looped", &["loops"]);
 }
 
 #[test]
@@ -754,11 +756,7 @@ fn a_qcow2_with_an_external_data_file_is_imported_flattened_as_pcocc_does() {
     }
     // A missing data file fails naming it; nothing is stored.
     fs::remove_file(f.work("ext/plain.data")).expect("rm");
-    let run = f.pcocc(&["import", "ext/plain.qcow2", "gone"]);
-    assert_eq!(run.code, 255, "{run:?}");
-    assert!(run.stderr.contains("plain.data"), "{run:?}");
-    assert!(f.meta("user", "gone", 0).is_none());
-    assert!(f.entries("user", ".tmp").is_empty(), "scratch files left");
+    assert_import_fails(&f, "ext/plain.qcow2", "gone", &["plain.data"]);
 }
 
 #[test]
@@ -888,10 +886,7 @@ fn multi_file_vmdks_are_imported_flattened_as_pcocc_does() {
          RW 8192 SPARSE \"child-delta.vmdk\"\n",
     )
     .expect("descriptor");
-    let run = f.pcocc(&["import", "esx/child.vmdk", "child"]);
-    assert_eq!(run.code, 255, "{run:?}");
-    assert!(run.stderr.contains("child-delta.vmdk"), "{run:?}");
-    assert!(f.meta("user", "child", 0).is_none());
+    assert_import_fails(&f, "esx/child.vmdk", "child", &["child-delta.vmdk"]);
 }
 
 #[test]
@@ -919,11 +914,7 @@ fn a_truncated_image_fails_cleanly() {
     let source = f.source("vmdk", "whole.vmdk");
     let bytes = fs::read(&source).expect("vmdk");
     fs::write(f.work("cut.vmdk"), &bytes[..bytes.len() / 3]).expect("truncated");
-    let run = f.pcocc(&["import", "cut.vmdk", "cut"]);
-    assert_eq!(run.code, 255, "{run:?}");
-    assert!(run.stderr.contains("cut.vmdk"), "{run:?}");
-    assert!(f.meta("user", "cut", 0).is_none());
-    assert!(f.entries("user", ".tmp").is_empty(), "scratch files left");
+    assert_import_fails(&f, "cut.vmdk", "cut", &["cut.vmdk"]);
 }
 
 // ---------------------------------------------------------------- export

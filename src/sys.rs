@@ -660,6 +660,37 @@ impl MappedBuf {
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
         Ok(MappedBuf { ptr, len })
     }
+
+    /// A mapping of at least `len` zero bytes (rounded up to whole 2 MiB huge pages)
+    /// at a 2 MiB boundary, which the kernel is asked to back with transparent huge
+    /// pages: a buffer written to the kernel again and again (`writev` to the FUSE
+    /// device) is then pinned a huge page at a time instead of 4 KiB at a time. Without
+    /// huge pages it is an ordinary mapping.
+    pub fn huge(len: usize) -> io::Result<MappedBuf> {
+        const HUGE: usize = 2 << 20;
+        let span = len.max(1).next_multiple_of(HUGE);
+        let whole = MappedBuf::new(span + HUGE)?;
+        let start = whole.ptr.as_ptr() as usize;
+        let aligned = start.next_multiple_of(HUGE);
+        let (head, tail) = (aligned - start, start + whole.len - (aligned + span));
+        // The part kept is owned by the new value from here on.
+        std::mem::forget(whole);
+        // SAFETY: both ranges lie inside the mapping just made, outside the part kept;
+        // nothing refers to them.
+        unsafe {
+            if head > 0 {
+                libc::munmap(start as *mut libc::c_void, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + span) as *mut libc::c_void, tail);
+            }
+            // Advice only: a kernel without transparent huge pages refuses it.
+            libc::madvise(aligned as *mut libc::c_void, span, libc::MADV_HUGEPAGE);
+        }
+        let ptr = std::ptr::NonNull::new(aligned as *mut u8)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(MappedBuf { ptr, len: span })
+    }
 }
 
 impl std::ops::Deref for MappedBuf {

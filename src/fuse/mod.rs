@@ -397,8 +397,10 @@ impl Filesystem for ImageFs {
     ) {
         // An O_DIRECT reader (qemu's cache=none) never reads the page cache: nothing is
         // pushed into it for such a descriptor; nor for small reads (random access),
-        // which then cost no second lookup of their file.
-        let pushable = flags.0 & libc::O_DIRECT == 0 && u64::from(size) >= push::MIN_READ;
+        // which then cost no second lookup of their file: they only tell a reader being
+        // pushed for how far it is (a page the push left out).
+        let buffered = flags.0 & libc::O_DIRECT == 0;
+        let pushable = buffered && u64::from(size) >= push::MIN_READ;
         // Each request thread keeps one buffer of the largest request and reuses it: a
         // fresh zeroed megabyte per request costs a page-fault storm and a memset for
         // every read. Stale bytes never leave: every reader fills exactly the count it
@@ -413,6 +415,8 @@ impl Filesystem for ImageFs {
                     reply.data(&buf[..n]);
                     if pushable && let Some(file) = self.session.open_file(fh.0) {
                         self.pusher.on_read(fh.0, ino.0, &file, offset, n as u64);
+                    } else if buffered {
+                        self.pusher.on_small_read(fh.0, offset, n as u64);
                     }
                 }
                 Err(e) => reply.error(errno(e)),

@@ -38,6 +38,13 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 pub const PUSH_AHEAD: u64 = 64 << 20;
 /// Bytes generated and stored at a time (one notification).
 pub const PUSH_PIECE: usize = 1 << 20;
+/// The kernel's page: what is stored is whole pages of the view.
+const PAGE: u64 = 4096;
+/// One page in this many bytes pushed is left out, so that the reader's read of it
+/// comes to the daemon (a page read, one round trip) and tells it how far the reader
+/// is: the push then goes on while the reader reads what was pushed, instead of waiting
+/// at [`PUSH_AHEAD`] until the reader finds nothing cached and waits in turn.
+pub const TRIP_EVERY: u64 = 8 << 20;
 /// Reads smaller than this are not a sequential stream worth pushing for (the kernel's
 /// read-ahead of a sequential reader asks for 1 MiB at a time on this mount).
 pub const MIN_READ: u64 = 128 << 10;
@@ -61,6 +68,9 @@ struct Job {
     dropped: u64,
     /// Drop up to here.
     drop_to: u64,
+    /// The next piece starting at or past here leaves its first page out (see
+    /// [`TRIP_EVERY`]).
+    next_trip: u64,
 }
 
 #[derive(Default)]
@@ -100,6 +110,33 @@ impl Pusher {
         }
     }
 
+    /// The kernel asked for fewer than [`MIN_READ`] bytes at `offset` of the open file
+    /// `fh`: where a reader being pushed for reads within what was pushed, a page left
+    /// out (see [`TRIP_EVERY`]), it is that far: the push goes on from there.
+    pub fn on_small_read(&self, fh: u64, offset: u64, len: u64) {
+        let (lock, wake) = &*self.shared;
+        let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(job) = jobs.by_fh.get_mut(&fh) else {
+            return;
+        };
+        if !(job.last_end..job.pushed).contains(&offset) {
+            return;
+        }
+        let Ok(size) = job.file.size() else {
+            return;
+        };
+        let end = offset.saturating_add(len);
+        job.last_end = end;
+        job.want = job.want.max(end.saturating_add(PUSH_AHEAD).min(size));
+        if job.file.view().is_some_and(|v| v.format() != Format::Raw) {
+            let behind = offset.saturating_sub(DROP_BEHIND) & !(PUSH_PIECE as u64 - 1);
+            job.drop_to = job.drop_to.max(behind);
+        }
+        if job.pushed < job.want || job.dropped < job.drop_to {
+            wake.notify_one();
+        }
+    }
+
     /// The kernel asked for `len` bytes at `offset` of the open file `fh` (inode `ino`).
     pub fn on_read(&self, fh: u64, ino: u64, file: &Arc<OpenFile>, offset: u64, len: u64) {
         let Some(&window) = self.window.get() else {
@@ -123,6 +160,7 @@ impl Pusher {
             ahead: ReadAhead::default(),
             dropped: 0,
             drop_to: 0,
+            next_trip: 0,
         });
         // Requests of one stream arrive nearly in order; anything else is not pushed for.
         let sequential = offset.abs_diff(job.last_end) <= PUSH_AHEAD;
@@ -171,6 +209,8 @@ struct Task {
     file: Arc<OpenFile>,
     at: u64,
     want: u64,
+    /// Leave the piece's first page out (see [`TRIP_EVERY`]).
+    trip: bool,
 }
 
 /// Waits for the next work: pages a reader has passed first (their memory is what the
@@ -196,8 +236,14 @@ fn next_work(lock: &Mutex<Jobs>, wake: &Condvar) -> Work {
             .min_by_key(|&fh| (fh <= turn, fh));
         if let Some(fh) = next {
             // Found in the map under this very lock.
-            let j = &jobs.by_fh[&fh];
+            let Some(j) = jobs.by_fh.get_mut(&fh) else {
+                continue;
+            };
             let (at, want) = (j.pushed, j.want);
+            let trip = at >= j.next_trip;
+            if trip {
+                j.next_trip = at.saturating_add(TRIP_EVERY);
+            }
             if let Some(view) = j.file.view() {
                 j.ahead
                     .on_read(view, at, (want - at).min(PUSH_PIECE as u64));
@@ -208,6 +254,7 @@ fn next_work(lock: &Mutex<Jobs>, wake: &Condvar) -> Work {
                 file: j.file.clone(),
                 at,
                 want,
+                trip,
             };
             jobs.turn = fh;
             return Work::Push(task);
@@ -226,34 +273,61 @@ fn push_piece(notifier: &Notifier, buf: &mut [u8], task: &Task) -> std::io::Resu
         at,
         want,
         ref file,
+        trip,
         ..
     } = task;
     let view = file
         .view()
         .ok_or_else(|| std::io::Error::other("not a view"))?;
     let io = |e: crate::view::Error| std::io::Error::other(e.to_string());
-    // A hole the reader is told of (SEEK_HOLE) is skipped, as the reader skips it.
+    // A hole the reader is told of (SEEK_HOLE) is skipped, as the reader skips it. Only
+    // whole pages are stored: the kernel leaves a page stored in part out of date, and
+    // the reader's read of it goes to the daemon anyway (the data of `disk.vpc` starts
+    // 512 bytes into a page after every hole).
     let Some(data) = view.next_data(at).map_err(io)? else {
         return Ok(want);
     };
+    let data = data & !(PAGE - 1);
     if data > at {
         return Ok(data.min(want));
     }
     // Only as far as this piece goes: a view with no hole left would be walked to its end
     // for every piece.
     let end = want.min(at + buf.len() as u64);
-    let n = (view.hole_before(at, end).map_err(io)? - at).max(1) as usize;
+    let hole = view.hole_before(at, end).map_err(io)?;
+    let stop = hole
+        .next_multiple_of(PAGE)
+        .min(end.max(hole))
+        .min(view.size());
+    let n = (stop - at).max(1) as usize;
     let got = view.read_at(&mut buf[..n], at).map_err(io)?;
     if got == 0 {
         return Err(std::io::Error::other("nothing to push"));
     }
-    notifier.store(INodeNo(ino), at, &buf[..got])?;
-    Ok(at + got as u64)
+    // A page left out for the reader to ask for, in a piece of more than one page.
+    let skip = if trip && got as u64 >= 2 * PAGE && at.is_multiple_of(PAGE) {
+        PAGE as usize
+    } else {
+        0
+    };
+    notifier.store(INodeNo(ino), at + skip as u64, &buf[skip..got])?;
+    // The next piece starts at the hole, which it skips, or where this one ended.
+    Ok((at + got as u64).min(hole.max(at + 1)))
 }
 
 fn push_loop(shared: &(Mutex<Jobs>, Condvar), notifier: &Notifier) {
     let (lock, wake) = shared;
-    let mut buf = vec![0u8; PUSH_PIECE];
+    // Stored from again and again: in huge pages where the kernel has them (see
+    // `MappedBuf::huge`), else in an ordinary buffer.
+    let mut mapped = crate::sys::MappedBuf::huge(PUSH_PIECE).ok();
+    let mut plain = Vec::new();
+    let buf: &mut [u8] = match mapped.as_deref_mut() {
+        Some(m) => &mut m[..PUSH_PIECE],
+        None => {
+            plain.resize(PUSH_PIECE, 0);
+            &mut plain
+        }
+    };
     loop {
         let task = match next_work(lock, wake) {
             Work::Push(task) => task,
@@ -263,7 +337,7 @@ fn push_loop(shared: &(Mutex<Jobs>, Condvar), notifier: &Notifier) {
                 continue;
             }
         };
-        let pushed = push_piece(notifier, &mut buf, &task);
+        let pushed = push_piece(notifier, buf, &task);
         let Task { fh, ino, at, .. } = task;
         let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(j) = jobs.by_fh.get_mut(&fh) {

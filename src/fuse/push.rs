@@ -209,7 +209,7 @@ struct Task {
     file: Arc<OpenFile>,
     at: u64,
     want: u64,
-    /// Leave the piece's first page out (see [`TRIP_EVERY`]).
+    /// Leave the first page the piece stores out (see [`TRIP_EVERY`]).
     trip: bool,
 }
 
@@ -241,9 +241,6 @@ fn next_work(lock: &Mutex<Jobs>, wake: &Condvar) -> Work {
             };
             let (at, want) = (j.pushed, j.want);
             let trip = at >= j.next_trip;
-            if trip {
-                j.next_trip = at.saturating_add(TRIP_EVERY);
-            }
             if let Some(view) = j.file.view() {
                 j.ahead
                     .on_read(view, at, (want - at).min(PUSH_PIECE as u64));
@@ -267,7 +264,7 @@ fn next_work(lock: &Mutex<Jobs>, wake: &Condvar) -> Work {
 /// of at most [`PUSH_PIECE`] bytes (the size of `buf`) that stops at `task.want` and at
 /// the next reported hole, or nothing when `at` is in a reported hole. Returns where the
 /// next piece starts.
-fn push_piece(notifier: &Notifier, buf: &mut [u8], task: &Task) -> std::io::Result<u64> {
+fn push_piece(notifier: &Notifier, buf: &mut [u8], task: &Task) -> std::io::Result<Pushed> {
     let &Task {
         ino,
         at,
@@ -285,11 +282,11 @@ fn push_piece(notifier: &Notifier, buf: &mut [u8], task: &Task) -> std::io::Resu
     // the reader's read of it goes to the daemon anyway (the data of `disk.vpc` starts
     // 512 bytes into a page after every hole).
     let Some(data) = view.next_data(at).map_err(io)? else {
-        return Ok(want);
+        return Ok(Pushed::to(want));
     };
     let data = data & !(PAGE - 1);
     if data > at {
-        return Ok(data.min(want));
+        return Ok(Pushed::to(data.min(want)));
     }
     // Only as far as this piece goes: a view with no hole left would be walked to its end
     // for every piece.
@@ -311,8 +308,29 @@ fn push_piece(notifier: &Notifier, buf: &mut [u8], task: &Task) -> std::io::Resu
         0
     };
     notifier.store(INodeNo(ino), at + skip as u64, &buf[skip..got])?;
-    // The next piece starts at the hole, which it skips, or where this one ended.
-    Ok((at + got as u64).min(hole.max(at + 1)))
+    Ok(Pushed {
+        // The next piece starts at the hole, which it skips, or where this one ended.
+        next: (at + got as u64).min(hole.max(at + 1)),
+        left_out: (skip > 0).then_some(at),
+    })
+}
+
+/// What a piece pushed.
+struct Pushed {
+    /// Where the next piece starts.
+    next: u64,
+    /// The page left out for the reader to ask for, if any.
+    left_out: Option<u64>,
+}
+
+impl Pushed {
+    /// Nothing stored: the next piece starts at `next`.
+    fn to(next: u64) -> Pushed {
+        Pushed {
+            next,
+            left_out: None,
+        }
+    }
 }
 
 fn push_loop(shared: &(Mutex<Jobs>, Condvar), notifier: &Notifier) {
@@ -342,7 +360,12 @@ fn push_loop(shared: &(Mutex<Jobs>, Condvar), notifier: &Notifier) {
         let mut jobs = lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(j) = jobs.by_fh.get_mut(&fh) {
             match pushed {
-                Ok(next) => j.pushed = j.pushed.max(next),
+                Ok(p) => {
+                    j.pushed = j.pushed.max(p.next);
+                    if let Some(page) = p.left_out {
+                        j.next_trip = page.saturating_add(TRIP_EVERY);
+                    }
+                }
                 // The kernel no longer knows the inode, or the view cannot be read here
                 // (the reader's own reads will say why): stop pushing this file.
                 Err(e) => {

@@ -8,10 +8,12 @@
 //! the previous one ended), a thread of the mount generates the view further on and
 //! stores it into the kernel's cache itself (`FUSE_NOTIFY_STORE`), on the other core,
 //! where the reader then finds it. Bounded: at most [`PUSH_AHEAD`] bytes past the end of
-//! the latest read the kernel asked for (the reader's cached reads are not seen, so the
-//! push waits there until the reader misses again), one [`PUSH_PIECE`] buffer, one
-//! thread for the whole mount, and nothing once the file is closed. Holes the view
-//! reports (`SEEK_HOLE`) are skipped, as a sparse-aware reader skips them.
+//! the latest read the kernel asked for, one [`PUSH_PIECE`] buffer, one thread for the
+//! whole mount, and nothing once the file is closed. The reader's reads of cached pages
+//! are not seen, so one page in every [`TRIP_EVERY`] pushed is left out: the kernel asks
+//! for it when the reader gets there, and the push goes on from there. Holes the view
+//! reports (`SEEK_HOLE`) are skipped, as a sparse-aware reader skips them; what is
+//! stored is whole pages.
 //!
 //! Behind a sequential reader of a view in an export format (every view but `disk.raw`),
 //! the pages it has passed are dropped from the cache ([`DROP_BEHIND`]). Such a view is

@@ -75,6 +75,20 @@ struct Job {
     next_trip: u64,
 }
 
+impl Job {
+    /// The reader of a view of `size` bytes read `offset..end`: the push goes on to
+    /// [`PUSH_AHEAD`] past it, and an export view drops the pages the reader has passed
+    /// (see the module text). Returns whether the pushing thread has work.
+    fn reader_at(&mut self, offset: u64, end: u64, size: u64) -> bool {
+        self.want = self.want.max(end.saturating_add(PUSH_AHEAD).min(size));
+        if self.file.view().is_some_and(|v| v.format() != Format::Raw) {
+            let behind = offset.saturating_sub(DROP_BEHIND) & !(PUSH_PIECE as u64 - 1);
+            self.drop_to = self.drop_to.max(behind);
+        }
+        self.pushed < self.want || self.dropped < self.drop_to
+    }
+}
+
 #[derive(Default)]
 struct Jobs {
     by_fh: HashMap<u64, Job>,
@@ -129,12 +143,7 @@ impl Pusher {
         };
         let end = offset.saturating_add(len);
         job.last_end = end;
-        job.want = job.want.max(end.saturating_add(PUSH_AHEAD).min(size));
-        if job.file.view().is_some_and(|v| v.format() != Format::Raw) {
-            let behind = offset.saturating_sub(DROP_BEHIND) & !(PUSH_PIECE as u64 - 1);
-            job.drop_to = job.drop_to.max(behind);
-        }
-        if job.pushed < job.want || job.dropped < job.drop_to {
+        if job.reader_at(offset, end, size) {
             wake.notify_one();
         }
     }
@@ -172,16 +181,7 @@ impl Pusher {
         }
         // The kernel reads its own window past `end`; the push starts beyond it.
         job.pushed = job.pushed.max(end.saturating_add(window));
-        let want = end.saturating_add(PUSH_AHEAD).min(size);
-        if want > job.want {
-            job.want = want;
-        }
-        // An export view drops the pages the reader has passed (see the module text).
-        if file.view().is_some_and(|v| v.format() != Format::Raw) {
-            let behind = offset.saturating_sub(DROP_BEHIND) & !(PUSH_PIECE as u64 - 1);
-            job.drop_to = job.drop_to.max(behind);
-        }
-        if job.pushed < job.want || job.dropped < job.drop_to {
+        if job.reader_at(offset, end, size) {
             wake.notify_one();
         }
     }
@@ -238,9 +238,7 @@ fn next_work(lock: &Mutex<Jobs>, wake: &Condvar) -> Work {
             .min_by_key(|&fh| (fh <= turn, fh));
         if let Some(fh) = next {
             // Found in the map under this very lock.
-            let Some(j) = jobs.by_fh.get_mut(&fh) else {
-                continue;
-            };
+            let j = &jobs.by_fh[&fh];
             let (at, want) = (j.pushed, j.want);
             let trip = at >= j.next_trip;
             if let Some(view) = j.file.view() {
@@ -294,10 +292,8 @@ fn push_piece(notifier: &Notifier, buf: &mut [u8], task: &Task) -> std::io::Resu
     // for every piece.
     let end = want.min(at + buf.len() as u64);
     let hole = view.hole_before(at, end).map_err(io)?;
-    let stop = hole
-        .next_multiple_of(PAGE)
-        .min(end.max(hole))
-        .min(view.size());
+    // `end` is within the view (`want` is), and so is the hole found before it.
+    let stop = hole.next_multiple_of(PAGE).min(end);
     let n = (stop - at).max(1) as usize;
     let got = view.read_at(&mut buf[..n], at).map_err(io)?;
     if got == 0 {

@@ -13,12 +13,13 @@
 //! image size is a multiple of 512 within what the tables can address; no two L1 entries
 //! name the same L2 table (checked at open, in bounded chunks). A backing file is
 //! refused by [`open`] (a standalone image); [`open_overlay`] reads its name for the
-//! caller to follow (see `chain`). The "needs
-//! check" feature (set by a writer that crashed) is accepted, because every entry is
-//! checked as it is used and nothing is written.
+//! caller to follow (see `chain`). The "needs check" feature (set by a writer that
+//! crashed) is accepted, because every entry is checked as it is used and nothing is
+//! written.
 
 use super::file::{LayerFile, map_end};
 use super::qcow2::BackingRef;
+use super::qcow2::header::MAX_BACKING_NAME_LEN;
 use super::tables::{Page, PageCache, TableOfTables, le_u32, le_u64};
 use super::{Error, Extent, Format, Layer, Mapping, Result, read_exact_at};
 use std::fs::File;
@@ -83,9 +84,6 @@ pub fn open(file: File, path: &Path) -> Result<QedLayer> {
 pub fn open_overlay(file: File, path: &Path) -> Result<QedLayer> {
     QedLayer::open_as(file, path, true)
 }
-
-/// Longest backing file name read (qemu's own limit on a backing file name).
-const MAX_BACKING_NAME: u64 = 1023;
 
 impl QedLayer {
     pub fn new(file: File, path: &Path) -> Result<QedLayer> {
@@ -155,11 +153,14 @@ impl QedLayer {
         }
         let backing = if features & F_BACKING_FILE != 0 {
             let (at, len) = (u64::from(le_u32(&h, 56)), u64::from(le_u32(&h, 60)));
-            if len == 0 || len > MAX_BACKING_NAME || at < HEADER_LEN as u64 || at + len > header_end
+            if len == 0
+                || len > MAX_BACKING_NAME_LEN
+                || at < HEADER_LEN as u64
+                || at + len > header_end
             {
                 return Err(invalid(format!(
                     "backing file name ({len} bytes at offset {at}) is empty, longer than \
-                     {MAX_BACKING_NAME} bytes or outside the header clusters"
+                     {MAX_BACKING_NAME_LEN} bytes or outside the header clusters"
                 )));
             }
             let mut name = vec![0u8; len as usize];

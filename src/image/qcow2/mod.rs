@@ -156,11 +156,6 @@ impl Qcow2Layer {
         })
     }
 
-    /// The backing file this image names, if any (not opened: see [`super::chain`]).
-    pub fn backing(&self) -> Option<&BackingRef> {
-        self.header.backing.as_ref()
-    }
-
     /// qcow2 version: 2 (compat 0.10) or 3 (compat 1.1).
     pub fn version(&self) -> u32 {
         self.header.version

@@ -339,9 +339,7 @@ fn open_layer(
         && let Some(files) = policy.extent_files()
         && super::vmdk_extents::file_is_descriptor(&file, path)?
     {
-        return Ok(Arc::new(super::vmdk_extents::open_overlay(
-            &file, path, files,
-        )?));
+        return Ok(Arc::new(super::vmdk_extents::open(&file, path, files)?));
     }
     Ok(match format {
         Format::Qcow2 => Arc::new(Qcow2Layer::with_data_file(file, path, &|name| {

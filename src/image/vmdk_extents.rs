@@ -16,10 +16,10 @@
 //! opens them, through an [`ExtentFiles`] that opens names with that user's rights
 //! (`pcocc image import`, which is the user's own process). Imports through the mount
 //! never get here: the daemon cannot read the writer's files. A parent disk (a
-//! snapshot's `parentFileNameHint` and `parentCID`) is refused by [`open`] and named by
-//! [`open_overlay`] for the caller to follow (see `chain`). Also refused: other extent
-//! types (`VMFSSPARSE`, `SESPARSE`, raw device maps), more than [`MAX_EXTENTS`] extents,
-//! and a descriptor larger than [`MAX_DESCRIPTOR`].
+//! snapshot's `parentFileNameHint` and `parentCID`, both required) is named by the layer
+//! for the caller to follow (see `chain`). Refused: other extent types (`VMFSSPARSE`,
+//! `SESPARSE`, raw device maps), more than [`MAX_EXTENTS`] extents, and a descriptor
+//! larger than [`MAX_DESCRIPTOR`].
 
 use super::file::map_end;
 use super::qcow2::BackingRef;
@@ -73,32 +73,14 @@ pub fn is_descriptor(head: &[u8]) -> bool {
 /// True when `file` (opened from `path`) starts as a text descriptor.
 pub fn file_is_descriptor(file: &File, path: &Path) -> Result<bool> {
     let mut head = [0u8; 512];
-    let mut got = 0;
-    while got < head.len() {
-        match file.read_at(&mut head[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io(path, e)),
-        }
-    }
+    let got = super::tables::read_upto_at(file, path, &mut head, 0)?;
     Ok(is_descriptor(&head[..got]))
 }
 
-/// Parses a descriptor's text into its extents, refusing what is not read (see the
-/// module comment), and a parent disk. Errors are reasons, for the caller to wrap.
-pub fn parse(text: &str) -> std::result::Result<Vec<ExtentLine>, String> {
-    let (extents, keys) = parse_with_keys(text)?;
-    if let Some((name, _)) = keys.parent {
-        return Err(format!(
-            "it names a parent disk ({name:?}), which only `pcocc image import` reads"
-        ));
-    }
-    Ok(extents)
-}
-
-/// [`parse`], a parent disk accepted: the extents and what ties the disk to a parent.
-fn parse_with_keys(
+/// Parses a descriptor's text into its extents and what ties the disk to a parent,
+/// refusing what is not read (see the module comment). Errors are reasons, for the
+/// caller to wrap.
+pub(super) fn parse(
     text: &str,
 ) -> std::result::Result<(Vec<ExtentLine>, super::vmdk::Descriptor), String> {
     let mut keys = super::vmdk::DescriptorKeys::default();
@@ -213,23 +195,9 @@ pub struct ExtentsLayer {
 }
 
 /// Opens the descriptor `file` (opened from `path`) and every extent it names through
-/// `files`; a descriptor naming a parent disk is refused.
+/// `files`; a parent disk it names is [`Layer::backing`] (with the `CID` it must carry),
+/// for the caller to follow.
 pub fn open(file: &File, path: &Path, files: &dyn ExtentFiles) -> Result<ExtentsLayer> {
-    open_as(file, path, files, false)
-}
-
-/// [`open`] of a descriptor that may name a parent disk ([`Layer::backing`], with the
-/// `CID` it must carry), which the caller follows.
-pub fn open_overlay(file: &File, path: &Path, files: &dyn ExtentFiles) -> Result<ExtentsLayer> {
-    open_as(file, path, files, true)
-}
-
-fn open_as(
-    file: &File,
-    path: &Path,
-    files: &dyn ExtentFiles,
-    overlay: bool,
-) -> Result<ExtentsLayer> {
     let unsupported = |reason: String| Error::Unsupported {
         path: path.to_path_buf(),
         format: Format::Vmdk,
@@ -247,11 +215,7 @@ fn open_as(
     // qemu pads the descriptor it rewrites with NULs: the text ends at the first one.
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     let text = String::from_utf8_lossy(&bytes[..end]);
-    let (lines, keys) = if overlay {
-        parse_with_keys(&text).map_err(unsupported)?
-    } else {
-        (parse(&text).map_err(unsupported)?, Default::default())
-    };
+    let (lines, keys) = parse(&text).map_err(unsupported)?;
     let mut parts = Vec::with_capacity(lines.len());
     let mut start = 0u64;
     let mut allocated = 0u64;
@@ -373,7 +337,7 @@ mod tests {
                     RW 4194304 SPARSE \"s-s001.vmdk\"\nRW 16 FLAT \"a b.vmdk\" 8\n\
                     RW 8 VMFS \"esx-flat.vmdk\"\nddb.adapterType = \"ide\"\n";
         assert_eq!(
-            parse(text).unwrap(),
+            parse(text).unwrap().0,
             [
                 ExtentLine {
                     len: 4194304 * 512,

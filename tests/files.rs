@@ -832,58 +832,17 @@ fn a_qcow2_with_a_backing_file_is_refused_at_close_saying_why() {
     // And for a QED overlay, a VMDK snapshot and a qcow2 keeping its clusters in an
     // external data file: the mount never reads the files they name, so they are
     // refused whole rather than imported without what lies below.
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qed",
-            "-b",
-            s(&base),
-            "-F",
-            "qcow2",
-            s(&fs.work().join("over.qed")),
-        ],
+    let made = fs.sh(
+        r#"cd "$W" &&
+           qemu-img create -q -f qed -b "$BASE" -F qcow2 over.qed &&
+           qemu-img create -q -f vmdk parent.vmdk 4M &&
+           qemu-img create -q -f vmdk -b parent.vmdk -F vmdk snap.vmdk &&
+           qemu-img create -q -f qcow2 -o data_file=ext.data ext.qcow2 4M &&
+           qemu-io -f qcow2 -c 'write -P 0x62 0 1M' ext.qcow2"#,
+        &[("W", s(&fs.work())), ("BASE", s(&base))],
+        WRITER_LIMIT,
     );
-    let parent = fs.work().join("parent.vmdk");
-    ok(
-        "qemu-img",
-        &["create", "-q", "-f", "vmdk", s(&parent), "4M"],
-    );
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-b",
-            s(&parent),
-            "-F",
-            "vmdk",
-            s(&fs.work().join("snap.vmdk")),
-        ],
-    );
-    let data_file = format!("data_file={}", s(&fs.work().join("ext.data")));
-    let ext = fs.work().join("ext.qcow2");
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &data_file,
-            s(&ext),
-            "4M",
-        ],
-    );
-    ok(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x62 0 1M", s(&ext)],
-    );
+    assert!(made.status.success(), "{}", describe(&made));
     for (source, name, why) in [
         ("over.qed", "over", "has a backing file"),
         ("snap.vmdk", "snap", "names a parent disk"),

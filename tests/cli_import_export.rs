@@ -692,13 +692,22 @@ fn qed_and_vmdk_overlays_are_imported_flattened_as_pcocc_does() {
         .position(|w| w == b"\nCID=")
         .expect("the parent's CID")
         + 5;
-    bytes[at..at + 8].copy_from_slice(b"0badc1d0");
-    fs::write(&parent, bytes).expect("parent");
+    // qemu writes the CID in hex without leading zeroes: its last digit is changed in
+    // place, so the descriptor keeps its length.
+    let digits = bytes[at..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .expect("the CID's line");
+    let last = &mut bytes[at + digits - 1];
+    *last = if *last == b'0' { b'1' } else { b'0' };
+    let stale = std::str::from_utf8(&bytes[at..at + digits]).expect("a hex CID");
+    let stale = format!("{:08x}", u32::from_str_radix(stale, 16).expect("a hex CID"));
+    fs::write(&parent, &bytes).expect("parent");
     assert_import_fails(
         &f,
         "ov/snap1.vmdk",
         "stale",
-        &["snap1.vmdk", "disk.vmdk", "0badc1d0", "parentCID"],
+        &["snap1.vmdk", "disk.vmdk", &stale, "parentCID"],
     );
     // A QED that names itself as its backing file is a loop, refused as such.
     f.tool(

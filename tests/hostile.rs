@@ -5,9 +5,12 @@
 //! data, and never panic, hang or allocate without bound.
 //!
 //! The seed images are made by qemu-img from one small raw disk, one per format and
-//! variant (qcow2 v2/v3, compressed with zlib and zstd, extended L2, a backing chain; QED;
-//! VDI dynamic and static; VHD dynamic and fixed; VMDK monolithicSparse and
-//! streamOptimized). Each case mutates a copy with a few edits drawn from a tiny xorshift
+//! variant (qcow2 v2/v3, compressed with zlib and zstd, extended L2, a backing chain, an
+//! external data file; QED, alone and over a qcow2; VDI dynamic and static; VHD dynamic
+//! and fixed; VMDK monolithicSparse, streamOptimized, a snapshot over its parent, and
+//! split into extent files named by a descriptor), and opened as `pcocc image import`
+//! opens a file: with every file it names, of any format, as long as it lies in the
+//! case's own directory. Each case mutates a copy with a few edits drawn from a tiny xorshift
 //! generator: bit flips, bytes and 64-bit values (0, all ones, huge offsets, the file
 //! length…) written over metadata (the bytes of the file that hold no guest data, found
 //! from the seed's own mapping), a block copied over another (duplicate table entries),
@@ -33,8 +36,10 @@
 
 mod common;
 use common::{have_qemu, ok};
-use pcocc_imagefs::image::chain::{WithinDir, open_chain};
-use pcocc_imagefs::image::{Disk, Format, Layer, Mapping, convert, detect, qed, vdi, vmdk, vpc};
+use pcocc_imagefs::image::chain::{BackingPolicy, WithinDir, open_image_chain};
+use pcocc_imagefs::image::qcow2::BackingRef;
+use pcocc_imagefs::image::vmdk_extents::ExtentFiles;
+use pcocc_imagefs::image::{Disk, Format, Mapping, convert, detect};
 use pcocc_imagefs::view::{View, ViewId};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fs::File;
@@ -299,9 +304,45 @@ fn make_seeds(dir: &Path, prefix: &str) -> Vec<Seed> {
         ),
     ];
     seeds.retain(|s| !s.files.is_empty());
-    if prefix != "qcow2" {
-        return seeds;
+    match prefix {
+        "qed" => {
+            seeds.push(overlay_seed(&raw, dir, "qed-chain", Format::Qed, "qcow2"));
+            return seeds;
+        }
+        "vmdk" => {
+            seeds.push(overlay_seed(
+                &raw,
+                dir,
+                "vmdk-snapshot",
+                Format::Vmdk,
+                "vmdk",
+            ));
+            seeds.push(vmdk_split_seed(&raw, dir));
+            return seeds;
+        }
+        "qcow2" => {}
+        _ => return seeds,
     }
+    // Clusters in an external data file, the qcow2 holding only the tables; made from
+    // the seeds' directory, so that the image names its data file relatively, as a
+    // case's copy needs.
+    let made = Command::new("qemu-img")
+        .current_dir(dir)
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2", "-o"])
+        .args(["data_file=qcow2-datafile.data,cluster_size=4096"])
+        .arg(&raw)
+        .arg("qcow2-datafile.qcow2")
+        .status()
+        .unwrap();
+    assert!(made.success(), "qemu-img convert with a data file failed");
+    seeds.push(Seed {
+        name: "qcow2-datafile",
+        format: Format::Qcow2,
+        files: vec![
+            dir.join("qcow2-datafile.qcow2"),
+            dir.join("qcow2-datafile.data"),
+        ],
+    });
     // Zero clusters and a discard in the v3 image, which convert alone never makes.
     let v3 = &seeds[0].files[0];
     ok(
@@ -357,6 +398,62 @@ fn make_seeds(dir: &Path, prefix: &str) -> Vec<Seed> {
         files: vec![top, base],
     });
     seeds
+}
+
+/// `name`: a `format` overlay (top, first) of a `base_format` image of the seed disk
+/// (`name`-base), named relatively as qemu-img names it, that rewrites some of it and
+/// zeroes some more.
+fn overlay_seed(
+    raw: &Path,
+    dir: &Path,
+    name: &'static str,
+    format: Format,
+    base_format: &str,
+) -> Seed {
+    let base_name = format!("{name}-base.{base_format}");
+    let base = convert_seed(raw, dir, &base_name, base_format, &[]);
+    let top = dir.join(format!("{name}.{}", format.name()));
+    let backing = format!("backing_file={base_name},backing_fmt={base_format}");
+    let mut create = vec!["create", "-q", "-f", format.name(), "-o", &backing];
+    if format == Format::Qed {
+        create.extend(["-o", "cluster_size=4096"]);
+    }
+    create.push(top.to_str().unwrap());
+    ok("qemu-img", &create);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            format.name(),
+            "-c",
+            "write -P 0x5a 40k 72k",
+            "-c",
+            "write -z 1M 64k",
+            top.to_str().unwrap(),
+        ],
+    );
+    Seed {
+        name,
+        format,
+        files: vec![top, base],
+    }
+}
+
+/// A VMDK split into extent files (`twoGbMaxExtentSparse`): a text descriptor naming
+/// them.
+fn vmdk_split_seed(raw: &Path, dir: &Path) -> Seed {
+    let top = convert_seed(
+        raw,
+        dir,
+        "vmdk-split.vmdk",
+        "vmdk",
+        &["-o", "subformat=twoGbMaxExtentSparse"],
+    );
+    Seed {
+        name: "vmdk-split",
+        format: Format::Vmdk,
+        files: vec![top, dir.join("vmdk-split-s001.vmdk")],
+    }
 }
 
 // ---- mutations ----
@@ -564,26 +661,77 @@ fn write_mutated(original: &[u8], edits: &[Edit], path: &Path) {
 
 // ---- feeding a case to everything ----
 
-/// Opens `path` as `format`: qcow2 with its backing chain inside `root`, the other
-/// formats as one layer.
-fn open_disk(format: Format, path: &Path, root: &Path) -> pcocc_imagefs::image::Result<Disk> {
-    let file = || File::open(path).map_err(|e| pcocc_imagefs::image::Error::io(path, e));
-    let layer: Arc<dyn Layer> = match format {
-        Format::Qcow2 => {
-            return open_chain(
-                path,
-                &WithinDir {
-                    root: root.to_path_buf(),
-                },
-            );
+/// Opens what a case's images name — backing files and parent disks of any format,
+/// VMDK extent files, a qcow2's external data file — as `pcocc image import` does, but
+/// only inside the case's directory: a mutated name must not reach the rest of the
+/// machine.
+struct CaseFiles {
+    root: PathBuf,
+}
+
+impl CaseFiles {
+    fn within(
+        &self,
+        from: &Path,
+        name: &str,
+        format: Format,
+    ) -> pcocc_imagefs::image::Result<(PathBuf, File)> {
+        let named = BackingRef {
+            name: name.to_string(),
+            format: None,
+            content_id: None,
+        };
+        WithinDir {
+            root: self.root.clone(),
         }
-        Format::Raw => Arc::new(pcocc_imagefs::image::raw::RawLayer::open(path)?),
-        Format::Qed => Arc::new(qed::open(file()?, path)?),
-        Format::Vdi => Arc::new(vdi::open(file()?, path)?),
-        Format::Vpc => Arc::new(vpc::open(file()?, path)?),
-        Format::Vmdk => Arc::new(vmdk::open(file()?, path)?),
+        .open(from, format, &named)
+    }
+}
+
+impl BackingPolicy for CaseFiles {
+    fn open(
+        &self,
+        layer_path: &Path,
+        format: Format,
+        backing: &BackingRef,
+    ) -> pcocc_imagefs::image::Result<(PathBuf, File)> {
+        WithinDir {
+            root: self.root.clone(),
+        }
+        .open(layer_path, format, backing)
+    }
+
+    fn any_format(&self) -> bool {
+        true
+    }
+
+    fn extent_files(&self) -> Option<&dyn ExtentFiles> {
+        Some(self)
+    }
+
+    fn open_data_file(
+        &self,
+        layer_path: &Path,
+        name: &str,
+    ) -> pcocc_imagefs::image::Result<(PathBuf, File)> {
+        self.within(layer_path, name, Format::Qcow2)
+    }
+}
+
+impl ExtentFiles for CaseFiles {
+    fn open(&self, descriptor: &Path, name: &str) -> pcocc_imagefs::image::Result<(PathBuf, File)> {
+        self.within(descriptor, name, Format::Vmdk)
+    }
+}
+
+/// Opens `path` as `format` with everything it names inside `root` (see [`CaseFiles`]),
+/// as `pcocc image import` opens a file.
+fn open_disk(format: Format, path: &Path, root: &Path) -> pcocc_imagefs::image::Result<Disk> {
+    let file = File::open(path).map_err(|e| pcocc_imagefs::image::Error::io(path, e))?;
+    let files = CaseFiles {
+        root: root.to_path_buf(),
     };
-    Ok(Disk::new(vec![layer]))
+    open_image_chain(file, path, format, &files)
 }
 
 /// Chunk lengths that cut reads at odd places: 1 byte, a sector plus one, and larger.
@@ -1376,6 +1524,22 @@ fn with_size(name: &str, bytes: &[u8], size: u64) -> Vec<u8> {
         }
         n if n.starts_with("qed") => b[48..56].copy_from_slice(&size.to_le_bytes()),
         n if n.starts_with("vdi") => b[368..376].copy_from_slice(&size.to_le_bytes()),
+        // A descriptor: the extent line's sectors.
+        "vmdk-split" => {
+            let text = String::from_utf8_lossy(&b).into_owned();
+            let sized = text
+                .lines()
+                .map(|l| match l.strip_prefix("RW ") {
+                    Some(rest) => {
+                        let (_, tail) = rest.split_once(' ').unwrap();
+                        format!("RW {} {tail}", size / 512)
+                    }
+                    None => l.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            return sized.into_bytes();
+        }
         n if n.starts_with("vmdk") => b[12..20].copy_from_slice(&(size / 512).to_le_bytes()),
         n if n.starts_with("vpc") => {
             let len = b.len();

@@ -577,6 +577,19 @@ pub fn fadvise_willneed(
     }
 }
 
+/// The machine's memory in bytes (`sysinfo`), or `None` when it cannot be had.
+pub fn total_memory() -> Option<u64> {
+    // SAFETY: sysinfo fills the zeroed struct it is given; nothing else is touched.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a struct of the right type.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return None;
+    }
+    // `c_ulong`: 32 bits on some targets.
+    #[allow(clippy::useless_conversion)]
+    u64::from(info.totalram).checked_mul(u64::from(info.mem_unit))
+}
+
 /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: frees the blocks of `len` bytes at `offset` of
 /// `fd`, which then read as zeroes; the file keeps its size.
 pub fn punch_hole(fd: BorrowedFd<'_>, offset: libc::off_t, len: libc::off_t) -> io::Result<()> {

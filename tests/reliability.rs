@@ -793,3 +793,135 @@ fn symlinks_in_a_repository_never_lead_the_daemon_outside_it() {
         sha256_file(&src)
     );
 }
+
+/// What a writer does with its file after writing all of it in order and before closing
+/// it, in [`an_image_converted_as_it_arrives_imports_whatever_its_writer_does_before_closing`].
+const AFTER_WRITING: &str = r#"
+import os, sys, time
+src, dst, then, done, go = sys.argv[1:6]
+data = open(src, "rb").read()
+fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+for at in range(0, len(data), 1 << 20):
+    os.pwrite(fd, data[at:at + (1 << 20)], at)
+open(done, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.02)
+at = (len(data) // 4) & ~4095
+if then == "rewrite":
+    os.pwrite(fd, b"\x77" * (1 << 20), at)
+elif then == "readback":
+    rd = os.open(dst, os.O_RDONLY)
+    if os.pread(rd, 1 << 20, at) != data[at:at + (1 << 20)]:
+        sys.exit("read back other bytes than were written")
+    os.close(rd)
+os.close(fd)
+"#;
+
+/// A VDI, a dynamic VHD and a sparse VMDK written in order are converted as they
+/// arrive, and what the conversion has read of the copy received is dropped instead of
+/// being written to the disk (the copy in the repository's `.tmp/` holds a fraction of
+/// the file once all of it is written). A writer that then writes over those bytes, or
+/// reads them back, before its close still gets the image of exactly what it wrote.
+#[test]
+fn an_image_converted_as_it_arrives_imports_whatever_its_writer_does_before_closing() {
+    let Some(site) = Site::start() else {
+        return;
+    };
+    ok("chmod", &["-R", "a+rwX", s(&site.repo("user"))]);
+    let raw = site.work().join("full.raw");
+    ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "160M"]);
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 160M",
+            "-c",
+            "write -P 0x3c 77M 3M",
+            s(&raw),
+        ],
+    );
+    let script = site.work().join("after.py");
+    fs::write(&script, AFTER_WRITING).unwrap();
+    for fmt in ["vdi", "vpc", "vmdk"] {
+        let src = site.work().join(format!("src.{fmt}"));
+        ok(
+            "qemu-img",
+            &["convert", "-q", "-f", "raw", "-O", fmt, s(&raw), s(&src)],
+        );
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o644)).unwrap();
+        let len = fs::metadata(&src).unwrap().len();
+        for then in ["close", "rewrite", "readback"] {
+            let name = format!("{fmt}-{then}");
+            let (done, go) = (site.work().join("done"), site.work().join("go"));
+            let _ = fs::remove_file(&done);
+            let _ = fs::remove_file(&go);
+            let dst = site.at(0, &format!("user/{name}"));
+            let args = [s(&script), s(&src), s(&dst), then, s(&done), s(&go)];
+            let writer = std::thread::scope(|scope| {
+                let writer = scope.spawn(|| {
+                    let mut full = vec!["/usr/bin/python3"];
+                    full.extend_from_slice(&args);
+                    as_nobody(&[], &full)
+                });
+                // All written: the copy received shrinks as the conversion reads it.
+                let started = std::time::Instant::now();
+                while !done.exists() && !writer.is_finished() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let copy_held = || -> Option<u64> {
+                    site.tmp_entries("user")
+                        .iter()
+                        .filter_map(|p| fs::metadata(p).ok())
+                        .find(|m| m.len() == len)
+                        .map(|m| m.blocks() * 512)
+                };
+                let mut held = copy_held();
+                while held.is_none_or(|h| h > len / 2)
+                    && started.elapsed() < Duration::from_secs(60)
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                    held = copy_held();
+                }
+                fs::write(&go, b"").unwrap();
+                let out = writer.join().unwrap();
+                (out, held)
+            });
+            let (out, held) = writer;
+            assert!(
+                out.status.success(),
+                "{name}: the writer failed: {}",
+                stderr(&out)
+            );
+            let held = held.unwrap_or_else(|| panic!("{name}: no copy of {len} bytes in .tmp/"));
+            assert!(
+                held <= len / 2,
+                "{name}: the copy received still holds {held} of its {len} bytes once converted"
+            );
+            // What the writer left: the source, with its change if it made one.
+            let expect = site.work().join(format!("expect.{fmt}"));
+            fs::copy(&src, &expect).unwrap();
+            if then == "rewrite" {
+                let f = fs::OpenOptions::new().write(true).open(&expect).unwrap();
+                let at = (len / 4) & !4095;
+                std::os::unix::fs::FileExt::write_all_at(&f, &[0x77; 1 << 20], at).unwrap();
+            }
+            let view = site.at(0, &format!("user/{name}/@0/disk.raw"));
+            ok(
+                "qemu-img",
+                &[
+                    "compare",
+                    "-q",
+                    "-f",
+                    "raw",
+                    "-F",
+                    fmt,
+                    s(&view),
+                    s(&expect),
+                ],
+            );
+        }
+    }
+    assert_eq!(site.assert_every_revision_sound("user"), 9);
+}

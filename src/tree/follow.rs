@@ -7,7 +7,7 @@
 //! ([`Follower::advance`]), and at the last close how long the file is
 //! ([`Follower::finish`]); a write going back or a shorter file ends the following (the
 //! work is then done at the close, as for any other file), and so does dropping the
-//! follower.
+//! follower ([`Follower::stop`] also hands back what the thread's work returned).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -98,18 +98,27 @@ impl<T: Send + 'static> Follower<T> {
     }
 
     /// The file is complete at `len` bytes: what the thread's work returned, once it is
-    /// done; `None` when the file is shorter than the bytes already called final (the
-    /// thread is stopped) or the thread failed.
+    /// done (a file shorter than the bytes already called final stops the thread first);
+    /// `None` when the thread failed.
     pub fn finish(mut self, len: u64) -> Option<T> {
         {
             let mut p = self.followed.lock();
             if len < p.ready {
-                return None;
+                p.stopped = true;
+            } else {
+                p.ready = len;
+                p.done = true;
             }
-            p.ready = len;
-            p.done = true;
             self.followed.changed.notify_all();
         }
+        self.thread.take()?.join().ok()
+    }
+
+    /// Stops the thread: what its work returned, once it is done; `None` when the
+    /// thread failed.
+    pub fn stop(mut self) -> Option<T> {
+        self.followed.lock().stopped = true;
+        self.followed.changed.notify_all();
         self.thread.take()?.join().ok()
     }
 }
@@ -149,7 +158,10 @@ mod tests {
     fn a_shorter_end_or_a_drop_stops_the_follower() {
         let f = Follower::spawn("test-follow", 0, |a: &Followed| a.wait(u64::MAX)).unwrap();
         f.advance(100);
-        assert_eq!(f.finish(50), None);
+        // The thread's own answer to the stop comes back.
+        assert_eq!(f.finish(50), Some(None));
+        let f = Follower::spawn("test-follow", 0, |a: &Followed| a.wait(u64::MAX)).unwrap();
+        assert_eq!(f.stop(), Some(None));
         let (tx, rx) = std::sync::mpsc::channel();
         let f = Follower::spawn("test-follow", 0, move |a: &Followed| {
             tx.send(a.wait(u64::MAX)).unwrap();

@@ -67,6 +67,16 @@ pub(super) enum State {
     Dropped,
 }
 
+/// Stops `stream`, the conversion of a file as it arrives, if one runs: what it read and
+/// dropped of the file's scratch copy is put back first. An error says the copy could
+/// not be made whole again: the import must fail.
+pub(super) fn stop_stream(stream: &mut Option<Streaming>) -> Result<(), Error> {
+    match stream.take() {
+        Some(Streaming::Running(conversion)) => conversion.stop().map_err(Error::Image),
+        _ => Ok(()),
+    }
+}
+
 /// One file being imported.
 pub(super) struct Import {
     /// Where it is; a staging file renamed to another staging name moves.
@@ -378,6 +388,27 @@ impl Import {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Makes the scratch copy whole before it is read: a conversion running as the file
+    /// arrives that drops what it has read of the copy is stopped, and puts it back.
+    pub(super) fn whole(&self, st: &mut State) -> Result<(), Error> {
+        if let State::Writing { stream, .. } = st
+            && let Some(Streaming::Running(conversion)) = stream
+            && conversion.drops()
+            && let Err(e) = stop_stream(stream)
+        {
+            return Err(self.fail(st, e));
+        }
+        Ok(())
+    }
+
+    /// The import fails now with `e` (its scratch file goes; the close repeats the
+    /// reason): returns `e`.
+    pub(super) fn fail(&self, st: &mut State, e: Error) -> Error {
+        self.writing.store(false, Ordering::Release);
+        *st = State::Failed(e.to_string(), e.errno());
+        e
+    }
+
     pub(super) fn node(&self) -> Node {
         self.node.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -472,6 +503,14 @@ impl Import {
 
     pub(super) fn set_size(&self, len: u64) -> Result<(), Error> {
         let mut st = self.lock();
+        // A file cut shorter, or emptied, loses bytes the conversion running as it
+        // arrives may have read and dropped: they are put back before it is cut.
+        if let State::Writing { size, stream, .. } = &mut *st
+            && len < *size
+            && let Err(e) = stop_stream(stream)
+        {
+            return Err(self.fail(&mut st, e));
+        }
         match &mut *st {
             State::Writing {
                 tmp,
@@ -491,6 +530,7 @@ impl Import {
                 arrival.set_len(len);
                 if arrival.in_order_end().is_none() || len == 0 {
                     *hash = None;
+                    // Stopped above if it ran (the file was cut).
                     *stream = None;
                 }
                 Ok(())
@@ -563,21 +603,27 @@ impl Import {
                 }
             }
             // A file converted while it arrived: its layer, if the complete file opens.
-            if let Some(Streaming::Running(conversion)) = stream.take()
-                && conversion.format() == format
-                && let Some(streamed) = conversion.finish(attr.size)
-                && publish::open_standalone(tmp.file(), tmp.path(), format).is_ok()
-            {
-                let (out, converted) = streamed;
-                log::debug!("{}: converted while it arrived", display(&self.node()));
-                return publish::store_converted(
-                    &self.store,
-                    &self.siblings,
-                    &owner,
-                    out,
-                    &converted.sha256,
-                    target,
-                );
+            // Otherwise the file is converted below, whole again: what the conversion
+            // dropped of it is put back first.
+            match stream.take() {
+                Some(Streaming::Running(conversion)) if conversion.format() == format => {
+                    if let Some(streamed) = conversion.finish(attr.size)? {
+                        if publish::open_standalone(tmp.file(), tmp.path(), format).is_ok() {
+                            let (out, converted) = streamed.into_layer();
+                            log::debug!("{}: converted while it arrived", display(&self.node()));
+                            return publish::store_converted(
+                                &self.store,
+                                &self.siblings,
+                                &owner,
+                                out,
+                                &converted.sha256,
+                                target,
+                            );
+                        }
+                        streamed.restore()?;
+                    }
+                }
+                mut other => stop_stream(&mut other)?,
             }
             // A staging file that fails to publish stays for its writer to fix, so only
             // a created file's bytes may be dropped as they are converted.

@@ -20,8 +20,11 @@
 //! file fails at its close that the early open let pass (it is opened again then).
 
 use std::fs::File;
-use std::path::Path;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::follow::{Followed, Follower};
 use crate::image::convert::{self, Converted};
@@ -58,30 +61,93 @@ pub enum Streaming {
 /// The conversion of one stream (see the module text).
 #[derive(Debug)]
 pub struct StreamConvert {
-    follower: Follower<image::Result<(TmpFile, Converted)>>,
+    follower: Follower<Ended>,
     /// The format the stream is read as.
     format: Format,
+    /// Source bytes dropped so far (see [`Dropper`]).
+    dropped: Arc<AtomicU64>,
+    /// End of the last run dropped, in the scratch file.
+    dropped_to: Arc<AtomicU64>,
+    /// It drops what it has read of the scratch file.
+    drops: bool,
+}
+
+/// What a conversion thread leaves: its output (complete or not), what it gave, and
+/// what it dropped of the scratch file.
+struct Ended {
+    out: TmpFile,
+    result: image::Result<Converted>,
+    dropper: Dropper,
+}
+
+/// A conversion that ran to its end.
+#[derive(Debug)]
+pub struct Streamed {
+    out: TmpFile,
+    converted: Converted,
+    dropper: Dropper,
+}
+
+impl Streamed {
+    /// The layer, to be stored: the scratch file it was made from is not needed again.
+    pub fn into_layer(self) -> (TmpFile, Converted) {
+        (self.out, self.converted)
+    }
+
+    /// The layer is not used: puts back into the scratch file what the conversion
+    /// dropped of it, for a conversion of the file at its close.
+    pub fn restore(self) -> image::Result<()> {
+        self.dropper.restore(&self.out)
+    }
 }
 
 impl StreamConvert {
     /// Starts converting `file` (named `path`; its data start and format as
     /// [`data_start`] gives them), whose first `ready` bytes (past its data start) are
     /// final, into a new scratch file of `store` (made now, by the caller's identity, as
-    /// the layer must be). `None` when it cannot start.
+    /// the layer must be). With `drop`, the data it has read is dropped from `file`
+    /// (see [`Dropper`]): only for a scratch copy nobody reads but through this module's
+    /// owner, which then calls [`StreamConvert::stop`] before anything else touches the
+    /// bytes already written. `None` when it cannot start.
     pub fn start(
         store: &Store,
         file: &File,
         path: &Path,
         (from, format): (u64, Format),
         ready: u64,
+        drop: bool,
     ) -> Option<StreamConvert> {
         let out = store.tmp_file().ok()?;
+        let dropped = Arc::new(AtomicU64::new(0));
+        let dropped_to = Arc::new(AtomicU64::new(0));
+        let dropper = Dropper {
+            file: file.try_clone().ok()?,
+            path: path.to_path_buf(),
+            enabled: drop,
+            queued: Vec::new(),
+            queued_bytes: 0,
+            dropped: Vec::new(),
+            total: dropped.clone(),
+            to: dropped_to.clone(),
+        };
         let file = file.try_clone().ok()?;
         let path = path.to_path_buf();
         let follower = Follower::spawn("import-convert", ready, move |followed| {
-            convert_stream(file, &path, (from, format), out, followed)
+            let mut dropper = dropper;
+            let result = convert_stream(file, &path, (from, format), &out, followed, &mut dropper);
+            Ended {
+                out,
+                result,
+                dropper,
+            }
         })?;
-        Some(StreamConvert { follower, format })
+        Some(StreamConvert {
+            follower,
+            format,
+            dropped,
+            dropped_to,
+            drops: drop,
+        })
     }
 
     /// The format the stream is read as.
@@ -94,23 +160,209 @@ impl StreamConvert {
         self.follower.advance(ready);
     }
 
-    /// The file is complete at `len` bytes: the converted layer, once the thread is
-    /// done, or `None` if the conversion stopped (the caller converts the file itself).
-    pub fn finish(self, len: u64) -> Option<(TmpFile, Converted)> {
-        self.follower
-            .finish(len)?
-            .inspect_err(|e| log::debug!("converted at close: {e}"))
-            .ok()
+    /// Whether it drops what it has read of the scratch file: nothing but its owner may
+    /// read the file until it is stopped ([`StreamConvert::stop`]).
+    pub fn drops(&self) -> bool {
+        self.drops
+    }
+
+    /// End of the last run dropped from the scratch file (0 before the first).
+    pub fn dropped_to(&self) -> u64 {
+        self.dropped_to.load(Ordering::Acquire)
+    }
+
+    /// Bytes of the scratch file dropped so far (they read as zeroes until
+    /// [`StreamConvert::stop`] or [`Streamed::restore`] puts them back).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Acquire)
+    }
+
+    /// The file is complete at `len` bytes: the conversion, once the thread is done, or
+    /// `Ok(None)` if it stopped (the scratch file is whole again: the caller converts
+    /// it itself). An error says the scratch file could not be made whole again.
+    pub fn finish(self, len: u64) -> image::Result<Option<Streamed>> {
+        let dropped = self.dropped();
+        match self.follower.finish(len) {
+            Some(Ended {
+                out,
+                result: Ok(converted),
+                dropper,
+            }) => Ok(Some(Streamed {
+                out,
+                converted,
+                dropper,
+            })),
+            Some(Ended {
+                out,
+                result: Err(e),
+                dropper,
+            }) => {
+                log::debug!("converted at close: {e}");
+                dropper.restore(&out).map(|()| None)
+            }
+            None => lost(dropped).map(|()| None),
+        }
+    }
+
+    /// Stops the conversion and puts back what it dropped of the scratch file, before
+    /// the file is read, changed or cut by anything else. An error says it could not
+    /// be made whole again.
+    pub fn stop(self) -> image::Result<()> {
+        let dropped = self.dropped();
+        match self.follower.stop() {
+            Some(ended) => ended.dropper.restore(&ended.out),
+            None => lost(dropped),
+        }
     }
 }
+
+/// The conversion thread failed (it cannot, short of a bug): what it dropped is lost.
+fn lost(dropped: u64) -> image::Result<()> {
+    if dropped == 0 {
+        return Ok(());
+    }
+    Err(image::Error::io(
+        Path::new("(scratch file)"),
+        std::io::Error::other(format!(
+            "the conversion of an arriving file failed after dropping {dropped} bytes it had read"
+        )),
+    ))
+}
+
+/// Source bytes read by the conversion, dropped from a created import's scratch file in
+/// steps of this many (few calls, little left in the page cache to reach the disk).
+const DROP_STEP: u64 = 32 << 20;
+
+/// Most runs dropped and remembered, 24 bytes each (1.5 MiB): past them the rest of the
+/// copy is kept (a file whose stored data is split into many runs, such as a 2 TiB
+/// dynamic VHD of 2 MiB blocks each after its bitmap, keeps what is past its first
+/// 128 GiB).
+const MAX_DROPPED_RUNS: usize = 1 << 16;
+
+/// Drops from the scratch file the stored data a conversion has read and written out
+/// (`fallocate(PUNCH_HOLE)`): its dirty pages then leave the page cache without ever
+/// being written to the disk, so a file converted while it arrives is not written
+/// twice. Only plain stored data is dropped (no tables, no compressed grains), and each
+/// run dropped is remembered with the guest range it holds, so that the file can be made
+/// whole again from the conversion's output ([`Dropper::restore`]) when the conversion
+/// stops and the file is needed as it was written: a write going back, a file cut, a
+/// cluster guessed wrong, a format chosen otherwise at the close.
+#[derive(Debug)]
+struct Dropper {
+    file: File,
+    path: PathBuf,
+    enabled: bool,
+    /// Runs `(guest offset, file offset, length)` read and written out, not dropped yet.
+    queued: Vec<(u64, u64, u64)>,
+    queued_bytes: u64,
+    /// Runs dropped, in guest order.
+    dropped: Vec<(u64, u64, u64)>,
+    total: Arc<AtomicU64>,
+    to: Arc<AtomicU64>,
+}
+
+impl Dropper {
+    /// The conversion reads guest bytes `guest..guest + len` at `offset` of the file.
+    fn reading(&mut self, guest: u64, offset: u64, len: u64) {
+        if !self.enabled || len == 0 {
+            return;
+        }
+        if self.dropped.len() + self.queued.len() >= MAX_DROPPED_RUNS {
+            self.enabled = false;
+            return;
+        }
+        match self.queued.last_mut() {
+            Some((g, o, l)) if *g + *l == guest && *o + *l == offset => *l += len,
+            _ => self.queued.push((guest, offset, len)),
+        }
+        self.queued_bytes += len;
+    }
+
+    /// Everything queued was read and written out: dropped once there is enough of it.
+    fn read_all_queued(&mut self) -> image::Result<()> {
+        if self.queued_bytes < DROP_STEP {
+            return Ok(());
+        }
+        for (guest, offset, len) in std::mem::take(&mut self.queued) {
+            let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+            else {
+                continue;
+            };
+            if let Err(e) = crate::sys::punch_hole(self.file.as_fd(), off, n) {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+                ) {
+                    // A filesystem without hole punching keeps the bytes: only slower.
+                    self.enabled = false;
+                    break;
+                }
+                return Err(image::Error::io(&self.path, e));
+            }
+            self.dropped.push((guest, offset, len));
+            self.total.fetch_add(len, Ordering::AcqRel);
+            self.to.fetch_max(offset + len, Ordering::AcqRel);
+        }
+        self.queued.clear();
+        self.queued_bytes = 0;
+        Ok(())
+    }
+
+    /// Writes back into the file what was dropped of it, read from the conversion's
+    /// output `out` (the layer, complete or written as far as the conversion went, which
+    /// holds every dropped run: a run is dropped only once written out).
+    fn restore(&self, out: &TmpFile) -> image::Result<()> {
+        if self.dropped.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let copy = out
+            .file()
+            .try_clone()
+            .map_err(|e| image::Error::io(out.path(), e))?;
+        let layer = crate::image::qcow2::Qcow2Layer::new(copy, out.path())?;
+        let disk = Disk::new(vec![Arc::new(layer)]);
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| image::Error::io(&self.path, e))?
+            .len();
+        let mut buf = vec![0u8; RESTORE_CHUNK];
+        let mut restored = 0u64;
+        for &(guest, offset, n) in &self.dropped {
+            // Never past the file's end: a cut file is not lengthened again.
+            let n = n.min(len.saturating_sub(offset));
+            let mut done = 0u64;
+            while done < n {
+                let k = (n - done).min(RESTORE_CHUNK as u64) as usize;
+                disk.read_at(&mut buf[..k], guest + done)?;
+                self.file
+                    .write_all_at(&buf[..k], offset + done)
+                    .map_err(|e| image::Error::io(&self.path, e))?;
+                done += k as u64;
+            }
+            restored += n;
+        }
+        log::debug!(
+            "{}: {restored} bytes dropped while converting written back in {:.2?}",
+            self.path.display(),
+            started.elapsed()
+        );
+        Ok(())
+    }
+}
+
+/// Bytes written back at a time by [`Dropper::restore`].
+const RESTORE_CHUNK: usize = 1 << 20;
 
 fn convert_stream(
     file: File,
     path: &Path,
     (from, format): (u64, Format),
-    out: TmpFile,
+    out: &TmpFile,
     followed: &Followed,
-) -> image::Result<(TmpFile, Converted)> {
+    dropper: &mut Dropper,
+) -> image::Result<Converted> {
     // A VMDK of compressed grains, whose markers are read when its grains are mapped.
     let mut markers: Option<Arc<vmdk::VmdkLayer>> = None;
     let layer: Arc<dyn Layer> = match format {
@@ -142,7 +394,10 @@ fn convert_stream(
         None => Err(stopped(path, "the stream was stopped")),
     };
     // A guest range can be read once the stream is past the stored bytes it maps to.
+    // The conversion reads guest data front to back and writes each piece out before it
+    // asks for the next one: what it read before is dropped (see `Dropper`).
     let mut wait = |guest: u64, len: u64| {
+        dropper.read_all_queued()?;
         let marker = match &markers {
             Some(vmdk) => vmdk.last_marker(guest, len)?,
             None => None,
@@ -151,9 +406,12 @@ fn convert_stream(
             reached(at + vmdk::GRAIN_MARKER_LEN)?;
         }
         let mut end = 0u64;
-        disk.walk(guest, guest + len, |_, ext| {
+        disk.walk(guest, guest + len, |at, ext| {
             match &ext.mapping {
-                Mapping::Data { offset, .. } => end = end.max(offset + ext.len),
+                Mapping::Data { offset, .. } => {
+                    end = end.max(offset + ext.len);
+                    dropper.reading(at, *offset, ext.len);
+                }
                 Mapping::Compressed(c) => end = end.max(c.offset + c.stored_len),
                 _ => {}
             }
@@ -162,8 +420,7 @@ fn convert_stream(
         reached(end)
     };
     opts.gate = Some(&mut wait);
-    let converted = convert::convert(&disk, out.file(), out.path(), opts)?;
-    Ok((out, converted))
+    convert::convert(&disk, out.file(), out.path(), opts)
 }
 
 #[cfg(test)]
@@ -189,8 +446,9 @@ mod tests {
     }
 
     /// Writes `bytes` into a scratch file front to back in 1 MiB pieces, converting as
-    /// they arrive as an import does; the streamed layer, if any, and the file.
-    fn stream(store: &Store, dir: &Path, bytes: &[u8]) -> (Option<(TmpFile, Converted)>, File) {
+    /// they arrive as an import does (dropping what was read with `drop`); the running
+    /// conversion and the file.
+    fn arrive(store: &Store, dir: &Path, bytes: &[u8], drop: bool) -> (StreamConvert, File) {
         let path = dir.join("arriving");
         let f = new_rw_file(&path);
         let start = data_start(bytes).unwrap();
@@ -200,19 +458,42 @@ mod tests {
             f.write_all_at(piece, at).unwrap();
             let end = at + piece.len() as u64;
             if conv.is_none() && end >= start.0 {
-                conv = StreamConvert::start(store, &f, &path, start, end);
+                conv = StreamConvert::start(store, &f, &path, start, end, drop);
             }
             if let Some(c) = &conv {
                 c.advance(end);
             }
         }
-        (conv.unwrap().finish(bytes.len() as u64), f)
+        (conv.unwrap(), f)
+    }
+
+    /// [`arrive`], then the end of the file: the streamed layer, if any, and the file.
+    fn stream(
+        store: &Store,
+        dir: &Path,
+        bytes: &[u8],
+        drop: bool,
+    ) -> (Option<(TmpFile, Converted)>, File) {
+        let (conv, f) = arrive(store, dir, bytes, drop);
+        let streamed = conv.finish(bytes.len() as u64).unwrap();
+        (streamed.map(Streamed::into_layer), f)
+    }
+
+    /// The layer the conversion of the complete `format` file `bytes` gives.
+    fn layer_of(store: &Store, dir: &Path, bytes: &[u8], format: Format) -> (Converted, Vec<u8>) {
+        let path = dir.join("complete");
+        std::fs::write(&path, bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        let disk = crate::tree::publish::open_standalone(&file, &path, format).unwrap();
+        let whole = store.tmp_file().unwrap();
+        let expect = to_qcow2_layer(&disk, whole.file(), whole.path(), &mut |_, _| {}).unwrap();
+        (expect, std::fs::read(whole.path()).unwrap())
     }
 
     /// Streams `bytes`, a `format` file: it must convert as it arrives, into the very
     /// layer (byte for byte) that the conversion of the complete file gives.
     fn assert_streamed_as_converted(store: &Store, dir: &Path, bytes: &[u8], format: Format) {
-        let (streamed, file) = stream(store, dir, bytes);
+        let (streamed, file) = stream(store, dir, bytes, false);
         let Some((out, converted)) = streamed else {
             panic!("{format:?}: not converted as it arrived");
         };
@@ -276,7 +557,7 @@ mod tests {
         let cmds: Vec<String> = (0..24).map(|i| format!("write -P 7 {i}M 64k")).collect();
         let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
         let bytes = image_of(dir.path(), "vdi", "", &cmds);
-        let (streamed, _) = stream(&store, dir.path(), &bytes);
+        let (streamed, _) = stream(&store, dir.path(), &bytes, false);
         assert!(streamed.is_none());
     }
 
@@ -293,10 +574,111 @@ mod tests {
         let from = vdi::data_start(&bytes).unwrap() as usize;
         f.write_all_at(&bytes[..from + 4096], 0).unwrap();
         let vdi = (from as u64, Format::Vdi);
-        let c = StreamConvert::start(&store, &f, &path, vdi, from as u64 + 4096).unwrap();
+        let c = StreamConvert::start(&store, &f, &path, vdi, from as u64 + 4096, true).unwrap();
         // The file ends before its blocks: no layer, and finish returns.
-        assert!(c.finish(from as u64 + 4096).is_none());
-        let c = StreamConvert::start(&store, &f, &path, vdi, from as u64 + 4096).unwrap();
+        assert!(c.finish(from as u64 + 4096).unwrap().is_none());
+        let c = StreamConvert::start(&store, &f, &path, vdi, from as u64 + 4096, true).unwrap();
         drop(c); // returns: the waiting thread saw the stop
+        let c = StreamConvert::start(&store, &f, &path, vdi, from as u64 + 4096, true).unwrap();
+        c.stop().unwrap(); // likewise, nothing to put back
+    }
+
+    /// A `fmt` image of `mib` MiB of random data (every block full), whose MiB `zero_at`
+    /// (if any) holds 64 KiB of data and zeroes.
+    fn big_image(dir: &Path, fmt: &str, mib: u64, zero_at: Option<u64>) -> Vec<u8> {
+        let raw = dir.join("random");
+        std::fs::write(&raw, crate::testutil::noise(11, (mib << 20) as usize)).unwrap();
+        let mut cmds = vec![format!("write -s {} 0 {mib}M", raw.display())];
+        if let Some(at) = zero_at {
+            cmds.push(format!("write -z {}M 960k", at));
+            cmds.push(format!("write -P 5 {}M 64k", at));
+        }
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        let raw_img = qemu_create(dir, "raw", "src.raw", &format!("{mib}M"), "");
+        qemu_io("raw", &raw_img, &cmds);
+        let out = dir.join(format!("src.{fmt}"));
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            fmt,
+            raw_img.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+        std::fs::read(&out).unwrap()
+    }
+
+    fn allocated(f: &File) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        f.metadata().unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn a_conversion_drops_what_it_has_read_of_a_created_files_copy_and_gives_the_same_layer() {
+        if !have_qemu() {
+            return;
+        }
+        for (fmt, format) in [
+            ("vdi", Format::Vdi),
+            ("vpc", Format::Vpc),
+            ("vmdk", Format::Vmdk),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open("user", &dir.path().join("repo")).unwrap();
+            let bytes = big_image(dir.path(), fmt, 96, None);
+            let (expect, expect_bytes) = layer_of(&store, dir.path(), &bytes, format);
+            let (conv, file) = arrive(&store, dir.path(), &bytes, true);
+            let streamed = conv.finish(bytes.len() as u64).unwrap().unwrap();
+            // All but the last step's worth of the copy was dropped as it was read.
+            let left = allocated(&file);
+            assert!(
+                left <= 2 * DROP_STEP,
+                "{fmt}: {left} bytes of the copy left"
+            );
+            let (out, converted) = streamed.into_layer();
+            assert_eq!(converted, expect, "{fmt}");
+            assert_eq!(std::fs::read(out.path()).unwrap(), expect_bytes, "{fmt}");
+            // Without dropping, the copy stays whole.
+            let (_, kept) = stream(&store, dir.path(), &bytes, false);
+            assert!(allocated(&kept) >= 96 << 20, "{fmt}");
+        }
+    }
+
+    /// Whatever stops a conversion that dropped what it had read — its owner (a write
+    /// going back, a cut, a read), a cluster guessed wrong, a layer not used — the copy
+    /// is whole again afterwards, byte for byte.
+    #[test]
+    fn a_conversion_that_dropped_what_it_read_puts_it_back_when_it_stops() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("user", &dir.path().join("repo")).unwrap();
+        let whole = big_image(dir.path(), "vdi", 96, None);
+        // Stopped by its owner once everything arrived (and was read, mostly dropped).
+        let (conv, file) = arrive(&store, dir.path(), &whole, true);
+        while conv.dropped() < 64 << 20 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        conv.stop().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("arriving")).unwrap(), whole);
+        drop(file);
+        // A layer made, then not used.
+        let (conv, _) = arrive(&store, dir.path(), &whole, true);
+        let streamed = conv.finish(whole.len() as u64).unwrap().unwrap();
+        streamed.restore().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("arriving")).unwrap(), whole);
+        // A block of zeroes near the end: the guess fails after 80 MiB were dropped.
+        let late_zero = big_image(dir.path(), "vdi", 96, Some(90));
+        let (conv, _) = arrive(&store, dir.path(), &late_zero, true);
+        while conv.dropped() < 64 << 20 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(conv.finish(late_zero.len() as u64).unwrap().is_none());
+        assert_eq!(
+            std::fs::read(dir.path().join("arriving")).unwrap(),
+            late_zero
+        );
     }
 }

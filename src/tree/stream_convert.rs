@@ -18,6 +18,19 @@
 //! A write going back, a file cut shorter, or a failed guess stop the thread and leave
 //! the file to the conversion at its close, as before; so does anything the complete
 //! file fails at its close that the early open let pass (it is opened again then).
+//!
+//! The copy received of a created file (not a staging file, which stays when its
+//! publish fails) is read only by this conversion, once: what it has read is dropped
+//! from the copy as it goes ([`Dropper`]), so that the copy's pages leave the page cache
+//! without being written to the disk, and a file converted while it arrives is written
+//! to the disk once, as its layer. Whenever the copy is needed as it was written after
+//! all (the thread stopped for any of the reasons above, a read of the file before its
+//! close), the dropped bytes are first written back from the conversion's output, which
+//! holds every one of them.
+//!
+//! QED is not converted while it arrives: qemu writes each of its L2 tables after the
+//! data it maps, so the layout is known only at the end. Neither is a VMDK whose grain
+//! directory follows its grains.
 
 use std::fs::File;
 use std::os::fd::AsFd;

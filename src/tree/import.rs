@@ -29,19 +29,21 @@ use crate::image::qcow2::header::MAGIC as QCOW2_MAGIC;
 use crate::image::writeback::Writeback;
 use crate::store::Store;
 
-/// Bytes of a scratch copy left to the page cache before its write-back is paced: a
-/// smaller file converted at its close may be dropped before it reaches the disk; a
-/// bigger one left alone passes the kernel's dirty-page limits, which then throttle its
-/// writer far below the disk's speed (see `image::writeback`).
+/// Bytes of a staging file's scratch copy left to the page cache before its write-back
+/// is paced: a smaller file converted at its close may be dropped before it reaches the
+/// disk; a bigger one left alone passes the kernel's dirty-page limits, which then
+/// throttle its writer far below the disk's speed (see `image::writeback`).
 const SCRATCH_IN_MEMORY: u64 = 512 << 20;
 
-/// How far a writer may run ahead of the conversion that drops what it has read of the
-/// file's copy (see `stream_convert`) before the copy's write-back is paced again: the
-/// bytes in between are about to be dropped, and written to the disk for nothing if
-/// paced (measured: `cp` of a 4 GiB VDI, converted at 1 GB/s while it arrives faster,
-/// wrote 1.7–2.5 GiB of its copy to the disk with 512 MiB, none with 1.5 GiB). A
-/// sixteenth of the machine's memory, under the kernel's dirty-page thresholds (by
-/// default a tenth and a fifth of the memory available), from 512 MiB to 2 GiB.
+/// Bytes of a created file's copy left to the page cache, unpaced, ahead of what was
+/// dropped of it: such a copy is dropped as it is converted, while it arrives (see
+/// `stream_convert`) or at its close (a raw disk, whose layout is known only then), so
+/// what is written to the disk of it is written for nothing (measured: `cp` of a 4 GiB
+/// VDI, converted at 1 GB/s while it arrives faster, wrote 1.7–2.5 GiB of its copy to
+/// the disk with 512 MiB, none with 1.5 GiB; `cp` of a raw disk holding 2 GiB, converted
+/// at its close, 1.3 GiB with 512 MiB, 0.3 GiB with 1.5 GiB). A sixteenth of the
+/// machine's memory, under the kernel's dirty-page thresholds (by default a tenth and a
+/// fifth of the memory available), from 512 MiB to 2 GiB.
 fn drop_ahead() -> u64 {
     static AHEAD: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *AHEAD.get_or_init(|| {
@@ -408,6 +410,12 @@ impl Tree {
             name: name.to_string(),
         };
         let tmp = store.tmp_file()?;
+        // A created file's copy is dropped as it is converted; a staging file's stays.
+        let writeback = Writeback::after(if target.is_some() {
+            drop_ahead()
+        } else {
+            SCRATCH_IN_MEMORY
+        });
         let perm = match (mode & 0o7777) as u16 {
             0 => DEFAULT_IMPORT_PERM,
             p => p,
@@ -426,7 +434,7 @@ impl Tree {
                 tmp,
                 size: 0,
                 arrival: Arrival::new(),
-                writeback: Writeback::after(SCRATCH_IN_MEMORY),
+                writeback,
                 hash: None,
                 stream: None,
             }),

@@ -1187,19 +1187,7 @@ fn cp_r_of_an_image_directory_fails_leaving_nothing() {
         );
         for (rev, want) in [("@0", &src), ("@1", &src2)] {
             let raw = fs.at(&format!("a/img/{rev}/disk.raw"));
-            ok(
-                "qemu-img",
-                &[
-                    "compare",
-                    "-q",
-                    "-f",
-                    "raw",
-                    "-F",
-                    "qcow2",
-                    s(&raw),
-                    s(want),
-                ],
-            );
+            common::assert_same_disk(&raw, "raw", want, "qcow2");
         }
     };
     for (script, repo, name) in [
@@ -1249,19 +1237,7 @@ fn cp_r_of_an_image_directory_fails_leaving_nothing() {
     assert_eq!(revisions_of(&fs.at("b/img")), ["@0", "@1"]);
     assert!(!fs.at("a/img").exists(), "a/img must be gone after mv");
     let raw = fs.at("b/img/@1/disk.raw");
-    ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-q",
-            "-f",
-            "raw",
-            "-F",
-            "qcow2",
-            s(&raw),
-            s(&src2),
-        ],
-    );
+    common::assert_same_disk(&raw, "raw", &src2, "qcow2");
 }
 
 /// Python: the steps of `rm -r R/img` in the order one run of the race below took them,

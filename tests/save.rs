@@ -160,16 +160,7 @@ impl Fs {
     fn check_saved(&self, rel: &str, repo: &str, raw: &Path, base: &[String]) {
         for (file, fmt) in VIEWS {
             let view = self.at(&format!("{rel}/{file}"));
-            let out = run(
-                "qemu-img",
-                &["compare", "-f", fmt, "-F", "raw", s(&view), s(raw)],
-            );
-            assert!(
-                out.status.success(),
-                "{rel}/{file} differs from the overlay: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            common::assert_same_disk(&view, fmt, raw, "raw");
         }
         ok(
             "qemu-img",

@@ -32,6 +32,21 @@ pub fn ok(prog: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Asserts that qemu-img reads the same disk in `a` (a `fa` image) and `b` (a `fb`
+/// image): `qemu-img compare`, the judge of every format.
+#[track_caller]
+pub fn assert_same_disk(a: &Path, fa: &str, b: &Path, fb: &str) {
+    let out = run("qemu-img", &["compare", "-f", fa, "-F", fb, s(a), s(b)]);
+    assert!(
+        out.status.success(),
+        "{} ({fa}) and {} ({fb}) differ: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A test path as the `&str` an argument list wants.
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 test path")

@@ -11,8 +11,8 @@
 //!    `fallocate` either fails and leaves nothing or imports a 10 MiB zero disk).
 //! 3. Names tell the truth at once: sequences of commands with no pause between them
 //!    (import then remove, stage then rename, link then rename, rename then add a revision,
-//!    remove then test, fstat of an open view after its removal, rename to another
-//!    repository) each succeed `PCOCC_IMAGEFS_FILES_ROUNDS` times in a row (100 unless
+//!    one file copied into an image twice, remove then test, fstat of an open view after
+//!    its removal, rename to another repository) each succeed `PCOCC_IMAGEFS_FILES_ROUNDS` times in a row (100 unless
 //!    set).
 //! 4. No empty image directory is left behind: `cp SRC M/r/img/` racing `rm -r M/r/img`
 //!    leaves a real image or nothing, and so does `rm -r` that listed a file published
@@ -1063,6 +1063,26 @@ cp "$SRC2" "$R/e/"
 revs=$(ls "$R/e" | grep -c '^@')
 [ "$revs" = 2 ] || { echo "round $i: e has $revs revisions: $(ls "$R/e")" >&2; false; }
 rm -r "$R/e""#,
+        &[("SRC", s(&src)), ("SRC2", s(&src2)), ("R", s(&r))],
+    );
+}
+
+/// `cp` of one file into an image, twice in a row: the second finds the name of the
+/// first, published a moment ago, and still makes the next revision.
+#[test]
+fn at_once_cp_twice_into_an_image() {
+    let Some((fs, src, src2)) = loop_site() else {
+        return;
+    };
+    let r = fs.at("r");
+    fs.run_loop(
+        "cp SRC M/r/f, cp SRC2 M/r/f/x.qcow2 twice (three revisions), rm -r M/r/f",
+        r#"cp "$SRC" "$R/f"
+cp "$SRC2" "$R/f/x.qcow2"
+cp "$SRC2" "$R/f/x.qcow2"
+revs=$(ls "$R/f" | grep -c '^@')
+[ "$revs" = 3 ] || { echo "round $i: f has $revs revisions: $(ls "$R/f")" >&2; false; }
+rm -r "$R/f""#,
         &[("SRC", s(&src)), ("SRC2", s(&src2)), ("R", s(&r))],
     );
 }

@@ -464,10 +464,19 @@ impl Tree {
         write: bool,
         truncate: bool,
     ) -> Result<ImportHandle, Error> {
-        let imp = self
-            .pending
-            .find(node, caller, true)
-            .ok_or_else(|| Error::NoEntry(display(node)))?;
+        let Some(imp) = self.pending.find(node, caller, true) else {
+            // A file its writer published a moment ago still answers the writer's
+            // metadata calls (see `Pending::find_recent`). Opened for writing again (`cp`
+            // of the same file into the image once more), it lets go of its name: the
+            // writer's create that follows (`O_EXCL`, which the kernel checks with a
+            // fresh lookup) makes a new file, the next revision.
+            if (write || truncate)
+                && let Some(recent) = self.pending.find_recent(node, caller)
+            {
+                self.pending.forget_recent(&recent);
+            }
+            return Err(Error::NoEntry(display(node)));
+        };
         // An import has one writer at a time: a second open for writing while a
         // descriptor of the file is open means two imports of one name racing (two `cp` by one user), which
         // would mix their bytes and see the file published under them. The newcomer

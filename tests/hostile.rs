@@ -665,9 +665,7 @@ fn write_mutated(original: &[u8], edits: &[Edit], path: &Path) {
 /// VMDK extent files, a qcow2's external data file — as `pcocc image import` does, but
 /// only inside the case's directory: a mutated name must not reach the rest of the
 /// machine.
-struct CaseFiles {
-    root: PathBuf,
-}
+struct CaseFiles(WithinDir);
 
 impl CaseFiles {
     fn within(
@@ -681,10 +679,7 @@ impl CaseFiles {
             format: None,
             content_id: None,
         };
-        WithinDir {
-            root: self.root.clone(),
-        }
-        .open(from, format, &named)
+        self.0.open(from, format, &named)
     }
 }
 
@@ -695,10 +690,7 @@ impl BackingPolicy for CaseFiles {
         format: Format,
         backing: &BackingRef,
     ) -> pcocc_imagefs::image::Result<(PathBuf, File)> {
-        WithinDir {
-            root: self.root.clone(),
-        }
-        .open(layer_path, format, backing)
+        self.0.open(layer_path, format, backing)
     }
 
     fn any_format(&self) -> bool {
@@ -728,9 +720,9 @@ impl ExtentFiles for CaseFiles {
 /// as `pcocc image import` opens a file.
 fn open_disk(format: Format, path: &Path, root: &Path) -> pcocc_imagefs::image::Result<Disk> {
     let file = File::open(path).map_err(|e| pcocc_imagefs::image::Error::io(path, e))?;
-    let files = CaseFiles {
+    let files = CaseFiles(WithinDir {
         root: root.to_path_buf(),
-    };
+    });
     open_image_chain(file, path, format, &files)
 }
 

@@ -446,7 +446,12 @@ mod tests {
     /// A disk of 24 MiB in `fmt` (`vdi`, `vpc` or `vmdk`, with qemu-img's options
     /// `opts`) made by qemu-img from a raw disk written by `cmds`.
     fn image_of(dir: &Path, fmt: &str, opts: &str, cmds: &[&str]) -> Vec<u8> {
-        let raw = qemu_create(dir, "raw", "src.raw", "24M", "");
+        sized_image_of(dir, fmt, opts, "24M", cmds)
+    }
+
+    /// [`image_of`] for a disk of `size` (qemu-img's notation).
+    fn sized_image_of(dir: &Path, fmt: &str, opts: &str, size: &str, cmds: &[&str]) -> Vec<u8> {
+        let raw = qemu_create(dir, "raw", "src.raw", size, "");
         qemu_io("raw", &raw, cmds);
         let out = dir.join(format!("src.{fmt}"));
         let (raw, out_path) = (raw.to_str().unwrap(), out.to_str().unwrap());
@@ -607,19 +612,7 @@ mod tests {
             cmds.push(format!("write -P 5 {}M 64k", at));
         }
         let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-        let raw_img = qemu_create(dir, "raw", "src.raw", &format!("{mib}M"), "");
-        qemu_io("raw", &raw_img, &cmds);
-        let out = dir.join(format!("src.{fmt}"));
-        qemu_img(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            fmt,
-            raw_img.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ]);
-        std::fs::read(&out).unwrap()
+        sized_image_of(dir, fmt, "", &format!("{mib}M"), &cmds)
     }
 
     fn allocated(f: &File) -> u64 {

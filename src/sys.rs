@@ -31,7 +31,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The superuser's uid.
-const ROOT_UID: u32 = 0;
+pub const ROOT_UID: u32 = 0;
 /// Most supplementary groups a process can have (Linux's NGROUPS_MAX).
 const MAX_GROUPS: usize = 65536;
 /// Buffer for getpw*_r; glibc suggests sysconf(_SC_GETPW_R_SIZE_MAX), typically 1024.

@@ -965,3 +965,67 @@ fn copying_another_users_image_into_ones_own_repository_copies_the_layer_they_ma
     assert_eq!(b.uid(), NOBODY, "the copied layer is the user's");
     assert_eq!(fs::read(&copied).unwrap(), fs::read(&root_layer).unwrap());
 }
+
+/// A layer shared with another repository becomes part of it: root importing into a
+/// repository of its own the disk a user imported first (`cp`), copying the user's image
+/// there (`pcocc image copy`, `ln`), gets layers of its own, not hard links to the
+/// user's files, which the user could make writable and rewrite root's images with.
+#[test]
+fn root_never_links_a_users_layer_into_its_own_repository() {
+    let Some(mut site) = Site::new(&["mine", "pub"]) else {
+        return;
+    };
+    let mine = site.repo("mine");
+    ok("chown", &["-R", &format!("{NOBODY}:{NOBODY}"), s(&mine)]);
+    site.mount();
+    let src = site.source("shared.qcow2", 0x5a);
+    let raw = site.raw_of(&src);
+    let out = as_nobody(&[], &["cp", s(&src), s(&site.at("mine/theirs"))]);
+    assert_succeeds(&out, "nobody importing into their repository");
+    site.import_as_root(&src, "pub", "ours");
+    let out = site
+        .pcocc(&[], false, &["image", "copy", "mine:theirs", "pub:copied"])
+        .output()
+        .unwrap();
+    assert_succeeds(&out, "root's pcocc image copy mine:theirs pub:copied");
+    ok(
+        "ln",
+        &[
+            s(&site.at("mine/theirs/@0/disk.qcow2")),
+            s(&site.at("pub/linked")),
+        ],
+    );
+    let users = site.layer_of("mine", "theirs", 0);
+    let users_ino = fs::metadata(&users).unwrap().ino();
+    for image in ["ours", "copied", "linked"] {
+        let layer = fs::metadata(site.layer_of("pub", image, 0)).unwrap();
+        assert_ne!(
+            layer.ino(),
+            users_ino,
+            "pub/{image}: a link to the user's layer"
+        );
+        assert_eq!(layer.uid(), 0, "pub/{image}: the layer is root's");
+    }
+    // The user rewrites their own layer: root's images keep their content.
+    let out = as_nobody(&[], &["chmod", "u+w", s(&users)]);
+    assert_succeeds(&out, "nobody making their layer writable");
+    let out = as_nobody(
+        &[],
+        &[
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x66 0 64k",
+            s(&users),
+        ],
+    );
+    assert_succeeds(&out, "nobody rewriting their layer");
+    for image in ["ours", "copied", "linked"] {
+        let view = site.at(&format!("pub/{image}/@0/disk.raw"));
+        assert!(
+            fs::read(&view).unwrap() == raw,
+            "pub/{image} changed with the user's layer"
+        );
+    }
+}

@@ -104,6 +104,11 @@ impl Dir {
         Ok(Dir { fd, path })
     }
 
+    /// The metadata of this directory itself (`fstat` of its handle).
+    pub fn metadata(&self) -> io::Result<fs::Metadata> {
+        File::from(self.fd.try_clone()?).metadata()
+    }
+
     /// Opens `rel` below this directory read-only and checks it is a regular file
     /// (`O_NONBLOCK`, so a FIFO placed there cannot block the open).
     pub fn open_regular(&self, rel: impl AsRef<Path>) -> Result<(File, fs::Metadata), Error> {

@@ -208,7 +208,8 @@ impl Store {
     /// Makes layer `hash` of `src` present here without copying data: `Present` if it is
     /// already here, `Linked` after a hard link; `None` when `src` lacks it or a link is
     /// impossible (another filesystem, `fs.protected_hardlinks` for a layer the caller
-    /// does not own).
+    /// does not own) or unsafe (a user other than the caller and root could change the
+    /// layer, or its name in `src`: see [`only_writable_by`]).
     pub fn link_layer_from(&self, src: &Store, hash: &str) -> Result<Option<LayerTransfer>, Error> {
         if !is_hash(hash) {
             return Err(Error::BadHash(hash.to_string()));
@@ -219,11 +220,26 @@ impl Store {
             refresh_ctime(&data, &rel);
             return Ok(Some(LayerTransfer::Present));
         }
-        // Only a regular file is linked (link(2) would link a symlink itself).
-        let Ok(src_xx) = src.dir("data").and_then(|d| d.subdir(&hash[..2])) else {
+        // Only a regular file is linked (link(2) would link a symlink itself), and only
+        // one nobody else can change, under a name nobody else can change.
+        let Ok(src_data) = src.dir("data") else {
             return Ok(None);
         };
-        if src_xx.open_regular(hash).is_err() {
+        let Ok(src_xx) = src_data.subdir(&hash[..2]) else {
+            return Ok(None);
+        };
+        let Ok((_, file_meta)) = src_xx.open_regular(hash) else {
+            return Ok(None);
+        };
+        let acting = sys::Identity::of_thread().uid;
+        let kept = [src_data.metadata(), src_xx.metadata()]
+            .into_iter()
+            .all(|m| m.is_ok_and(|m| only_writable_by(&m, acting)));
+        if !kept || !only_writable_by(&file_meta, acting) {
+            log::debug!(
+                "not linking {}: another user could change it or its name",
+                src.layer_path(hash).display()
+            );
             return Ok(None);
         }
         let placed = self.place_in_prefix_dir(&data, hash, |xx| {
@@ -274,6 +290,16 @@ impl Store {
             }
         }
     }
+}
+
+/// Whether only `uid` (the identity a layer is shared for) or root can change the file
+/// or directory `meta` describes: owned by one of them, writable by neither its group
+/// nor others. A layer linked from another repository becomes part of this one: were
+/// it, or the directories naming it, someone else's, that user could rewrite the
+/// layer or put other bytes under its name.
+fn only_writable_by(meta: &fs::Metadata, uid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    (meta.uid() == uid || meta.uid() == sys::ROOT_UID) && meta.mode() & 0o022 == 0
 }
 
 /// Marks an existing layer as just used, so a gc running now does not take it for

@@ -304,6 +304,61 @@ fn a_layer_from_a_repository_on_the_same_filesystem_is_hard_linked() {
     ));
 }
 
+/// A layer linked from another repository becomes part of this one, so it is linked
+/// only when nobody but the acting user (or root) can change it or its name: a layer
+/// another user owns, a layer or a `data/XX/` writable by group or others, is copied
+/// (its hash checked) instead. Without this, root importing into a repository of its
+/// own a disk a user had imported first linked the user's file, and the user could
+/// rewrite root's image.
+#[test]
+fn a_layer_someone_else_could_change_is_copied_not_linked() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let a = Store::open("a", &dir.path().join("a")).unwrap();
+    let inode = |p: std::path::PathBuf| std::fs::metadata(p).unwrap().ino();
+    let chmod = |p: std::path::PathBuf, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    // Group-writable layer.
+    let h = add(&a, b"group writable");
+    chmod(a.layer_path(&h), 0o464);
+    let b = Store::open("b", &dir.path().join("b")).unwrap();
+    assert_eq!(b.import_layer_from(&a, &h).unwrap(), LayerTransfer::Copied);
+    assert_ne!(inode(a.layer_path(&h)), inode(b.layer_path(&h)));
+    // A layer in a `data/XX/` others may write: its name is not to be trusted either,
+    // and a file under a name its bytes do not match is refused.
+    let h = add(&a, b"open directory");
+    let xx = a.layer_path(&h).parent().unwrap().to_path_buf();
+    chmod(xx.clone(), 0o777);
+    assert_eq!(b.import_layer_from(&a, &h).unwrap(), LayerTransfer::Copied);
+    let fake = format!("{}{}", &h[..2], "e".repeat(62));
+    std::fs::write(xx.join(&fake), b"other bytes").unwrap();
+    chmod(xx.join(&fake), 0o444);
+    assert!(matches!(
+        b.import_layer_from(&a, &fake),
+        Err(Error::HashMismatch { .. })
+    ));
+    // A layer of our own in directories of our own is still linked.
+    let h = add(&a, b"ours");
+    assert_eq!(b.import_layer_from(&a, &h).unwrap(), LayerTransfer::Linked);
+    // Another user's layer (needs root to make one).
+    if crate::sys::euid() != 0 {
+        crate::testutil::skip("making another user's layer needs root");
+        return;
+    }
+    let h = add(&a, b"another user's");
+    std::os::unix::fs::chown(a.layer_path(&h), Some(65534), Some(65534)).unwrap();
+    assert_eq!(b.import_layer_from(&a, &h).unwrap(), LayerTransfer::Copied);
+    let copied = std::fs::metadata(b.layer_path(&h)).unwrap();
+    assert_ne!(copied.ino(), inode(a.layer_path(&h)));
+    assert_eq!(copied.uid(), 0, "the copy is the importer's");
+    // The same for a `data/XX/` another user owns, the layer being root's.
+    let h = add(&a, b"root's, named by another user");
+    let xx = a.layer_path(&h).parent().unwrap().to_path_buf();
+    std::os::unix::fs::chown(&xx, Some(65534), Some(65534)).unwrap();
+    assert_eq!(b.import_layer_from(&a, &h).unwrap(), LayerTransfer::Copied);
+}
+
 #[test]
 fn sparse_copy_keeps_holes_and_hashes_the_whole_content() {
     use std::os::unix::fs::FileExt;

@@ -140,6 +140,7 @@ impl StreamConvert {
             queued: Vec::new(),
             queued_bytes: 0,
             dropped: Vec::new(),
+            holes: Default::default(),
             total: dropped.clone(),
             to: dropped_to.clone(),
         };
@@ -186,6 +187,7 @@ impl StreamConvert {
 
     /// Bytes of the scratch file dropped so far (they read as zeroes until
     /// [`StreamConvert::stop`] or [`Streamed::restore`] puts them back).
+    #[cfg(test)]
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Acquire)
     }
@@ -194,8 +196,10 @@ impl StreamConvert {
     /// `Ok(None)` if it stopped (the scratch file is whole again: the caller converts
     /// it itself). An error says the scratch file could not be made whole again.
     pub fn finish(self, len: u64) -> image::Result<Option<Streamed>> {
-        let dropped = self.dropped();
-        match self.follower.finish(len) {
+        let ended = self.follower.finish(len);
+        // Counted once the thread is done: it may have dropped more before it ended.
+        let dropped = self.dropped.load(Ordering::Acquire);
+        match ended {
             Some(Ended {
                 out,
                 result: Ok(converted),
@@ -221,8 +225,9 @@ impl StreamConvert {
     /// the file is read, changed or cut by anything else. An error says it could not
     /// be made whole again.
     pub fn stop(self) -> image::Result<()> {
-        let dropped = self.dropped();
-        match self.follower.stop() {
+        let ended = self.follower.stop();
+        let dropped = self.dropped.load(Ordering::Acquire);
+        match ended {
             Some(ended) => ended.dropper.restore(&ended.out),
             None => lost(dropped),
         }
@@ -252,6 +257,23 @@ const DROP_STEP: u64 = 32 << 20;
 /// 128 GiB).
 const MAX_DROPPED_RUNS: usize = 1 << 16;
 
+/// Adds `start..end` to the disjoint ranges `ranges` (start → end), merged with those it
+/// overlaps or touches.
+fn add_range(ranges: &mut std::collections::BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
+    if let Some((&s, &e)) = ranges.range(..=start).next_back()
+        && e >= start
+    {
+        start = s;
+        end = end.max(e);
+        ranges.remove(&s);
+    }
+    while let Some((&s, &e)) = ranges.range(start..=end).next() {
+        end = end.max(e);
+        ranges.remove(&s);
+    }
+    ranges.insert(start, end);
+}
+
 /// Drops from the scratch file the stored data a conversion has read and written out
 /// (`fallocate(PUNCH_HOLE)`): its dirty pages then leave the page cache without ever
 /// being written to the disk, so a file converted while it arrives is not written
@@ -270,6 +292,8 @@ struct Dropper {
     queued_bytes: u64,
     /// Runs dropped, in guest order.
     dropped: Vec<(u64, u64, u64)>,
+    /// The file ranges dropped, merged: start → end.
+    holes: std::collections::BTreeMap<u64, u64>,
     total: Arc<AtomicU64>,
     to: Arc<AtomicU64>,
 }
@@ -301,6 +325,12 @@ impl Dropper {
             else {
                 continue;
             };
+            // Remembered first: a punch that fails may have zeroed part of the run, which
+            // the restore then writes back.
+            self.dropped.push((guest, offset, len));
+            self.total.fetch_add(len, Ordering::AcqRel);
+            self.to.fetch_max(offset + len, Ordering::AcqRel);
+            add_range(&mut self.holes, offset, offset + len);
             if let Err(e) = crate::sys::punch_hole(self.file.as_fd(), off, n) {
                 if matches!(
                     e.raw_os_error(),
@@ -312,13 +342,18 @@ impl Dropper {
                 }
                 return Err(image::Error::io(&self.path, e));
             }
-            self.dropped.push((guest, offset, len));
-            self.total.fetch_add(len, Ordering::AcqRel);
-            self.to.fetch_max(offset + len, Ordering::AcqRel);
         }
         self.queued.clear();
         self.queued_bytes = 0;
         Ok(())
+    }
+
+    /// Whether file bytes `offset..offset + len` were dropped, in part or whole.
+    fn overlaps_dropped(&self, offset: u64, len: u64) -> bool {
+        self.holes
+            .range(..offset.saturating_add(len))
+            .next_back()
+            .is_some_and(|(_, &end)| end > offset)
     }
 
     /// Writes back into the file what was dropped of it, read from the conversion's
@@ -335,6 +370,28 @@ impl Dropper {
             .map_err(|e| image::Error::io(out.path(), e))?;
         let layer = crate::image::qcow2::Qcow2Layer::new(copy, out.path())?;
         let disk = Disk::new(vec![Arc::new(layer)]);
+        // The layer's writer never writes blocks of zeroes, nor lengthens the file for
+        // them: a layer written in part may end before the last bytes it maps, which read
+        // as zeroes once the file reaches them.
+        let mut mapped_to = 0u64;
+        for &(guest, _, n) in &self.dropped {
+            disk.walk(guest, guest + n, |_, ext| {
+                if let Mapping::Data { offset, .. } = ext.mapping {
+                    mapped_to = mapped_to.max(offset + ext.len);
+                }
+                Ok(())
+            })?;
+        }
+        let out_len = out
+            .file()
+            .metadata()
+            .map_err(|e| image::Error::io(out.path(), e))?
+            .len();
+        if mapped_to > out_len {
+            out.file()
+                .set_len(mapped_to)
+                .map_err(|e| image::Error::io(out.path(), e))?;
+        }
         let len = self
             .file
             .metadata()
@@ -420,13 +477,23 @@ fn convert_stream(
         }
         let mut end = 0u64;
         disk.walk(guest, guest + len, |at, ext| {
-            match &ext.mapping {
-                Mapping::Data { offset, .. } => {
-                    end = end.max(offset + ext.len);
-                    dropper.reading(at, *offset, ext.len);
-                }
-                Mapping::Compressed(c) => end = end.max(c.offset + c.stored_len),
-                _ => {}
+            let (offset, stored) = match &ext.mapping {
+                Mapping::Data { offset, .. } => (*offset, ext.len),
+                Mapping::Compressed(c) => (c.offset, c.stored_len),
+                _ => return Ok(()),
+            };
+            // Bytes stored once and named twice (grains of a VMDK may share them): the
+            // second time they may be gone already, so this file is converted at its
+            // close instead.
+            if dropper.overlaps_dropped(offset, stored) {
+                return Err(stopped(
+                    path,
+                    "a block names bytes read and dropped already",
+                ));
+            }
+            end = end.max(offset + stored);
+            if let Mapping::Data { .. } = ext.mapping {
+                dropper.reading(at, offset, stored);
             }
             Ok(())
         })?;
@@ -686,5 +753,90 @@ mod tests {
             std::fs::read(dir.path().join("arriving")).unwrap(),
             late_zero
         );
+    }
+
+    /// A random 96 MiB VDI whose 4 KiB block just before 32 MiB (the end of the first
+    /// step dropped, see [`DROP_STEP`]) is zeroes, with `more` qemu-io commands.
+    fn zero_before_a_step(dir: &Path, more: &[&str]) -> Vec<u8> {
+        let raw = dir.join("random");
+        std::fs::write(&raw, crate::testutil::noise(11, 96 << 20)).unwrap();
+        let w = format!("write -s {} 0 96M", raw.display());
+        let mut cmds = vec![w.as_str(), "write -z 32764k 4k"];
+        cmds.extend_from_slice(more);
+        sized_image_of(dir, "vdi", "", "96M", &cmds)
+    }
+
+    /// The layer written so far never holds a block of zeroes (nor a file length
+    /// covering it): a partial layer may end before the last bytes a dropped run maps.
+    /// Putting the run back reads them as zeroes, whether the conversion stops on a
+    /// cluster guessed wrong right after a step was dropped, or is stopped by its owner
+    /// while it waits there for more bytes.
+    #[test]
+    fn the_copy_is_made_whole_when_the_layer_written_so_far_ends_in_zeroes() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("user", &dir.path().join("repo")).unwrap();
+        // A cluster of zeroes at 33 MiB: the guess fails in the piece after the drop.
+        let bytes = zero_before_a_step(dir.path(), &["write -z 33M 64k"]);
+        let (conv, _f) = arrive(&store, dir.path(), &bytes, true);
+        assert!(conv.finish(bytes.len() as u64).unwrap().is_none());
+        assert!(std::fs::read(dir.path().join("arriving")).unwrap() == bytes);
+        // Stopped while waiting for the bytes past 33 MiB.
+        let bytes = zero_before_a_step(dir.path(), &[]);
+        let start = data_start(&bytes).unwrap();
+        let upto = (start.0 + (33 << 20)) as usize;
+        let path = dir.path().join("arriving-part");
+        let f = new_rw_file(&path);
+        f.write_all_at(&bytes[..upto], 0).unwrap();
+        let conv = StreamConvert::start(&store, &f, &path, start, upto as u64, true).unwrap();
+        while conv.dropped() < 32 << 20 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        conv.stop().unwrap();
+        assert!(std::fs::read(&path).unwrap() == bytes[..upto]);
+    }
+
+    /// A VMDK grain naming bytes another grain already named (qemu reads both from
+    /// them): met after those were dropped, the conversion gives up rather than read
+    /// zeroes, and the file, made whole again, is converted at its close to the very
+    /// layer of the whole file.
+    #[test]
+    fn a_grain_naming_bytes_already_dropped_stops_the_conversion() {
+        if !have_qemu() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open("user", &dir.path().join("repo")).unwrap();
+        let mut bytes = big_image(dir.path(), "vmdk", 96, None);
+        let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        assert_eq!(u64_at(&bytes, 20), 128, "64 KiB grains");
+        let per_table = u32_at(&bytes, 44) as u64;
+        let directory = u64_at(&bytes, 56) * 512;
+        let entry_at = |b: &[u8], g: u64| {
+            let table = u32_at(b, (directory + (g / per_table) * 4) as usize) as u64 * 512;
+            (table + (g % per_table) * 4) as usize
+        };
+        let s1023 = u32_at(&bytes, entry_at(&bytes, 1023));
+        assert_eq!(
+            u32_at(&bytes, entry_at(&bytes, 1024)),
+            s1023 + 128,
+            "in order"
+        );
+        // The grain at 80 MiB names the second half of the grain at 64 MiB - 64 KiB and
+        // the first half of the next one.
+        let at = entry_at(&bytes, 1280);
+        bytes[at..at + 4].copy_from_slice(&(s1023 + 64).to_le_bytes());
+        let (expect, expect_bytes) = layer_of(&store, dir.path(), &bytes, Format::Vmdk);
+        let (conv, _f) = arrive(&store, dir.path(), &bytes, true);
+        assert!(conv.finish(bytes.len() as u64).unwrap().is_none());
+        let whole = std::fs::read(dir.path().join("arriving")).unwrap();
+        assert!(whole == bytes, "the copy is whole again");
+        let (got, got_bytes) = layer_of(&store, dir.path(), &whole, Format::Vmdk);
+        assert_eq!(got, expect);
+        assert!(got_bytes == expect_bytes);
     }
 }

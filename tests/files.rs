@@ -608,6 +608,64 @@ fn writer_qemu_img_raw_straight() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// A disk of zeroes is a disk like any other: `cp` of one (which only sizes its copy),
+/// `dd if=/dev/zero`, `truncate -s` and `qemu-img convert` of one into the mount, by a
+/// user into their repository, publish it once its writer has not opened it again for
+/// the time `qemu-img` may take between its create step and its writes (10 s); the name
+/// is its writer's meanwhile. They were kept for 10 s, then dropped.
+#[test]
+fn a_disk_of_zeroes_is_published_whatever_writes_it() {
+    let Some(fs) = Fs::start(&["r"]) else {
+        return;
+    };
+    ok("chown", &["-R", "65534:65534", s(&fs.repo("r"))]);
+    let zero = fs.work().join("zero.raw");
+    fs::File::create(&zero)
+        .unwrap()
+        .set_len(SOURCE_SIZE)
+        .unwrap();
+    fs::set_permissions(&zero, fs::Permissions::from_mode(0o644)).unwrap();
+    let script = r#"setpriv --reuid=65534 --regid=65534 --clear-groups bash -ec '
+        cp "$Z" "$R/cp-zero"
+        dd if=/dev/zero of="$R/dd-zero" bs=1M count=16 status=none
+        truncate -s 16M "$R/truncate-zero"
+        qemu-img convert -q -f raw -O raw "$Z" "$R/qemu-img-zero"'"#;
+    let r = fs.at("r");
+    let out = fs.sh(script, &[("Z", s(&zero)), ("R", s(&r))], WRITER_LIMIT);
+    assert!(out.status.success(), "{}", describe(&out));
+    let names = ["cp-zero", "dd-zero", "truncate-zero", "qemu-img-zero"];
+    // Meanwhile its writer sees each name (as `qemu-img` must, to open it again).
+    let out = fs.sh(
+        r#"setpriv --reuid=65534 --regid=65534 --clear-groups ls "$R""#,
+        &[("R", s(&r))],
+        WRITER_LIMIT,
+    );
+    let mut listed: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    listed.sort();
+    let mut expected = names.to_vec();
+    expected.sort();
+    assert_eq!(listed, expected, "{}", describe(&out));
+    assert!(
+        common::eventually(Duration::from_secs(30), || {
+            names.iter().all(|n| r.join(n).join("@0").exists())
+        }),
+        "not all published: {:?}",
+        sorted_names(&r)
+    );
+    for name in names {
+        fs.check_image("r", name, &zero, "raw", SOURCE_SIZE)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    for meta in fs.meta_names("r") {
+        let m = fs::metadata(fs.repo("r").join("meta").join(&meta)).unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::uid(&m),
+            65534,
+            "{meta} is its writer's"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. A command that failed leaves nothing
 // ---------------------------------------------------------------------------------------

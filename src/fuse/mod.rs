@@ -64,7 +64,7 @@ pub struct FsSettings {
 
 /// The filesystem served over FUSE.
 pub struct ImageFs {
-    session: Session,
+    session: Arc<Session>,
     invalidator: Arc<notify::Invalidator>,
     /// Stores generated views into the page cache ahead of sequential readers.
     pusher: Arc<push::Pusher>,
@@ -155,12 +155,13 @@ impl ImageFs {
 
     pub fn new(tree: Arc<Tree>, settings: FsSettings) -> ImageFs {
         let invalidator = Arc::new(notify::Invalidator::default());
-        let session = Session::new(
+        let session = Arc::new(Session::new(
             tree,
             settings.session,
             Box::new(caller::ProcHolders::new(settings.mountpoint)),
             Box::new(notify::Names(invalidator.clone())),
-        );
+        ));
+        session.start_upkeep();
         ImageFs {
             session,
             invalidator,

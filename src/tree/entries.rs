@@ -202,7 +202,7 @@ impl Tree {
                 };
                 self.writable_store(caller, repo)?;
                 let hint = split_suffix(new_name).1;
-                let meta = imp.publish(&target, hint, &self.pending)?;
+                let meta = imp.publish(&target, hint, &self.pending, false)?;
                 self.pending.drop_import(&imp);
                 let published = publish_changes(&from, repo, &meta);
                 changes.entries.extend(published.entries);

@@ -291,7 +291,7 @@ impl ImportHandle {
                 }
             }
         }
-        match imp.publish(target, None, &self.pending) {
+        match imp.publish(target, None, &self.pending, false) {
             Ok(meta) => Ok(publish_changes(&imp.node(), imp.store.name(), &meta)),
             Err(e) => {
                 self.pending.drop_import(imp);

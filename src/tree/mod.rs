@@ -274,6 +274,13 @@ pub fn cache_ttl(node: &Node, refresh: Duration) -> Duration {
 }
 
 impl Tree {
+    /// Publishes the created files left blank and unopened for longer than
+    /// [`pending::BLANK_GRACE`] (see [`pending::Pending::publish_abandoned`]); the
+    /// changes to the names, for the kernel's cache.
+    pub fn publish_abandoned(&self) -> Vec<Changes> {
+        self.pending.publish_abandoned(pending::BLANK_GRACE)
+    }
+
     /// [`cache_ttl`] for `node` as this tree has it now: never for an empty image
     /// directory either, which goes at once when the command that made it fails (see
     /// [`Tree::mkdir`]) and becomes an image when something is imported into it.

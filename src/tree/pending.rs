@@ -22,7 +22,7 @@ pub(super) const PUBLISHED_GRACE: Duration = Duration::from_secs(5);
 
 /// How long a blank file whose last descriptor was closed stays for its writer to
 /// reopen: `qemu-img convert` and `qemu-img create` create the file, size it, close it
-/// and open it again to write the image.
+/// and open it again to write the image. Past it, the file is published as it is.
 pub(super) const BLANK_GRACE: Duration = Duration::from_secs(10);
 
 use super::access;
@@ -105,7 +105,8 @@ pub(super) struct Import {
     /// handle; this counts it no more once its last descriptor was closed.
     pub(super) writers: AtomicUsize,
     /// Since when a blank file (see [`Import::is_blank`]) has had no open handle: it is
-    /// kept [`BLANK_GRACE`] for its writer to reopen, then dropped.
+    /// kept [`BLANK_GRACE`] for its writer to reopen, then published as it is (a
+    /// staging file dropped).
     pub(super) idle_since: Mutex<Option<Instant>>,
     /// When it was published, for [`PUBLISHED_GRACE`].
     pub(super) published: Mutex<Option<Instant>>,
@@ -161,7 +162,6 @@ impl Pending {
     /// The import at `node` if `caller` wrote it (`writing`: only while not yet
     /// published, which is when its name is visible).
     pub(super) fn find(&self, node: &Node, caller: &Caller, writing: bool) -> Option<Arc<Import>> {
-        self.drop_abandoned();
         let imp = self.imports().get(node).cloned()?;
         let ok = imp.writer.uid == caller.uid && (!writing || imp.is_writing());
         ok.then_some(imp)
@@ -219,26 +219,69 @@ impl Pending {
         );
     }
 
-    /// Drops the blank files left unopened for longer than [`BLANK_GRACE`].
-    fn drop_abandoned(&self) {
-        let gone: Vec<Arc<Import>> = self
+    /// The blank files left unopened for longer than `grace` (see [`BLANK_GRACE`]), each
+    /// taken once: a created file is then published as it is (by
+    /// [`Pending::publish_abandoned`]), a staging file dropped.
+    fn take_abandoned(&self, grace: Duration) -> Vec<Arc<Import>> {
+        let taken: Vec<Arc<Import>> = self
             .imports()
             .values()
             .filter(|imp| {
-                imp.idle_since
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .is_some_and(|t| t.elapsed() > BLANK_GRACE)
+                let mut idle = imp.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+                let expired = idle.is_some_and(|t| t.elapsed() >= grace);
+                if expired {
+                    *idle = None;
+                }
+                expired
             })
             .cloned()
             .collect();
-        for imp in gone {
-            log::warn!(
-                "{}: nothing but zeroes was written to it and it was not opened again: dropped",
-                display(&imp.node())
-            );
-            self.drop_import(&imp);
+        let mut created = Vec::new();
+        for imp in taken {
+            if imp.target.is_some() {
+                created.push(imp);
+            } else {
+                log::warn!(
+                    "{}: nothing but zeroes was written to it and it was not opened again: dropped",
+                    display(&imp.node())
+                );
+                self.drop_import(&imp);
+            }
         }
+        created
+    }
+
+    /// Publishes the created files left blank and unopened for longer than `grace`:
+    /// their writer, which could have opened them again to write an image (as
+    /// `qemu-img` does after its create step), did not, so they are complete as they
+    /// are: a disk of zeroes (`cp` of one, `dd if=/dev/zero`, `truncate -s`), or an
+    /// image whose tables map nothing. Returns the changes to the names; a file that
+    /// cannot be published is dropped, the error logged.
+    pub(super) fn publish_abandoned(&self, grace: Duration) -> Vec<Changes> {
+        let mut out = Vec::new();
+        for imp in self.take_abandoned(grace) {
+            // Opened again meanwhile, or written: its writer's close decides.
+            if imp.opens.load(Ordering::Acquire) > 0 || !imp.is_writing() || !imp.is_blank() {
+                continue;
+            }
+            let Some(target) = imp.target.clone() else {
+                continue;
+            };
+            match imp.publish(&target, None, self, true) {
+                Ok(meta) => {
+                    log::info!(
+                        "{}: blank and not opened again within {grace:?}: published as it is",
+                        display(&imp.node())
+                    );
+                    out.push(publish_changes(&imp.node(), imp.store.name(), &meta));
+                }
+                Err(e) => {
+                    log::warn!("{}: not published: {e}", display(&imp.node()));
+                    self.drop_import(&imp);
+                }
+            }
+        }
+        out
     }
 
     /// Names of the files `caller` is writing in a directory.
@@ -256,7 +299,6 @@ impl Pending {
     }
 
     pub(super) fn names(&self, repo: &str, image: Option<&str>, caller: &Caller) -> Vec<Node> {
-        self.drop_abandoned();
         let mut out: Vec<Node> = self
             .imports()
             .iter()
@@ -542,11 +584,14 @@ impl Import {
 
     /// Publishes the written bytes as `target`. On failure a created file is discarded
     /// (nothing remains) while a staging file is kept for its writer to fix or drop.
+    /// `left_blank`: the file was left blank on purpose (see
+    /// [`Pending::publish_abandoned`]), so a file only given a size is a disk of zeroes.
     pub(super) fn publish(
         &self,
         target: &Target,
         hint: Option<Format>,
         pending: &Pending,
+        left_blank: bool,
     ) -> Result<crate::store::Meta, Error> {
         let mut st = self.lock();
         // Taken now: a created file's scratch copy is consumed by its publish.
@@ -571,7 +616,12 @@ impl Import {
             // The files of the new revision are made by the writer, whoever closes.
             let _as = self.writer.act()?;
             let format = choose_format(None, hint.or(self.hint), tmp.path(), tmp.file())?;
-            check_disk_size(&self.node(), format, attr.size, arrival.written())?;
+            check_disk_size(
+                &self.node(),
+                format,
+                attr.size,
+                left_blank || arrival.written(),
+            )?;
             let owner = access::user_name(self.writer.uid);
             if format == Format::Qcow2 && save::backed_layer(tmp.file(), tmp.path())?.is_some() {
                 // A VM's overlay of a revision of this mount: saved as a layer over it.
@@ -713,9 +763,10 @@ impl Import {
 /// Bytes of a disk sector: a raw disk is made of whole sectors.
 const SECTOR: u64 = 512;
 
-/// Refuses what cannot be a disk written into the mount: a file nothing was written to
-/// (`touch`, `truncate`, `fallocate`, or the empty file `qemu-img` creates before it
-/// reopens it), or raw bytes that are not whole sectors (a text file written by
+/// Refuses what cannot be a disk written into the mount: an empty file, a file nothing
+/// was written to (`truncate`, `fallocate`, or the file `qemu-img` creates and sizes
+/// before it reopens it; `written` is also true for one left so, blank, past
+/// [`BLANK_GRACE`]), or raw bytes that are not whole sectors (a text file written by
 /// mistake).
 fn check_disk_size(node: &Node, format: Format, size: u64, written: bool) -> Result<(), Error> {
     let why = if size == 0 {

@@ -339,6 +339,28 @@ impl Session {
             .and_then(|(f, _, _)| f.attr().ok())
     }
 
+    /// Starts the thread that, every second, publishes the files their writer left
+    /// blank (see [`Tree::publish_abandoned`]); it ends with the session.
+    pub fn start_upkeep(self: &Arc<Self>) {
+        let session = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let Some(s) = session.upgrade() else {
+                        return;
+                    };
+                    for changes in s.tree.publish_abandoned() {
+                        s.apply(&changes);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start the thread publishing blank files: {e}");
+        }
+    }
+
     /// Brings the kernel's names in line with `changes`: moved objects keep their
     /// inodes under their new names; names that now stand for something else are
     /// dropped from its cache.

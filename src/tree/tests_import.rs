@@ -733,6 +733,55 @@ fn a_blank_file_is_kept_for_its_writer_to_reopen_then_published_with_its_content
     ]);
 }
 
+/// A blank file its writer does not open again within the grace is complete as it is:
+/// published, a disk of zeroes (only given a size, as `cp` leaves the copy of one), by
+/// the upkeep of the session; one opened again is left to its writer's close.
+#[test]
+fn a_blank_file_not_opened_again_is_published_as_a_disk_of_zeroes() {
+    let f = Fixture::new();
+    let repo = node_repo("user");
+    let blank = |name: &str| {
+        let node = Node::Import {
+            repo: "user".into(),
+            image: None,
+            name: name.into(),
+        };
+        let (_, _, h) = f.tree.create(&f.me, &repo, name, 0o644).unwrap();
+        let set = SetAttr {
+            size: Some(1 << 20),
+            ..SetAttr::default()
+        };
+        f.tree.setattr(&f.me, &node, Some(&h), &set).unwrap();
+        assert_eq!(h.flush(true).unwrap(), Changes::default());
+        h.release();
+        node
+    };
+    let zeroes = blank("zeroes");
+    let reopened = blank("reopened");
+    let h = f.tree.open(&f.me, &reopened, true, false).unwrap();
+    // Within the grace: nothing yet.
+    assert!(f.tree.publish_abandoned().is_empty());
+    let changes = f.tree.pending.publish_abandoned(std::time::Duration::ZERO);
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0].gone, vec![zeroes]);
+    let meta = f
+        .tree
+        .resolve(&f.me, &Uri::parse("zeroes").unwrap())
+        .unwrap()
+        .meta;
+    let layer = layer_of(&f, "user", &meta);
+    let file = std::fs::File::open(&layer).unwrap();
+    let disk = super::publish::open_standalone(&file, &layer, crate::image::Format::Qcow2).unwrap();
+    assert_eq!(disk.virtual_size(), 1 << 20);
+    assert!(disk.data_extents(0, 1 << 20).unwrap().is_empty());
+    assert!(
+        f.tree
+            .resolve(&f.me, &Uri::parse("reopened").unwrap())
+            .is_err()
+    );
+    h.release();
+}
+
 #[test]
 fn two_imports_of_one_name_give_one_winner_and_a_clear_error() {
     if !have_qemu() {

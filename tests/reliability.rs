@@ -913,3 +913,50 @@ fn an_image_converted_as_it_arrives_imports_whatever_its_writer_does_before_clos
     }
     assert_eq!(site.assert_every_revision_sound("user"), 9);
 }
+
+/// Only the death of its writer cancels an import: readers of the file killed while it
+/// is written (`cat FILE | head -c 4`, which dies of SIGPIPE, and a shell holding
+/// `exec 5<FILE` killed with SIGKILL) leave the writer's close to publish it, complete.
+/// Both failed the import: the writer's close returned EIO.
+#[test]
+fn readers_killed_while_a_file_is_written_leave_its_import_alone() {
+    let Some(site) = Site::start() else { return };
+    let dest = site.at(0, "user/peeked.raw");
+    let mut f = fs::File::create(&dest).unwrap();
+    f.write_all(&[0x42; 1 << 20]).unwrap();
+    let out = Command::new("sh")
+        .args(["-c", &format!("cat '{}' | head -c 4 >/dev/null", s(&dest))])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut holder = KillOnDrop(
+        Command::new("sh")
+            .args(["-c", &format!("exec 5<'{}'; sleep 60", s(&dest))])
+            .spawn()
+            .expect("spawn sh"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) of the shell this test started.
+    assert_eq!(
+        unsafe { libc::kill(holder.0.id() as i32, libc::SIGKILL) },
+        0
+    );
+    holder.0.wait().unwrap();
+    f.write_all(&[0x43; 1 << 20]).unwrap();
+    // close(2) of the writer's descriptor: its error, if any, is the import's.
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
+    // SAFETY: closing the descriptor this test owns, once.
+    assert_eq!(
+        unsafe { libc::close(fd) },
+        0,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+    assert_eq!(site.meta_names("user"), ["peeked@0"]);
+    let mut expected = vec![0x42; 1 << 20];
+    expected.extend_from_slice(&[0x43; 1 << 20]);
+    assert_eq!(
+        sha256_file(&site.at(0, "user/peeked/@0/disk.raw")),
+        hex(&expected)
+    );
+}

@@ -76,8 +76,8 @@ pub struct SetAttr {
 pub struct ImportHandle {
     import: Arc<Import>,
     pending: Arc<Pending>,
-    /// Opened for writing: only closing such a handle publishes (a reader peeking at
-    /// the file while it is written must not publish half of it).
+    /// Opened for writing: while such a handle is open, only its close publishes (a
+    /// reader peeking at the file while it is written must not publish half of it).
     writer: bool,
     /// Its last descriptor was closed (counted off `Import::writers`).
     closed: AtomicBool,
@@ -270,7 +270,11 @@ impl ImportHandle {
         let Some(target) = &imp.target else {
             return imp.check().map(|()| Changes::default());
         };
-        if !self.writer || !last {
+        // A reader's close publishes only once no handle is open for writing any more
+        // (its writer closed while the reader still held the file, which made that
+        // close not the last): a reader peeking while the file is written must not
+        // publish half of it, and one outliving the writer must not lose it.
+        if !last || (!self.writer && imp.writers.load(Ordering::Acquire) > 0) {
             return Ok(Changes::default());
         }
         // A blank file is not complete yet: its writer is about to reopen it.
@@ -283,6 +287,8 @@ impl ImportHandle {
             match &*st {
                 State::Writing { .. } => {}
                 State::Published(_) | State::Dropped => return Ok(Changes::default()),
+                // A failure its writer was told of (or a writer killed) is not a reader's.
+                State::Failed(..) if !self.writer => return Ok(Changes::default()),
                 State::Failed(reason, errno) => {
                     return Err(Error::ImportFailed {
                         reason: reason.clone(),
@@ -308,9 +314,19 @@ impl ImportHandle {
         }
     }
 
-    /// The writer is gone without finishing (killed by a signal): its file is
-    /// incomplete and is never published.
+    /// The process closing this handle was killed by a signal. When the handle was
+    /// opened for writing, the writer is gone without finishing: its file is incomplete
+    /// and is never published. A reader killed while peeking at the file (`cat | head`
+    /// dying of SIGPIPE, a shell's `exec 5<FILE` killed) wrote nothing: its death
+    /// changes nothing, and the import goes on.
     pub(super) fn abandon(&self) {
+        if !self.writer {
+            log::debug!(
+                "{}: a reader of it was killed: the import goes on",
+                display(&self.import.node())
+            );
+            return;
+        }
         let mut st = self.import.lock();
         if matches!(*st, State::Writing { .. }) {
             log::warn!(

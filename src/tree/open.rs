@@ -171,7 +171,8 @@ impl OpenFile {
     }
 
     /// A `close` made by the kernel for a process killed by a signal: a file it was
-    /// writing is incomplete and is never published.
+    /// writing (through this handle, opened for writing) is incomplete and is never
+    /// published; a handle opened only for reading changes nothing.
     pub fn abandon(&self) {
         if let Inner::Import(h) = &self.inner {
             h.abandon();

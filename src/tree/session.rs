@@ -616,8 +616,9 @@ impl Session {
     /// `close(2)` of one descriptor of handle `fh` by process `pid`; its error is what
     /// `close` returns. A file being imported is complete when nothing holds it any more
     /// (no descriptor in any process, no mapping): that close publishes it and reports
-    /// the outcome. A close the kernel makes for a writer killed by a signal never
-    /// completes it.
+    /// the outcome. A close the kernel makes for a writer killed by a signal (a process
+    /// closing a handle opened for writing) never completes it; one made for a killed
+    /// reader changes nothing.
     pub fn flush(&self, fh: u64, pid: u32) -> Result<(), Error> {
         let (f, ino, uid) = self.file(fh)?;
         // Only a file being imported cares about its closes.

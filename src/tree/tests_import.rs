@@ -782,6 +782,54 @@ fn a_blank_file_not_opened_again_is_published_as_a_disk_of_zeroes() {
     h.release();
 }
 
+/// Only a writer's death cancels an import: a reader of the file killed while it is
+/// written (`cat FILE | head` dying of SIGPIPE) changes nothing; a reader still holding
+/// the file when its writer closes publishes it at its own last close (the import was
+/// lost); a killed writer still publishes nothing.
+#[test]
+fn only_a_killed_writer_cancels_an_import_and_a_reader_outliving_it_publishes() {
+    if !have_qemu() {
+        return;
+    }
+    let f = Fixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), "qcow2", "s.qcow2");
+    let (node, _, h) = f
+        .tree
+        .create(&f.me, &node_repo("user"), "peeked", 0o644)
+        .unwrap();
+    write_like_cp(&f, &node, &h, &src);
+    let killed = f.tree.open(&f.me, &node, false, false).unwrap();
+    killed.abandon();
+    killed.release();
+    let reader = f.tree.open(&f.me, &node, false, false).unwrap();
+    // The writer's close is not the last: the reader holds the file.
+    assert_eq!(h.flush(false).unwrap(), Changes::default());
+    h.release();
+    assert!(!reader.flush(true).unwrap().entries.is_empty());
+    reader.release();
+    let meta = f
+        .tree
+        .resolve(&f.me, &Uri::parse("peeked").unwrap())
+        .unwrap()
+        .meta;
+    assert_published(&f, "user", &meta, &src, "qcow2");
+    // A killed writer: nothing is published, its close (by the kernel) says why.
+    let (node, _, h) = f
+        .tree
+        .create(&f.me, &node_repo("user"), "killed", 0o644)
+        .unwrap();
+    write_like_cp(&f, &node, &h, &src);
+    h.abandon();
+    assert_eq!(h.flush(true).unwrap_err().errno(), libc::EIO);
+    h.release();
+    assert!(
+        f.tree
+            .resolve(&f.me, &Uri::parse("killed").unwrap())
+            .is_err()
+    );
+}
+
 #[test]
 fn two_imports_of_one_name_give_one_winner_and_a_clear_error() {
     if !have_qemu() {

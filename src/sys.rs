@@ -615,6 +615,29 @@ pub fn sync_file_range(
     check(unsafe { libc::sync_file_range(fd.as_raw_fd(), offset, len, flags) })
 }
 
+/// Whether `path` (followed if a symlink) carries a POSIX access ACL, whose named
+/// entries may refuse users its mode bits let in. `true` when that cannot be told.
+pub fn has_access_acl(path: &Path) -> bool {
+    let Ok(c) = cstring(path.as_os_str()) else {
+        return true;
+    };
+    // SAFETY: both strings are NUL-terminated and live across the call; a null buffer
+    // of size 0 only asks for the value's size (getxattr(2)).
+    let rc = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            c"system.posix_acl_access".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if rc >= 0 {
+        return true;
+    }
+    let e = io::Error::last_os_error().raw_os_error();
+    !matches!(e, Some(libc::ENODATA | libc::EOPNOTSUPP))
+}
+
 /// `statvfs(path)`: the size and use of the filesystem holding `path`.
 pub fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
     let c = cstring(path.as_os_str())?;

@@ -1029,3 +1029,41 @@ fn root_never_links_a_users_layer_into_its_own_repository() {
         );
     }
 }
+
+/// What the kernel caches for root never lets a user past a repository they may not
+/// read: with root listing `priv/secret/@0` again and again, a user's `stat` of the
+/// image, its revision and its `disk.raw` is refused every time (it succeeded for a
+/// second after each of root's listings: the kernel, without `default_permissions`,
+/// checks nothing on a name it holds).
+#[test]
+fn names_cached_for_root_never_let_a_user_into_a_repository_they_may_not_read() {
+    let Some(mut site) = Site::new(&["priv"]) else {
+        return;
+    };
+    chmod(&site.repo("priv"), 0o700);
+    site.mount();
+    let src = site.source("secret.qcow2", 0x3c);
+    site.import_as_root(&src, "priv", "secret");
+    let paths = ["priv/secret", "priv/secret/@0", "priv/secret/@0/disk.raw"];
+    let paths: Vec<String> = paths.iter().map(|p| s(&site.at(p)).to_string()).collect();
+    let started = std::time::Instant::now();
+    let mut rounds = 0;
+    while started.elapsed() < Duration::from_millis(2500) {
+        let listed = fs::read_dir(site.at("priv/secret/@0")).unwrap().count();
+        assert!(listed > 0, "root lists the revision");
+        let mut args = vec!["stat", "-c", "%n"];
+        args.extend(paths.iter().map(String::as_str));
+        let out = as_nobody(&[], &args);
+        assert!(
+            !out.status.success() && out.stdout.is_empty(),
+            "round {rounds}: nobody stat'ed {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            contains(&out.stderr, b"Permission denied"),
+            "round {rounds}: {}",
+            stderr(&out)
+        );
+        rounds += 1;
+    }
+}

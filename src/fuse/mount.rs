@@ -52,6 +52,7 @@ pub fn serve(
                     .refresh
                     .unwrap_or(SessionSettings::default().refresh),
                 read_only: settings.read_only,
+                shared: settings.allow_other,
             },
             mountpoint: Some(mountpoint.to_path_buf()),
         },

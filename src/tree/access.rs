@@ -39,6 +39,26 @@ pub fn check(caller: &Caller, path: &Path, want: u32) -> Result<(), Error> {
     }
 }
 
+/// Whether every user may search every directory from `/` down to `meta_dir` and read
+/// and search `meta_dir` itself (what [`check`] with `R | X` asks of a repository's
+/// `meta/`), told from mode bits alone: each class (owner, group, other) has the bits,
+/// and no directory carries an ACL. `false` when that cannot be told. A mount shared
+/// by every user (`allow_other`) lets the kernel keep a name under a repository for
+/// all users only when this holds (see `Session::ttl`).
+pub fn open_to_all(meta_dir: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    const ALL_SEARCH: u32 = 0o111;
+    const ALL_READ_SEARCH: u32 = 0o555;
+    let Ok(real) = std::fs::canonicalize(meta_dir) else {
+        return false;
+    };
+    real.ancestors().enumerate().all(|(i, dir)| {
+        let want = if i == 0 { ALL_READ_SEARCH } else { ALL_SEARCH };
+        std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & want == want)
+            && !crate::sys::has_access_acl(dir)
+    })
+}
+
 /// `repo list`'s WRITABLE: whether `caller` may write to `path`, as the kernel judges
 /// it; `None` when the path does not exist.
 pub fn writable(caller: &Caller, path: &Path) -> Option<bool> {
@@ -72,5 +92,45 @@ impl UserCache {
             map.insert(name.to_string(), found);
         }
         found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_to_all;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    fn chmod(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// A repository every user may read is one whose `meta/` every class of users may
+    /// read and search, on a path every class may search, with no ACL on the way.
+    #[test]
+    fn a_repository_is_open_to_all_only_when_every_class_may_read_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("repo/meta");
+        std::fs::create_dir_all(&meta).unwrap();
+        for p in [dir.path(), &dir.path().join("repo"), &meta] {
+            chmod(p, 0o755);
+        }
+        assert!(open_to_all(&meta));
+        chmod(&dir.path().join("repo"), 0o700);
+        assert!(!open_to_all(&meta), "a 0700 repository");
+        chmod(&dir.path().join("repo"), 0o755);
+        chmod(&meta, 0o750);
+        assert!(!open_to_all(&meta), "a meta/ others may not read");
+        chmod(&meta, 0o755);
+        let acl = std::process::Command::new("setfacl")
+            .args(["-m", "u:65534:---"])
+            .arg(&meta)
+            .status();
+        if acl.is_ok_and(|s| s.success()) {
+            assert!(!open_to_all(&meta), "an ACL on meta/");
+        } else {
+            crate::testutil::skip("setfacl cannot set an ACL here");
+        }
+        assert!(!open_to_all(&dir.path().join("missing")));
     }
 }

@@ -292,6 +292,14 @@ impl Tree {
             _ => cache_ttl(node, refresh),
         }
     }
+
+    /// Whether every user may read repository `repo` (see `access::open_to_all`).
+    pub fn repo_open_to_all(&self, repo: &str) -> bool {
+        self.repos
+            .iter()
+            .find(|s| s.name() == repo)
+            .is_some_and(|s| access::open_to_all(&s.meta_dir()))
+    }
 }
 
 /// What kind of object a node is, as `stat` reports it.

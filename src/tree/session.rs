@@ -80,6 +80,9 @@ pub struct SessionSettings {
     pub refresh: Duration,
     /// Refuse every change (`-o ro`).
     pub read_only: bool,
+    /// Every user may use the mount (`-o allow_other`): what the kernel caches for one
+    /// caller must not let another past a check (see `Session::ttl`).
+    pub shared: bool,
 }
 
 impl Default for SessionSettings {
@@ -87,6 +90,7 @@ impl Default for SessionSettings {
         SessionSettings {
             refresh: Duration::from_secs(1),
             read_only: false,
+            shared: false,
         }
     }
 }
@@ -305,7 +309,20 @@ impl Session {
         self.inodes.len()
     }
 
+    /// How long the kernel may keep `node`'s entry and attributes. Without
+    /// `default_permissions` the kernel checks nothing on a name it holds: a path
+    /// through cached names reaches the daemon only at its first uncached one. Every
+    /// check of who may see a repository's content is made at the repository (its
+    /// `meta/`), so on a shared mount a repository some user may not read is never
+    /// cached: each path through it is looked up again, as its caller, and refused to
+    /// whoever may not read it, whatever is cached below.
     fn ttl(&self, node: &Node) -> Duration {
+        if self.settings.shared
+            && let Node::Repo { repo } = node
+            && !self.tree.repo_open_to_all(repo)
+        {
+            return Duration::ZERO;
+        }
         self.tree.node_ttl(node, self.settings.refresh)
     }
 

@@ -225,6 +225,61 @@ fn disk_vpc_is_absent_where_vhd_cannot_hold_the_disk() {
     assert_eq!(f.tree.getattr(&f.me, &raw).unwrap().size, 3 << 40);
 }
 
+/// An empty disk (0 bytes, as `pcocc image import` of an empty file or `resize` to 0
+/// makes) has no `disk.vmdk`: qemu opens no VMDK of capacity 0. It was listed, and
+/// every `stat` of it failed with EIO. Every other view is there and holds 0 bytes of
+/// disk; exporting it as VMDK says which image cannot be.
+#[test]
+fn an_empty_disk_has_every_view_but_disk_vmdk() {
+    if !crate::testutil::have_qemu() {
+        return;
+    }
+    let f = Fixture::new();
+    let tmp = f.repo("user").join(".tmp").join("empty");
+    qemu_img(&["create", "-q", "-f", "qcow2", tmp.to_str().unwrap(), "0"]);
+    let hash = crate::store::sha256_file(&tmp).unwrap();
+    let dir = f.repo("user").join("data").join(&hash[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::rename(&tmp, dir.join(&hash)).unwrap();
+    f.meta("user", "empty", 0, "root", "1795749382.5", &[&hash]);
+    let rev = Node::Revision {
+        repo: "user".into(),
+        image: "empty".into(),
+        rev: 0,
+    };
+    let mut names: Vec<String> = f
+        .tree
+        .readdir(&f.me, &rev)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .filter(|n| n.starts_with("disk."))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["disk.qcow2", "disk.qed", "disk.raw", "disk.vdi", "disk.vpc"]
+    );
+    assert!(f.tree.lookup(&f.me, &rev, "disk.vmdk").is_err());
+    for name in &names {
+        let node = f.tree.lookup(&f.me, &rev, name).unwrap();
+        f.tree.getattr(&f.me, &node).unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("out.vmdk");
+    let uri = crate::tree::Uri::parse("empty").unwrap();
+    let err = f
+        .tree
+        .export_file(&f.me, &uri, Format::Vmdk, &dest, &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("user:empty@0 cannot be exported as vmdk"),
+        "{err}"
+    );
+    assert!(!dest.exists());
+}
+
 #[test]
 fn revision_directories_and_views_describe_themselves_in_user_pcocc_xattrs() {
     let Some((f, base, top)) = Fixture::standard() else {

@@ -94,7 +94,17 @@ impl Tree {
         {
             choose_format(Some(format), None, dest, &f)?;
         }
-        let view = self.open(caller, &node, false, false)?;
+        // A view that cannot be made (an empty disk as VMDK, a disk VHD cannot hold)
+        // says why naming the layer it was made from: name the image too.
+        let view = self
+            .open(caller, &node, false, false)
+            .map_err(|e| match e {
+                Error::Unreadable(why) => Error::Unreadable(format!(
+                    "{}:{}@{} cannot be exported as {format}: {why}",
+                    resolved.repo, resolved.meta.name, resolved.meta.revision
+                )),
+                e => e,
+            })?;
         let out = OpenOptions::new()
             .write(true)
             .create(true)

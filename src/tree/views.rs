@@ -247,17 +247,21 @@ impl Tree {
     }
 
     /// True when revision `meta` has file `kind`: `meta.json` always; views when the
-    /// revision is a VM disk with layers, `disk.vpc` only where VHD can hold the disk.
+    /// revision is a VM disk with layers, `disk.vpc` only where VHD can hold the disk,
+    /// `disk.vmdk` only where a sparse extent can (not an empty disk, which qemu does
+    /// not open as VMDK, not even the one `qemu-img create -f vmdk x 0` makes).
     pub(super) fn has_file(&self, store: &Store, meta: &Meta, kind: FileKind) -> bool {
         match kind {
             FileKind::MetaJson => true,
             FileKind::View(_) if meta.data_blobs.is_empty() || !super::is_vm(meta) => false,
             // A revision the caller may not open still lists the file: opening it then
             // says why (EACCES), rather than a name that comes and goes with the caller.
-            FileKind::View(Format::Vpc) => match self.opened_revision(store, meta) {
-                Ok(r) => r.view(Format::Vpc).is_ok(),
-                Err(e) => matches!(e.errno(), libc::EACCES | libc::EPERM),
-            },
+            FileKind::View(format @ (Format::Vpc | Format::Vmdk)) => {
+                match self.opened_revision(store, meta) {
+                    Ok(r) => r.view(format).is_ok(),
+                    Err(e) => matches!(e.errno(), libc::EACCES | libc::EPERM),
+                }
+            }
             FileKind::View(_) => true,
         }
     }

@@ -1067,3 +1067,42 @@ fn names_cached_for_root_never_let_a_user_into_a_repository_they_may_not_read() 
         rounds += 1;
     }
 }
+
+/// Root importing into a user's repository leaves the `data/XX/` directories it makes
+/// to the repository's owner (their own imports place layers there too: they failed
+/// with EACCES at close whenever their layer's hash began like one root had placed),
+/// while the layers root placed stay root's.
+#[test]
+fn root_importing_into_a_users_repository_leaves_them_its_directories() {
+    let Some(mut site) = Site::new(&["mine"]) else {
+        return;
+    };
+    let mine = site.repo("mine");
+    ok("chown", &["-R", &format!("{NOBODY}:{NOBODY}"), s(&mine)]);
+    site.mount();
+    for (i, pattern) in [0x11u8, 0x22, 0x33].into_iter().enumerate() {
+        let src = site.source(&format!("r{i}.qcow2"), pattern);
+        site.import_as_root(&src, "mine", &format!("root{i}"));
+    }
+    for layer in site.layers("mine") {
+        let dir = fs::metadata(layer.parent().unwrap()).unwrap();
+        assert_eq!(
+            (dir.uid(), dir.gid()),
+            (NOBODY, NOBODY),
+            "{} is the repository owner's",
+            layer.parent().unwrap().display()
+        );
+        assert_eq!(
+            fs::metadata(&layer).unwrap().uid(),
+            0,
+            "{layer:?} stays root's"
+        );
+    }
+    // The owner places a layer in each of those directories.
+    for layer in site.layers("mine") {
+        let dir = layer.parent().unwrap();
+        let out = as_nobody(&[], &["touch", s(&dir.join("probe"))]);
+        assert_succeeds(&out, "the owner writing into a data/XX/ root made");
+        fs::remove_file(dir.join("probe")).unwrap();
+    }
+}

@@ -274,6 +274,7 @@ impl Store {
         let mut attempts = 0;
         loop {
             if data.make_dir(prefix)? {
+                give_to_owner_of(data, prefix);
                 fsutil::sync_dir(data.fd(), &data.path)?;
             }
             let xx = data.subdir(prefix)?;
@@ -300,6 +301,42 @@ impl Store {
 fn only_writable_by(meta: &fs::Metadata, uid: u32) -> bool {
     use std::os::unix::fs::MetadataExt;
     (meta.uid() == uid || meta.uid() == sys::ROOT_UID) && meta.mode() & 0o022 == 0
+}
+
+/// A `data/XX/` root has just made in a repository that is not root's becomes the
+/// repository's (the owner and group of `data/`): the owner's own imports put their
+/// layers there too, and could not in a directory of root's. Only the directory changes
+/// hands (the layer root places in it stays root's), and `data/`'s owner could replace
+/// it anyway. Best effort, through a descriptor of the directory itself (never a name
+/// that could have become a symlink meanwhile).
+fn give_to_owner_of(data: &Dir, prefix: &str) {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::io::AsRawFd;
+    if sys::Identity::of_thread().uid != sys::ROOT_UID {
+        return;
+    }
+    let Ok(owner) = data.metadata() else {
+        return;
+    };
+    if owner.uid() == sys::ROOT_UID {
+        return;
+    }
+    let Ok(fd) = sys::open_beneath(
+        data.fd(),
+        Path::new(prefix),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+    ) else {
+        return;
+    };
+    // SAFETY: fchown(2) of a descriptor this function owns.
+    if unsafe { libc::fchown(fd.as_raw_fd(), owner.uid(), owner.gid()) } != 0 {
+        log::debug!(
+            "cannot give {} to the repository's owner: {}",
+            data.show(prefix).display(),
+            io::Error::last_os_error()
+        );
+    }
 }
 
 /// Marks an existing layer as just used, so a gc running now does not take it for

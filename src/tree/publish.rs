@@ -102,8 +102,9 @@ pub enum Reader {
 }
 
 /// An error met reading an import's source: the content's fault ([`Error::BadImage`],
-/// EINVAL) when it is no valid image of the format read, unless the file itself could
-/// not be read.
+/// EINVAL) when it is no valid image of the format read (data its tables place past the
+/// end of the file included: a truncated image), unless the file itself could not be
+/// read.
 pub(super) fn source_error(e: Error) -> Error {
     match e {
         Error::Image(
@@ -112,8 +113,14 @@ pub(super) fn source_error(e: Error) -> Error {
             | image::Error::NotAFormat { .. }
             | image::Error::OutOfRange { .. }),
         ) => Error::BadImage(e),
+        Error::Image(e @ image::Error::Io { .. }) if past_the_end(&e) => Error::BadImage(e),
         e => e,
     }
+}
+
+/// Whether `e` says the data read lies past the end of its file.
+fn past_the_end(e: &image::Error) -> bool {
+    matches!(e, image::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof)
 }
 
 fn open_source(file: &File, path: &Path, format: Format, reader: Reader) -> Result<Disk, Error> {

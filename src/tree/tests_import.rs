@@ -830,6 +830,36 @@ fn only_a_killed_writer_cancels_an_import_and_a_reader_outliving_it_publishes() 
     );
 }
 
+/// A truncated image (its tables place data past the end of the file) is the file's
+/// fault: EINVAL naming what is wrong, as for any invalid image; EIO stays for stored
+/// data that cannot be read.
+#[test]
+fn a_truncated_image_written_into_the_mount_is_refused_as_invalid() {
+    if !have_qemu() {
+        return;
+    }
+    let f = Fixture::new();
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path(), "qcow2", "s.qcow2");
+    let bytes = std::fs::read(&src).unwrap();
+    let cut = dir.path().join("cut.qcow2");
+    // The data written at 7 MiB (192 KiB, the file's last clusters) is cut short.
+    std::fs::write(&cut, &bytes[..bytes.len() - (128 << 10)]).unwrap();
+    let (node, _, h) = f
+        .tree
+        .create(&f.me, &node_repo("user"), "cut", 0o644)
+        .unwrap();
+    write_like_cp(&f, &node, &h, &cut);
+    let err = h.flush(true).unwrap_err();
+    assert_eq!(err.errno(), libc::EINVAL, "{err}");
+    assert!(
+        err.to_string().contains("past the end of the file"),
+        "{err}"
+    );
+    h.release();
+    assert!(f.tree.resolve(&f.me, &Uri::parse("cut").unwrap()).is_err());
+}
+
 #[test]
 fn two_imports_of_one_name_give_one_winner_and_a_clear_error() {
     if !have_qemu() {

@@ -661,6 +661,12 @@ impl Tree {
             (Node::Revision { .. } | Node::File { .. } | Node::Latest { .. }, _) => {
                 Err(Error::ReadOnly(display(from)))
             }
+            // `mv IMAGE OTHER` of an existing image OTHER, which `mv` takes for OTHER/IMAGE.
+            (Node::Image { .. }, Node::Image { .. }) => Err(Error::NotPermitted(format!(
+                "{}: an image cannot go inside another image ({})",
+                display(from),
+                display(to_parent)
+            ))),
             _ => Err(Error::PermissionDenied(display(from))),
         }
     }

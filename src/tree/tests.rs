@@ -901,3 +901,30 @@ fn cache_lifetimes_follow_what_can_change() {
     };
     assert_eq!(cache_ttl(&import, refresh), Duration::ZERO);
 }
+
+/// `mv A B` of two images asks to move A into B (`B/A`): refused as what it is, EPERM
+/// naming both, not a "permission denied" that root cannot make sense of.
+#[test]
+fn an_image_moved_into_another_is_refused_saying_why() {
+    let Some((f, base, _)) = Fixture::standard() else {
+        return;
+    };
+    f.meta("user", "img2", 0, "root", "1795749382.5", &[&base]);
+    let repo = Node::Repo {
+        repo: "user".into(),
+    };
+    let into = Node::Image {
+        repo: "user".into(),
+        image: "img2".into(),
+    };
+    let err = f
+        .tree
+        .rename_entry(&f.me, &repo, "img1", &into, "img1")
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::EPERM, "{err}");
+    assert!(
+        err.to_string()
+            .contains("user/img1: an image cannot go inside another image (user/img2)"),
+        "{err}"
+    );
+}

@@ -78,14 +78,23 @@ pub fn filter_spec(rust_log: Option<&str>) -> String {
     out
 }
 
-/// The level a record is logged at: its own, except for fuser's warnings that a clean
-/// exit or an ordinary request makes. fuser unmounts the mountpoint once more when its
-/// session ends, after the kernel has already removed the mount (`umount`), and warns
-/// that this failed; and it warns for every request of a kind the daemon does not
-/// implement, whose caller gets ENOSYS. Neither is something to act on.
+/// The level a record is logged at: its own, except for fuser's warnings and errors
+/// that a clean exit or an ordinary request makes. fuser unmounts the mountpoint once
+/// more when its session ends, after the kernel has already removed the mount
+/// (`umount`), and warns that this failed; it warns for every request of a kind the
+/// daemon does not implement, whose caller gets ENOSYS; and it logs an error for a
+/// reply the kernel no longer waits for (ENOENT: its caller was interrupted, killed say,
+/// while the request was served). None is something to act on.
 pub fn lowered(target: &str, level: Level, message: &str) -> Level {
-    if level != Level::Warn || !target.starts_with("fuser") {
+    if !matches!(level, Level::Warn | Level::Error) || !target.starts_with("fuser") {
         return level;
+    }
+    if level == Level::Error {
+        return if message.starts_with("Failed to send FUSE reply: No such file or directory") {
+            Level::Debug
+        } else {
+            level
+        };
     }
     if message.starts_with("Failed to umount filesystem") || message.starts_with("Unmount failed") {
         Level::Info
@@ -199,7 +208,9 @@ impl Log for DaemonLogger {
     }
 
     fn log(&self, record: &Record) {
-        if record.level() == Level::Warn && record.target().starts_with("fuser") {
+        if matches!(record.level(), Level::Warn | Level::Error)
+            && record.target().starts_with("fuser")
+        {
             let msg = record.args().to_string();
             let level = lowered(record.target(), record.level(), &msg);
             if level != record.level() {
@@ -272,6 +283,10 @@ mod tests {
             Level::Debug
         );
         assert_eq!(lowered(t, Level::Warn, "Reply not sent"), Level::Warn);
+        let gone = "Failed to send FUSE reply: No such file or directory (os error 2)";
+        assert_eq!(lowered("fuser::reply", Level::Error, gone), Level::Debug);
+        let other = "Failed to send FUSE reply: Invalid argument (os error 22)";
+        assert_eq!(lowered("fuser::reply", Level::Error, other), Level::Error);
         assert_eq!(
             lowered("pcocc_imagefs::tree", Level::Warn, m),
             Level::Warn,

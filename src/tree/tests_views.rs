@@ -192,6 +192,18 @@ fn views_are_byte_stable_across_trees_and_cached_by_layer_list() {
     assert_eq!(f.tree.revisions.len(), 2);
 }
 
+/// Image `user/NAME@0`: one layer, a qcow2 of `size` (qemu-img's notation) made by
+/// `qemu-img create`, holding nothing.
+fn empty_image(f: &Fixture, name: &str, size: &str) {
+    let tmp = f.repo("user").join(".tmp").join(name);
+    qemu_img(&["create", "-q", "-f", "qcow2", tmp.to_str().unwrap(), size]);
+    let hash = crate::store::sha256_file(&tmp).unwrap();
+    let dir = f.repo("user").join("data").join(&hash[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::rename(&tmp, dir.join(&hash)).unwrap();
+    f.meta("user", name, 0, "root", "1795749382.5", &[&hash]);
+}
+
 #[test]
 fn disk_vpc_is_absent_where_vhd_cannot_hold_the_disk() {
     if !crate::testutil::have_qemu() {
@@ -199,13 +211,7 @@ fn disk_vpc_is_absent_where_vhd_cannot_hold_the_disk() {
     }
     let f = Fixture::new();
     // 3 TiB: beyond VHD's 2040 GiB, and still a tiny sparse qcow2 file.
-    let tmp = f.repo("user").join(".tmp").join("big");
-    qemu_img(&["create", "-q", "-f", "qcow2", tmp.to_str().unwrap(), "3T"]);
-    let hash = crate::store::sha256_file(&tmp).unwrap();
-    let dir = f.repo("user").join("data").join(&hash[..2]);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::rename(&tmp, dir.join(&hash)).unwrap();
-    f.meta("user", "big", 0, "root", "1795749382.5", &[&hash]);
+    empty_image(&f, "big", "3T");
     let rev = Node::Revision {
         repo: "user".into(),
         image: "big".into(),
@@ -235,13 +241,7 @@ fn an_empty_disk_has_every_view_but_disk_vmdk() {
         return;
     }
     let f = Fixture::new();
-    let tmp = f.repo("user").join(".tmp").join("empty");
-    qemu_img(&["create", "-q", "-f", "qcow2", tmp.to_str().unwrap(), "0"]);
-    let hash = crate::store::sha256_file(&tmp).unwrap();
-    let dir = f.repo("user").join("data").join(&hash[..2]);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::rename(&tmp, dir.join(&hash)).unwrap();
-    f.meta("user", "empty", 0, "root", "1795749382.5", &[&hash]);
+    empty_image(&f, "empty", "0");
     let rev = Node::Revision {
         repo: "user".into(),
         image: "empty".into(),

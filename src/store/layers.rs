@@ -209,7 +209,7 @@ impl Store {
     /// already here, `Linked` after a hard link; `None` when `src` lacks it or a link is
     /// impossible (another filesystem, `fs.protected_hardlinks` for a layer the caller
     /// does not own) or unsafe (a user other than the caller and root could change the
-    /// layer, or its name in `src`: see [`only_writable_by`]).
+    /// layer, or its name in `src`).
     pub fn link_layer_from(&self, src: &Store, hash: &str) -> Result<Option<LayerTransfer>, Error> {
         if !is_hash(hash) {
             return Err(Error::BadHash(hash.to_string()));

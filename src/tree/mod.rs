@@ -274,8 +274,8 @@ pub fn cache_ttl(node: &Node, refresh: Duration) -> Duration {
 }
 
 impl Tree {
-    /// Publishes the created files left blank and unopened for longer than
-    /// [`pending::BLANK_GRACE`] (see [`pending::Pending::publish_abandoned`]); the
+    /// Publishes the created files left blank and unopened for longer than the 10 s
+    /// their writer may take to open them again (see `Pending::publish_abandoned`); the
     /// changes to the names, for the kernel's cache.
     pub fn publish_abandoned(&self) -> Vec<Changes> {
         self.pending.publish_abandoned(pending::BLANK_GRACE)

@@ -960,3 +960,56 @@ fn readers_killed_while_a_file_is_written_leave_its_import_alone() {
         hex(&expected)
     );
 }
+
+/// A qcow2 source of 8 MiB holding `pattern` throughout, in the work directory.
+fn filled_qcow2(site: &Site, name: &str, pattern: u8) -> PathBuf {
+    let p = site.work().join(name);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "8M"]);
+    let w = format!("write -P {pattern:#x} 0 8M");
+    ok("qemu-io", &["-f", "qcow2", "-c", &w, s(&p)]);
+    p
+}
+
+/// A revision deleted and made again under the same number outside the mount (`pcocc
+/// image delete`, then `import` of other bytes: this host's CLI, or another host) is
+/// read afresh once the image directory's refresh time has passed: `disk.raw`, whose
+/// pages the kernel keeps, and every view give the new bytes, never a mix. They gave
+/// the old disk for seconds, then old pages mixed with new ones, and the old size.
+#[test]
+fn a_revision_made_again_outside_the_mount_is_read_afresh() {
+    let Some(site) = Site::start() else { return };
+    let a = filled_qcow2(&site, "a.qcow2", 0xa1);
+    site.pcocc_ok(&["image", "import", s(&a), "user:st"]);
+    let raw = site.at(0, "user/st/@0/disk.raw");
+    assert_eq!(fs::read(&raw).unwrap(), vec![0xa1; 8 << 20]);
+    for view in ["disk.vmdk", "disk.vdi", "disk.qcow2"] {
+        fs::read(site.at(0, &format!("user/st/@0/{view}"))).unwrap();
+    }
+    site.pcocc_ok(&["image", "delete", "user:st"]);
+    let c = filled_qcow2(&site, "c.qcow2", 0xb2);
+    ok("qemu-img", &["resize", "-q", s(&c), "9M"]);
+    site.pcocc_ok(&["image", "import", s(&c), "user:st"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut expected = vec![0xb2; 8 << 20];
+    expected.resize(9 << 20, 0);
+    assert_eq!(fs::metadata(&raw).unwrap().len(), 9 << 20, "the new size");
+    assert!(
+        fs::read(&raw).unwrap() == expected,
+        "disk.raw holds the new disk"
+    );
+    for (view, fmt) in [
+        ("disk.vmdk", "vmdk"),
+        ("disk.vdi", "vdi"),
+        ("disk.qcow2", "qcow2"),
+    ] {
+        let out = site.work().join(format!("out.{fmt}"));
+        ok(
+            "cp",
+            &[s(&site.at(0, &format!("user/st/@0/{view}"))), s(&out)],
+        );
+        ok(
+            "qemu-img",
+            &["compare", "-q", "-f", fmt, "-F", "qcow2", s(&out), s(&c)],
+        );
+    }
+}

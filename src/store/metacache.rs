@@ -51,7 +51,7 @@ pub const MAX_PREFETCH: usize = (META_CACHE_BYTES / (ENTRY_OVERHEAD + 256)) as u
 
 /// What identifies one version of a file: a file published again under the same name
 /// differs in at least one of these.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FileId {
     dev: u64,
     ino: u64,

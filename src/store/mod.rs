@@ -534,6 +534,27 @@ impl Store {
         Ok(Some(meta))
     }
 
+    /// What tells the metadata file of `name@rev` from any other that stood or will
+    /// stand under its name (its device, inode, size and times), not read: `Ok(None)`
+    /// when there is none. A revision deleted and made again (another host's `pcocc
+    /// image delete` and `import`) has another.
+    pub fn meta_stamp(&self, name: &str, rev: u64) -> io::Result<Option<u64>> {
+        use std::hash::{Hash, Hasher};
+        if !is_valid_name(name) {
+            return Ok(None);
+        }
+        let meta_dir = self.dir("meta").map_err(io::Error::other)?;
+        match meta_dir.stat(self.meta_rel(name, rev)) {
+            Ok(m) => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                metacache::FileId::of(&m).hash(&mut h);
+                Ok(Some(h.finish()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// True when `name@rev` has a metadata file (a regular file; not read).
     pub fn has_revision(&self, name: &str, rev: u64) -> bool {
         is_valid_name(name) && matches!(self.open_meta(name, rev), Ok(Some(_)))

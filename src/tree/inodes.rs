@@ -16,6 +16,8 @@ pub const ROOT_INO: u64 = 1;
 struct Table {
     by_ino: HashMap<u64, (Node, u64)>,
     by_node: HashMap<Node, u64>,
+    /// What an inode of a revision stands for (see `Tree::stamp`), when known.
+    stamps: HashMap<u64, u64>,
 }
 
 /// The two-way map between inode numbers and nodes, with kernel lookup counts.
@@ -59,7 +61,33 @@ impl Inodes {
 
     /// The inode number of `node`, counting one kernel lookup (an entry reply).
     pub fn remember(&self, node: &Node) -> u64 {
+        self.remember_as(node, None)
+    }
+
+    /// [`Inodes::remember`] for a node that stands for `stamp` (see `Tree::stamp`):
+    /// when its inode stood for another, `node` gets a new number (the old one stays
+    /// with the kernel's handles on it, as a detached node's does).
+    pub fn remember_as(&self, node: &Node, stamp: Option<u64>) -> u64 {
         let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if let (Some(stamp), Some(&ino)) = (stamp, t.by_node.get(node))
+            && t.stamps.get(&ino).is_some_and(|&was| was != stamp)
+        {
+            t.by_node.remove(node);
+        }
+        let ino = Self::remember_in(&mut t, node);
+        if let Some(stamp) = stamp {
+            t.stamps.insert(ino, stamp);
+        }
+        ino
+    }
+
+    /// What `ino` stands for, when recorded (see [`Inodes::remember_as`]).
+    pub fn stamp(&self, ino: u64) -> Option<u64> {
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        t.stamps.get(&ino).copied()
+    }
+
+    fn remember_in(t: &mut Table, node: &Node) -> u64 {
         if let Some(&ino) = t.by_node.get(node) {
             if let Some(e) = t.by_ino.get_mut(&ino) {
                 e.1 += 1;
@@ -88,6 +116,9 @@ impl Inodes {
             }
             None => false,
         };
+        if gone {
+            t.stamps.remove(&ino);
+        }
         if gone
             && let Some((node, _)) = t.by_ino.remove(&ino)
             && t.by_node.get(&node) == Some(&ino)

@@ -274,6 +274,28 @@ pub fn cache_ttl(node: &Node, refresh: Duration) -> Duration {
 }
 
 impl Tree {
+    /// What the kernel's inode for `node` stands for, beyond its name: for a revision
+    /// and its files, the identity of the revision's metadata file (`Some(0)` when there
+    /// is none any more); `None` for any other node, or when it cannot be told (an
+    /// error reaching the file). A revision deleted and made again under the same
+    /// number outside the mount (`pcocc image delete`, then `import`, on this host or
+    /// another) holds other bytes: its files must not be the inodes whose pages the
+    /// kernel keeps for the old ones.
+    pub fn stamp(&self, node: &Node) -> Option<u64> {
+        let (Node::Revision { repo, image, rev }
+        | Node::File {
+            repo, image, rev, ..
+        }) = node
+        else {
+            return None;
+        };
+        let store = self.store(repo).ok()?;
+        match store.meta_stamp(image, *rev) {
+            Ok(stamp) => Some(stamp.unwrap_or(0)),
+            Err(_) => None,
+        }
+    }
+
     /// Publishes the created files left blank and unopened for longer than the 10 s
     /// their writer may take to open them again (see `Pending::publish_abandoned`); the
     /// changes to the names, for the kernel's cache.

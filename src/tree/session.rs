@@ -299,9 +299,30 @@ impl Session {
 
     /// The node inode `ino` stands for, while the kernel knows it.
     pub fn node(&self, ino: u64) -> Result<Node, Error> {
+        let node = self.known_node(ino)?;
+        self.current(ino, &node)?;
+        Ok(node)
+    }
+
+    /// The node behind `ino`, whatever it stands for now.
+    fn known_node(&self, ino: u64) -> Result<Node, Error> {
         self.inodes
             .node(ino)
             .ok_or_else(|| Error::Stale(format!("inode {ino}")))
+    }
+
+    /// ESTALE when `ino` stands for a revision that is no longer the one at its place
+    /// (deleted and made again outside the mount): the kernel then looks the path up
+    /// again, and gets the new revision's inodes, with pages of their own, instead of
+    /// mixing pages it kept of the old one with the new one's bytes.
+    fn current(&self, ino: u64, node: &Node) -> Result<(), Error> {
+        match (self.inodes.stamp(ino), self.tree.stamp(node)) {
+            (Some(was), Some(now)) if was != now => Err(Error::Stale(format!(
+                "{}: made again since the kernel looked it up",
+                display(node)
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Number of inodes the kernel holds.
@@ -419,7 +440,7 @@ impl Session {
     /// An entry reply for `node`: counts one kernel lookup of its inode.
     fn entry(&self, node: &Node, attr: Attr, ttl: Duration) -> Entry {
         Entry {
-            ino: self.inodes.remember(node),
+            ino: self.inodes.remember_as(node, self.tree.stamp(node)),
             attr,
             ttl,
         }
@@ -454,10 +475,13 @@ impl Session {
         ino: u64,
         fh: Option<u64>,
     ) -> Result<(Attr, Duration), Error> {
-        let node = self.node(ino)?;
+        let node = self.known_node(ino)?;
         let attr = match fh.and_then(|fh| self.file(fh).ok()) {
             Some((f, _, _)) => f.attr(),
-            None => match self.tree.getattr(caller, &node) {
+            None => match self
+                .current(ino, &node)
+                .and_then(|()| self.tree.getattr(caller, &node))
+            {
                 Err(e) => self.open_attr(ino).ok_or(e),
                 found => found,
             },

@@ -280,6 +280,42 @@ fn an_empty_disk_has_every_view_but_disk_vmdk() {
     assert!(!dest.exists());
 }
 
+/// Each view is listed only where its format can hold the disk as qemu opens it:
+/// past 64 TiB no `disk.qed`, past qemu's VDI block count no `disk.vdi`, past 1 PiB no
+/// `disk.vmdk` (each was listed, and its `stat` failed with EIO, or qemu refused the
+/// file: "L1 size too big").
+#[test]
+fn views_whose_format_cannot_hold_the_disk_are_absent() {
+    if !crate::testutil::have_qemu() {
+        return;
+    }
+    let f = Fixture::new();
+    for (name, size, absent) in [
+        ("qed", "100T", "disk.qed"),
+        ("vdi", "600T", "disk.vdi"),
+        ("vmdk", "1025T", "disk.vmdk"),
+    ] {
+        empty_image(&f, name, size);
+        let rev = Node::Revision {
+            repo: "user".into(),
+            image: name.into(),
+            rev: 0,
+        };
+        let names: Vec<String> = f
+            .tree
+            .readdir(&f.me, &rev)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert!(!names.contains(&absent.to_string()), "{size}: {names:?}");
+        assert!(f.tree.lookup(&f.me, &rev, absent).is_err());
+        for present in ["disk.raw", "disk.qcow2"] {
+            assert!(names.contains(&present.to_string()), "{size}: {names:?}");
+        }
+    }
+}
+
 #[test]
 fn revision_directories_and_views_describe_themselves_in_user_pcocc_xattrs() {
     let Some((f, base, top)) = Fixture::standard() else {

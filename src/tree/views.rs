@@ -247,16 +247,17 @@ impl Tree {
     }
 
     /// True when revision `meta` has file `kind`: `meta.json` always; views when the
-    /// revision is a VM disk with layers, `disk.vpc` only where VHD can hold the disk,
-    /// `disk.vmdk` only where a sparse extent can (not an empty disk, which qemu does
-    /// not open as VMDK, not even the one `qemu-img create -f vmdk x 0` makes).
+    /// revision is a VM disk with layers, `disk.vpc`, `disk.vmdk`, `disk.qed` and
+    /// `disk.vdi` only where their format can hold the disk as qemu opens it (VHD up to
+    /// 2040 GiB, a VMDK sparse extent up to 1 PiB and not empty, QED up to 64 TiB, VDI
+    /// up to qemu's block count).
     pub(super) fn has_file(&self, store: &Store, meta: &Meta, kind: FileKind) -> bool {
         match kind {
             FileKind::MetaJson => true,
             FileKind::View(_) if meta.data_blobs.is_empty() || !super::is_vm(meta) => false,
             // A revision the caller may not open still lists the file: opening it then
             // says why (EACCES), rather than a name that comes and goes with the caller.
-            FileKind::View(format @ (Format::Vpc | Format::Vmdk)) => {
+            FileKind::View(format @ (Format::Vpc | Format::Vmdk | Format::Qed | Format::Vdi)) => {
                 match self.opened_revision(store, meta) {
                     Ok(r) => r.view(format).is_ok(),
                     Err(e) => matches!(e.errno(), libc::EACCES | libc::EPERM),

@@ -52,8 +52,9 @@ const DESCRIPTOR_SECTOR: u64 = 1;
 const DESCRIPTOR_SECTORS: u64 = 20;
 /// The grain directory follows the descriptor.
 const GD_SECTOR: u64 = DESCRIPTOR_SECTOR + DESCRIPTOR_SECTORS;
-/// qemu refuses grain directories of more than 512 MiB (its "L1 size too big").
-const MAX_GD_ENTRIES: u64 = 512 * 1024 * 1024 / 4;
+/// qemu refuses grain directories of more than 32 Mi entries (its "L1 size too big"):
+/// with 64 KiB grains and 512-entry tables, disks up to 1 PiB.
+const MAX_GD_ENTRIES: u64 = 32 * 1024 * 1024;
 /// Grain tables and directory entries hold 32-bit sector numbers: the file cannot
 /// exceed 2^32 sectors (2 TiB).
 const MAX_FILE_SECTORS: u64 = 1 << 32;
@@ -374,7 +375,7 @@ mod tests {
     fn a_petabyte_disk_gets_its_grain_directory_on_demand() {
         let size = MAX_GD_ENTRIES * GRAIN_BYTES * GTES_PER_GT;
         let layout = VmdkLayout::new(empty_disk(size), ViewId([1; 32])).unwrap();
-        // 512 MiB of grain directory, all zero, and nothing else.
+        // 128 MiB of grain directory, all zero, and nothing else.
         assert_eq!(
             layout.size(),
             round_up(
@@ -384,7 +385,7 @@ mod tests {
         );
         let mut buf = vec![0xaau8; 8192];
         layout
-            .generate(GD_SECTOR * SECTOR + (1 << 28), &mut buf)
+            .generate(GD_SECTOR * SECTOR + (1 << 26), &mut buf)
             .unwrap();
         assert!(buf.iter().all(|&b| b == 0));
         let err = VmdkLayout::new(empty_disk(size + 1), ViewId([1; 32])).unwrap_err();

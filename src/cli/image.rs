@@ -19,6 +19,8 @@ const SHOW_WIDTH: usize = 30;
 /// Width a label of `show`'s header block is padded to; the value is right-aligned in
 /// the rest of [`SHOW_WIDTH`] (pcocc's layout, measured on its output).
 const SHOW_LABEL_WIDTH: usize = 6;
+/// `show`'s owner label, with the two spaces pcocc always puts before the owner.
+const OWNER_LABEL: &str = "Owner:  ";
 /// Shown in `show`'s SIZE column when a revision's top layer file is missing.
 const MISSING_LAYER: &str = "missing";
 
@@ -127,7 +129,8 @@ pub fn show(ctx: &mut Context, image: &str) -> Result<(), CliError> {
             ("Layers:", meta.data_blobs.len().to_string()),
         ],
         vec![
-            ("Owner:", meta.owner.clone()),
+            // pcocc's owner field is 22 wide after two spaces: a long name keeps them.
+            (OWNER_LABEL, meta.owner.clone()),
             ("Date:", format_timestamp(meta.timestamp)),
         ],
     ];
@@ -256,6 +259,14 @@ mod tests {
         assert_eq!(
             header_row("URI:", "myRepo:averyveryverylongimagename@0"),
             "URI:  myRepo:averyveryverylongimagename@0\n"
+        );
+        assert_eq!(
+            header_row(OWNER_LABEL, "root"),
+            "Owner:                    root\n"
+        );
+        assert_eq!(
+            header_row(OWNER_LABEL, "abcdefghijklmnopqrstuvw"),
+            "Owner:  abcdefghijklmnopqrstuvw\n"
         );
     }
 

@@ -28,7 +28,7 @@ const MISSING_LAYER: &str = "missing";
 /// a table of the images whose name `REGEX` matches anywhere (Python's `re.search`).
 pub fn list(ctx: &mut Context, repo: Option<&str>, regex: Option<&str>) -> Result<(), CliError> {
     let filter = regex
-        .map(|text| Regex::new(text).map_err(|e| CliError::Regex(regex_reason(&e))))
+        .map(|text| Regex::new(&from_python(text)).map_err(|e| CliError::Regex(regex_reason(&e))))
         .transpose()?;
     let repos: Vec<String> = match repo {
         Some(name) => vec![name.to_string()],
@@ -88,6 +88,87 @@ const REGEX_DIAGNOSTIC_INDENT: usize = 4;
 /// The regex crate's multi-line diagnostic folded into one line like Python's: its last
 /// line is the reason (`error: unclosed group`), and for a one-line pattern the caret
 /// under it gives the position (`unclosed group at position 0`).
+/// A pattern in Python's `re` syntax (pcocc's) written for the `regex` crate, where the
+/// two differ and Python's meaning can be kept: `\Z` (end of text) is `\z`; a bound
+/// left out of a repetition (`{,2}`, `{3,}`) is written out, and a `{` that starts no
+/// repetition is a plain brace; inside a set, `[` is a plain bracket (Python has no
+/// nested sets nor POSIX classes: `[[:alpha:]]` is a set followed by `]`), and so are
+/// `&` and `~` (the crate's set operators `&&` and `~~`). Look-around and
+/// back-references stay unsupported (the crate refuses them).
+fn from_python(pattern: &str) -> String {
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut out = String::with_capacity(pattern.len() + 8);
+    let mut i = 0;
+    let mut in_set = false;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '\\' => {
+                match chars.get(i + 1) {
+                    Some('Z') if !in_set => out.push_str("\\z"),
+                    Some(&next) => {
+                        out.push('\\');
+                        out.push(next);
+                    }
+                    None => out.push('\\'),
+                }
+                i += 2;
+                continue;
+            }
+            '[' if !in_set => {
+                in_set = true;
+                out.push('[');
+                // `^` and a `]` right after the opening are part of the set.
+                if chars.get(i + 1) == Some(&'^') {
+                    out.push('^');
+                    i += 1;
+                }
+                if chars.get(i + 1) == Some(&']') {
+                    out.push_str("\\]");
+                    i += 1;
+                }
+            }
+            ']' if in_set => {
+                in_set = false;
+                out.push(']');
+            }
+            '[' | '&' | '~' if in_set => {
+                out.push('\\');
+                out.push(c);
+            }
+            '{' if !in_set => match repetition(&chars[i..]) {
+                Some((text, len)) => {
+                    out.push_str(&text);
+                    i += len;
+                    continue;
+                }
+                None => out.push_str("\\{"),
+            },
+            _ => out.push(c),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The repetition `{m}`, `{m,}`, `{,n}`, `{m,n}` or `{,}` that `chars` starts with, as
+/// the `regex` crate writes it, and its length; `None` for a `{` that starts none
+/// (Python then reads it as a plain brace).
+fn repetition(chars: &[char]) -> Option<(String, usize)> {
+    let end = chars.iter().position(|&c| c == '}')?;
+    let inner: String = chars[1..end].iter().collect();
+    let digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+    let text = match inner.split_once(',') {
+        None if !inner.is_empty() && digits(&inner) => format!("{{{inner}}}"),
+        Some((m, n)) if digits(m) && digits(n) => {
+            let m = if m.is_empty() { "0" } else { m };
+            format!("{{{m},{n}}}")
+        }
+        _ => return None,
+    };
+    Some((text, end + 1))
+}
+
 fn regex_reason(error: &regex::Error) -> String {
     let text = error.to_string();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -268,6 +349,31 @@ mod tests {
             header_row(OWNER_LABEL, "abcdefghijklmnopqrstuvw"),
             "Owner:  abcdefghijklmnopqrstuvw\n"
         );
+    }
+
+    /// `list REGEX` reads Python's syntax (pcocc's), as far as the crate can: the same
+    /// names match as with `re.search`.
+    #[test]
+    fn list_patterns_mean_what_they_mean_to_python() {
+        let matches = |pattern: &str, name: &str| {
+            Regex::new(&from_python(pattern))
+                .unwrap_or_else(|e| panic!("{pattern}: {e}"))
+                .is_match(name)
+        };
+        assert!(matches(r"a\Z", "data"));
+        assert!(!matches(r"a\Z", "dat"));
+        assert!(matches("^a{,2}b$", "aab") && !matches("^a{,2}b$", "aaab"));
+        assert!(matches("^a{2,}$", "aaa") && !matches("^a{2,}$", "a"));
+        assert!(matches("^a{2}$", "aa") && matches("^a{1,2}$", "a"));
+        assert!(matches("^x{,}$", "xxxx"));
+        // A brace that starts no repetition is a brace.
+        assert!(matches("a{b", "a{b") && matches("a{}", "a{}") && matches("{x}", "{x}"));
+        // No POSIX class: a set of `[:alph` followed by `]`.
+        assert!(!matches("[[:alpha:]]", "img1"));
+        assert!(matches("[[:alpha:]]", "a]"));
+        assert!(matches("[a&&b]", "&") && matches("[a~~b]", "~"));
+        assert!(matches("[]x]", "]") && matches("[^]x]", "y") && !matches("^[^]x]$", "]"));
+        assert!(matches(r"\d+[.-]\w", "v1.x") && matches(r"[\]]", "]"));
     }
 
     #[test]

@@ -45,7 +45,23 @@ pub(super) fn parse_view_path(mountpoint: &Path, name: &str) -> Option<ViewPath>
     if !path.is_absolute() || !mountpoint.is_absolute() {
         return None;
     }
-    let rest = path.strip_prefix(mountpoint).ok()?;
+    // `.` and `..` as qemu's open resolves them: inside the mount no symlink but
+    // `latest` (to a sibling revision directory) leads elsewhere.
+    let mut normal: Vec<&std::ffi::OsStr> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => {
+                normal.pop();
+            }
+            Component::Normal(s) => normal.push(s),
+            Component::Prefix(_) => return None,
+        }
+    }
+    let normal: std::path::PathBuf = std::iter::once(std::ffi::OsStr::new("/"))
+        .chain(normal)
+        .collect();
+    let rest = normal.strip_prefix(mountpoint).ok()?;
     let parts: Vec<&str> = rest
         .components()
         .map(|c| match c {
@@ -323,7 +339,21 @@ mod tests {
             ),
             ("/mnt/images/user/x/@1/meta.json", None),
             ("/mnt/images/user/x/@01/disk.raw", None),
-            ("/mnt/images/user/x/@1/../@0/disk.raw", None),
+            // `..` as qemu resolves it (`latest` leads to a sibling directory).
+            (
+                "/mnt/images/user/x/@1/../@0/disk.raw",
+                view("user", "x", Some(0), Format::Raw),
+            ),
+            (
+                "/mnt/images/user/x/latest/../@2/disk.raw",
+                view("user", "x", Some(2), Format::Raw),
+            ),
+            (
+                "/mnt/other/../images/user/x/@0/disk.raw",
+                view("user", "x", Some(0), Format::Raw),
+            ),
+            ("/mnt/images/user/../../images2/user/x/@0/disk.raw", None),
+            ("/mnt/images/user/x/@1/disk.raw/..", None),
             ("/mnt/images/user/x/@1/disk.raw/y", None),
             ("/mnt/images/user/x/disk.raw", None),
             ("/mnt/images2/user/x/@1/disk.raw", None),

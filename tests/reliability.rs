@@ -972,12 +972,17 @@ fn filled_qcow2(site: &Site, name: &str, pattern: u8) -> PathBuf {
 
 /// A revision deleted and made again under the same number outside the mount (`pcocc
 /// image delete`, then `import` of other bytes: this host's CLI, or another host) is
-/// read afresh once the image directory's refresh time has passed: `disk.raw`, whose
-/// pages the kernel keeps, and every view give the new bytes, never a mix. They gave
-/// the old disk for seconds, then old pages mixed with new ones, and the old size.
+/// read afresh once the refresh time has passed, on a mount that read it and on one
+/// that only `stat`ed it: `disk.raw`, whose pages the kernel keeps, and every view give
+/// the new bytes and size, never a mix; a descriptor held on the revision directory
+/// keeps working. They gave the old disk for seconds, then old pages mixed with new
+/// ones, and the old size for as long as the kernel kept it (an hour).
 #[test]
 fn a_revision_made_again_outside_the_mount_is_read_afresh() {
-    let Some(site) = Site::start() else { return };
+    let Some(mut site) = Site::start() else {
+        return;
+    };
+    let other = site.add_mount(&[]);
     let a = filled_qcow2(&site, "a.qcow2", 0xa1);
     site.pcocc_ok(&["image", "import", s(&a), "user:st"]);
     let raw = site.at(0, "user/st/@0/disk.raw");
@@ -985,11 +990,19 @@ fn a_revision_made_again_outside_the_mount_is_read_afresh() {
     for view in ["disk.vmdk", "disk.vdi", "disk.qcow2"] {
         fs::read(site.at(0, &format!("user/st/@0/{view}"))).unwrap();
     }
+    let stated = site.at(other, "user/st/@0/disk.raw");
+    assert_eq!(fs::metadata(&stated).unwrap().len(), 8 << 20);
+    let held = fs::File::open(site.at(0, "user/st/@0")).unwrap();
     site.pcocc_ok(&["image", "delete", "user:st"]);
     let c = filled_qcow2(&site, "c.qcow2", 0xb2);
     ok("qemu-img", &["resize", "-q", s(&c), "9M"]);
     site.pcocc_ok(&["image", "import", s(&c), "user:st"]);
     std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        fs::metadata(&stated).unwrap().len(),
+        9 << 20,
+        "stat: the new size"
+    );
     let mut expected = vec![0xb2; 8 << 20];
     expected.resize(9 << 20, 0);
     assert_eq!(fs::metadata(&raw).unwrap().len(), 9 << 20, "the new size");
@@ -1012,4 +1025,27 @@ fn a_revision_made_again_outside_the_mount_is_read_afresh() {
             &["compare", "-q", "-f", fmt, "-F", "qcow2", s(&out), s(&c)],
         );
     }
+    held.metadata()
+        .expect("fstat of the revision directory held open");
+}
+
+/// A file left blank by its writer (`truncate -s`, `cp` of a disk of zeroes) is
+/// published when the daemon exits within its 10 s grace: nobody can open it again
+/// after. It was lost with the daemon.
+#[test]
+fn blank_files_are_published_when_the_daemon_exits() {
+    let Some(site) = Site::start() else { return };
+    let zero = site.work().join("zero.raw");
+    fs::File::create(&zero).unwrap().set_len(4 << 20).unwrap();
+    ok("truncate", &["-s", "16M", s(&site.at(0, "user/sized"))]);
+    ok("cp", &[s(&zero), s(&site.at(0, "user/zeroes"))]);
+    unmount(&site.mounts[0]);
+    assert!(
+        common::eventually(Duration::from_secs(10), || {
+            site.meta_names("user") == ["sized@0", "zeroes@0"]
+        }),
+        "{:?}",
+        site.meta_names("user")
+    );
+    assert_eq!(site.tmp_entries("user"), Vec::<PathBuf>::new());
 }

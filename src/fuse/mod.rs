@@ -199,6 +199,12 @@ impl ImageFs {
 }
 
 impl Filesystem for ImageFs {
+    /// The mount is gone: blank files their writers closed are published now, since
+    /// none can be opened again (they would be lost with the daemon).
+    fn destroy(&mut self) {
+        self.session.publish_blank_files_now();
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
         // readdirplus answers a listing with every entry's attributes, so `ls -l` needs

@@ -261,31 +261,33 @@ impl Node {
 /// How long the kernel may cache what never changes (revision directories and files).
 pub const IMMUTABLE_TTL: Duration = Duration::from_secs(3600);
 
-/// How long the kernel may cache the entry and attributes of `node`: long for what never
-/// changes (a revision and its files), never for a file being imported (it becomes an
-/// image directory, or goes, when it is published), `refresh` for repository and image
-/// directories, which other hosts change.
+/// How long the kernel may cache the entry and attributes of `node`: long for a revision
+/// directory (whatever it holds, its files are looked up again), never for a file being
+/// imported (it becomes an image directory, or goes, when it is published), `refresh`
+/// for repository and image directories, which other hosts change, and for the files of
+/// a revision: a revision never changes, but its number can be deleted and made again
+/// outside the mount (see `Tree::stamp`).
 pub fn cache_ttl(node: &Node, refresh: Duration) -> Duration {
     match node {
-        Node::Revision { .. } | Node::File { .. } => IMMUTABLE_TTL,
+        Node::Revision { .. } => IMMUTABLE_TTL,
         Node::Import { .. } => Duration::ZERO,
         _ => refresh,
     }
 }
 
 impl Tree {
-    /// What the kernel's inode for `node` stands for, beyond its name: for a revision
-    /// and its files, the identity of the revision's metadata file (`Some(0)` when there
-    /// is none any more); `None` for any other node, or when it cannot be told (an
-    /// error reaching the file). A revision deleted and made again under the same
-    /// number outside the mount (`pcocc image delete`, then `import`, on this host or
-    /// another) holds other bytes: its files must not be the inodes whose pages the
-    /// kernel keeps for the old ones.
+    /// What the kernel's inode for `node` stands for, beyond its name: for a file of a
+    /// revision, the identity of the revision's metadata file (`Some(0)` when there is
+    /// none any more); `None` for any other node, or when it cannot be told (an error
+    /// reaching the file). A revision deleted and made again under the same number
+    /// outside the mount (`pcocc image delete`, then `import`, on this host or another)
+    /// holds other bytes: its files must not be the inodes whose pages the kernel keeps
+    /// for the old ones. (A revision directory's inode stands for its place: the files
+    /// looked up in it are the current ones.)
     pub fn stamp(&self, node: &Node) -> Option<u64> {
-        let (Node::Revision { repo, image, rev }
-        | Node::File {
+        let Node::File {
             repo, image, rev, ..
-        }) = node
+        } = node
         else {
             return None;
         };
@@ -301,6 +303,12 @@ impl Tree {
     /// changes to the names, for the kernel's cache.
     pub fn publish_abandoned(&self) -> Vec<Changes> {
         self.pending.publish_abandoned(pending::BLANK_GRACE)
+    }
+
+    /// At the daemon's exit: publishes every created file left blank by its writer,
+    /// whatever time is left of its grace (nobody can open it again after).
+    pub fn publish_blank_files_now(&self) {
+        let _ = self.pending.publish_abandoned(Duration::ZERO);
     }
 
     /// [`cache_ttl`] for `node` as this tree has it now: never for an empty image

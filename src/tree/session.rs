@@ -399,6 +399,11 @@ impl Session {
         }
     }
 
+    /// At the daemon's exit: see [`Tree::publish_blank_files_now`].
+    pub fn publish_blank_files_now(&self) {
+        self.tree.publish_blank_files_now();
+    }
+
     /// Brings the kernel's names in line with `changes`: moved objects keep their
     /// inodes under their new names; names that now stand for something else are
     /// dropped from its cache.

@@ -892,6 +892,13 @@ fn cache_lifetimes_follow_what_can_change() {
     let refresh = Duration::from_secs(1);
     let rev = node_rev("user", "img", 0);
     assert_eq!(cache_ttl(&rev, refresh), IMMUTABLE_TTL);
+    let file = Node::File {
+        repo: "user".into(),
+        image: "img".into(),
+        rev: 0,
+        file: FileKind::View(Format::Raw),
+    };
+    assert_eq!(cache_ttl(&file, refresh), refresh);
     assert_eq!(cache_ttl(&node_image("user", "img"), refresh), refresh);
     assert_eq!(cache_ttl(&node_repo("user"), refresh), refresh);
     let import = Node::Import {

@@ -93,7 +93,8 @@ const REGEX_DIAGNOSTIC_INDENT: usize = 4;
 /// left out of a repetition (`{,2}`, `{3,}`) is written out, and a `{` that starts no
 /// repetition is a plain brace; inside a set, `[` is a plain bracket (Python has no
 /// nested sets nor POSIX classes: `[[:alpha:]]` is a set followed by `]`), and so are
-/// `&` and `~` (the crate's set operators `&&` and `~~`). Look-around and
+/// `&` and `~` (the crate's set operators `&&` and `~~`) and the second `-` of `--` (a
+/// range ending at `-`); an inline comment `(?#...)` goes. Look-around and
 /// back-references stay unsupported (the crate refuses them).
 fn from_python(pattern: &str) -> String {
     let chars: Vec<char> = pattern.chars().collect();
@@ -135,6 +136,23 @@ fn from_python(pattern: &str) -> String {
             '[' | '&' | '~' if in_set => {
                 out.push('\\');
                 out.push(c);
+            }
+            // `--` in a set: a range ending at `-` (`[+--]`), not the crate's set
+            // difference.
+            '-' if in_set && chars.get(i + 1) == Some(&'-') => {
+                out.push_str("-\\-");
+                i += 2;
+                continue;
+            }
+            // An inline comment.
+            '(' if !in_set && chars.get(i + 1) == Some(&'?') && chars.get(i + 2) == Some(&'#') => {
+                match chars[i..].iter().position(|&c| c == ')') {
+                    Some(len) => {
+                        i += len + 1;
+                        continue;
+                    }
+                    None => out.push(c),
+                }
             }
             '{' if !in_set => match repetition(&chars[i..]) {
                 Some((text, len)) => {
@@ -374,6 +392,11 @@ mod tests {
         assert!(matches("[a&&b]", "&") && matches("[a~~b]", "~"));
         assert!(matches("[]x]", "]") && matches("[^]x]", "y") && !matches("^[^]x]$", "]"));
         assert!(matches(r"\d+[.-]\w", "v1.x") && matches(r"[\]]", "]"));
+        // `[+--]` is the range from `+` to `-` (`,` among them); `[_--]` is refused, as
+        // Python refuses it (a range out of order).
+        assert!(matches("[+--]", "a-b") && matches("^[+--]$", ",") && !matches("[+--]", "ab"));
+        assert!(Regex::new(&from_python("[_--]")).is_err());
+        assert!(matches("(?#a comment)^img", "img1") && !matches("^(?#x)b", "img"));
     }
 
     #[test]

@@ -204,6 +204,23 @@ fn empty_image(f: &Fixture, name: &str, size: &str) {
     f.meta("user", name, 0, "root", "1795749382.5", &[&hash]);
 }
 
+/// Revision `user/IMAGE@0` and the names its directory lists.
+fn listed(f: &Fixture, image: &str) -> (Node, Vec<String>) {
+    let rev = Node::Revision {
+        repo: "user".into(),
+        image: image.into(),
+        rev: 0,
+    };
+    let names = f
+        .tree
+        .readdir(&f.me, &rev)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    (rev, names)
+}
+
 #[test]
 fn disk_vpc_is_absent_where_vhd_cannot_hold_the_disk() {
     if !crate::testutil::have_qemu() {
@@ -212,18 +229,7 @@ fn disk_vpc_is_absent_where_vhd_cannot_hold_the_disk() {
     let f = Fixture::new();
     // 3 TiB: beyond VHD's 2040 GiB, and still a tiny sparse qcow2 file.
     empty_image(&f, "big", "3T");
-    let rev = Node::Revision {
-        repo: "user".into(),
-        image: "big".into(),
-        rev: 0,
-    };
-    let names: Vec<String> = f
-        .tree
-        .readdir(&f.me, &rev)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
+    let (rev, names) = listed(&f, "big");
     assert!(!names.contains(&"disk.vpc".to_string()), "{names:?}");
     assert!(names.contains(&"disk.vmdk".to_string()), "{names:?}");
     assert!(f.tree.lookup(&f.me, &rev, "disk.vpc").is_err());
@@ -242,17 +248,9 @@ fn an_empty_disk_has_every_view_but_disk_vmdk() {
     }
     let f = Fixture::new();
     empty_image(&f, "empty", "0");
-    let rev = Node::Revision {
-        repo: "user".into(),
-        image: "empty".into(),
-        rev: 0,
-    };
-    let mut names: Vec<String> = f
-        .tree
-        .readdir(&f.me, &rev)
-        .unwrap()
+    let (rev, names) = listed(&f, "empty");
+    let mut names: Vec<String> = names
         .into_iter()
-        .map(|e| e.name)
         .filter(|n| n.starts_with("disk."))
         .collect();
     names.sort();
@@ -296,18 +294,7 @@ fn views_whose_format_cannot_hold_the_disk_are_absent() {
         ("vmdk", "1025T", "disk.vmdk"),
     ] {
         empty_image(&f, name, size);
-        let rev = Node::Revision {
-            repo: "user".into(),
-            image: name.into(),
-            rev: 0,
-        };
-        let names: Vec<String> = f
-            .tree
-            .readdir(&f.me, &rev)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.name)
-            .collect();
+        let (rev, names) = listed(&f, name);
         assert!(!names.contains(&absent.to_string()), "{size}: {names:?}");
         assert!(f.tree.lookup(&f.me, &rev, absent).is_err());
         for present in ["disk.raw", "disk.qcow2"] {

@@ -325,10 +325,8 @@ impl Tree {
 
     /// Whether every user may read repository `repo` (see `access::open_to_all`).
     pub fn repo_open_to_all(&self, repo: &str) -> bool {
-        self.repos
-            .iter()
-            .find(|s| s.name() == repo)
-            .is_some_and(|s| access::open_to_all(&s.meta_dir()))
+        self.store(repo)
+            .is_ok_and(|s| access::open_to_all(&s.meta_dir()))
     }
 }
 

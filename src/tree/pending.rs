@@ -105,8 +105,8 @@ pub(super) struct Import {
     /// handle; this counts it no more once its last descriptor was closed.
     pub(super) writers: AtomicUsize,
     /// Since when a blank file (see [`Import::is_blank`]) has had no open handle: it is
-    /// kept [`BLANK_GRACE`] for its writer to reopen, then published as it is (a
-    /// staging file dropped).
+    /// kept [`BLANK_GRACE`] for its writer to reopen, then published as it is. Only a
+    /// created file is ever left so (a staging file's last release leaves it as it is).
     pub(super) idle_since: Mutex<Option<Instant>>,
     /// When it was published, for [`PUBLISHED_GRACE`].
     pub(super) published: Mutex<Option<Instant>>,
@@ -220,11 +220,9 @@ impl Pending {
     }
 
     /// The blank files left unopened for longer than `grace` (see [`BLANK_GRACE`]), each
-    /// taken once: a created file is then published as it is (by
-    /// [`Pending::publish_abandoned`]), a staging file dropped.
+    /// taken once (only a created file is left so: a staging file stays its writer's).
     fn take_abandoned(&self, grace: Duration) -> Vec<Arc<Import>> {
-        let taken: Vec<Arc<Import>> = self
-            .imports()
+        self.imports()
             .values()
             .filter(|imp| {
                 let mut idle = imp.idle_since.lock().unwrap_or_else(|e| e.into_inner());
@@ -235,20 +233,7 @@ impl Pending {
                 expired
             })
             .cloned()
-            .collect();
-        let mut created = Vec::new();
-        for imp in taken {
-            if imp.target.is_some() {
-                created.push(imp);
-            } else {
-                log::warn!(
-                    "{}: nothing but zeroes was written to it and it was not opened again: dropped",
-                    display(&imp.node())
-                );
-                self.drop_import(&imp);
-            }
-        }
-        created
+            .collect()
     }
 
     /// Publishes the created files left blank and unopened for longer than `grace`:

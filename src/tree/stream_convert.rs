@@ -671,14 +671,26 @@ mod tests {
     /// A `fmt` image of `mib` MiB of random data (every block full), whose MiB `zero_at`
     /// (if any) holds 64 KiB of data and zeroes.
     fn big_image(dir: &Path, fmt: &str, mib: u64, zero_at: Option<u64>) -> Vec<u8> {
+        let more: Vec<String> = zero_at
+            .map(|at| {
+                vec![
+                    format!("write -z {at}M 960k"),
+                    format!("write -P 5 {at}M 64k"),
+                ]
+            })
+            .unwrap_or_default();
+        let more: Vec<&str> = more.iter().map(String::as_str).collect();
+        random_image(dir, fmt, mib, &more)
+    }
+
+    /// A `fmt` image of `mib` MiB of random data, then written by the qemu-io commands
+    /// `more`.
+    fn random_image(dir: &Path, fmt: &str, mib: u64, more: &[&str]) -> Vec<u8> {
         let raw = dir.join("random");
         std::fs::write(&raw, crate::testutil::noise(11, (mib << 20) as usize)).unwrap();
-        let mut cmds = vec![format!("write -s {} 0 {mib}M", raw.display())];
-        if let Some(at) = zero_at {
-            cmds.push(format!("write -z {}M 960k", at));
-            cmds.push(format!("write -P 5 {}M 64k", at));
-        }
-        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        let fill = format!("write -s {} 0 {mib}M", raw.display());
+        let mut cmds = vec![fill.as_str()];
+        cmds.extend_from_slice(more);
         sized_image_of(dir, fmt, "", &format!("{mib}M"), &cmds)
     }
 
@@ -758,12 +770,9 @@ mod tests {
     /// A random 96 MiB VDI whose 4 KiB block just before 32 MiB (the end of the first
     /// step dropped, see [`DROP_STEP`]) is zeroes, with `more` qemu-io commands.
     fn zero_before_a_step(dir: &Path, more: &[&str]) -> Vec<u8> {
-        let raw = dir.join("random");
-        std::fs::write(&raw, crate::testutil::noise(11, 96 << 20)).unwrap();
-        let w = format!("write -s {} 0 96M", raw.display());
-        let mut cmds = vec![w.as_str(), "write -z 32764k 4k"];
+        let mut cmds = vec!["write -z 32764k 4k"];
         cmds.extend_from_slice(more);
-        sized_image_of(dir, "vdi", "", "96M", &cmds)
+        random_image(dir, "vdi", 96, &cmds)
     }
 
     /// The layer written so far never holds a block of zeroes (nor a file length
